@@ -1,0 +1,142 @@
+"""The `mixsd` command: one entry, subcommands that map straight onto library functions.
+
+Each subcommand is a config dataclass (whose field help *is* the CLI help, parsed by transformers'
+HfArgumentParser) and a function that takes it. Modules are imported only when their command runs, so
+`mixsd --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    config: str
+    function: str
+    summary: str
+    positional: tuple[str, ...] = ()  # fields also accepted as bare words, in this order
+
+
+COMMANDS: dict[str, Command] = {
+    "mix": Command("mixsd.targets", "MixConfig", "mix_command",
+                   "Build MixSD targets (mixed expert/naive self-distillation) for a corpus file."),
+    "sft-targets": Command("mixsd.targets", "SFTTargetsConfig", "sft_targets_command",
+                           "Write ground-truth (SFT baseline) targets in the same format as `mix`."),
+    "train": Command("mixsd.train", "TrainConfig", "train_command",
+                     "Fine-tune on a target file (SFT / MixSD), or run the OPSD baseline (--method opsd)."),
+    "eval": Command("mixsd.evaluate", "EvalConfig", "eval_command",
+                    "Evaluate a model: memorization, generalization, retention probes."),
+    "analyze nll": Command("mixsd.analyze", "NLLConfig", "nll_command",
+                           "NLL of target tokens under the base model, overall and per branch."),
+    "analyze fisher": Command("mixsd.analyze", "FisherConfig", "fisher_command",
+                              "Fisher-weighted parameter displacement of a tuned model from its base."),
+    "corpus kgfact": Command("mixsd.corpora.kgfact", "KGFactConfig", "kgfact_command",
+                             "Generate the KGFact corpus: facts about invented entities."),
+    "corpus kgfunc": Command("mixsd.corpora.kgfunc", "KGFuncConfig", "kgfunc_command",
+                             "Generate the KGFunc corpus: novel digit operations."),
+    "corpus import": Command("mixsd.corpora.importers", "ImportConfig", "import_command",
+                             "Import your own facts (qa-jsonl, csv, simpleqa, mquake) into a corpus folder.",
+                             positional=("file",)),
+    "probes fetch": Command("mixsd.corpora.probes", "ProbesFetchConfig", "fetch_command",
+                            "Fetch held-out probe sets (BIG-bench tasks, SQuAD paragraphs) for retention."),
+    "experiment": Command("mixsd.experiment", "ExperimentConfig", "experiment_command",
+                          "Run a declared grid (corpus x methods x seeds) end to end, with its report.",
+                          positional=("config",)),
+    "demo": Command("mixsd.experiment", "DemoConfig", "demo_command",
+                    "The main job on the embedded model: base vs SFT vs MixSD on KGFact-small."),
+}
+
+
+def _usage(prefix: str = "") -> str:
+    names = [name for name in COMMANDS if name.startswith(prefix)]
+    width = max(len(name) for name in names)
+    lines = [f"usage: mixsd {prefix or ''}<command> [options]   (mixsd <command> --help for its options)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {COMMANDS[name].summary}" for name in names]
+    return "\n".join(lines)
+
+
+def _find_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in COMMANDS:
+            return name, argv[words:]
+    return None, argv
+
+
+def _positional_to_options(command: Command, args: list[str]) -> list[str]:
+    """Let `mixsd experiment grid.yaml` mean `mixsd experiment --config grid.yaml`."""
+    out, names = [], list(command.positional)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            out.append(arg)
+            if "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                out.append(args[i + 1])
+                i += 1
+        elif names:
+            out += [f"--{names.pop(0)}", arg]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def run_command(name: str, args: list[str]):
+    from transformers import HfArgumentParser
+
+    command = COMMANDS[name]
+    module = importlib.import_module(command.module)
+    config_cls = getattr(module, command.config)
+    parser = HfArgumentParser(config_cls, prog=f"mixsd {name}", description=command.summary)
+    (config,) = parser.parse_args_into_dataclasses(_positional_to_options(command, args),
+                                                   look_for_args_file=False)
+    return getattr(module, command.function)(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from mixsd import __version__
+
+        print(f"mixsd {__version__}")
+        return 0
+    name, rest = _find_command(argv)
+    if name is None:
+        group = argv[0] + " "
+        if any(n.startswith(group) for n in COMMANDS):
+            if argv[1:] in ([], ["--help"], ["-h"]):
+                print(_usage(group))
+                return 0
+            print(f"mixsd: unknown command '{' '.join(argv[:2])}'\n\n{_usage(group)}", file=sys.stderr)
+            return 2
+        print(f"mixsd: unknown command '{argv[0]}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from mixsd.files import InputError
+
+    try:
+        run_command(name, rest)
+    except (InputError, FileNotFoundError, ModuleNotFoundError) as err:
+        print(f"mixsd {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mixsd {name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

