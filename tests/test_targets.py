@@ -312,3 +312,21 @@ def test_embedded_model_builds_verified_targets(tmp_path):
     assert summary["verified"] >= 4 and len(rows) == summary["verified"]
     for row in rows:
         assert row["correct"] and row["check"].lower() in row["text"].lower()
+
+
+def test_two_processes_write_the_same_file_as_one(tiny_model_dir, tiny_corpus, tmp_path):
+    """`torchrun --nproc_per_node 2 mixsd mix` (gloo on CPU) splits the records and assembles one file."""
+    import os
+    import subprocess
+    import sys
+
+    single = tmp_path / "one.jsonl"
+    run_mix(tiny_model_dir, tiny_corpus, single, batch_size=4)
+    double = tmp_path / "two.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mixsd.cli",
+                    "mix", "--model", str(tiny_model_dir), "--input", str(tiny_corpus), "--output", str(double),
+                    "--device", "cpu", "--lam", "0.5", "--max-new-tokens", "12", "--verify", "none"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    assert_same_targets(read_rows(double), read_rows(single))
+    assert json.loads(summary_path(double).read_text())["processes"] == 2

@@ -158,6 +158,7 @@ class MixedDecoder:
         self.pad_id, self.context_limit = pad_id, context_limit
         self.device = next(model.parameters()).device
         self.generated_tokens = 0  # every token decoded, failed attempts included
+        self.naive_tokens = 0  # of which the naive conditional emitted
 
     # -- the public loop ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -234,6 +235,7 @@ class MixedDecoder:
         lp_expert = expert.gather(1, tokens[:, None]).squeeze(1).tolist()
         lp_naive = naive.gather(1, tokens[:, None]).squeeze(1).tolist()
         token_list, naive_list = tokens.tolist(), use_naive.tolist()
+        self.naive_tokens += sum(naive_list)
         for i, slot in enumerate(slots):
             draw = slot.draw
             draw.tokens.append(token_list[i])
@@ -289,9 +291,15 @@ def _settings(config: MixConfig, template: str, input_sha: str) -> dict[str, Any
             "dtype": config.dtype}
 
 
-def journal_path(output: str | os.PathLike) -> Path:
+def journal_path(output: str | os.PathLike, rank: int = 0, world: int = 1) -> Path:
+    """Where finished records are journaled while a run is under way (one journal per process)."""
     output = Path(output)
-    return output.with_name(output.name + ".journal")
+    suffix = ".journal" if world == 1 else f".journal.{rank}-of-{world}"
+    return output.with_name(output.name + suffix)
+
+
+def _all_journals(output: Path) -> list[Path]:
+    return sorted(output.parent.glob(output.name + ".journal*"))
 
 
 def summary_path(output: str | os.PathLike) -> Path:
@@ -336,43 +344,57 @@ def build_jobs(facts: list[Fact], tokenizer, template: str, num_generations: int
 
 
 def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True) -> dict[str, Any]:
-    """Build MixSD targets for a corpus file; return the run's summary (also written beside the output)."""
+    """Build MixSD targets for a corpus file; return the run's summary (also written beside the output).
+
+    Under `accelerate launch` / `torchrun` every process takes every N-th record and journals its own
+    results; the main process assembles the final file once all are done. Records never depend on the
+    process that drew them, so any number of processes, and any resume, writes the same file.
+    """
+    import json
+
+    from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from mixsd.models import context_length, default_device, load_model, load_tokenizer
+    from mixsd.models import context_length, load_model, load_tokenizer
 
     if config.retries < 0 or config.num_generations < 1:
         raise ValueError("--retries must be >= 0 and --num-generations >= 1")
     facts = load_corpus(config.input)  # validates every line before any work
     template = load_expert_template(config.expert_template)
     settings = _settings(config, template, sha256_file(config.input))
-    output, journal, summary_file = Path(config.output), journal_path(config.output), summary_path(config.output)
+    output, summary_file = Path(config.output), summary_path(config.output)
+    state = PartialState(cpu=config.device == "cpu")
+    rank, world = state.process_index, state.num_processes
 
     if config.overwrite:
-        journal.unlink(missing_ok=True)
+        if state.is_main_process:
+            for old in _all_journals(output):
+                old.unlink()
+        state.wait_for_everyone()
     elif output.exists() and summary_file.exists():
-        import json
-
         previous = json.loads(summary_file.read_text())
         if previous.get("settings") == settings:
-            print(f"{output} is complete for these settings; nothing to do (--overwrite to redo).")
+            if state.is_main_process:
+                print(f"{output} is complete for these settings; nothing to do (--overwrite to redo).")
             return previous
     header = {"journal_of": "mixsd mix", "settings": settings}
-    done_rows = read_journal(journal)
-    if done_rows and done_rows[0] != header:
-        raise InputError("an unfinished run with different settings exists; rerun with the same arguments "
-                         "or pass --overwrite", journal)
-    done = {(row["id"], row["generation"]): row for row in done_rows[1:]}
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for old in _all_journals(output):  # any earlier run's journals, whatever its number of processes
+        rows = read_journal(old) if old == journal_path(output, rank, world) else _read_rows(old)
+        if rows and rows[0] != header:
+            raise InputError("an unfinished run with different settings exists; rerun with the same "
+                             "arguments or pass --overwrite", old)
+        done.update(((row["id"], row["generation"]), row) for row in rows[1:])
 
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     if model is None:
-        device = config.device or default_device()
         model = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-                           device=device)
+                           device=config.device or state.device)
     all_jobs = build_jobs(facts, tokenizer, template, config.num_generations)
     fact_by_id = {fact.id: fact for fact in facts}
-    todo = [job for _, job in all_jobs if (job.key, job.generation) not in done]
+    mine = [job for i, (_, job) in enumerate(all_jobs) if i % world == rank]
+    todo = [job for job in mine if (job.key, job.generation) not in done]
 
     decoder = MixedDecoder(model, stop_token_ids(tokenizer, model), lam=config.lam,
                            temperature=config.temperature, top_k=config.top_k, seed=config.seed,
@@ -388,35 +410,61 @@ def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True)
                                                             config.verify)
 
     started = time.perf_counter()
-    bar = tqdm(total=len(all_jobs), initial=len(done), desc="mix", unit="rec", disable=not progress)
-    verified_count = sum(row["correct"] for row in done.values())
-    with JournalWriter(journal, header=header) as writer:
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="mix", unit="rec",
+               disable=not progress or not state.is_local_main_process)
+    verified_count, finished_count = 0, 0
+    with JournalWriter(journal_path(output, rank, world), header=header) as writer:
         def on_done(draw: Draw, verified: bool) -> None:
-            nonlocal verified_count
+            nonlocal verified_count, finished_count
             row = _draw_record(fact_by_id[draw.job.key], draw, verified, decode(draw), settings)
             writer.write([row])
-            done[(row["id"], row["generation"])] = row
-            verified_count += verified
+            verified_count, finished_count = verified_count + verified, finished_count + 1
             elapsed = max(time.perf_counter() - started, 1e-9)
             bar.update(1)
-            bar.set_postfix(verified=f"{verified_count / len(done):.0%}",
+            bar.set_postfix(verified=f"{verified_count / finished_count:.0%}",
                             tok_s=f"{decoder.generated_tokens / elapsed:.0f}")
 
         decoder.run(todo, accept, on_done)
     bar.close()
     elapsed = time.perf_counter() - started
+    stats = {"generated_tokens": decoder.generated_tokens, "naive_tokens": decoder.naive_tokens}
+    if world > 1:  # every process's counts go into the summary
+        gathered = [None] * world
+        import torch.distributed as dist
 
+        dist.all_gather_object(gathered, stats)
+        stats = {key: sum(g[key] for g in gathered) for key in stats}
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+
+    for journal in _all_journals(output):
+        done.update(((row["id"], row["generation"]), row) for row in _read_rows(journal)[1:])
     rows = [done[(job.key, job.generation)] for _, job in all_jobs]
     final = [r for r in (_apply_failure_policy(row, config.on_failure, tokenizer) for row in rows) if r is not None]
     atomic_write_jsonl(output, final)
-    summary = summarize(rows, config, settings, decoder.generated_tokens, elapsed, len(final))
+    summary = summarize(rows, config, settings, stats, elapsed, len(final), world)
     atomic_write_json(summary_file, summary)
-    journal.unlink(missing_ok=True)
+    for journal in _all_journals(output):
+        journal.unlink()
     return summary
 
 
-def summarize(rows: list[dict[str, Any]], config: MixConfig, settings: dict[str, Any], generated_tokens: int,
-              seconds: float, written: int) -> dict[str, Any]:
+def _read_rows(journal: Path) -> list[dict[str, Any]]:
+    """Another process's journal: read it without repairing it (its owner may still be writing)."""
+    import json
+
+    rows = []
+    for line in journal.read_text(encoding="utf-8").split("\n")[:-1]:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], config: MixConfig, settings: dict[str, Any], stats: dict[str, int],
+              seconds: float, written: int, processes: int = 1) -> dict[str, Any]:
     verified = [r for r in rows if r["correct"]]
     target_tokens = sum(len(r["target_ids"]) for r in verified)
     naive_tokens = sum(r["branch"].count("N") for r in verified)
@@ -426,11 +474,15 @@ def summarize(rows: list[dict[str, Any]], config: MixConfig, settings: dict[str,
         "verified_rate": len(verified) / len(rows) if rows else 0.0,
         "mean_attempts": sum(r["attempts"] for r in rows) / len(rows) if rows else 0.0,
         "first_try_rate": sum(r["correct"] and r["attempts"] == 1 for r in rows) / len(rows) if rows else 0.0,
+        # over the kept targets (verification favours expert tokens) and over every token drawn this run
         "naive_fraction": naive_tokens / target_tokens if target_tokens else None,
+        "naive_fraction_drawn": (stats["naive_tokens"] / stats["generated_tokens"]
+                                 if stats["generated_tokens"] else None),
         "prompt_too_long": sum(r["finish"] == "prompt_too_long" for r in rows),
         "verify_mode": config.verify, "on_failure": config.on_failure,
-        "generated_tokens_this_run": generated_tokens, "seconds_this_run": round(seconds, 3),
-        "tokens_per_second": generated_tokens / seconds if seconds > 0 else None,
+        "generated_tokens_this_run": stats["generated_tokens"], "seconds_this_run": round(seconds, 3),
+        "processes": processes,
+        "tokens_per_second": stats["generated_tokens"] / seconds if seconds > 0 else None,
     }
 
 
@@ -446,6 +498,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def mix_command(config: MixConfig) -> dict[str, Any]:
     summary = mix(config)
+    if not summary:  # a non-main process of a multi-process run: the main process reports
+        return summary
     print(format_summary(summary))
     print(f"wrote {config.output}")
     return summary

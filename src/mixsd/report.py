@@ -1,0 +1,258 @@
+"""The experiment report: figures (matplotlib, PNG) and one Markdown and one self-contained HTML page.
+
+Figures:
+    pareto.png     memorization vs retention, one point per method and lambda, error bars over seeds
+    retention.png  retention per probe and method
+    nll.png        NLL of target tokens under the base model: ground truth vs mixed targets
+    fisher.png     Fisher-weighted parameter displacement per method
+    curves.png     training loss curves
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from mixsd.files import atomic_write_text
+
+COLORS = {"base": "#444444", "sft": "#d62728", "mixsd": "#1f77b4", "opsd": "#2ca02c"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; works on machines without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    return groups
+
+
+def _numbers(members: list[dict[str, Any]], key: str) -> list[float]:
+    return [m[key] for m in members if isinstance(m.get(key), int | float)]
+
+
+def _shade(method: str, lam: float | None) -> str:
+    if method != "mixsd" or lam is None:
+        return COLORS.get(method, "#777777")
+    from matplotlib import colormaps
+
+    return colormaps["Blues"](0.45 + 0.5 * (1 - lam))
+
+
+def pareto_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    memo_key = "train_loose"
+    retention_key = "retention_mean" if any(isinstance(r.get("retention_mean"), float) for r in rows) else None
+    x_key, x_label = (retention_key, "retention (model / base, mean over probes)") if retention_key else (
+        "kl_per_token", "KL(base ‖ model) per token  (lower = less forgetting)")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    plotted = False
+    for group, members in _groups(rows).items():
+        xs, ys = _numbers(members, x_key), _numbers(members, memo_key)
+        if not xs or not ys:
+            continue
+        (x, x_sd), (y, y_sd) = _mean_sd(xs), _mean_sd(ys)
+        first = members[0]
+        ax.errorbar(x, y, xerr=x_sd or None, yerr=y_sd or None, fmt="o", ms=8, capsize=3,
+                    color=_shade(first["method"], first["lam"]), label=f"{group} (n={len(members)})")
+        ax.annotate(group, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("memorization (training questions, loose accuracy)")
+    ax.set_ylim(-0.03, 1.05)
+    ax.grid(alpha=0.3)
+    ax.set_title("Memorization vs retention (mean ± sd over seeds)")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def retention_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    probes = sorted({k[: -len("_retention")] for r in rows for k, v in r.items()
+                     if k.endswith("_retention") and isinstance(v, int | float)})
+    groups = [(g, m) for g, m in _groups(rows).items() if m[0]["method"] != "base"]
+    if not probes or not groups:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 * len(probes) + 2), 4.2))
+    width = 0.8 / len(groups)
+    for i, (group, members) in enumerate(groups):
+        stats = [_mean_sd(_numbers(members, f"{p}_retention") or [float("nan")]) for p in probes]
+        ax.bar([j + i * width for j in range(len(probes))], [s[0] for s in stats], width,
+               yerr=[s[1] for s in stats], capsize=2, label=group,
+               color=_shade(members[0]["method"], members[0]["lam"]))
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(probes))], probes, fontsize=8)
+    ax.set_ylabel("retention (model / base)")
+    ax.set_title("Retention per probe")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def nll_figure(cells_dir: Path, rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Per-token NLL of each method's targets under the base model (seed-0 cells)."""
+    series = []
+    for row in rows:
+        nll_file = cells_dir / row["cell"] / "nll.json"
+        if row["seed"] != min(r["seed"] for r in rows if r["group"] == row["group"]) or not nll_file.is_file():
+            continue
+        values = json.loads(nll_file.read_text()).get("token_nll")
+        if values:
+            series.append((row["group"], row["method"], row["lam"], values))
+    if not series:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    top = max(max(v) for *_, v in series)
+    bins = [top * i / 40 for i in range(41)] if top > 0 else 40
+    for group, method, lam, values in series:
+        ax.hist(values, bins=bins, histtype="step", density=True, lw=1.5, color=_shade(method, lam),
+                label=f"{group} (mean {sum(values) / len(values):.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("NLL of a target token under the base model (nats), given the naive prompt")
+    ax.set_ylabel("density")
+    ax.set_title("How surprising are the targets to the base model?")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fisher_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    groups = [(g, m) for g, m in _groups(rows).items() if _numbers(m, "fisher_displacement_norm")]
+    if not groups:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    stats = [_mean_sd(_numbers(m, "fisher_displacement_norm")) for _, m in groups]
+    ax.bar(range(len(groups)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3,
+           color=[_shade(m[0]["method"], m[0]["lam"]) for _, m in groups])
+    ax.set_xticks(range(len(groups)), [g for g, _ in groups], rotation=20, fontsize=8)
+    ax.set_ylabel("Σ F·Δθ² / Σ F")
+    ax.set_title("Fisher-weighted displacement from the base model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def curves_figure(cells_dir: Path, rows: list[dict[str, Any]], path: Path) -> Path | None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    plotted = False
+    for row in rows:
+        summary_file = cells_dir / row["cell"] / "train" / "summary.json"
+        if not summary_file.is_file():
+            continue
+        history = [h for h in json.loads(summary_file.read_text()).get("history", []) if "loss" in h]
+        if history:
+            ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, alpha=0.8,
+                    color=_shade(row["method"], row["lam"]), label=row["cell"])
+            plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (per target token)")
+    ax.set_yscale("log")
+    ax.set_title("Training curves")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], cells_dir: Path) -> dict[str, str]:
+    from mixsd.experiment import MAIN_COLUMNS, aggregate
+
+    figures_dir = out / "report"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    figures = [
+        ("Memorization vs retention", pareto_figure(rows, figures_dir / "pareto.png")),
+        ("Retention per probe", retention_figure(rows, figures_dir / "retention.png")),
+        ("Target NLL under the base model", nll_figure(cells_dir, rows, figures_dir / "nll.png")),
+        ("Fisher-weighted displacement", fisher_figure(rows, figures_dir / "fisher.png")),
+        ("Training curves", curves_figure(cells_dir, rows, figures_dir / "curves.png")),
+    ]
+    figures = [(title, p) for title, p in figures if p is not None]
+    columns = [c for c in MAIN_COLUMNS if any(isinstance(r.get(c), int | float) for r in rows)]
+    table = aggregate(rows, columns)
+
+    def cell_text(entry: dict[str, Any], column: str) -> str:
+        value, sd = entry.get(column), entry.get(f"{column}_sd")
+        return _fmt(value) + (f" ± {sd:.3f}" if sd is not None else "")
+
+    md = [f"# mixsd report: {meta['name']}", "",
+          f"Model `{meta['model']}`; mixsd {meta['mixsd']}, torch {meta['torch']}, transformers "
+          f"{meta['transformers']}, Python {meta['python']}; finished {meta['finished']}.", "",
+          f"Command: `{meta['command']}`  (config: `{meta['config_file']}`, copied to `experiment.yaml`)", "",
+          "## Results (mean ± sd over seeds)", "",
+          "| method | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    md += [f"| {e['group']} | {e['seeds']} | " + " | ".join(cell_text(e, c) for c in columns) + " |" for e in table]
+    md += ["", "Columns: `*_loose` accuracy (gold answer appears in the output), `retention_mean` mean of "
+           "model/base probe scores, `kl_per_token` KL(base‖model) on the base model's own answers, "
+           "`target_nll_mean` mean NLL of the training targets under the base model, "
+           "`fisher_displacement_norm` Σ F·Δθ² / Σ F. Every cell's raw numbers: `results.csv`.", ""]
+    for title, path in figures:
+        md += [f"## {title}", "", f"![{title}](report/{path.name})", ""]
+    md += ["## Configuration", "", "```yaml", _yaml(meta["config"]), "```", ""]
+    markdown_path = out / "report.md"
+    atomic_write_text(markdown_path, "\n".join(md))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["method", "seeds", *columns])
+    body = "".join("<tr><td>" + html.escape(e["group"]) + f"</td><td>{e['seeds']}</td>" +
+                   "".join(f"<td>{html.escape(cell_text(e, c))}</td>" for c in columns) + "</tr>" for e in table)
+    images = "".join(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,"
+                     f"{base64.b64encode(path.read_bytes()).decode()}'>" for title, path in figures)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mixsd report: {html.escape(meta['name'])}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}code,pre{{background:#f4f4f4}}</style></head><body>
+<h1>mixsd report: {html.escape(meta['name'])}</h1>
+<p>Model <code>{html.escape(meta['model'])}</code>; mixsd {meta['mixsd']}, torch {meta['torch']},
+transformers {meta['transformers']}, Python {meta['python']}; finished {html.escape(meta['finished'])}.</p>
+<p>Command: <code>{html.escape(meta['command'])}</code></p>
+<h2>Results (mean ± sd over seeds)</h2><table><tr>{head}</tr>{body}</table>
+<p>Raw rows: <code>results.csv</code>, <code>results.jsonl</code>.</p>{images}
+<h2>Configuration</h2><pre>{html.escape(_yaml(meta['config']))}</pre></body></html>"""
+    html_path = out / "report.html"
+    atomic_write_text(html_path, page)
+    return {"markdown": str(markdown_path), "html": str(html_path)}
+
+
+def _yaml(obj: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False).strip()
