@@ -64,11 +64,11 @@ def run_reference(model, jobs, tokens: int, lam: float, pad: int) -> float:
     start = time.perf_counter()
     for _ in range(tokens):
         naive = [bool(torch.rand(1, generator=g) < lam) for g in generators]
-        rows = [(job.naive_ids if n else job.expert_ids) + prefix for job, n, prefix in zip(jobs, naive, prefixes)]
+        rows = [(job.naive_ids if n else job.expert_ids) + prefix for job, n, prefix in zip(jobs, naive, prefixes, strict=True)]
         ids, mask = left_pad(rows, pad)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
-        for prefix, token in zip(prefixes, logits.argmax(-1).tolist()):
+        for prefix, token in zip(prefixes, logits.argmax(-1).tolist(), strict=True):
             prefix.append(token)
     return tokens * len(jobs) / (time.perf_counter() - start)
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import write_jsonl
 
+from conftest import write_jsonl
 from mixsd import files
 from mixsd.files import InputError
 from mixsd.prompts import encode_prompt, expert_message
@@ -298,9 +298,8 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys, tiny_model_di
 
 @pytest.mark.slow
 def test_embedded_model_builds_verified_targets(tmp_path):
-    from mixsd.models import resolve_model
-
     from mixsd.experiment import DEMO_FACTS
+    from mixsd.models import resolve_model
 
     resolve_model("smollm2-135m")  # converts the embedded GGUF once, if this machine has not yet
     source = [json.loads(line) for line in DEMO_FACTS.read_text().splitlines()][:6]
