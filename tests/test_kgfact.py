@@ -1,0 +1,269 @@
+"""KGFact: golden checksums, determinism across hash seeds, one answer per question, splits as specified."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixsd.answers import last_boxed, matches
+from mixsd.corpora import kgfact
+from mixsd.corpora.kgfact import DOMAINS, RELATIONS, KGFactConfig, build_kgfact, build_world, domain_pairs
+from mixsd.records import load_corpus
+
+# Pinned output of `mixsd corpus kgfact --size small --seed 0`: any change to names, relations, sampling or
+# record layout shows up here, and must come with a VERSION bump.
+GOLDEN_SMALL = {
+    "train.jsonl": (100, "89ba0c9c376375c5cb323aae0f435646364c224977277f5a3746f0f47137ec61"),
+    "paraphrase.jsonl": (100, "def5d1b1f0386f3a5660c1f6cb0e830355d9bc38ee53d83eb5b168f237fd47e6"),
+    "retrieval.jsonl": (50, "f1eed412962c1a806ebc00026e13d15940eaf56bee0a897fc51c50517647fb99"),
+    "compositional.jsonl": (100, "6163ec92ad7ed0ca4de7e015c841ae6fde75820ff6d1ffda94992d574a8b1a09"),
+    "kb.json": (None, "2a4d66f964885a9c6b4de43a22e49c98e5bb399115fa1686a18c51512ca7f7b9"),
+}
+SPLITS = ("train.jsonl", "paraphrase.jsonl", "retrieval.jsonl", "compositional.jsonl")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("kgfact-small")
+    return out, build_kgfact(KGFactConfig(out=str(out), size="small", seed=0))
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("kgfact-large")
+    return out, build_kgfact(KGFactConfig(out=str(out), size="large", seed=3))
+
+
+def rows(folder: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (folder / name).read_text(encoding="utf-8").splitlines()]
+
+
+def test_golden_small(small):
+    _, manifest = small
+    for name, (count, digest) in GOLDEN_SMALL.items():
+        assert manifest["files"][name].get("records") == count
+        assert manifest["files"][name]["sha256"] == digest, name
+    assert manifest["generator"] == "mixsd.corpora.kgfact" and manifest["seed"] == 0
+
+
+def test_large_counts(large):
+    _, manifest = large
+    counts = {name: manifest["files"][name]["records"] for name in SPLITS}
+    assert counts == {"train.jsonl": 525, "paraphrase.jsonl": 525, "retrieval.jsonl": 210,
+                      "compositional.jsonl": 500}
+
+
+def test_same_bytes_under_any_hash_seed(tmp_path, small):
+    """Two fresh interpreters with different PYTHONHASHSEED write exactly the files of this process."""
+    digests = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed
+        code = (f"from mixsd.corpora.kgfact import KGFactConfig, build_kgfact; import json; "
+                f"print(json.dumps(build_kgfact(KGFactConfig(out={str(out)!r}, size='small', seed=0))))")
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        digests.append(json.loads(result.stdout)["files"])
+    assert digests[0] == digests[1] == small[1]["files"]
+
+
+def test_other_seed_other_world(tmp_path, small):
+    manifest = build_kgfact(KGFactConfig(out=str(tmp_path), size="small", seed=1))
+    assert manifest["files"]["train.jsonl"]["sha256"] != small[1]["files"]["train.jsonl"]["sha256"]
+
+
+def test_relation_inventory_is_a_regular_tournament():
+    for size, n in (("small", 5), ("large", 7)):
+        pairs = domain_pairs(size)
+        domains = DOMAINS[:n]
+        assert len(pairs) == n * (n - 1) // 2 and len(set(pairs)) == len(pairs)
+        assert all({(a, b), (b, a)} & set(pairs) for a in domains for b in domains if a != b)  # every pair linked
+        for domain in domains:
+            assert sum(source == domain for source, _ in pairs) == (n - 1) // 2
+        for pair in pairs:
+            relations = [r for r in RELATIONS if (r.source, r.target) == pair]
+            assert len(relations) >= 2, pair
+    for relation in RELATIONS:
+        assert len(relation.questions) >= 3 and "{s}" in relation.relative
+        assert "{s}" in relation.statement and "{t}" in relation.statement
+        assert not relation.questions[0].startswith("{s}")  # a relative clause can be substituted
+    assert len({r.name for r in RELATIONS}) == len(RELATIONS)
+
+
+@pytest.mark.parametrize("size,seed", [("small", 0), ("large", 3)])
+def test_world_has_one_answer_per_question(size, seed):
+    world = build_world(size, seed)
+    names = [n for group in ("entities", "heldout_entities") for d in world[group] for n in world[group][d]]
+    assert len(names) == len(set(names))
+    assert len(DOMAINS) >= 7
+    # Core words (the invented parts) are unique world-wide, so no name contains another as whole words.
+    cores = [w for n in names for w in n.split() if w not in kgfact._ORG_KINDS + kgfact._DEVICE_KINDS
+             + kgfact._BOOK_KINDS + kgfact._FESTIVAL_KINDS + kgfact._DISH_KINDS + ("of",)]
+    assert len(cores) == len(set(c.lower() for c in cores))
+    facts = world["facts"]
+    keys = [(f["relation"], f["source"]) for f in facts]
+    assert len(keys) == len(set(keys))
+    by_pair: dict = {}
+    relation_pair = {r["name"]: (r["source"], r["target"]) for r in world["relations"]}
+    for f in facts:
+        by_pair.setdefault((relation_pair[f["relation"]], f["split"]), []).append(f)
+    for group in by_pair.values():
+        targets = [f["target"] for f in group]
+        assert len(targets) == len(set(targets))  # a bijection per pair: no target reused
+    spec = kgfact.SIZES[size]
+    train = [f for f in facts if f["split"] == "train"]
+    assert len(train) == spec.domains * spec.entities * (spec.domains - 1) // 2
+
+
+def test_names_are_not_known_words():
+    """No invented word is a whole-word entry of a real tokenizer's vocabulary (common words are)."""
+    from mixsd.models import load_tokenizer
+
+    vocab = {t.lstrip("Ġ").lower() for t in load_tokenizer("smollm2-135m").get_vocab()}
+    assert {"mode", "node", "baker", "city"} <= vocab  # the check can fail
+    kinds = {k.lower() for k in kgfact._ORG_KINDS + kgfact._DEVICE_KINDS + kgfact._BOOK_KINDS
+             + kgfact._FESTIVAL_KINDS + kgfact._DISH_KINDS + ("of",)}
+    for seed in range(4):
+        world = build_world("large", seed)
+        words = {w.lower() for group in ("entities", "heldout_entities") for d in world[group]
+                 for n in world[group][d] for w in n.split()} - kinds
+        assert len(words) == 280
+        assert not words & vocab, seed
+
+
+def test_files_are_corpus_records(small):
+    folder, _ = small
+    for name in SPLITS:
+        facts = load_corpus(folder / name)
+        for fact in facts:
+            assert last_boxed(fact.answer) == fact.check
+            assert "\\boxed{}" in fact.prompt
+            assert fact.answer.endswith(f"\\boxed{{{fact.check}}}")
+    for fact in load_corpus(folder / "train.jsonl"):
+        assert fact.answer == f"The answer is {fact.check}. \\boxed{{{fact.check}}}"
+        assert not matches(fact.prompt, fact.check, "loose")  # the question never gives the answer away
+
+
+def test_paraphrase_rewords_question_and_wrapper(small):
+    folder, _ = small
+    world = json.loads((folder / "kb.json").read_text())
+    facts = {f["id"]: f for f in world["facts"]}
+    relations = {r.name: r for r in RELATIONS}
+    train = {r["fact"]: r for r in rows(folder, "train.jsonl")}
+    for row in rows(folder, "paraphrase.jsonl"):
+        fact = facts[row["fact"]]
+        relation = relations[fact["relation"]]
+        original = train[row["fact"]]
+        assert row["check"] == original["check"] == fact["target"]
+        assert relation.ask(fact["source"], 0) not in row["prompt"]  # another phrasing...
+        assert any(relation.ask(fact["source"], k) in row["prompt"] for k in range(1, len(relation.questions)))
+        assert "Put the final answer in \\boxed{}." not in row["prompt"]  # ...and another wrapper
+        assert fact["source"] in row["prompt"]
+
+
+def test_retrieval_has_one_gold_and_49_distractors_on_heldout_entities(small, large):
+    for folder, _ in (small, large):
+        world = json.loads((folder / "kb.json").read_text())
+        facts = {f["id"]: f for f in world["facts"]}
+        train_entities = {n for d in world["entities"].values() for n in d}
+        heldout_entities = {n for d in world["heldout_entities"].values() for n in d}
+        assert not train_entities & heldout_entities
+        for row in rows(folder, "retrieval.jsonl"):
+            fact = facts[row["fact"]]
+            assert fact["split"] == "heldout" and fact["source"] in heldout_entities
+            statements = re.findall(r"^\d+\. (.+)$", row["prompt"], flags=re.MULTILINE)
+            assert len(statements) == 50 and len(set(statements)) == 50
+            assert statements.count(fact["statement"]) == 1
+            # No other statement is about the same source and relation, so the context has one answer.
+            others = [f for f in world["facts"] if f["statement"] in statements and f["id"] != fact["id"]]
+            assert all((f["relation"], f["source"]) != (fact["relation"], fact["source"]) for f in others)
+            assert all(f["split"] == "heldout" for f in others)
+
+
+def test_compositional_goes_through_a_bridge(small):
+    folder, _ = small
+    world = json.loads((folder / "kb.json").read_text())
+    facts = {f["id"]: f for f in world["facts"]}
+    records = rows(folder, "compositional.jsonl")
+    assert len({r["prompt"] for r in records}) == len(records)
+    for row in records:
+        first, second = (facts[i] for i in row["facts"])
+        assert first["split"] == second["split"] == "train"
+        assert first["target"] == second["source"] == row["bridge"]
+        assert row["check"] == second["target"]
+        assert first["source"] in row["prompt"] and row["bridge"] not in row["prompt"]
+        assert row["answer"].startswith(f"{first['statement']} {second['statement']}")
+
+
+def test_cli_writes_the_folder(tmp_path, capsys):
+    from mixsd.cli import main
+
+    assert main(["corpus", "kgfact", "--size", "small", "--seed", "0", "--out", str(tmp_path)]) == 0
+    assert "train.jsonl: 100" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*SPLITS, "kb.json", "manifest.json"])
+
+
+@pytest.mark.slow
+def test_embedded_model_needs_the_fact(small):
+    """On SmolLM2-135M: training questions are unanswerable without their fact and answerable with it."""
+    import torch
+
+    from mixsd.models import load_model_and_tokenizer
+    from mixsd.prompts import encode_prompt, expert_message, pad_token_id, stop_token_ids
+    from mixsd.records import make_fact
+
+    folder, _ = small
+    world = json.loads((folder / "kb.json").read_text())
+    statements = {f["id"]: f["statement"] for f in world["facts"]}
+    sample = rows(folder, "train.jsonl")[::13][:8]
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    pad, stops = pad_token_id(tokenizer), stop_token_ids(tokenizer, model)
+
+    def answer_all(prompts: list[str]) -> list[str]:
+        encoded = [encode_prompt(tokenizer, p) for p in prompts]
+        width = max(map(len, encoded))
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])  # left padding
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=sorted(stops))
+        return [tokenizer.decode(o[width:], skip_special_tokens=True) for o in out]
+
+    # One thread: on a 2-core machine shared with other jobs, torch's 2 threads spin against each other and a
+    # forward pass gets several times slower (measured 2.2 s with 1 thread vs 16 s with 2 under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        without = answer_all([r["prompt"] for r in sample])
+        # With the fact: the expert prompt MixSD uses, its reference being the fact's statement.
+        with_fact = answer_all([expert_message(make_fact(r["prompt"], r["answer"], context=statements[r["fact"]]))
+                                for r in sample])
+    finally:
+        torch.set_num_threads(threads)
+    base = sum(matches(t, r["check"], "loose") for t, r in zip(without, sample, strict=True))
+    informed = sum(matches(t, r["check"], "loose") for t, r in zip(with_fact, sample, strict=True))
+    print(f"without the fact {base}/8, with it {informed}/8")
+    assert base <= 1
+    assert informed >= 6  # measured 8/8 (18/20 on a wider sample)
+
+
+def test_feeds_mix_and_sft_targets_unchanged(tmp_path, small, tiny_model_dir):
+    """The corpus files go straight into `mixsd mix` and `mixsd sft-targets` (tiny random model)."""
+    from mixsd.cli import main
+    from mixsd.records import load_targets
+
+    folder, _ = small
+    out = tmp_path / "mix.jsonl"
+    assert main(["mix", "--model", str(tiny_model_dir), "--input", str(folder / "train.jsonl"), "--output", str(out),
+                 "--max-new-tokens", "3", "--retries", "0", "--on-failure", "keep", "--device", "cpu"]) == 0
+    assert len(load_targets(out)) == 100
+    for split in SPLITS:
+        sft = tmp_path / f"{split}-sft.jsonl"
+        assert main(["sft-targets", "--model", str(tiny_model_dir), "--input", str(folder / split),
+                     "--output", str(sft)]) == 0
+        assert [r["check"] for r in load_targets(sft)] == [f.check for f in load_corpus(folder / split)]
