@@ -378,9 +378,9 @@ def cell_row(cell: Cell, results: dict[str, Any], analyses: dict[str, Any], trai
     row["target_nll_mean"] = _value(nll, "overall", "mean")
     row["target_nll_median"] = _value(nll, "overall", "median")
     fisher = analyses.get("fisher", {})
-    row["fisher_displacement"] = _value(fisher, "displacement")
-    row["fisher_displacement_norm"] = _value(fisher, "normalized_by_fisher")
-    row["delta_norm_sq"] = _value(fisher, "delta_norm_sq")
+    row["fisher_displacement"] = _value(fisher, "totals", "displacement")
+    row["fisher_displacement_norm"] = _value(fisher, "totals", "normalized_by_fisher")
+    row["delta_norm_sq"] = _value(fisher, "totals", "delta_sq")
     if train_summary:
         history = [h for h in train_summary.get("history", []) if "loss" in h]
         row["final_train_loss"] = history[-1]["loss"] if history else None

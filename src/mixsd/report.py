@@ -114,27 +114,33 @@ def retention_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def nll_figure(cells_dir: Path, rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Per-token NLL of each method's targets under the base model (seed-0 cells)."""
+    """Histogram of per-token target NLL under the base model, one line per method (first seed)."""
     series = []
     for row in rows:
         nll_file = cells_dir / row["cell"] / "nll.json"
-        if row["seed"] != min(r["seed"] for r in rows if r["group"] == row["group"]) or not nll_file.is_file():
+        first_seed = min(r["seed"] for r in rows if r["group"] == row["group"])
+        if row["seed"] != first_seed or not nll_file.is_file():
             continue
-        values = json.loads(nll_file.read_text()).get("token_nll")
-        if values:
-            series.append((row["group"], row["method"], row["lam"], values))
+        overall = json.loads(nll_file.read_text()).get("overall", {})
+        histogram = overall.get("histogram") or {}
+        if histogram.get("counts"):
+            series.append((row, overall, histogram))
     if not series:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    top = max(max(v) for *_, v in series)
-    bins = [top * i / 40 for i in range(41)] if top > 0 else 40
-    for group, method, lam, values in series:
-        ax.hist(values, bins=bins, histtype="step", density=True, lw=1.5, color=_shade(method, lam),
-                label=f"{group} (mean {sum(values) / len(values):.2f})")
+    labels: list[str] = []
+    for row, overall, histogram in series:
+        # The bins are uneven (finer near zero), so they are drawn side by side, labelled by range.
+        edges = histogram["edges"]
+        labels = [f"{lo}–{hi}" if hi != "inf" else f">{lo}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+        total = sum(histogram["counts"]) or 1
+        ax.stairs([max(c / total, 1e-4) for c in histogram["counts"]], range(len(labels) + 1), lw=1.6,
+                  color=_shade(row["method"], row["lam"]), label=f"{row['group']} (mean {overall['mean']:.2f} nats)")
+    ax.set_xticks([i + 0.5 for i in range(len(labels))], labels, rotation=35, fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("NLL of a target token under the base model (nats), given the naive prompt")
-    ax.set_ylabel("density")
+    ax.set_ylabel("fraction of target tokens")
     ax.set_title("How surprising are the targets to the base model?")
     ax.legend(fontsize=7)
     fig.tight_layout()
