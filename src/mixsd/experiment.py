@@ -128,9 +128,42 @@ def load_experiment(path: str | Path, out: str | None = None) -> Experiment:
             raise InputError("expected a mapping of options", path, field=name)
         sections[name] = value
     name = str(raw.get("name") or path.stem)
-    return Experiment(path=path, name=name, model=str(raw.get("model", "smollm2-135m")),
-                      out=Path(out or raw.get("out") or f"runs/{name}"), corpus=corpus, cells=cells,
-                      sections=sections, raw=raw)
+    experiment = Experiment(path=path, name=name, model=str(raw.get("model", "smollm2-135m")),
+                            out=Path(out or raw.get("out") or f"runs/{name}"), corpus=corpus, cells=cells,
+                            sections=sections, raw=raw)
+    _check_options(experiment)
+    return experiment
+
+
+# What the runner sets itself in each stage's config; the file may set every other field.
+RUNNER_SET = {
+    "mix": ("mixsd.targets", "MixConfig", {"model", "input", "output", "lam", "seed"}),
+    "train": ("mixsd.train", "TrainConfig", {"model", "out", "targets", "corpus", "method", "seed"}),
+    "opsd": ("mixsd.train", "TrainConfig", {"model", "out", "targets", "corpus", "method", "seed"}),
+    "eval": ("mixsd.evaluate", "EvalConfig", {"model", "suite", "data", "out"}),
+    "retention": ("mixsd.evaluate", "EvalConfig", {"model", "suite", "base", "out"}),
+}
+ANALYSES_OPTIONS = {"nll", "fisher", "fisher_samples", "fisher_probe"}
+RETENTION_EXTRA = {"data", "probes"}  # the probe folder, and probes: false to skip the probe files
+
+
+def _check_options(experiment: Experiment) -> None:
+    """Refuse unknown options before any work, naming the file and the field."""
+    import importlib
+
+    for section, (module, cls_name, runner_set) in RUNNER_SET.items():
+        cls = getattr(importlib.import_module(module), cls_name)
+        allowed = {f.name for f in fields(cls)} - runner_set
+        if section == "retention":
+            allowed |= RETENTION_EXTRA
+        for key in experiment.sections[section]:
+            if key not in allowed:
+                raise InputError(f"'{key}' is not an option of this stage (or is set by the runner); "
+                                 f"options: {', '.join(sorted(allowed))}", experiment.path, field=f"{section}.{key}")
+    for key in experiment.sections["analyses"]:
+        if key not in ANALYSES_OPTIONS:
+            raise InputError(f"unknown option; expected one of {', '.join(sorted(ANALYSES_OPTIONS))}",
+                             experiment.path, field=f"analyses.{key}")
 
 
 def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
@@ -160,7 +193,7 @@ def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
 def _configure(cls, base: dict[str, Any], overrides: dict[str, Any], experiment: Experiment, section: str):
     """Build a stage's config dataclass: the runner's fields, then the experiment file's section on top."""
     names = {f.name for f in fields(cls)}
-    for key in overrides:
+    for key in overrides:  # sections were checked at load time; the corpus options are checked here
         if key not in names or key in base:
             raise InputError(f"'{key}' is not an option of this stage (or is set by the runner); "
                              f"options: {', '.join(sorted(names - set(base)))}", experiment.path,
@@ -204,9 +237,11 @@ class Runner:
     def _probes(self) -> Path | None:
         """The retention probe folder: fetched once into the cache; None (KL-only retention) when offline."""
         options = dict(self.x.sections["retention"])
+        if options.get("probes") is False:
+            return None
         folder = Path(options.pop("data", None) or _default_probes_dir())
-        if (folder / "manifest.json").is_file() or options.get("probes") is False:
-            return folder if (folder / "manifest.json").is_file() else None
+        if (folder / "manifest.json").is_file():
+            return folder
         try:
             from mixsd.corpora.probes import ProbesFetchConfig, fetch_probes
 
@@ -264,7 +299,7 @@ class Runner:
                                              "out": str(eval_file)}, self.x.sections["eval"], self.x, "eval"))
         results["eval"] = json.loads(eval_file.read_text())
         if not retention_file.is_file():
-            options = {k: v for k, v in self.x.sections["retention"].items() if k not in ("data", "probes")}
+            options = {k: v for k, v in self.x.sections["retention"].items() if k not in RETENTION_EXTRA}
             base = {"model": model, "suite": "retention", "base": self.x.model, "out": str(retention_file),
                     "data": str(self.probes_dir) if self.probes_dir else str(self.out / "no-probes")}
             evaluate(_configure(EvalConfig, base, options, self.x, "retention"))
@@ -468,6 +503,9 @@ def run_experiment(experiment: Experiment, *, only: str | None = None, report_on
         for cell in cells:
             try:
                 runner.run_cell(cell, progress)
+            except InputError:
+                bar.close()
+                raise
             except Exception as err:
                 bar.close()
                 raise RuntimeError(f"cell {cell.name} failed ({err}); fix and rerun: finished stages are kept") from err

@@ -41,6 +41,7 @@ from mixsd.files import (
     sha256_file,
     sha256_text,
 )
+from mixsd.generation import RowBatch
 from mixsd.prompts import encode_answer, encode_prompt, expert_message, load_expert_template, stop_token_ids
 from mixsd.records import Fact, load_corpus
 
@@ -124,23 +125,6 @@ class _Slot:
         return len(self.draw.tokens)
 
 
-def _dynamic_layers(cache) -> list:
-    layers = getattr(cache, "layers", None)
-    if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-        kinds = sorted({type(layer).__name__ for layer in layers or []})
-        raise NotImplementedError(f"the batched decoder needs a plain DynamicCache; this model uses {kinds}")
-    return layers
-
-
-def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
 class MixedDecoder:
     """Continuous-batching decoder of mixed expert/naive targets over one frozen model."""
 
@@ -171,49 +155,39 @@ class MixedDecoder:
                 on_done(Draw(job, finish="prompt_too_long"), False)
             else:
                 queue.append(job)
+        batch = RowBatch(self.model, self.pad_id)  # rows 2k and 2k+1: slot k's expert and naive sequences
         slots: list[_Slot] = []
-        cache = mask = positions = logits = None
+        splice = True
         while queue or slots:
-            if queue and len(slots) < self.batch_size:
-                admitted = [queue.popleft() for _ in range(min(self.batch_size - len(slots), len(queue)))]
-                cache, mask, positions, logits = self._admit(admitted, cache, mask, positions, logits)
-                slots.extend(_Slot(job, self.max_new_tokens, self.seed) for job in admitted)
+            if queue and len(slots) < self.batch_size and (splice or not slots):
+                admitted = [_Slot(queue.popleft(), self.max_new_tokens, self.seed)
+                            for _ in range(min(self.batch_size - len(slots), len(queue)))]
+                prompts = [ids for slot in admitted for ids in (slot.draw.job.expert_ids, slot.draw.job.naive_ids)]
+                if batch.add([slot for slot in admitted for _ in range(2)], prompts):
+                    slots.extend(admitted)
+                else:  # this model's cache cannot be spliced: refill only when the batch has drained
+                    splice = False
+                    queue.extendleft(reversed([slot.draw.job for slot in admitted]))
 
-            tokens = self._choose(slots, logits)
-            finished = []
-            for i, slot in enumerate(slots):
-                token = tokens[i]
-                if token in self.stop_ids or slot.step == self.max_new_tokens:
-                    slot.draw.finish = "stop" if token in self.stop_ids else "length"
-                    finished.append(i)
+            tokens = self._choose(slots, batch.logits)
             self.generated_tokens += len(slots)
-
-            for i in reversed(finished):
-                draw = slots[i].draw
+            keep = []
+            for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
+                if token not in self.stop_ids and slot.step < self.max_new_tokens:
+                    keep.append(i)
+                    continue
+                draw = slot.draw
+                draw.finish = "stop" if token in self.stop_ids else "length"
                 verified = accept(draw)
                 if not verified and draw.job.attempt + 1 < self.max_attempts:
                     queue.appendleft(replace(draw.job, attempt=draw.job.attempt + 1))
                 else:
                     on_done(draw, verified)
-            if finished:
-                finished_set = set(finished)
-                keep = [i for i in range(len(slots)) if i not in finished_set]
+            if len(keep) < len(slots):
                 slots = [slots[i] for i in keep]
-                if not slots:
-                    cache = mask = positions = logits = None
-                    continue
-                rows = torch.tensor([r for i in keep for r in (2 * i, 2 * i + 1)], device=self.device)
-                cache.batch_select_indices(rows)
-                mask, positions = mask[rows], positions[rows]
-                tokens = [tokens[i] for i in keep]
-                cache, mask = self._trim(cache, mask)
-
-            step_ids = torch.tensor(tokens, device=self.device).repeat_interleave(2)[:, None]
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions[:, None],
-                             cache=cache, use_cache=True, logits_to_keep=1)
-            positions = positions + 1
-            logits = out.logits[:, -1, :]
+                batch.keep([row for i in keep for row in (2 * i, 2 * i + 1)])
+            if slots:
+                batch.step([tokens[i] for i in keep for _ in range(2)])
 
     # -- pieces -------------------------------------------------------------------------------------
     def _choose(self, slots: list[_Slot], logits: torch.Tensor) -> list[int]:
@@ -243,40 +217,6 @@ class MixedDecoder:
             draw.logprob_expert.append(lp_expert[i])
             draw.logprob_naive.append(lp_naive[i])
         return token_list
-
-    def _admit(self, jobs: list[Job], cache, mask, positions, logits):
-        """Prefill the new jobs' expert and naive prompts and splice their rows into the running batch."""
-        from transformers import DynamicCache
-
-        prompts = [ids for job in jobs for ids in (job.expert_ids, job.naive_ids)]
-        width = max(len(p) for p in prompts)
-        new_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
-        new_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        new_positions = (new_mask.cumsum(dim=1) - 1).clamp_(min=0)
-        new_cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=new_ids, attention_mask=new_mask, position_ids=new_positions,
-                         cache=new_cache, use_cache=True, logits_to_keep=1)
-        new_logits = out.logits[:, -1, :]
-        new_next = torch.tensor([len(p) for p in prompts], device=self.device)
-        if cache is None:
-            return new_cache, new_mask, new_next, new_logits
-        length = max(mask.shape[1], width)
-        for old, new in zip(_dynamic_layers(cache), _dynamic_layers(new_cache), strict=True):
-            old.keys = torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)], dim=0)
-            old.values = torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)], dim=0)
-        mask = torch.cat([_left_pad(mask, length, 1), _left_pad(new_mask, length, 1)], dim=0)
-        return cache, mask, torch.cat([positions, new_next]), torch.cat([logits, new_logits])
-
-    @staticmethod
-    def _trim(cache, mask):
-        """Drop leading cache columns that no remaining row attends to (left by finished long prompts)."""
-        used = mask.any(dim=0)
-        lead = int(used.int().argmax())
-        if lead == 0:
-            return cache, mask
-        for layer in _dynamic_layers(cache):
-            layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
-        return cache, mask[:, lead:]
 
 
 # --------------------------------------------------------------------------------------------------

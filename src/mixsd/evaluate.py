@@ -1,0 +1,878 @@
+"""`mixsd eval`: did the knowledge go in (kgfact, kgfunc, qa suites) and what did it cost (retention)?
+
+Generation suites score each record's greedy answer against its `check` with `answers.matches`, strict
+and loose (the scorer `mixsd mix` verifies with), on the exact prompt training used
+(`prompts.encode_prompt`). Wrong answers get an error type (see `classify_error`).
+
+The retention suite measures held-out ability on probe files (default `$MIXSD_CACHE/probes`, written by
+`mixsd probes fetch`):
+    multiple choice  {"id","query","choices","gold"}: log p(" "+choice | query) summed -> acc, divided by
+                     the choice's length in characters -> acc_norm (lm-evaluation-harness semantics)
+    text             {"id","text"}: token perplexity
+    kl               KL(base || model) per token on held-out prompts, on the base model's own greedy
+                     answers (built-in prompt list; needs no probe files)
+Retention of a probe = score(model) / score(base) (perplexity: base_ppl / model_ppl, so higher is better);
+results for a base model are cached in `$MIXSD_CACHE/eval-base`.
+
+Outputs: `--out results.json` (scores with 95% Wilson intervals, model and data hashes, settings, version)
+and `results.predictions.jsonl` beside it (every prediction). An interrupted run resumes from
+`results.predictions.jsonl.journal`. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from mixsd import __version__
+from mixsd.answers import last_boxed, matches, normalize
+from mixsd.files import (
+    InputError,
+    JournalWriter,
+    atomic_write_json,
+    atomic_write_jsonl,
+    dumps,
+    read_journal,
+    read_jsonl,
+    sha256_file,
+    sha256_text,
+)
+from mixsd.generation import autocast, greedy_generate, tail_logprobs
+from mixsd.prompts import encode_prompt, pad_token_id, stop_token_ids
+from mixsd.records import Fact, load_corpus
+
+Suite = Literal["kgfact", "kgfunc", "qa", "retention"]
+SUITE_SPLITS = {
+    "kgfact": {"train": "memorization", "paraphrase": "generalization", "retrieval": "generalization",
+               "compositional": "generalization"},
+    "kgfunc": {"train": "memorization", "test": "generalization", "unseen": "retention",
+               "compositional": "generalization"},
+}
+DEFAULT_MAX_NEW_TOKENS = {"kgfact": 64, "kgfunc": 384, "qa": 128, "retention": 64}
+EXPECTED_PROBES = ("general_knowledge", "social_iqa", "qa_wikidata", "squad_paragraphs")
+ERROR_TYPES = ("format", "leakage", "collapse", "genuine")
+Z95 = 1.959963984540054
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration (the field help is the CLI help of `mixsd eval`)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    model: str = field(metadata={"help": "Model to evaluate: smollm2-135m, a HF folder, a `mixsd train` output "
+                                         "folder, a LoRA adapter folder (merged into its base), .gguf or hub id."})
+    suite: Suite = field(metadata={"help": "kgfact | kgfunc | qa (every *.jsonl of --data) | retention."})
+    out: str = field(metadata={"help": "Results JSON to write; predictions go beside it (.predictions.jsonl)."})
+    data: str | None = field(default=None, metadata={
+        "help": "Corpus folder (kgfact, kgfunc), folder or file of corpus JSONL (qa), or probe folder "
+                "(retention; default $MIXSD_CACHE/probes)."})
+    base: str | None = field(default=None, metadata={
+        "help": "Base model for retention ratios and KL (retention suite); its results are cached."})
+    batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass."})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "Length cap of an answer; default kgfact 64, kgfunc 384, qa 128, retention (KL answers) 64."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N records of each split "
+                                                               "/ probe (quick runs)."})
+    bf16: bool = field(default=False, metadata={"help": "Run in bfloat16: models loaded in bf16, models passed "
+                                                        "in-process under bf16 autocast."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."})
+    threads: int | None = field(default=None, metadata={
+        "help": "CPU threads for torch (torch.set_num_threads); 1 is much faster on a machine shared with "
+                "other jobs. Default: torch's choice."})
+    kl_prompts: str | None = field(default=None, metadata={
+        "help": "Prompts for the KL probe: a .txt file (one per line) or a corpus JSONL; default: built-in list."})
+    ppl_max_tokens: int = field(default=512, metadata={"help": "Text probe paragraphs are cut to this many tokens."})
+    entities: str | None = field(default=None, metadata={
+        "help": "Corpus JSONL whose answer checks are the injected entities (leakage errors); "
+                "default for kgfact: <data>/train.jsonl."})
+    taxonomy_on: Literal["loose", "strict"] = field(default="loose", metadata={
+        "help": "Which scorer decides that an answer is wrong before its error type is assigned."})
+    collapse_max_words: int = field(default=10, metadata={
+        "help": "A wrong answer of at most this many words (with an answer in it) is 'collapse'."})
+    require_marker: bool = field(default=False, metadata={
+        "help": "Count a wrong answer without \\boxed{} or 'answer is' as a 'format' error (else only empty "
+                "answers and answers cut at the length cap without one are)."})
+    min_entity_chars: int = field(default=3, metadata={"help": "Ignore injected entities shorter than this "
+                                                               "(after normalization) for leakage."})
+    base_cache: bool = field(default=True, metadata={"help": "Reuse/store base-model retention results in "
+                                                             "$MIXSD_CACHE/eval-base."})
+    overwrite: bool = field(default=False, metadata={"help": "Recompute even if results for these settings exist."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: every way a trained model can come out of `mixsd train`, and a fingerprint to trace it
+# --------------------------------------------------------------------------------------------------
+def model_folder(name: str) -> Path | None:
+    """The local folder behind a model name (None for a hub id); a `mixsd train` output means its model/."""
+    from mixsd.models import resolve_model
+
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            return path
+        if (path / "model").is_dir():
+            return path / "model"
+    resolved = Path(resolve_model(name))
+    return resolved if resolved.is_dir() else None
+
+
+def load_eval_model(name: str, *, device=None, dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer) for any model name; a LoRA adapter folder is loaded onto its base and merged."""
+    from mixsd.models import default_device, load_model, load_tokenizer
+
+    device = device or default_device()
+    folder = model_folder(name)
+    if folder is not None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        from peft import PeftModel
+
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+        base_name = adapter.get("base_model_name_or_path")
+        if not base_name:
+            raise InputError("adapter_config.json names no base_model_name_or_path", folder / "adapter_config.json")
+        base = load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload().to(device).eval()
+        has_tokenizer = (folder / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(str(folder) if has_tokenizer else base_name, trust_remote_code=trust_remote_code)
+        return model, tokenizer
+    target = str(folder) if folder is not None else name
+    model = load_model(target, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+    return model, load_tokenizer(target, trust_remote_code=trust_remote_code)
+
+
+def model_fingerprint(name: str | None) -> dict[str, Any] | None:
+    """Name, resolved folder and a content hash of its config and weights (hub ids: name only)."""
+    if name is None:
+        return None
+    try:
+        folder = model_folder(name)
+    except (FileNotFoundError, ModuleNotFoundError, OSError):
+        folder = None
+    if folder is None:
+        return {"name": name, "path": None, "sha256": None}
+    digest = hashlib.sha256()
+    patterns = ("config.json", "adapter_config.json", "*.safetensors", "*.bin", "*.gguf")
+    files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+    for path in files:
+        digest.update(f"{path.name}\x00{sha256_file(path)}\x00".encode())
+    return {"name": name, "path": str(folder), "sha256": digest.hexdigest() if files else None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (sensible at 0/n and n/n, unlike the normal one)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low, high = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if successes == 0 else low, 1.0 if successes == n else high)
+
+
+def rate(successes: int, n: int) -> dict[str, Any]:
+    low, high = wilson_interval(successes, n)
+    return {"value": successes / n if n else None, "correct": successes, "n": n,
+            "ci95": [round(low, 6), round(high, 6)]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Error taxonomy
+# --------------------------------------------------------------------------------------------------
+_MARKER = re.compile(r"\\boxed\{|answer\s+is", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    """Thresholds of the error taxonomy (paper §4, priority order format > leakage > collapse > genuine)."""
+
+    entities: frozenset[str] = frozenset()  # normalized injected entity names
+    collapse_max_words: int = 10
+    require_marker: bool = False
+    min_entity_chars: int = 3
+
+    @staticmethod
+    def entity_set(checks: Iterable[str], min_chars: int = 3) -> frozenset[str]:
+        """Normalized entity names from answer checks; numbers are no entities (kgfunc answers)."""
+        names = (normalize(c) for c in checks)
+        return frozenset(n for n in names if len(n) >= min_chars and not re.fullmatch(r"[-+.\d\s]+", n))
+
+    def leaked(self, output: str, prompt: str, gold: str) -> list[str]:
+        """Injected entities the output names that are neither in the prompt nor the gold answer."""
+        text, asked, gold = normalize(output), normalize(prompt), normalize(gold)
+        found = []
+        for entity in sorted(self.entities):
+            if entity == gold or _contains_words(asked, entity):
+                continue
+            if _contains_words(text, entity):
+                found.append(entity)
+        return found
+
+    def classify(self, output: str, prompt: str, gold: str, finish: str) -> tuple[str, list[str]]:
+        """Error type of a wrong answer, and the leaked entities (for leakage)."""
+        has_marker = last_boxed(output) is not None or _MARKER.search(output) is not None
+        truncated = finish in ("length", "prompt_too_long")
+        if not output.strip() or (truncated and not has_marker) or (self.require_marker and not has_marker):
+            return "format", []
+        leaked = self.leaked(output, prompt, gold)
+        if leaked:
+            return "leakage", leaked
+        if len(output.split()) <= self.collapse_max_words:
+            return "collapse", []
+        return "genuine", []
+
+
+def _contains_words(haystack: str, needle: str) -> bool:
+    return re.search(r"(?<![\w])" + re.escape(needle) + r"(?![\w])", haystack) is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: splits, probes, hashes
+# --------------------------------------------------------------------------------------------------
+def suite_files(suite: str, data: Path) -> tuple[list[tuple[str, Path]], list[dict[str, str]]]:
+    """(split name, file) pairs to evaluate and the splits skipped (with why)."""
+    if suite == "qa":
+        files = [data] if data.is_file() else sorted(data.glob("*.jsonl"))
+        if not files:
+            raise InputError("no *.jsonl corpus files", data)
+        return [(f.stem, f) for f in files], []
+    found, skipped = [], []
+    for split in SUITE_SPLITS[suite]:
+        path = data / f"{split}.jsonl"
+        if path.is_file():
+            found.append((split, path))
+        else:
+            skipped.append({"split": split, "reason": f"{path} not found"})
+    if not found:
+        raise InputError(f"none of {', '.join(s + '.jsonl' for s in SUITE_SPLITS[suite])} found", data)
+    return found, skipped
+
+
+def data_hashes(folder: Path | None, files: Iterable[Path]) -> dict[str, Any]:
+    manifest = folder / "manifest.json" if folder is not None and folder.is_dir() else None
+    return {"folder": str(folder) if folder is not None else None,
+            "manifest_sha256": sha256_file(manifest) if manifest is not None and manifest.is_file() else None,
+            "files": {p.name: sha256_file(p) for p in sorted(set(files))}}
+
+
+def load_probe(path: Path, limit: int | None) -> tuple[str, list[dict[str, Any]]]:
+    """Read a probe file: ("mc", items) or ("text", items); InputError names the bad line and field."""
+    kind, items, seen = None, [], set()
+    for line, obj in read_jsonl(path):
+        item_kind = "mc" if "choices" in obj else "text" if "text" in obj else None
+        if item_kind is None:
+            raise InputError("expected a multiple-choice item (query, choices, gold) or a text item (text)",
+                             path, line, "choices")
+        if kind is not None and item_kind != kind:
+            raise InputError(f"mixes {kind} and {item_kind} items", path, line)
+        kind = item_kind
+        item_id = str(obj.get("id", line))
+        if item_id in seen:
+            raise InputError(f"duplicate id '{item_id}'", path, line, "id")
+        seen.add(item_id)
+        if kind == "mc":
+            query, choices, gold = obj.get("query"), obj.get("choices"), obj.get("gold")
+            if not isinstance(query, str):
+                raise InputError("expected a string", path, line, "query")
+            if not isinstance(choices, list) or len(choices) < 2 or not all(
+                    isinstance(c, str) and c.strip() for c in choices):
+                raise InputError("expected a list of at least two non-empty strings", path, line, "choices")
+            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+                raise InputError(f"expected an index in [0, {len(choices) - 1}]", path, line, "gold")
+            items.append({"id": item_id, "query": query, "choices": choices, "gold": gold})
+        else:
+            text = obj.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise InputError("expected a non-empty string", path, line, "text")
+            items.append({"id": item_id, "text": text})
+        if limit is not None and len(items) >= limit:
+            break
+    if kind is None:
+        raise InputError("no records", path)
+    return kind, items
+
+
+def load_kl_prompts(source: str | None, limit: int | None) -> tuple[list[tuple[str, str, str | None]], str]:
+    """(id, prompt, system) triples for the KL probe and the sha256 of their source."""
+    if source is None:
+        text = resources.files("mixsd").joinpath("data/kl_prompts.txt").read_text(encoding="utf-8")
+        digest = sha256_text(text)
+    else:
+        path = Path(source)
+        digest = sha256_file(path) if path.is_file() else ""
+        if path.suffix == ".jsonl":
+            facts = load_corpus(path)
+            prompts = [(f.id, f.prompt, f.system) for f in facts]
+            return prompts[:limit] if limit is not None else prompts, digest
+        if not path.is_file():
+            raise InputError("file not found", path)
+        text = path.read_text(encoding="utf-8")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    prompts = [(f"kl{i:03d}", line, None) for i, line in enumerate(lines)]
+    if not prompts:
+        raise InputError("no prompts", source)
+    return prompts[:limit] if limit is not None else prompts, digest
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------
+def _encode_plain(tokenizer, text: str) -> list[int]:
+    """Raw text as the tokenizer encodes it by default (BOS only if the tokenizer adds one itself)."""
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def choice_tokens(tokenizer, query: str, choice: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) of a multiple-choice option, as lm-evaluation-harness splits them.
+
+    The choice continues the query after one space unless either side already has whitespace there;
+    trailing whitespace of the query moves into the continuation; the whole string is tokenized once and
+    cut where the query's own tokens end, so the scored tokens are those the model would really see.
+    """
+    continuation = choice if choice[:1].isspace() or query[-1:].isspace() else " " + choice
+    stripped = query.rstrip()
+    continuation = query[len(stripped):] + continuation
+    whole = _encode_plain(tokenizer, stripped + continuation)
+    context = _encode_plain(tokenizer, stripped)
+    if not stripped or len(context) >= len(whole):
+        # empty query: condition on the end-of-text token, as the harness does
+        prefix = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_token_id(tokenizer)]
+        cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        return (context if stripped else prefix), cont
+    return context, whole[len(context):]
+
+
+def score_multiple_choice(model, tokenizer, items: list[dict[str, Any]], *, batch_size: int,
+                          progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Per item: summed log-likelihood of each choice, and which choice acc / acc_norm pick."""
+    sequences, tails, owners = [], [], []
+    for n, item in enumerate(items):
+        for c, choice in enumerate(item["choices"]):
+            context, cont = choice_tokens(tokenizer, item["query"], choice)
+            sequences.append(context + cont)
+            tails.append(len(cont))
+            owners.append((n, c))
+    loglik: list[list[float]] = [[0.0] * len(item["choices"]) for item in items]
+    remaining = [len(item["choices"]) for item in items]
+    for index, logprobs in tail_logprobs(model, sequences, tails, pad_id=pad_token_id(tokenizer),
+                                         batch_size=batch_size):
+        n, c = owners[index]
+        loglik[n][c] = float(logprobs.sum())
+        remaining[n] -= 1
+        if remaining[n] == 0 and progress is not None:
+            progress(1)
+    rows = []
+    for item, scores in zip(items, loglik, strict=True):
+        lengths = [len(choice) for choice in item["choices"]]
+        normed = [s / length for s, length in zip(scores, lengths, strict=True)]
+        pred = max(range(len(scores)), key=lambda i: (scores[i], -i))  # first of ties, like numpy argmax
+        pred_norm = max(range(len(normed)), key=lambda i: (normed[i], -i))
+        rows.append({"id": item["id"], "kind": "mc", "gold": item["gold"], "loglik": [round(s, 5) for s in scores],
+                     "char_lengths": lengths, "pred": pred, "pred_norm": pred_norm,
+                     "correct": pred == item["gold"], "correct_norm": pred_norm == item["gold"],
+                     "n_choices": len(scores)})
+    return rows
+
+
+def score_perplexity(model, tokenizer, items: list[dict[str, Any]], *, batch_size: int, max_tokens: int,
+                     progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Per text: summed NLL and the number of predicted tokens (the first token, with no context, is not)."""
+    sequences = [_encode_plain(tokenizer, item["text"])[:max_tokens] for item in items]
+    rows: list[dict[str, Any] | None] = [None] * len(items)
+    usable = [i for i, seq in enumerate(sequences) if len(seq) >= 2]
+    for k, logprobs in tail_logprobs(model, [sequences[i] for i in usable],
+                                     [len(sequences[i]) - 1 for i in usable],
+                                     pad_id=pad_token_id(tokenizer), batch_size=batch_size):
+        i = usable[k]
+        rows[i] = {"id": items[i]["id"], "kind": "text", "nll": round(-float(logprobs.sum()), 5),
+                   "tokens": len(sequences[i]) - 1}
+        if progress is not None:
+            progress(1)
+    return [row if row is not None else {"id": items[i]["id"], "kind": "text", "nll": 0.0, "tokens": 0}
+            for i, row in enumerate(rows)]
+
+
+def kl_per_token(base, model, sequences: list[list[int]], tails: list[int], *, pad_id: int,
+                 batch_size: int) -> list[tuple[float, float, int]]:
+    """Per sequence: (sum, max, count) of KL(base || model) over the next-token distributions at the
+    positions predicting its last `tail` tokens."""
+    out: list[tuple[float, float, int]] = [(0.0, 0.0, 0)] * len(sequences)
+    base_iter = tail_logprobs(base, sequences, tails, pad_id=pad_id, batch_size=batch_size, full=True)
+    model_iter = tail_logprobs(model, sequences, tails, pad_id=pad_id, batch_size=batch_size, full=True)
+    for (i, p_log), (j, q_log) in zip(base_iter, model_iter, strict=True):
+        assert i == j
+        if p_log.shape[-1] != q_log.shape[-1]:
+            raise ValueError(f"base and model vocabularies differ ({p_log.shape[-1]} vs {q_log.shape[-1]})")
+        kl = (p_log.exp() * (p_log - q_log)).sum(dim=-1).clamp_(min=0.0)
+        out[i] = (float(kl.sum()), float(kl.max()), int(kl.numel()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------------------
+def summarize_split(rows: list[dict[str, Any]], taxonomy_on: str) -> dict[str, Any]:
+    n = len(rows)
+    wrong = [r for r in rows if not r[taxonomy_on]]
+    errors = Counter(r["error"] for r in wrong)
+    return {
+        "n": n, "strict": rate(sum(r["strict"] for r in rows), n), "loose": rate(sum(r["loose"] for r in rows), n),
+        "errors": {kind: errors.get(kind, 0) for kind in ERROR_TYPES},
+        "error_rates": {kind: (errors.get(kind, 0) / len(wrong) if wrong else None) for kind in ERROR_TYPES},
+        "finish": dict(Counter(r["finish"] for r in rows)),
+        "mean_output_tokens": sum(r["output_tokens"] for r in rows) / n if n else None,
+    }
+
+
+def summarize_probe(kind: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if kind == "mc":
+        n = len(rows)
+        return {"kind": "multiple_choice", "n": n, "acc": rate(sum(r["correct"] for r in rows), n),
+                "acc_norm": rate(sum(r["correct_norm"] for r in rows), n),
+                "chance": sum(1 / r["n_choices"] for r in rows) / n if n else None}
+    if kind == "text":
+        tokens = sum(r["tokens"] for r in rows)
+        nll = sum(r["nll"] for r in rows)
+        return {"kind": "perplexity", "n": len(rows), "tokens": tokens,
+                "nll_per_token": nll / tokens if tokens else None,
+                "ppl": math.exp(nll / tokens) if tokens else None}
+    tokens = sum(r["tokens"] for r in rows)
+    return {"kind": "kl", "n": len(rows), "tokens": tokens,
+            "kl_per_token": sum(r["kl_sum"] for r in rows) / tokens if tokens else None,
+            "kl_per_prompt_mean": (sum(r["kl_sum"] / r["tokens"] for r in rows if r["tokens"]) /
+                                   max(1, sum(1 for r in rows if r["tokens"]))),
+            "kl_max": max((r["kl_max"] for r in rows), default=None)}
+
+
+def retention_ratios(model_summary: dict[str, Any], base_summary: dict[str, Any]) -> dict[str, float | None]:
+    """score(model) / score(base); for perplexity base / model, so 1.0 = unchanged and higher is better."""
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    if model_summary["kind"] == "multiple_choice":
+        return {metric: ratio(model_summary[metric]["value"], base_summary[metric]["value"])
+                for metric in ("acc", "acc_norm")}
+    if model_summary["kind"] == "perplexity":
+        return {"ppl": ratio(base_summary["ppl"], model_summary["ppl"])}
+    return {}
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+def predictions_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".predictions.jsonl")
+
+
+def _journal_path(out: str | Path) -> Path:
+    path = predictions_path(out)
+    return path.with_name(path.name + ".journal")
+
+
+class _Progress:
+    def __init__(self, total: int, desc: str, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="item", disable=not enabled)
+
+    def __call__(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Runner:
+    """Holds the models (loaded lazily) and the journal of one evaluation."""
+
+    def __init__(self, config: EvalConfig, model, tokenizer, base_model, progress: bool):
+        self.config, self.progress = config, progress
+        self._model, self._tokenizer, self._base = model, tokenizer, base_model
+        self.device = config.device
+        # models loaded here are stored in bf16 with --bf16 (half the memory traffic per decode step);
+        # models passed in keep their dtype and run under bf16 autocast
+        self.dtype = "bfloat16" if config.bf16 else "float32"
+
+    def model(self):
+        if self._model is None:
+            from mixsd.models import default_device
+
+            self.device = self.device or default_device()
+            self._model, tokenizer = load_eval_model(self.config.model, device=self.device, dtype=self.dtype,
+                                                     trust_remote_code=self.config.trust_remote_code)
+            self._tokenizer = self._tokenizer or tokenizer
+        return self._model
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from mixsd.models import load_tokenizer
+
+            folder = model_folder(self.config.model)
+            if folder is not None and (folder / "adapter_config.json").is_file() and not (
+                    folder / "tokenizer_config.json").is_file():
+                self.model()  # the tokenizer comes from the adapter's base
+            else:
+                self._tokenizer = load_tokenizer(str(folder) if folder else self.config.model,
+                                                 trust_remote_code=self.config.trust_remote_code)
+        return self._tokenizer
+
+    def base(self):
+        if self._base is None:
+            if self.config.base is None:
+                raise ValueError("no base model")
+            if self.config.base == self.config.model:
+                self._base = self.model()
+            else:
+                device = next(self.model().parameters()).device
+                self._base, _ = load_eval_model(self.config.base, device=device, dtype=self.dtype,
+                                                trust_remote_code=self.config.trust_remote_code)
+        return self._base
+
+    def autocast(self, model):
+        return autocast(next(model.parameters()).device, self.config.bf16)
+
+    def bar(self, total: int, desc: str) -> _Progress:
+        return _Progress(total, desc, self.progress)
+
+
+def _generation_rows(runner: _Runner, split: str, facts: list[Fact], max_new_tokens: int,
+                     write: Callable[[list[dict[str, Any]]], None]) -> None:
+    from mixsd.models import context_length
+
+    tokenizer, model = runner.tokenizer(), runner.model()
+    limit = context_length(model) if getattr(model, "config", None) is not None else None
+    prompts = [encode_prompt(tokenizer, fact.prompt, fact.system) for fact in facts]
+
+    def row(fact: Fact, tokens: list[int], finish: str) -> dict[str, Any]:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        return {"who": "model", "split": split, "id": fact.id, "prompt": fact.prompt, "check": fact.check,
+                "output": text, "output_tokens": len(tokens), "finish": finish,
+                "strict": matches(text, fact.check, "strict"), "loose": matches(text, fact.check, "loose")}
+
+    too_long = [i for i, p in enumerate(prompts) if limit and len(p) + max_new_tokens > limit]
+    if too_long:
+        write([row(facts[i], [], "prompt_too_long") for i in too_long])
+    todo = [i for i in range(len(facts)) if i not in set(too_long)]
+    bar = runner.bar(len(todo), f"eval {split}")
+    pending: list[dict[str, Any]] = []
+    with runner.autocast(model):
+        for k, tokens, finish in greedy_generate(model, [prompts[i] for i in todo],
+                                                 stop_ids=stop_token_ids(tokenizer, model),
+                                                 pad_id=pad_token_id(tokenizer), max_new_tokens=max_new_tokens,
+                                                 batch_size=runner.config.batch_size, on_row=lambda _: bar()):
+            pending.append(row(facts[todo[k]], tokens, finish))
+            if len(pending) >= runner.config.batch_size:
+                write(pending)
+                pending = []
+    write(pending)
+    bar.close()
+
+
+def _probe_rows(runner: _Runner, who: str, probe: str, kind: str, items: list[dict[str, Any]]) -> list[dict]:
+    model = runner.model() if who == "model" else runner.base()
+    bar = runner.bar(len(items), f"{who} {probe}")
+    with runner.autocast(model):
+        if kind == "mc":
+            rows = score_multiple_choice(model, runner.tokenizer(), items, batch_size=runner.config.batch_size,
+                                         progress=bar)
+        else:
+            rows = score_perplexity(model, runner.tokenizer(), items, batch_size=runner.config.batch_size,
+                                    max_tokens=runner.config.ppl_max_tokens, progress=bar)
+    bar.close()
+    return [{"who": who, "split": probe, **row} for row in rows]
+
+
+def _kl_answer_rows(runner: _Runner, prompts: list[tuple[str, str, str | None]], max_new_tokens: int) -> list[dict]:
+    """The base model's greedy answers to the KL prompts (the tokens KL is measured on)."""
+    tokenizer, base = runner.tokenizer(), runner.base()
+    encoded = [encode_prompt(tokenizer, prompt, system) for _, prompt, system in prompts]
+    stops = stop_token_ids(tokenizer, base)
+    rows: list[dict[str, Any] | None] = [None] * len(prompts)
+    bar = runner.bar(len(prompts), "base kl answers")
+    with runner.autocast(base):
+        for k, tokens, finish in greedy_generate(base, encoded, stop_ids=stops, pad_id=pad_token_id(tokenizer),
+                                                 max_new_tokens=max_new_tokens,
+                                                 batch_size=runner.config.batch_size, on_row=lambda _: bar()):
+            # the stop token is part of the answer: KL also covers the decision to stop
+            answer = tokens + ([min(stops)] if finish == "stop" else [])
+            rows[k] = {"who": "base", "split": "kl", "id": prompts[k][0], "kind": "kl_answer",
+                       "prompt_ids": encoded[k], "answer_ids": answer, "finish": finish,
+                       "answer": tokenizer.decode(tokens, skip_special_tokens=True)}
+    bar.close()
+    return [r for r in rows if r is not None]
+
+
+def _kl_rows(runner: _Runner, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    usable = [a for a in answers if a["answer_ids"]]
+    sequences = [a["prompt_ids"] + a["answer_ids"] for a in usable]
+    tails = [len(a["answer_ids"]) for a in usable]
+    model, base = runner.model(), runner.base()
+    with runner.autocast(model):
+        stats = kl_per_token(base, model, sequences, tails, pad_id=pad_token_id(runner.tokenizer()),
+                             batch_size=runner.config.batch_size)
+    by_id = {a["id"]: s for a, s in zip(usable, stats, strict=True)}
+    return [{"who": "model", "split": "kl", "id": a["id"], "kind": "kl",
+             "kl_sum": round(by_id.get(a["id"], (0.0, 0.0, 0))[0], 6),
+             "kl_max": round(by_id.get(a["id"], (0.0, 0.0, 0))[1], 6),
+             "tokens": by_id.get(a["id"], (0.0, 0.0, 0))[2], "answer": a["answer"]} for a in answers]
+
+
+def _base_cache_file(key: dict[str, Any]) -> Path:
+    from mixsd.models import cache_dir
+
+    return cache_dir() / "eval-base" / f"{sha256_text(dumps(key))[:20]}.jsonl"
+
+
+def evaluate(config: EvalConfig, *, model=None, tokenizer=None, base_model=None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run one evaluation suite; write results (and predictions) and return the results dict.
+
+    `model`/`tokenizer` (and `base_model`) may be passed already loaded; `config.model` / `config.base` then
+    only label them in the results.
+    """
+    if config.batch_size < 1 or (config.limit is not None and config.limit < 1):
+        raise InputError("--batch-size and --limit must be >= 1")
+    if (model is None) != (tokenizer is None) and model is not None:
+        raise ValueError("pass the tokenizer together with an in-process model")
+    if config.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, config.threads))
+    started = time.perf_counter()
+    max_new_tokens = config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[config.suite]
+    out = Path(config.out)
+    skipped: list[dict[str, str]] = []
+
+    # ---- what is evaluated, and its hashes -----------------------------------------------------------
+    if config.suite == "retention":
+        from mixsd.models import cache_dir
+
+        folder = Path(config.data) if config.data else cache_dir() / "probes"
+        probe_files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+        if not folder.is_dir():
+            skipped.append({"split": "probes", "reason": f"{folder} not found (run `mixsd probes fetch`); "
+                                                        "multiple-choice and perplexity probes skipped"})
+        for name in EXPECTED_PROBES:
+            if folder.is_dir() and not (folder / f"{name}.jsonl").is_file():
+                skipped.append({"split": name, "reason": f"{folder / (name + '.jsonl')} not found"})
+        probes = {p.stem: load_probe(p, config.limit) for p in probe_files}
+        kl_prompts, kl_sha = load_kl_prompts(config.kl_prompts, config.limit)
+        if config.base is None and base_model is None:
+            skipped.append({"split": "kl", "reason": "no --base: KL and retention ratios need the base model"})
+        hashes = data_hashes(folder if folder.is_dir() else None, probe_files)
+        hashes["kl_prompts_sha256"] = kl_sha
+        files: list[tuple[str, Path]] = []
+    else:
+        if not config.data:
+            raise InputError(f"--data is required for the {config.suite} suite", field="data")
+        folder = Path(config.data)
+        if not folder.exists():
+            raise InputError("not found", folder)
+        files, skipped = suite_files(config.suite, folder)
+        hashes = data_hashes(folder if folder.is_dir() else folder.parent, [f for _, f in files])
+
+    model_fp = model_fingerprint(config.model) if model is None else {"name": config.model, "path": None,
+                                                                        "sha256": None, "in_process": True}
+    base_fp = None
+    if config.base is not None:
+        base_fp = (model_fingerprint(config.base) if base_model is None else
+                   {"name": config.base, "path": None, "sha256": None, "in_process": True})
+    determines = {"suite": config.suite, "model": model_fp, "base": base_fp, "data": hashes,
+                  "limit": config.limit, "max_new_tokens": max_new_tokens, "bf16": config.bf16,
+                  "ppl_max_tokens": config.ppl_max_tokens}
+    settings = {**determines, "taxonomy": {"on": config.taxonomy_on, "collapse_max_words": config.collapse_max_words,
+                                           "require_marker": config.require_marker,
+                                           "min_entity_chars": config.min_entity_chars, "entities": config.entities}}
+
+    if out.is_file() and not config.overwrite and not (model_fp or {}).get("in_process"):
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        if previous.get("settings") == settings and predictions_path(out).is_file():
+            print(f"{out} is up to date for these settings; nothing to do (--overwrite to redo).")
+            return previous
+
+    journal = _journal_path(out)
+    if config.overwrite:
+        journal.unlink(missing_ok=True)
+    header = {"journal_of": "mixsd eval", "settings": determines}
+    done_rows = read_journal(journal)
+    if done_rows and done_rows[0] != header:
+        raise InputError("an unfinished evaluation with different settings exists; rerun with the same "
+                         "arguments or pass --overwrite", journal)
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {(r["who"], r["split"], r["id"]): r for r in done_rows[1:]}
+    runner = _Runner(config, model, tokenizer, base_model, progress)
+
+    with JournalWriter(journal, header=header) as writer:
+        def write(new: list[dict[str, Any]]) -> None:
+            writer.write(new)
+            rows.update({(r["who"], r["split"], r["id"]): r for r in new})
+
+        if config.suite != "retention":
+            result = _run_generation(config, runner, files, max_new_tokens, rows, write, folder)
+        else:
+            result = _run_retention(config, runner, probes, kl_prompts, max_new_tokens, rows, write, skipped,
+                                    determines)
+
+    predictions = result.pop("_predictions")
+    atomic_write_jsonl(predictions_path(out), predictions)
+    results = {
+        "mixsd_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "suite": config.suite, "model": model_fp, "base": base_fp, "data": hashes, "settings": settings,
+        "config": asdict(config), **result, "skipped": skipped,
+        "predictions": predictions_path(out).name, "seconds": round(time.perf_counter() - started, 2),
+    }
+    atomic_write_json(out, results)
+    journal.unlink(missing_ok=True)
+    return results
+
+
+def _run_generation(config: EvalConfig, runner: _Runner, files: list[tuple[str, Path]], max_new_tokens: int,
+                    rows: dict, write: Callable, folder: Path) -> dict[str, Any]:
+    entity_file = Path(config.entities) if config.entities else (
+        folder / "train.jsonl" if config.suite == "kgfact" and folder.is_dir() else None)
+    entity_checks = [f.check for f in load_corpus(entity_file)] if entity_file and entity_file.is_file() else []
+    taxonomy = Taxonomy(Taxonomy.entity_set(entity_checks, config.min_entity_chars), config.collapse_max_words,
+                        config.require_marker, config.min_entity_chars)
+    splits, predictions = {}, []
+    for split, path in files:
+        facts = load_corpus(path)
+        if config.limit is not None:
+            facts = facts[: config.limit]
+        todo = [f for f in facts if ("model", split, f.id) not in rows]
+        if todo:
+            _generation_rows(runner, split, todo, max_new_tokens, write)
+        split_rows = []
+        for fact in facts:
+            row = dict(rows[("model", split, fact.id)])
+            row["error"], row["leaked"] = None, []
+            if not row[config.taxonomy_on]:
+                row["error"], row["leaked"] = taxonomy.classify(row["output"], fact.prompt, fact.check, row["finish"])
+            split_rows.append(row)
+        predictions.extend(split_rows)
+        splits[split] = {"role": SUITE_SPLITS.get(config.suite, {}).get(split, "qa"), "file": path.name,
+                         **summarize_split(split_rows, config.taxonomy_on)}
+    return {"splits": splits, "entities": {"file": str(entity_file) if entity_checks else None,
+                                           "count": len(taxonomy.entities)},
+            "max_new_tokens": max_new_tokens, "_predictions": predictions}
+
+
+def _run_retention(config: EvalConfig, runner: _Runner, probes: dict[str, tuple[str, list]],
+                   kl_prompts: list, max_new_tokens: int, rows: dict, write: Callable,
+                   skipped: list[dict[str, str]], determines: dict[str, Any]) -> dict[str, Any]:
+    has_base = config.base is not None or runner._base is not None
+    same = runner._base is runner._model if runner._base is not None else config.base == config.model
+    base_rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    cache_file = None
+    if has_base and config.base_cache and determines["base"] and determines["base"].get("sha256"):
+        key = {"base": determines["base"]["sha256"], "data": determines["data"], "limit": config.limit,
+               "max_new_tokens": max_new_tokens, "bf16": config.bf16, "ppl_max_tokens": config.ppl_max_tokens,
+               "version": 1}
+        cache_file = _base_cache_file(key)
+        if cache_file.is_file():
+            base_rows = {(r["who"], r["split"], r["id"]): r for r in read_journal(cache_file)}
+            rows.update(base_rows)
+
+    def collect(who: str, probe: str, items: list[dict], fill: Callable[[list[dict]], list[dict]]) -> list[dict]:
+        todo = [it for it in items if (who, probe, it["id"]) not in rows]
+        if todo:
+            write(fill(todo))
+        return [rows[(who, probe, it["id"])] for it in items]
+
+    results, predictions = {}, []
+    for probe, (kind, items) in sorted(probes.items()):
+        model_rows = collect("model", probe, items, lambda todo, p=probe, k=kind: _probe_rows(runner, "model", p, k, todo))
+        predictions += model_rows
+        summary = summarize_probe(kind, model_rows)
+        if has_base:
+            if same:  # the base is the model itself: its scores are the model's
+                fill = lambda todo, p=probe: [{**rows[("model", p, t["id"])], "who": "base"} for t in todo]  # noqa: E731
+            else:
+                fill = lambda todo, p=probe, k=kind: _probe_rows(runner, "base", p, k, todo)  # noqa: E731
+            base_probe_rows = collect("base", probe, items, fill)
+            predictions += base_probe_rows
+            summary["base"] = summarize_probe(kind, base_probe_rows)
+            summary["retention"] = retention_ratios(summary, summary["base"])
+        results[probe] = summary
+
+    if has_base:
+        items = [{"id": pid} for pid, _, _ in kl_prompts]
+        answers = collect("base", "kl", items, lambda todo: _kl_answer_rows(
+            runner, [p for p in kl_prompts if p[0] in {t["id"] for t in todo}], max_new_tokens))
+        by_id = {a["id"]: a for a in answers}
+        kl_rows = collect("model", "kl", items, lambda todo: _kl_rows(runner, [by_id[t["id"]] for t in todo]))
+        predictions += answers + kl_rows
+        results["kl"] = summarize_probe("kl", kl_rows)
+        if cache_file is not None:
+            fresh = [r for r in predictions if r["who"] == "base"]
+            if len(fresh) != len(base_rows):
+                atomic_write_jsonl(cache_file, fresh)
+    return {"probes": results, "max_new_tokens": max_new_tokens, "base_cache": str(cache_file) if cache_file else None,
+            "_predictions": predictions}
+
+
+# --------------------------------------------------------------------------------------------------
+# `mixsd eval`
+# --------------------------------------------------------------------------------------------------
+def _pct(r: dict[str, Any]) -> str:
+    if r.get("value") is None:
+        return "-"
+    return f"{r['value']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]"
+
+
+def format_results(results: dict[str, Any]) -> str:
+    lines = []
+    if "splits" in results:
+        lines.append(f"{'split':<16}{'n':>6}  {'strict (95% CI)':<26}{'loose (95% CI)':<26}errors f/l/c/g")
+        for name, s in results["splits"].items():
+            e = s["errors"]
+            lines.append(f"{name:<16}{s['n']:>6}  {_pct(s['strict']):<26}{_pct(s['loose']):<26}"
+                         f"{e['format']}/{e['leakage']}/{e['collapse']}/{e['genuine']}")
+    else:
+        for name, p in results["probes"].items():
+            if p["kind"] == "multiple_choice":
+                text = f"acc {_pct(p['acc'])}  acc_norm {_pct(p['acc_norm'])}  chance {p['chance']:.2f}"
+                if "base" in p:
+                    r = p["retention"]
+                    text += (f"  | base acc {p['base']['acc']['value']:.1%} acc_norm "
+                             f"{p['base']['acc_norm']['value']:.1%}  retention acc "
+                             f"{_fmt(r['acc'])} acc_norm {_fmt(r['acc_norm'])}")
+            elif p["kind"] == "perplexity":
+                text = f"ppl {_fmt(p['ppl'])} ({p['tokens']} tokens)"
+                if "base" in p:
+                    text += f"  | base ppl {_fmt(p['base']['ppl'])}  retention {_fmt(p['retention']['ppl'])}"
+            else:
+                text = f"KL(base||model) {p['kl_per_token']:.5f} nats/token over {p['tokens']} tokens"
+            lines.append(f"{name:<18}n={p['n']:<5} {text}")
+    for s in results.get("skipped", []):
+        lines.append(f"skipped {s['split']}: {s['reason']}")
+    lines.append(f"{results['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def eval_command(config: EvalConfig) -> dict[str, Any]:
+    results = evaluate(config)
+    print(format_results(results))
+    print(f"wrote {config.out} and {predictions_path(config.out).name}")
+    return results
+
+
+__all__ = ["EvalConfig", "Taxonomy", "choice_tokens", "eval_command", "evaluate", "format_results",
+           "kl_per_token", "load_eval_model", "load_probe", "model_fingerprint", "rate", "retention_ratios",
+           "score_multiple_choice", "score_perplexity", "wilson_interval"]

@@ -1,0 +1,215 @@
+"""Batched forward passes for evaluation: greedy generation and scoring of given tokens.
+
+Both pack sequences of different lengths by left padding with an explicit attention mask and position
+ids, so every row sees exactly the positions it would see alone. Sequences are sorted by length before
+batching (little padding); results carry the caller's indices, so the order of the input does not matter.
+
+    greedy_generate   KV-cached greedy decoding with continuous batching: a row leaves the batch as soon
+                      as it emits a stop token and a waiting prompt takes its place
+    tail_logprobs     log-probabilities a model gives the last `tail` tokens of each sequence, computing
+                      the vocabulary projection only for the positions that are scored
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+
+import torch
+
+
+def autocast(device: torch.device | str, enabled: bool):
+    """bfloat16 autocast on `device` when enabled: weights stay as loaded, matmuls run in bf16."""
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def _batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length, longest first (a memory error shows up at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of rows left-padded to the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)
+    return ids, mask, positions
+
+
+def _forward(model, keep: int | None = None, **inputs):
+    """A forward pass that computes logits only for the last `keep` positions where the model allows it."""
+    if keep is None:
+        return model(**inputs)
+    try:
+        return model(**inputs, logits_to_keep=keep)
+    except TypeError:  # a model without `logits_to_keep`: compute all positions and cut
+        out = model(**inputs)
+        out.logits = out.logits[:, -keep:]
+        return out
+
+
+def _plain_layers(cache) -> list | None:
+    """The cache's layers when they are all plain DynamicLayers (which can be spliced), else None."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return None
+    return layers
+
+
+def _pad_left_to(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class RowBatch:
+    """Rows of a KV-cached batched decode that join and leave at any step (continuous batching).
+
+    Rows of different lengths share one DynamicCache, left-padded and masked; `logits` holds each row's
+    next-token logits. `rows` carries the caller's label of each row. Used by `greedy_generate` and by
+    the MixSD decoder (`targets.MixedDecoder`), whose records own two rows each.
+    """
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.device = next(model.parameters()).device
+        self.rows: list = []  # caller's labels, one per row
+        self.cache = self.mask = self.positions = self.logits = None
+
+    def add(self, labels: list, prompts: list[list[int]]) -> bool:
+        """Prefill `prompts` and append them as rows; False (nothing added) when the cache cannot be spliced."""
+        from transformers import DynamicCache
+
+        indices = list(labels)
+        ids, mask, positions = left_pad(prompts, self.pad_id, self.device)
+        cache = DynamicCache(config=getattr(self.model, "config", None))
+        out = _forward(self.model, 1, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True)
+        if self.cache is None:
+            self.cache, self.mask, self.positions = cache, mask, mask.sum(dim=1)
+            self.logits, self.rows = out.logits[:, -1, :], list(indices)
+            return True
+        old_layers, new_layers = _plain_layers(self.cache), _plain_layers(cache)
+        if old_layers is None or new_layers is None or len(old_layers) != len(new_layers):
+            return False
+        length = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(old_layers, new_layers, strict=True):
+            old.keys = torch.cat([_pad_left_to(old.keys, length, 2), _pad_left_to(new.keys, length, 2)])
+            old.values = torch.cat([_pad_left_to(old.values, length, 2), _pad_left_to(new.values, length, 2)])
+        self.mask = torch.cat([_pad_left_to(self.mask, length, 1), _pad_left_to(mask, length, 1)])
+        self.positions = torch.cat([self.positions, mask.sum(dim=1)])
+        self.logits = torch.cat([self.logits, out.logits[:, -1, :]])
+        self.rows += indices
+        return True
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only the rows at positions `keep` (in that order); drop cache columns nobody attends to."""
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache = [], None
+            return
+        select = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(select)
+        self.mask, self.positions, self.logits = self.mask[select], self.positions[select], self.logits[select]
+        self.rows = [self.rows[r] for r in keep]
+        lead = int(self.mask.any(dim=0).int().argmax())
+        layers = _plain_layers(self.cache)
+        if lead > 0 and layers is not None:
+            for layer in layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+            self.mask = self.mask[:, lead:]
+
+    def step(self, tokens: list[int]) -> None:
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        out = _forward(self.model, 1, input_ids=ids, attention_mask=self.mask, position_ids=self.positions[:, None],
+                       cache=self.cache, use_cache=True)
+        self.positions = self.positions + 1
+        self.logits = out.logits[:, -1, :]
+
+
+@torch.inference_mode()
+def greedy_generate(model, prompts: list[list[int]], *, stop_ids: Iterable[int], pad_id: int,
+                    max_new_tokens: int, batch_size: int = 16,
+                    on_row: Callable[[int], None] | None = None) -> Iterator[tuple[int, list[int], str]]:
+    """Greedy continuations of `prompts`; yields (index, new tokens without the stop token, finish reason).
+
+    finish is "stop" (a stop token was emitted) or "length" (max_new_tokens reached). Rows are yielded as
+    they finish, in no particular order. Continuous batching: when rows finish, waiting prompts are
+    prefilled and spliced into the running batch (models whose cache cannot be spliced, e.g. sliding
+    window layers, run one batch at a time instead). `on_row(index)` is called after each yield.
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be >= 1")
+    stops = set(stop_ids)
+    # longest first, so prompts admitted together have similar lengths (little padding)
+    queue = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
+    batch = RowBatch(model, pad_id)
+    tokens: dict[int, list[int]] = {}
+    splice = True
+    while queue or batch.rows:
+        free = batch_size - len(batch.rows)
+        # admit newcomers in groups (a prefill per token step would cost more than it saves)
+        if queue and free > 0 and (not batch.rows or (splice and free >= max(1, batch_size // 4))):
+            admitted = [queue.popleft() for _ in range(min(free, len(queue)))]
+            if batch.add(admitted, [prompts[i] for i in admitted]):
+                tokens.update({i: [] for i in admitted})
+            else:
+                splice = False
+                queue.extendleft(reversed(admitted))
+        chosen = batch.logits.argmax(dim=-1).tolist()
+        keep = []
+        for row, (index, token) in enumerate(zip(batch.rows, chosen, strict=True)):
+            if token in stops:
+                yield index, tokens.pop(index), "stop"
+            else:
+                tokens[index].append(token)
+                if len(tokens[index]) < max_new_tokens:
+                    keep.append(row)
+                    continue
+                yield index, tokens.pop(index), "length"
+            if on_row is not None:
+                on_row(index)
+        batch.keep(keep)
+        if batch.rows:
+            batch.step([chosen[r] for r in keep])
+
+
+@torch.inference_mode()
+def tail_logprobs(model, sequences: list[list[int]], tails: list[int], *, pad_id: int, batch_size: int = 16,
+                  full: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """For each sequence, the model's log-probs of its last `tail` tokens given everything before them.
+
+    Yields (index, tensor): shape [tail] (the log-prob of each actual token) or, with full=True,
+    [tail, vocab] (the whole next-token distribution at each of those positions), in float32.
+    Batches come longest first; two calls with the same sequences yield in the same order.
+    """
+    device = next(model.parameters()).device
+    for i, (seq, tail) in enumerate(zip(sequences, tails, strict=True)):
+        if not 1 <= tail < len(seq):
+            raise ValueError(f"sequence {i}: tail {tail} must be in [1, {len(seq) - 1}]")
+    for batch in _batches([len(s) for s in sequences], batch_size):
+        ids, mask, positions = left_pad([sequences[i] for i in batch], pad_id, device)
+        keep = max(tails[i] for i in batch) + 1
+        out = _forward(model, keep, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        # position p predicts token p+1, so the last `tail` tokens are predicted by the `tail` positions
+        # before the final one
+        logprobs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+        for row, index in enumerate(batch):
+            tail = tails[index]
+            rows = logprobs[row, -tail:]
+            if full:
+                yield index, rows
+            else:
+                targets = ids[row, -tail:]
+                yield index, rows.gather(1, targets[:, None]).squeeze(1)
