@@ -55,6 +55,8 @@ class ExperimentConfig:
     out: str | None = field(default=None, metadata={"help": "Output folder; overrides the file's `out`."})
     only: str | None = field(default=None, metadata={"help": "Run only cells whose name contains this text."})
     report_only: bool = field(default=False, metadata={"help": "Rebuild table and report from finished cells."})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads (default: torch's choice). 1 is fastest when several runs share the cores."})
 
 
 @dataclass
@@ -545,6 +547,10 @@ def print_outcome(result: dict[str, Any]) -> None:
 
 
 def experiment_command(config: ExperimentConfig) -> dict[str, Any]:
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
     experiment = load_experiment(config.config, config.out)
     result = run_experiment(experiment, only=config.only, report_only=config.report_only)
     print_outcome(result)

