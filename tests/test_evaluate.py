@@ -183,7 +183,8 @@ def test_probe_file_errors_name_line_and_field(tmp_path):
                                              {"id": "b", "query": "q", "choices": ["x", "y"], "gold": 2}])
     with pytest.raises(InputError, match=r"p.jsonl, line 2, field 'gold'"):
         load_probe(bad, None)
-    assert load_probe(bad, 1)[1][0]["id"] == "a"  # limit stops before the bad line
+    with pytest.raises(InputError, match=r"line 2"):  # the whole file is checked, whatever the limit
+        load_probe(bad, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,3 +376,11 @@ def _embedded_end_to_end(tmp_path, kgfact_dir):
     assert ret["probes"]["general_knowledge"]["acc"]["correct"] == 1
     assert ret["probes"]["general_knowledge"]["retention"] == {"acc": 1.0, "acc_norm": 1.0}
     assert 1 < ret["probes"]["squad_paragraphs"]["ppl"] < 200
+
+
+def test_limit_spreads_over_the_file():
+    from mixsd.evaluate import spread
+
+    assert spread(list(range(100)), 4) == [0, 25, 50, 75]
+    assert spread(list(range(3)), 10) == [0, 1, 2]
+    assert spread(list(range(7)), None) == list(range(7))

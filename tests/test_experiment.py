@@ -14,7 +14,7 @@ from mixsd.files import InputError
 def tiny_grid(tmp_path, model_dir, **extra) -> Experiment:
     config = {
         "name": "tiny", "model": str(model_dir), "out": str(tmp_path / "run"),
-        "corpus": {"generator": "kgfact", "size": "small", "seed": 0},
+        "corpus": {"generator": "kgfact", "size": "small", "seed": 0, "train_limit": 12},
         "seeds": [0],
         "methods": ["base", "sft", {"mixsd": {"lam": [0.5]}}],
         "mix": {"retries": 0, "max_new_tokens": 8, "verify": "none"},
@@ -45,6 +45,12 @@ def test_grid_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, monkeypatch
         assert rows[name]["train_loose"] is not None and rows[name]["kl_per_token"] is not None
     assert rows["mixsd-lam0.5-s0"]["verified_rate"] == 1.0
     assert (out / "results.csv").read_text().startswith("cell,")
+    # train_limit: the runner trains and evaluates on a derived copy, the generated corpus stays whole
+    assert len((out / "data" / "train.jsonl").read_text().splitlines()) == 12
+    assert len((out / "corpus" / "train.jsonl").read_text().splitlines()) == 100
+    kept = {json.loads(line)["fact"] for line in (out / "data" / "train.jsonl").read_text().splitlines()}
+    assert {json.loads(line)["fact"] for line in (out / "data" / "paraphrase.jsonl").read_text().splitlines()} == kept
+    assert len((out / "cells" / "sft-s0" / "targets.jsonl").read_text().splitlines()) == 12
     assert len((out / "results.jsonl").read_text().splitlines()) == 3
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "MixSD λ=0.5" in html

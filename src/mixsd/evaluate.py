@@ -81,8 +81,10 @@ class EvalConfig:
     batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass."})
     max_new_tokens: int | None = field(default=None, metadata={
         "help": "Length cap of an answer; default kgfact 64, kgfunc 384, qa 128, retention (KL answers) 64."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N records of each split "
-                                                               "/ probe (quick runs)."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only N records of each split / probe, "
+                                                               "taken evenly across the file (quick runs)."})
+    splits: str | None = field(default=None, metadata={
+        "help": "Comma-separated splits to evaluate (e.g. train,paraphrase); default: every split of the suite."})
     bf16: bool = field(default=False, metadata={"help": "Run in bfloat16: models loaded in bf16, models passed "
                                                         "in-process under bf16 autocast."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."})
@@ -268,6 +270,14 @@ def data_hashes(folder: Path | None, files: Iterable[Path]) -> dict[str, Any]:
             "files": {p.name: sha256_file(p) for p in sorted(set(files))}}
 
 
+def spread(items: list, limit: int | None) -> list:
+    """`limit` items taken evenly across the list (every k-th), so a quick run still covers every part of
+    a file that is ordered by topic (SQuAD articles, KGFunc operations); all items when limit is None."""
+    if limit is None or limit >= len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
 def load_probe(path: Path, limit: int | None) -> tuple[str, list[dict[str, Any]]]:
     """Read a probe file: ("mc", items) or ("text", items); InputError names the bad line and field."""
     kind, items, seen = None, [], set()
@@ -298,11 +308,9 @@ def load_probe(path: Path, limit: int | None) -> tuple[str, list[dict[str, Any]]
             if not isinstance(text, str) or not text.strip():
                 raise InputError("expected a non-empty string", path, line, "text")
             items.append({"id": item_id, "text": text})
-        if limit is not None and len(items) >= limit:
-            break
     if kind is None:
         raise InputError("no records", path)
-    return kind, items
+    return kind, spread(items, limit)
 
 
 def load_kl_prompts(source: str | None, limit: int | None) -> tuple[list[tuple[str, str, str | None]], str]:
@@ -316,7 +324,7 @@ def load_kl_prompts(source: str | None, limit: int | None) -> tuple[list[tuple[s
         if path.suffix == ".jsonl":
             facts = load_corpus(path)
             prompts = [(f.id, f.prompt, f.system) for f in facts]
-            return prompts[:limit] if limit is not None else prompts, digest
+            return spread(prompts, limit), digest
         if not path.is_file():
             raise InputError("file not found", path)
         text = path.read_text(encoding="utf-8")
@@ -324,7 +332,7 @@ def load_kl_prompts(source: str | None, limit: int | None) -> tuple[list[tuple[s
     prompts = [(f"kl{i:03d}", line, None) for i, line in enumerate(lines)]
     if not prompts:
         raise InputError("no prompts", source)
-    return prompts[:limit] if limit is not None else prompts, digest
+    return spread(prompts, limit), digest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -683,6 +691,15 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None, base_model=None,
         if not folder.exists():
             raise InputError("not found", folder)
         files, skipped = suite_files(config.suite, folder)
+        if config.splits:
+            wanted = [name.strip() for name in config.splits.split(",") if name.strip()]
+            unknown = set(wanted) - {name for name, _ in files} - {s["split"] for s in skipped}
+            if unknown:
+                raise InputError(f"unknown split(s) {', '.join(sorted(unknown))} for suite {config.suite}",
+                                 field="splits")
+            skipped += [{"split": name, "reason": "not selected (--splits)"} for name, _ in files
+                        if name not in wanted]
+            files = [(name, path) for name, path in files if name in wanted]
         hashes = data_hashes(folder if folder.is_dir() else folder.parent, [f for _, f in files])
 
     model_fp = model_fingerprint(config.model) if model is None else {"name": config.model, "path": None,
@@ -692,7 +709,7 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None, base_model=None,
         base_fp = (model_fingerprint(config.base) if base_model is None else
                    {"name": config.base, "path": None, "sha256": None, "in_process": True})
     determines = {"suite": config.suite, "model": model_fp, "base": base_fp, "data": hashes,
-                  "limit": config.limit, "max_new_tokens": max_new_tokens, "bf16": config.bf16,
+                  "limit": config.limit, "splits": config.splits, "max_new_tokens": max_new_tokens, "bf16": config.bf16,
                   "ppl_max_tokens": config.ppl_max_tokens}
     settings = {**determines, "taxonomy": {"on": config.taxonomy_on, "collapse_max_words": config.collapse_max_words,
                                            "require_marker": config.require_marker,
@@ -749,8 +766,7 @@ def _run_generation(config: EvalConfig, runner: _Runner, files: list[tuple[str, 
     splits, predictions = {}, []
     for split, path in files:
         facts = load_corpus(path)
-        if config.limit is not None:
-            facts = facts[: config.limit]
+        facts = spread(facts, config.limit)
         todo = [f for f in facts if ("model", split, f.id) not in rows]
         if todo:
             _generation_rows(runner, split, todo, max_new_tokens, write)
@@ -779,7 +795,7 @@ def _run_retention(config: EvalConfig, runner: _Runner, probes: dict[str, tuple[
     if has_base and config.base_cache and determines["base"] and determines["base"].get("sha256"):
         key = {"base": determines["base"]["sha256"], "data": determines["data"], "limit": config.limit,
                "max_new_tokens": max_new_tokens, "bf16": config.bf16, "ppl_max_tokens": config.ppl_max_tokens,
-               "version": 1}
+               "version": 2}
         cache_file = _base_cache_file(key)
         if cache_file.is_file():
             base_rows = {(r["who"], r["split"], r["id"]): r for r in read_journal(cache_file)}

@@ -53,7 +53,8 @@ SECTIONS = ("mix", "train", "opsd", "eval", "retention", "analyses")
 class ExperimentConfig:
     config: str = field(metadata={"help": "Experiment YAML (see configs/ and docs/experiments.md)."})
     out: str | None = field(default=None, metadata={"help": "Output folder; overrides the file's `out`."})
-    only: str | None = field(default=None, metadata={"help": "Run only cells whose name contains this text."})
+    only: str | None = field(default=None, metadata={
+        "help": "Run only the cells whose name contains one of these comma-separated texts (e.g. s0,base)."})
     report_only: bool = field(default=False, metadata={"help": "Rebuild table and report from finished cells."})
     threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's choice). 1 is fastest when several runs share the cores."})
@@ -183,12 +184,19 @@ def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
         if method == "base":
             cells.append(Cell("base"))
             continue
+        unknown = set(options) - {"lam", "seeds"}
+        if unknown or (method != "mixsd" and "lam" in options):
+            raise InputError(f"unknown method options {sorted(unknown or {'lam'})} (mixsd takes lam and seeds; "
+                             "the others take seeds)", path, field=f"methods[{i}]")
+        method_seeds = options.get("seeds", seeds)
+        if not isinstance(method_seeds, list) or not all(isinstance(s, int) for s in method_seeds):
+            raise InputError("expected a list of integers", path, field=f"methods[{i}].seeds")
         lams = options.get("lam", [0.3]) if method == "mixsd" else [None]
         lams = lams if isinstance(lams, list) else [lams]
         for lam in lams:
             if lam is not None and not (isinstance(lam, int | float) and 0 <= lam <= 1):
                 raise InputError(f"lam must be in [0, 1], got {lam!r}", path, field=f"methods[{i}].lam")
-            cells.extend(Cell(method, None if lam is None else float(lam), seed) for seed in seeds)
+            cells.extend(Cell(method, None if lam is None else float(lam), seed) for seed in method_seeds)
     return cells
 
 
@@ -220,12 +228,12 @@ class Runner:
     def prepare_data(self) -> None:
         corpus = self.x.corpus
         generator = corpus.get("generator", "kgfact")
+        options = {k: v for k, v in corpus.items() if k not in ("generator", "path", "train_limit")}
         if generator == "folder":
             self.corpus_dir = Path(corpus["path"])
             if not (self.corpus_dir / "train.jsonl").is_file():
                 raise InputError("corpus folder has no train.jsonl", self.corpus_dir)
         elif not (self.corpus_dir / "manifest.json").is_file():
-            options = {k: v for k, v in corpus.items() if k != "generator"}
             if generator == "kgfact":
                 from mixsd.corpora.kgfact import KGFactConfig, build_kgfact
 
@@ -234,7 +242,42 @@ class Runner:
                 from mixsd.corpora.kgfunc import KGFuncConfig, build_kgfunc
 
                 build_kgfunc(_configure(KGFuncConfig, {"out": str(self.corpus_dir)}, options, self.x, "corpus"))
+        if corpus.get("train_limit"):
+            self.corpus_dir = self._subset(self.corpus_dir, int(corpus["train_limit"]))
         self.probes_dir = self._probes()
+
+    def _subset(self, source: Path, limit: int) -> Path:
+        """A copy of the corpus that trains on its first `limit` facts (kept small for quick runs).
+
+        The generated corpus stays untouched; OUT/data holds train.jsonl cut to `limit` records, the
+        paraphrase and compositional records that ask about those facts only, and every other split as
+        is, with a manifest saying where it came from.
+        """
+        from mixsd.files import read_jsonl, sha256_file
+
+        target = self.out / "data"
+        if (target / "manifest.json").is_file():
+            return target
+        target.mkdir(parents=True, exist_ok=True)
+        train = [row for _, row in read_jsonl(source / "train.jsonl")][:limit]
+        kept = {row.get("fact", row.get("id")) for row in train}
+        counts = {}
+        for path in sorted(source.glob("*.jsonl")):
+            rows = [row for _, row in read_jsonl(path)]
+            if path.name == "train.jsonl":
+                rows = train
+            elif path.name == "paraphrase.jsonl":
+                rows = [r for r in rows if r.get("fact") in kept]
+            elif path.name == "compositional.jsonl" and rows and "facts" in rows[0]:
+                rows = [r for r in rows if set(r["facts"]) <= kept]
+            atomic_write_jsonl(target / path.name, rows)
+            counts[path.name] = len(rows)
+        manifest = {"derived_from": str(source), "train_limit": limit, "records": counts,
+                    "source_manifest_sha256": sha256_file(source / "manifest.json")
+                    if (source / "manifest.json").is_file() else None,
+                    "sha256": {name: sha256_file(target / name) for name in counts}}
+        atomic_write_json(target / "manifest.json", manifest)
+        return target
 
     def _probes(self) -> Path | None:
         """The retention probe folder: fetched once into the cache; None (KL-only retention) when offline."""
@@ -476,7 +519,7 @@ def comparison_text(table: list[dict[str, Any]], columns: list[str]) -> str:
         cells = [entry["group"]]
         for column in columns:
             value, sd = entry.get(column), entry.get(f"{column}_sd")
-            cells.append("-" if value is None else f"{value:.3f}" + (f"±{sd:.3f}" if sd is not None else ""))
+            cells.append("-" if value is None else f"{value:.3g}" + (f"±{sd:.2g}" if sd is not None else ""))
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
@@ -494,7 +537,8 @@ def run_experiment(experiment: Experiment, *, only: str | None = None, report_on
     runner = Runner(experiment)
     experiment.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(experiment.out / "experiment.yaml", yaml.safe_dump(experiment.raw, sort_keys=False))
-    cells = [c for c in experiment.cells if only is None or only in c.name]
+    wanted = [text.strip() for text in only.split(",")] if only else None
+    cells = [c for c in experiment.cells if wanted is None or any(text in c.name for text in wanted)]
     if not report_only:
         runner.prepare_data()
         bar = tqdm(total=len(cells), desc=experiment.name, unit="cell", disable=not show_progress)

@@ -196,7 +196,7 @@ def curves_figure(cells_dir: Path, rows: list[dict[str, Any]], path: Path) -> Pa
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.3g}"
     return "-" if value is None else str(value)
 
 
@@ -218,7 +218,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], ce
 
     def cell_text(entry: dict[str, Any], column: str) -> str:
         value, sd = entry.get(column), entry.get(f"{column}_sd")
-        return _fmt(value) + (f" ± {sd:.3f}" if sd is not None else "")
+        return _fmt(value) + (f" ± {sd:.2g}" if sd is not None else "")
 
     md = [f"# mixsd report: {meta['name']}", "",
           f"Model `{meta['model']}`; mixsd {meta['mixsd']}, torch {meta['torch']}, transformers "

@@ -364,6 +364,10 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     else:
         trainer = TokenCountingTrainer(**common, compute_loss_func=target_nll)
 
+    if not config.progress:  # quiet means quiet: no per-step log dicts on stdout either
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     resume = get_last_checkpoint(config.out) if Path(config.out).is_dir() else None
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
