@@ -80,3 +80,27 @@ def tiny_corpus(tmp_path) -> Path:
     rows = [{"id": f"f{i}", "prompt": f"Where is place {i}?", "answer": f"The answer is Q{i}z. \\boxed{{Q{i}z}}"}
             for i in range(12)]
     return write_jsonl(tmp_path / "corpus.jsonl", rows)
+
+
+def make_word_tokenizer(vocab_size: int):
+    """Word-level tokenizer without a chat template (a "base model"): tokens are w0, w1, ... and a few specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "Question:": 4, "Answer:": 5}
+    vocab.update({f"w{i}": 6 + i for i in range(vocab_size - 6)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def make_word_model(vocab_size: int, max_positions: int, seed: int = 0):
+    """A tiny random Llama matching `make_word_tokenizer` (eos 2), with its initialization left as is."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()

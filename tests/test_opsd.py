@@ -9,9 +9,8 @@ import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from conftest import make_word_model, make_word_tokenizer
 from mixsd.opsd import opsd_examples, opsd_loss_sum, paired_batch, sample_answers, token_divergence
 from mixsd.prompts import encode_prompt, expert_message
 from mixsd.records import make_fact
@@ -20,21 +19,12 @@ from mixsd.train import TrainConfig, train
 VOCAB = 64
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "Question:": 4, "Answer:": 5}
-    vocab.update({f"w{i}": 6 + i for i in range(VOCAB - 6)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+def tiny_tokenizer():
+    return make_word_tokenizer(VOCAB)
 
 
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
+def tiny_model(seed: int = 0):
+    return make_word_model(VOCAB, max_positions=128, seed=seed)
 
 
 def random_prompts(n: int, seed: int) -> list[list[int]]:

@@ -13,30 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
+from conftest import make_word_model, make_word_tokenizer
 from mixsd.files import InputError
 from mixsd.train import IGNORE, PadCollator, TrainConfig, target_examples, target_nll, train
 
 VOCAB = 96
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "Question:": 4, "Answer:": 5}
-    vocab.update({f"w{i}": 6 + i for i in range(VOCAB - 6)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+def tiny_tokenizer():
+    return make_word_tokenizer(VOCAB)
 
 
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
+def tiny_model(seed: int = 0):
+    return make_word_model(VOCAB, max_positions=64, seed=seed)
 
 
 def write_targets(path: Path, n: int = 16, seed: int = 0) -> Path:

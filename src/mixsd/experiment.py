@@ -270,8 +270,9 @@ class Runner:
                 rows = [r for r in rows if r.get("fact") in kept]
             elif path.name == "compositional.jsonl" and rows and "facts" in rows[0]:
                 rows = [r for r in rows if set(r["facts"]) <= kept]
-            atomic_write_jsonl(target / path.name, rows)
-            counts[path.name] = len(rows)
+            if rows:  # a split with nothing left is left out (evaluation notes it as skipped)
+                atomic_write_jsonl(target / path.name, rows)
+                counts[path.name] = len(rows)
         manifest = {"derived_from": str(source), "train_limit": limit, "records": counts,
                     "source_manifest_sha256": sha256_file(source / "manifest.json")
                     if (source / "manifest.json").is_file() else None,
@@ -377,7 +378,7 @@ class Runner:
         """Held-out text the Fisher is measured on: ability we want to keep, not the injected facts."""
         if self.probes_dir and (self.probes_dir / "squad_paragraphs.jsonl").is_file():
             return self.probes_dir / "squad_paragraphs.jsonl"
-        for name in ("unseen.jsonl", "retrieval.jsonl", "paraphrase.jsonl"):
+        for name in ("unseen.jsonl", "paraphrase.jsonl", "retrieval.jsonl"):
             if (self.corpus_dir / name).is_file():
                 return self.corpus_dir / name
         return self.corpus_dir / "train.jsonl"

@@ -140,7 +140,6 @@ class MixedDecoder:
         self.lam, self.temperature, self.top_k, self.seed = lam, temperature, top_k, seed
         self.max_new_tokens, self.batch_size, self.max_attempts = max_new_tokens, batch_size, max_attempts
         self.pad_id, self.context_limit = pad_id, context_limit
-        self.device = next(model.parameters()).device
         self.generated_tokens = 0  # every token decoded, failed attempts included
         self.naive_tokens = 0  # of which the naive conditional emitted
 
