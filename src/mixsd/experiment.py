@@ -507,8 +507,9 @@ def aggregate(rows: list[dict[str, Any]], columns: list[str]) -> list[dict[str, 
         for column in columns:
             values = [m[column] for m in members if isinstance(m.get(column), int | float)]
             entry[column] = sum(values) / len(values) if values else None
-            entry[f"{column}_sd"] = (math.sqrt(sum((v - entry[column]) ** 2 for v in values) / (len(values) - 1))
-                                     if len(values) > 1 else None)
+            sd = math.sqrt(sum((v - entry[column]) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+            # identical values (e.g. the same ground-truth targets every seed) give float noise, not spread
+            entry[f"{column}_sd"] = 0.0 if sd is not None and sd <= 1e-9 * abs(entry[column]) else sd
         table.append(entry)
     return table
 
