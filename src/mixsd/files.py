@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,13 @@ class InputError(ValueError):
         self.path, self.line, self.field = path, line, field
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line; raise InputError on anything but a JSON object."""
+def read_jsonl(path: str | os.PathLike,
+               on_error: Callable[[str, int], None] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line.
+
+    A line that is not a JSON object raises InputError, or, when `on_error` is given, is reported to
+    `on_error(message, line)` and skipped (importers use this for --skip-bad).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", path)
@@ -45,11 +50,15 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             try:
                 obj = json.loads(line)
+                problem = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
             except json.JSONDecodeError as err:
-                raise InputError(f"invalid JSON ({err.msg} at column {err.colno})", path, line_no) from None
-            if not isinstance(obj, dict):
-                raise InputError(f"expected a JSON object, got {type(obj).__name__}", path, line_no)
-            yield line_no, obj
+                problem = f"invalid JSON ({err.msg} at column {err.colno})"
+            if problem is None:
+                yield line_no, obj
+            elif on_error is None:
+                raise InputError(problem, path, line_no)
+            else:
+                on_error(problem, line_no)
 
 
 def dumps(obj: Any) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mixsd.corpora._manifest import write_manifest
-from mixsd.files import InputError, atomic_write_jsonl, sha256_file
+from mixsd.files import InputError, atomic_write_jsonl, read_jsonl, sha256_file
 
 GENERATOR = "mixsd.corpora.importers"
 VERSION = 1
@@ -145,24 +145,13 @@ def _convert(rows: Iterator[_Row], skips: _Skips, style: str, prefix: str, limit
 # ---------------------------------------------------------------------------------------------------
 
 def _read_qa_jsonl(path: Path, config: ImportConfig, skips: _Skips) -> Iterator[_Row]:
-    with path.open("r", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                skips.bad(f"invalid JSON ({err.msg} at column {err.colno})", line_no)
-                continue
-            if not isinstance(obj, dict):
-                skips.bad(f"expected a JSON object, got {type(obj).__name__}", line_no)
-                continue
-            missing = [f for f in (config.question_field, config.answer_field) if f not in obj]
-            if missing:
-                skips.bad(f"missing field '{missing[0]}' (fields present: {', '.join(sorted(obj)) or 'none'})",
-                          line_no, missing[0])
-                continue
-            yield _Row(obj[config.question_field], obj[config.answer_field], obj.get(config.id_field), line_no)
+    for line_no, obj in read_jsonl(path, on_error=skips.bad):
+        missing = [f for f in (config.question_field, config.answer_field) if f not in obj]
+        if missing:
+            skips.bad(f"missing field '{missing[0]}' (fields present: {', '.join(sorted(obj)) or 'none'})",
+                      line_no, missing[0])
+            continue
+        yield _Row(obj[config.question_field], obj[config.answer_field], obj.get(config.id_field), line_no)
 
 
 def _csv_rows(path: Path, skips: _Skips, required: list[str]) -> Iterator[tuple[int, dict[str, str]]]:
