@@ -30,6 +30,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
@@ -82,10 +89,7 @@ def pareto_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.set_title("Memorization vs retention (mean ± sd over seeds)")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def retention_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -107,10 +111,7 @@ def retention_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_ylabel("retention (model / base)")
     ax.set_title("Retention per probe")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def nll_figure(cells_dir: Path, rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -143,10 +144,7 @@ def nll_figure(cells_dir: Path, rows: list[dict[str, Any]], path: Path) -> Path 
     ax.set_ylabel("fraction of target tokens")
     ax.set_title("How surprising are the targets to the base model?")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def fisher_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -161,10 +159,7 @@ def fisher_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_xticks(range(len(groups)), [g for g, _ in groups], rotation=20, fontsize=8)
     ax.set_ylabel("Σ F·Δθ² / Σ F")
     ax.set_title("Fisher-weighted displacement from the base model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def curves_figure(cells_dir: Path, rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -188,10 +183,7 @@ def curves_figure(cells_dir: Path, rows: list[dict[str, Any]], path: Path) -> Pa
     ax.set_yscale("log")
     ax.set_title("Training curves")
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _fmt(value: Any) -> str:
