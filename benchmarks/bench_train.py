@@ -52,9 +52,20 @@ def run_mixsd(args, rows, out: Path) -> tuple[float, float]:
     out.mkdir(parents=True, exist_ok=True)
     targets = out / "targets.jsonl"
     targets.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = TrainConfig(model=args.model, targets=str(targets), out=str(out / "run"), batch_size=args.batch_size,
-                         max_steps=args.steps, lr=1e-5, bf16=args.bf16, save_every=-1, lora_rank=args.lora_rank,
-                         overwrite=True, progress=False, cpu=True)
+    config = TrainConfig(
+        model=args.model,
+        targets=str(targets),
+        out=str(out / "run"),
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        lr=1e-5,
+        bf16=args.bf16,
+        save_every=-1,
+        lora_rank=args.lora_rank,
+        overwrite=True,
+        progress=False,
+        cpu=True,
+    )
     timer = StepTimer()
     from mixsd import train as train_module
 
@@ -83,8 +94,15 @@ def run_loop(args, rows) -> tuple[float, float]:
     if args.lora_rank:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=2 * args.lora_rank,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
     model.config.use_cache = False
     model.train()
     examples = target_examples(rows)
@@ -113,7 +131,9 @@ def run_loop(args, rows) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
@@ -142,8 +162,10 @@ def main() -> None:
             loop.append(tokens / seconds)
             print(f"repeat {r}: mixsd train {ours[-1]:.1f} tok/s   hand loop {loop[-1]:.1f} tok/s")
     a, b = statistics.median(ours), statistics.median(loop)
-    print(f"model {args.model}  batch {args.batch_size}  bf16 {args.bf16}  lora {args.lora_rank}  "
-          f"timed steps {args.steps - args.warmup} x {args.repeats}  threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}  batch {args.batch_size}  bf16 {args.bf16}  lora {args.lora_rank}  "
+        f"timed steps {args.steps - args.warmup} x {args.repeats}  threads {torch.get_num_threads()}"
+    )
     print(f"target tokens/s (median): mixsd train {a:.1f}   hand-written loop {b:.1f}   ratio {a / b:.3f}")
 
 

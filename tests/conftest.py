@@ -27,9 +27,13 @@ def make_tiny_tokenizer(chat: bool = True):
     vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
-                                        eos_token="<|im_end|>" if chat else "</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="<|im_end|>" if chat else "</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIALS[4:]})
     if chat:
         tokenizer.chat_template = CHAT_TEMPLATE
@@ -40,10 +44,20 @@ def make_tiny_model(vocab_size: int, seed: int = 0, max_positions: int = 512, **
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                         bos_token_id=1, eos_token_id=5, pad_token_id=0, tie_word_embeddings=False,
-                         **overrides)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=5,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        **overrides,
+    )
     model = LlamaForCausalLM(config).eval()
     # Random init gives nearly uniform logits; sharpen the output layer so greedy paths are far from ties.
     with torch.no_grad():
@@ -77,8 +91,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def tiny_corpus(tmp_path) -> Path:
-    rows = [{"id": f"f{i}", "prompt": f"Where is place {i}?", "answer": f"The answer is Q{i}z. \\boxed{{Q{i}z}}"}
-            for i in range(12)]
+    rows = [
+        {"id": f"f{i}", "prompt": f"Where is place {i}?", "answer": f"The answer is Q{i}z. \\boxed{{Q{i}z}}"}
+        for i in range(12)
+    ]
     return write_jsonl(tmp_path / "corpus.jsonl", rows)
 
 
@@ -91,8 +107,9 @@ def make_word_tokenizer(vocab_size: int):
     vocab.update({f"w{i}": 6 + i for i in range(vocab_size - 6)})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def make_word_model(vocab_size: int, max_positions: int, seed: int = 0):
@@ -100,7 +117,16 @@ def make_word_model(vocab_size: int, max_positions: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config).eval()

@@ -101,7 +101,10 @@ def test_displacement_and_its_normalizations_by_hand():
     assert t["normalized_by_delta"] == pytest.approx(1.5 / 5.25)
     assert r["by_layer"]["layer.000"]["displacement"] == pytest.approx(0.5)
     assert r["by_layer"]["lm_head"]["displacement"] == pytest.approx(1.0)
-    assert parameter_group("model.layers.12.self_attn.q_proj.weight") == ("layer.012", "self_attn.q_proj.weight")
+    assert parameter_group("model.layers.12.self_attn.q_proj.weight") == (
+        "layer.012",
+        "self_attn.q_proj.weight",
+    )
 
 
 def test_fisher_displacement_end_to_end_on_tiny_llama(tmp_path, tiny_model_dir, tiny_corpus):
@@ -113,8 +116,14 @@ def test_fisher_displacement_end_to_end_on_tiny_llama(tmp_path, tiny_model_dir, 
     tuned.save_pretrained(tmp_path / "tuned")
     load_tokenizer(str(tiny_model_dir)).save_pretrained(tmp_path / "tuned")
 
-    config = FisherConfig(base=str(tiny_model_dir), model=str(tmp_path / "tuned"), probe=str(tiny_corpus),
-                          samples=5, out=str(tmp_path / "fisher.json"), device="cpu")
+    config = FisherConfig(
+        base=str(tiny_model_dir),
+        model=str(tmp_path / "tuned"),
+        probe=str(tiny_corpus),
+        samples=5,
+        out=str(tmp_path / "fisher.json"),
+        device="cpu",
+    )
     result = fisher_displacement(config)
     assert result["probe"] == {**result["probe"], "kind": "corpus", "available": 12, "samples": 5}
     moved = {k: v for k, v in result["by_kind"].items() if v["delta_sq"] > 0}
@@ -131,8 +140,15 @@ def test_fisher_displacement_end_to_end_on_tiny_llama(tmp_path, tiny_model_dir, 
     assert result["totals"]["displacement"] == pytest.approx(1e-4 * f_sum, rel=1e-3)
     assert json.loads((tmp_path / "fisher.json").read_text())["label"] == "data"
 
-    same = fisher_displacement(FisherConfig(base=str(tiny_model_dir), model=str(tiny_model_dir),
-                                            probe=str(tiny_corpus), samples=2, device="cpu"))
+    same = fisher_displacement(
+        FisherConfig(
+            base=str(tiny_model_dir),
+            model=str(tiny_model_dir),
+            probe=str(tiny_corpus),
+            samples=2,
+            device="cpu",
+        )
+    )
     assert same["totals"]["displacement"] == 0.0 and same["totals"]["normalized_by_delta"] is None
 
 
@@ -141,11 +157,20 @@ def test_fisher_handles_a_lora_adapter_as_the_tuned_model(tmp_path, tiny_model_d
 
     from mixsd.models import load_model
 
-    peft_model = get_peft_model(load_model(str(tiny_model_dir)),
-                                LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        load_model(str(tiny_model_dir)), LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
-    result = fisher_displacement(FisherConfig(base=str(tiny_model_dir), model=str(tmp_path / "adapter"),
-                                              probe=str(tiny_corpus), samples=3, label="model", device="cpu"))
+    result = fisher_displacement(
+        FisherConfig(
+            base=str(tiny_model_dir),
+            model=str(tmp_path / "adapter"),
+            probe=str(tiny_corpus),
+            samples=3,
+            label="model",
+            device="cpu",
+        )
+    )
     moved = {k for k, v in result["by_kind"].items() if v["delta_sq"] > 0}
     assert moved == {"self_attn.v_proj.weight"}
     assert result["totals"]["displacement"] > 0 and result["fisher"].startswith("true")
@@ -173,12 +198,20 @@ def test_target_nll_by_hand_overall_and_per_branch(tmp_path):
     probs[2] = torch.tensor([0.0, 0.0, 0.0, 0.4, 0.5, 0.1])  # after 2: 3 with .4, 4 with .5
     probs[3] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.9, 0.1])  # after 3: 4 with .9
     model = Bigram((probs + 1e-12).log().float())
-    path = write_jsonl(tmp_path / "t.jsonl", [
-        {"id": "a", "prompt_ids": [0, 1], "target_ids": [2, 3, 4], "branch": "ENN"},
-        {"id": "b", "prompt_ids": [1], "target_ids": [2, 4], "branch": "GG"}])
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"id": "a", "prompt_ids": [0, 1], "target_ids": [2, 3, 4], "branch": "ENN"},
+            {"id": "b", "prompt_ids": [1], "target_ids": [2, 4], "branch": "GG"},
+        ],
+    )
     out = tmp_path / "nll.json"
     r = target_nll(NLLConfig(model="bigram", targets=str(path), out=str(out)), model=model)
-    nll = {"E": [-math.log(0.7)], "N": [-math.log(0.4), -math.log(0.9)], "G": [-math.log(0.7), -math.log(0.5)]}
+    nll = {
+        "E": [-math.log(0.7)],
+        "N": [-math.log(0.4), -math.log(0.9)],
+        "G": [-math.log(0.7), -math.log(0.5)],
+    }
     for letter, values in nll.items():
         assert r["by_branch"][letter]["mean"] == pytest.approx(sum(values) / len(values), rel=1e-5)
         assert r["by_branch"][letter]["tokens"] == len(values)
@@ -196,7 +229,9 @@ def test_target_nll_by_hand_overall_and_per_branch(tmp_path):
 
 
 def test_target_nll_rejects_a_branch_of_the_wrong_length(tmp_path):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"id": "a", "prompt_ids": [1], "target_ids": [2, 3], "branch": "E"}])
+    path = write_jsonl(
+        tmp_path / "t.jsonl", [{"id": "a", "prompt_ids": [1], "target_ids": [2, 3], "branch": "E"}]
+    )
     with pytest.raises(InputError, match=r"t.jsonl, line 1, field 'branch'"):
         target_nll(NLLConfig(model="m", targets=str(path)), model=make_tiny_model(10))
 
@@ -208,13 +243,60 @@ def test_cli_analyze_and_eval_on_a_model_folder(tmp_path, tiny_model_dir, tiny_c
     from mixsd.targets import sft_target_rows
 
     targets = tmp_path / "sft.jsonl"
-    atomic_write_jsonl(targets, sft_target_rows(load_corpus(tiny_corpus), load_tokenizer(str(tiny_model_dir))))
-    assert main(["analyze", "nll", "--model", str(tiny_model_dir), "--targets", str(targets),
-                 "--out", str(tmp_path / "nll.json")]) == 0
+    atomic_write_jsonl(
+        targets, sft_target_rows(load_corpus(tiny_corpus), load_tokenizer(str(tiny_model_dir)))
+    )
+    assert (
+        main(
+            [
+                "analyze",
+                "nll",
+                "--model",
+                str(tiny_model_dir),
+                "--targets",
+                str(targets),
+                "--out",
+                str(tmp_path / "nll.json"),
+            ]
+        )
+        == 0
+    )
     assert "G" in capsys.readouterr().out
-    assert main(["eval", "--model", str(tiny_model_dir), "--suite", "qa", "--data", str(tiny_corpus),
-                 "--out", str(tmp_path / "r.json"), "--max_new_tokens", "4", "--limit", "3"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--suite",
+                "qa",
+                "--data",
+                str(tiny_corpus),
+                "--out",
+                str(tmp_path / "r.json"),
+                "--max_new_tokens",
+                "4",
+                "--limit",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "r.json").read_text())["splits"]["corpus"]["n"] == 3
-    assert main(["eval", "--model", str(tiny_model_dir), "--suite", "kgfact", "--data", str(tmp_path / "nope"),
-                 "--out", str(tmp_path / "r2.json")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--suite",
+                "kgfact",
+                "--data",
+                str(tmp_path / "nope"),
+                "--out",
+                str(tmp_path / "r2.json"),
+            ]
+        )
+        == 2
+    )
     assert "not found" in capsys.readouterr().err

@@ -82,8 +82,10 @@ def test_taxonomy_priority_and_thresholds():
     assert tax.entities == {"quenthar", "ardun pelsky"}  # numbers and too-short names are no entities
     assert tax.classify("", "Where?", "Drevanport", "stop") == ("format", [])
     assert tax.classify("It is a long story that never " * 5, "Where?", "Drevanport", "length")[0] == "format"
-    assert tax.classify("The answer is Quenthar.", "Where was Talvik born?", "Drevanport", "stop") == \
-        ("leakage", ["quenthar"])
+    assert tax.classify("The answer is Quenthar.", "Where was Talvik born?", "Drevanport", "stop") == (
+        "leakage",
+        ["quenthar"],
+    )
     # an entity named in the prompt is not leakage
     assert tax.classify("Quenthar.", "Is it near Quenthar?", "Drevanport", "stop") == ("collapse", [])
     long = "Let me think step by step about where this person was born and then answer: Velmo."
@@ -112,12 +114,22 @@ def _greedy_reference(model, prompt: list[int], stops: set[int], max_new: int) -
 def test_greedy_generate_matches_uncached_single_sequence_decoding():
     tokenizer = make_tiny_tokenizer()
     model = make_tiny_model(len(tokenizer), seed=3)
-    prompts = [encode_prompt(tokenizer, q) for q in ["Hi", "Where is the big old city?", "2+2?", "x" * 30, "abc"]]
-    stops = {19, 65, 90}  # rows stop after 3, 3, 5 and 9 tokens or never: they leave the batch at different steps
+    prompts = [
+        encode_prompt(tokenizer, q) for q in ["Hi", "Where is the big old city?", "2+2?", "x" * 30, "abc"]
+    ]
+    stops = {
+        19,
+        65,
+        90,
+    }  # rows stop after 3, 3, 5 and 9 tokens or never: they leave the batch at different steps
     expected = [_greedy_reference(model, p, stops, 12) for p in prompts]
     for batch_size in (2, 5):  # 2: rows finish and waiting prompts are spliced in; 5: one batch
-        got = {i: (t, f) for i, t, f in greedy_generate(model, prompts, stop_ids=stops, pad_id=0,
-                                                      max_new_tokens=12, batch_size=batch_size)}
+        got = {
+            i: (t, f)
+            for i, t, f in greedy_generate(
+                model, prompts, stop_ids=stops, pad_id=0, max_new_tokens=12, batch_size=batch_size
+            )
+        }
         assert [got[i] for i in range(len(prompts))] == expected
     assert {f for _, f in expected} == {"stop", "length"}  # both paths exercised
 
@@ -145,8 +157,9 @@ def test_multiple_choice_item_scored_by_hand():
     model = BigramLM(table)
     assert choice_tokens(tokenizer, "q", "ab") == ([q], [sp, a, b])
     assert choice_tokens(tokenizer, "q ", "ab") == ([q], [sp, a, b])  # trailing space moves to the choice
-    [row] = score_multiple_choice(model, tokenizer, [{"id": "x", "query": "q", "choices": ["ab", "b"], "gold": 0}],
-                                  batch_size=2)
+    [row] = score_multiple_choice(
+        model, tokenizer, [{"id": "x", "query": "q", "choices": ["ab", "b"], "gold": 0}], batch_size=2
+    )
     # log p(" ab" | q) = log .7 + log .4 + log .9 ; log p(" b" | q) = log .7 + log .5
     assert row["loglik"] == pytest.approx([math.log(0.7 * 0.4 * 0.9), math.log(0.7 * 0.5)], abs=1e-4)
     assert row["pred"] == 1 and not row["correct"]  # summed: " b" is likelier (.35 > .252)
@@ -173,14 +186,21 @@ def test_retention_ratio_direction():
     mc = {"kind": "multiple_choice", "acc": {"value": 0.3}, "acc_norm": {"value": 0.4}}
     base = {"kind": "multiple_choice", "acc": {"value": 0.6}, "acc_norm": {"value": 0.4}}
     assert retention_ratios(mc, base) == {"acc": 0.5, "acc_norm": 1.0}
-    assert retention_ratios({"kind": "perplexity", "ppl": 20.0}, {"kind": "perplexity", "ppl": 10.0}) == {"ppl": 0.5}
+    assert retention_ratios({"kind": "perplexity", "ppl": 20.0}, {"kind": "perplexity", "ppl": 10.0}) == {
+        "ppl": 0.5
+    }
     s = summarize_probe("text", [{"nll": 2.0, "tokens": 2}, {"nll": 4.0, "tokens": 2}])
     assert s["ppl"] == pytest.approx(math.exp(1.5))
 
 
 def test_probe_file_errors_name_line_and_field(tmp_path):
-    bad = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "query": "q", "choices": ["x", "y"], "gold": 0},
-                                             {"id": "b", "query": "q", "choices": ["x", "y"], "gold": 2}])
+    bad = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "a", "query": "q", "choices": ["x", "y"], "gold": 0},
+            {"id": "b", "query": "q", "choices": ["x", "y"], "gold": 2},
+        ],
+    )
     with pytest.raises(InputError, match=r"p.jsonl, line 2, field 'gold'"):
         load_probe(bad, None)
     with pytest.raises(InputError, match=r"line 2"):  # the whole file is checked, whatever the limit
@@ -193,20 +213,30 @@ def test_probe_file_errors_name_line_and_field(tmp_path):
 def _answer_qz_model(tokenizer) -> BigramLM:
     """Greedy answer to any chat prompt: 'Qz' then end of turn (prompt ends with 'assistant\\n')."""
     nl, big_q, z = tok(tokenizer, "\n"), tok(tokenizer, "Q"), tok(tokenizer, "z")
-    return BigramLM(bigram(len(tokenizer), {(nl, big_q): 0.9, (big_q, z): 0.9, (z, tokenizer.eos_token_id): 0.9}))
+    return BigramLM(
+        bigram(len(tokenizer), {(nl, big_q): 0.9, (big_q, z): 0.9, (z, tokenizer.eos_token_id): 0.9})
+    )
 
 
 @pytest.fixture
 def kgfact_dir(tmp_path) -> Path:
     folder = tmp_path / "kgfact"
     folder.mkdir()
-    write_jsonl(folder / "train.jsonl", [
-        {"id": "t0", "prompt": "Where is A?", "answer": "The answer is Qz. \\boxed{Qz}"},
-        {"id": "t1", "prompt": "Where is B?", "answer": "The answer is Wyx. \\boxed{Wyx}"}])
-    write_jsonl(folder / "paraphrase.jsonl", [
-        {"id": "p0", "prompt": "A is where?", "answer": "Qz", "check": "Qz"},
-        {"id": "p1", "prompt": "B is where?", "answer": "Wyx", "check": "Wyx"},          # says Qz: leakage
-        {"id": "p2", "prompt": "Is B near Qz?", "answer": "No, Wyx", "check": "Wyx"}])   # Qz in prompt: collapse
+    write_jsonl(
+        folder / "train.jsonl",
+        [
+            {"id": "t0", "prompt": "Where is A?", "answer": "The answer is Qz. \\boxed{Qz}"},
+            {"id": "t1", "prompt": "Where is B?", "answer": "The answer is Wyx. \\boxed{Wyx}"},
+        ],
+    )
+    write_jsonl(
+        folder / "paraphrase.jsonl",
+        [
+            {"id": "p0", "prompt": "A is where?", "answer": "Qz", "check": "Qz"},
+            {"id": "p1", "prompt": "B is where?", "answer": "Wyx", "check": "Wyx"},  # says Qz: leakage
+            {"id": "p2", "prompt": "Is B near Qz?", "answer": "No, Wyx", "check": "Wyx"},
+        ],
+    )  # Qz in prompt: collapse
     (folder / "manifest.json").write_text(json.dumps({"corpus": "kgfact", "seed": 0}))
     return folder
 
@@ -215,8 +245,9 @@ def test_kgfact_suite_scores_classifies_and_records_provenance(tmp_path, kgfact_
     tokenizer = make_tiny_tokenizer()
     model = _answer_qz_model(tokenizer)
     out = tmp_path / "res" / "results.json"
-    config = EvalConfig(model="qz-model", suite="kgfact", data=str(kgfact_dir), out=str(out), batch_size=2,
-                        min_entity_chars=2)
+    config = EvalConfig(
+        model="qz-model", suite="kgfact", data=str(kgfact_dir), out=str(out), batch_size=2, min_entity_chars=2
+    )
     results = evaluate(config, model=model, tokenizer=tokenizer, progress=False)
     train, para = results["splits"]["train"], results["splits"]["paraphrase"]
     assert train["strict"]["correct"] == 1 and train["loose"]["correct"] == 1 and train["n"] == 2
@@ -224,8 +255,10 @@ def test_kgfact_suite_scores_classifies_and_records_provenance(tmp_path, kgfact_
     assert para["loose"]["ci95"] == pytest.approx(list(wilson_interval(1, 3)), abs=1e-6)
     assert para["errors"] == {"format": 0, "leakage": 1, "collapse": 1, "genuine": 0}
     assert {s["split"] for s in results["skipped"]} == {"retrieval", "compositional"}
-    assert results["data"]["manifest_sha256"] and set(results["data"]["files"]) == {"train.jsonl",
-                                                                                   "paraphrase.jsonl"}
+    assert results["data"]["manifest_sha256"] and set(results["data"]["files"]) == {
+        "train.jsonl",
+        "paraphrase.jsonl",
+    }
     assert results["mixsd_version"] and results["settings"]["max_new_tokens"] == 64
     preds = [json.loads(line) for line in predictions_path(out).read_text().splitlines()]
     assert len(preds) == 5 and {p["output"] for p in preds} == {"Qz"}
@@ -237,18 +270,28 @@ def test_kgfact_suite_scores_classifies_and_records_provenance(tmp_path, kgfact_
 
 def test_generation_suite_resumes_from_its_journal(tmp_path, kgfact_dir, tiny_model_dir):
     out = tmp_path / "results.json"
-    config = EvalConfig(model=str(tiny_model_dir), suite="kgfact", data=str(kgfact_dir), out=str(out),
-                        max_new_tokens=6, base_cache=False)
+    config = EvalConfig(
+        model=str(tiny_model_dir),
+        suite="kgfact",
+        data=str(kgfact_dir),
+        out=str(out),
+        max_new_tokens=6,
+        base_cache=False,
+    )
     first = evaluate(config, progress=False)
     assert first["model"]["sha256"]  # a folder model is fingerprinted by content
     assert evaluate(config, progress=False)["created"] == first["created"]  # up to date: not recomputed
     # simulate a crash after two predictions: journal holds them (marked), results are gone
     preds = [json.loads(line) for line in predictions_path(out).read_text().splitlines()]
     journal = predictions_path(out).with_name("results.predictions.jsonl.journal")
-    header = {"journal_of": "mixsd eval", "settings": {k: first["settings"][k] for k in first["settings"]
-                                                        if k != "taxonomy"}}
-    kept = [{k: v for k, v in p.items() if k not in ("error", "leaked")} | {"output": "SENTINEL"}
-            for p in preds[:2]]
+    header = {
+        "journal_of": "mixsd eval",
+        "settings": {k: first["settings"][k] for k in first["settings"] if k != "taxonomy"},
+    }
+    kept = [
+        {k: v for k, v in p.items() if k not in ("error", "leaked")} | {"output": "SENTINEL"}
+        for p in preds[:2]
+    ]
     journal.write_text("".join(dumps(r) + "\n" for r in [header, *kept]) + '{"torn')
     out.unlink()
     again = evaluate(config, progress=False)
@@ -264,30 +307,56 @@ def test_qa_suite_reads_every_file_and_reports_bad_lines(tmp_path):
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", [{"prompt": "A?", "answer": "Qz"}])
     write_jsonl(folder / "b.jsonl", [{"prompt": "B?", "answer": "no"}])
-    res = evaluate(EvalConfig(model="m", suite="qa", data=str(folder), out=str(tmp_path / "r.json")),
-                   model=_answer_qz_model(tokenizer), tokenizer=tokenizer, progress=False)
+    res = evaluate(
+        EvalConfig(model="m", suite="qa", data=str(folder), out=str(tmp_path / "r.json")),
+        model=_answer_qz_model(tokenizer),
+        tokenizer=tokenizer,
+        progress=False,
+    )
     assert {k: v["strict"]["correct"] for k, v in res["splits"].items()} == {"a": 1, "b": 0}
     write_jsonl(folder / "c.jsonl", [{"prompt": "C?"}])
     with pytest.raises(InputError, match=r"c.jsonl, line 1, field 'answer'"):
-        evaluate(EvalConfig(model="m", suite="qa", data=str(folder), out=str(tmp_path / "r2.json")),
-                 model=_answer_qz_model(tokenizer), tokenizer=tokenizer, progress=False)
+        evaluate(
+            EvalConfig(model="m", suite="qa", data=str(folder), out=str(tmp_path / "r2.json")),
+            model=_answer_qz_model(tokenizer),
+            tokenizer=tokenizer,
+            progress=False,
+        )
 
 
 def _probes(folder: Path) -> Path:
     folder.mkdir()
-    write_jsonl(folder / "general_knowledge.jsonl", [
-        {"id": f"g{i}", "query": f"Question: what is {i}?\nAnswer:", "choices": ["yes", "no", "maybe so"],
-         "gold": i % 3} for i in range(5)])
-    write_jsonl(folder / "squad_paragraphs.jsonl", [{"id": "s0", "text": "The river runs to the sea. " * 3},
-                                                    {"id": "s1", "text": "Cats sleep a lot."}])
+    write_jsonl(
+        folder / "general_knowledge.jsonl",
+        [
+            {
+                "id": f"g{i}",
+                "query": f"Question: what is {i}?\nAnswer:",
+                "choices": ["yes", "no", "maybe so"],
+                "gold": i % 3,
+            }
+            for i in range(5)
+        ],
+    )
+    write_jsonl(
+        folder / "squad_paragraphs.jsonl",
+        [{"id": "s0", "text": "The river runs to the sea. " * 3}, {"id": "s1", "text": "Cats sleep a lot."}],
+    )
     return folder
 
 
 def test_retention_against_itself_is_one_and_kl_zero(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("MIXSD_CACHE", str(tmp_path / "cache"))
     probes = _probes(tmp_path / "probes")
-    config = EvalConfig(model=str(tiny_model_dir), base=str(tiny_model_dir), suite="retention", data=str(probes),
-                        out=str(tmp_path / "ret.json"), limit=4, max_new_tokens=5)
+    config = EvalConfig(
+        model=str(tiny_model_dir),
+        base=str(tiny_model_dir),
+        suite="retention",
+        data=str(probes),
+        out=str(tmp_path / "ret.json"),
+        limit=4,
+        max_new_tokens=5,
+    )
     res = evaluate(config, progress=False)
     gk = res["probes"]["general_knowledge"]
     assert gk["n"] == 4 and gk["chance"] == pytest.approx(1 / 3)
@@ -305,8 +374,15 @@ def test_retention_with_a_different_base_and_base_cache(tmp_path, tiny_model_dir
     make_tiny_model(len(tokenizer), seed=7).save_pretrained(other)
     tokenizer.save_pretrained(other)
     probes = _probes(tmp_path / "probes")
-    config = EvalConfig(model=str(other), base=str(tiny_model_dir), suite="retention", data=str(probes),
-                        out=str(tmp_path / "ret.json"), limit=3, max_new_tokens=4)
+    config = EvalConfig(
+        model=str(other),
+        base=str(tiny_model_dir),
+        suite="retention",
+        data=str(probes),
+        out=str(tmp_path / "ret.json"),
+        limit=3,
+        max_new_tokens=4,
+    )
     res = evaluate(config, progress=False)
     assert res["probes"]["kl"]["kl_per_token"] > 0
     cached = Path(res["base_cache"])
@@ -325,8 +401,9 @@ def test_retention_with_a_different_base_and_base_cache(tmp_path, tiny_model_dir
 
 def test_retention_without_probes_or_base_says_what_was_skipped(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("MIXSD_CACHE", str(tmp_path / "empty-cache"))
-    res = evaluate(EvalConfig(model=str(tiny_model_dir), suite="retention", out=str(tmp_path / "r.json")),
-                   progress=False)
+    res = evaluate(
+        EvalConfig(model=str(tiny_model_dir), suite="retention", out=str(tmp_path / "r.json")), progress=False
+    )
     assert res["probes"] == {}
     reasons = " ".join(s["reason"] for s in res["skipped"])
     assert "mixsd probes fetch" in reasons and "--base" in reasons
@@ -339,13 +416,16 @@ def test_lora_adapter_folder_is_merged_for_evaluation(tmp_path, tiny_model_dir):
     from mixsd.models import load_model
 
     base = load_model(str(tiny_model_dir))
-    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
     merged, tokenizer = load_eval_model(str(tmp_path / "adapter"), device="cpu")
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5,
-                                   rtol=1e-4)
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5, rtol=1e-4
+        )
     assert len(tokenizer) == merged.config.vocab_size
 
 
@@ -360,18 +440,40 @@ def test_embedded_model_kgfact_and_retention_end_to_end(tmp_path, kgfact_dir, mo
 
 
 def _embedded_end_to_end(tmp_path, kgfact_dir):
-    res = evaluate(EvalConfig(model="smollm2-135m", suite="kgfact", data=str(kgfact_dir),
-                              out=str(tmp_path / "k.json"), max_new_tokens=8, limit=2, threads=1), progress=False)
+    res = evaluate(
+        EvalConfig(
+            model="smollm2-135m",
+            suite="kgfact",
+            data=str(kgfact_dir),
+            out=str(tmp_path / "k.json"),
+            max_new_tokens=8,
+            limit=2,
+            threads=1,
+        ),
+        progress=False,
+    )
     assert res["splits"]["train"]["n"] == 2 and res["model"]["sha256"]
     probes = tmp_path / "probes"
     probes.mkdir()
-    write_jsonl(probes / "general_knowledge.jsonl", [
-        {"id": "g0", "query": "The capital of France is", "choices": ["Tuesday", "Paris"], "gold": 1}])
+    write_jsonl(
+        probes / "general_knowledge.jsonl",
+        [{"id": "g0", "query": "The capital of France is", "choices": ["Tuesday", "Paris"], "gold": 1}],
+    )
     write_jsonl(probes / "squad_paragraphs.jsonl", [{"id": "s0", "text": "The river runs to the sea. " * 3}])
-    ret = evaluate(EvalConfig(model="smollm2-135m", base="smollm2-135m", suite="retention", data=str(probes),
-                              out=str(tmp_path / "r.json"), limit=2, max_new_tokens=6, base_cache=False,
-                              threads=1),
-                   progress=False)
+    ret = evaluate(
+        EvalConfig(
+            model="smollm2-135m",
+            base="smollm2-135m",
+            suite="retention",
+            data=str(probes),
+            out=str(tmp_path / "r.json"),
+            limit=2,
+            max_new_tokens=6,
+            base_cache=False,
+            threads=1,
+        ),
+        progress=False,
+    )
     assert ret["probes"]["kl"]["kl_per_token"] == pytest.approx(0.0, abs=1e-5)
     assert ret["probes"]["general_knowledge"]["acc"]["correct"] == 1
     assert ret["probes"]["general_knowledge"]["retention"] == {"acc": 1.0, "acc_norm": 1.0}

@@ -13,7 +13,9 @@ from mixsd.files import InputError
 
 def tiny_grid(tmp_path, model_dir, **extra) -> Experiment:
     config = {
-        "name": "tiny", "model": str(model_dir), "out": str(tmp_path / "run"),
+        "name": "tiny",
+        "model": str(model_dir),
+        "out": str(tmp_path / "run"),
         "corpus": {"generator": "kgfact", "size": "small", "seed": 0, "train_limit": 12},
         "seeds": [0],
         "methods": ["base", "sft", {"mixsd": {"lam": [0.5]}}],
@@ -38,8 +40,15 @@ def test_grid_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, monkeypatch
     assert set(rows) == {"base", "sft-s0", "mixsd-lam0.5-s0"}
     for name in ("sft-s0", "mixsd-lam0.5-s0"):
         cell = out / "cells" / name
-        for stage in ("targets.jsonl", "train/summary.json", "eval.json", "retention.json", "nll.json",
-                      "fisher.json", "cell.json"):
+        for stage in (
+            "targets.jsonl",
+            "train/summary.json",
+            "eval.json",
+            "retention.json",
+            "nll.json",
+            "fisher.json",
+            "cell.json",
+        ):
             assert (cell / stage).exists(), (name, stage)
         assert rows[name]["target_nll_mean"] > 0 and rows[name]["fisher_displacement"] >= 0
         assert rows[name]["train_loose"] is not None and rows[name]["kl_per_token"] is not None
@@ -49,7 +58,9 @@ def test_grid_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, monkeypatch
     assert len((out / "data" / "train.jsonl").read_text().splitlines()) == 12
     assert len((out / "corpus" / "train.jsonl").read_text().splitlines()) == 100
     kept = {json.loads(line)["fact"] for line in (out / "data" / "train.jsonl").read_text().splitlines()}
-    assert {json.loads(line)["fact"] for line in (out / "data" / "paraphrase.jsonl").read_text().splitlines()} == kept
+    assert {
+        json.loads(line)["fact"] for line in (out / "data" / "paraphrase.jsonl").read_text().splitlines()
+    } == kept
     assert len((out / "cells" / "sft-s0" / "targets.jsonl").read_text().splitlines()) == 12
     assert len((out / "results.jsonl").read_text().splitlines()) == 3
     html = (out / "report.html").read_text()
@@ -65,8 +76,10 @@ def test_grid_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, monkeypatch
 
 
 def test_aggregate_over_seeds():
-    rows = [{"group": "SFT", "method": "sft", "lam": None, "x": 0.5}, {"group": "SFT", "method": "sft", "lam": None,
-                                                                         "x": 0.7}]
+    rows = [
+        {"group": "SFT", "method": "sft", "lam": None, "x": 0.5},
+        {"group": "SFT", "method": "sft", "lam": None, "x": 0.7},
+    ]
     (entry,) = aggregate(rows, ["x"])
     assert entry["x"] == pytest.approx(0.6) and entry["x_sd"] == pytest.approx(0.1414, abs=1e-3)
     assert entry["seeds"] == 2

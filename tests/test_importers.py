@@ -28,10 +28,14 @@ def run(tmp_path, file: Path, **options) -> dict:
 
 
 def test_qa_jsonl_with_custom_fields(tmp_path):
-    src = write(tmp_path / "facts.jsonl", lines(
-        {"q": "Who founded Velmora?", "a": "Ardun Pelsky", "key": "v1"},
-        "",
-        {"q": "What is the capital of Zorblia?", "a": " Quenthar "}))
+    src = write(
+        tmp_path / "facts.jsonl",
+        lines(
+            {"q": "Who founded Velmora?", "a": "Ardun Pelsky", "key": "v1"},
+            "",
+            {"q": "What is the capital of Zorblia?", "a": " Quenthar "},
+        ),
+    )
     manifest = run(tmp_path, src, question_field="q", answer_field="a", id_field="key")
     facts = load_corpus(tmp_path / "out" / "train.jsonl")
     assert [f.id for f in facts] == ["v1", "facts-00001"]
@@ -46,7 +50,11 @@ def test_raw_style_keeps_text(tmp_path):
     src = write(tmp_path / "f.jsonl", lines({"question": "Q1?", "answer": "A long {braced answer."}))
     run(tmp_path, src, answer_style="raw")
     (fact,) = load_corpus(tmp_path / "out" / "train.jsonl")
-    assert (fact.prompt, fact.answer, fact.check) == ("Q1?", "A long {braced answer.", "A long {braced answer.")
+    assert (fact.prompt, fact.answer, fact.check) == (
+        "Q1?",
+        "A long {braced answer.",
+        "A long {braced answer.",
+    )
     with pytest.raises(InputError, match="unbalanced braces"):
         run(tmp_path, src)
 
@@ -59,17 +67,27 @@ BAD_JSONL = lines(
     {"question": "No answer field?"},
     ["a", "list"],
     {"question": 7, "answer": "x"},
-    {"question": "Last?", "answer": "Fine"})
+    {"question": "Last?", "answer": "Fine"},
+)
 
 
-@pytest.mark.parametrize("line,message", [(2, "invalid JSON"), (3, "empty answer"),
-                                          (4, "duplicate question \\(first at line 1\\)"),
-                                          (5, "missing field 'answer'"), (6, "expected a JSON object"),
-                                          (7, "question: expected text, got int")])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        (2, "invalid JSON"),
+        (3, "empty answer"),
+        (4, "duplicate question \\(first at line 1\\)"),
+        (5, "missing field 'answer'"),
+        (6, "expected a JSON object"),
+        (7, "question: expected text, got int"),
+    ],
+)
 def test_qa_jsonl_errors_name_file_and_line(tmp_path, line, message):
     # Keep the good first line and the bad line under test only, so each error is the first one met.
     rows = BAD_JSONL.splitlines()
-    src = write(tmp_path / "bad.jsonl", "\n".join(r if i in (0, line - 1) else "" for i, r in enumerate(rows)))
+    src = write(
+        tmp_path / "bad.jsonl", "\n".join(r if i in (0, line - 1) else "" for i, r in enumerate(rows))
+    )
     with pytest.raises(InputError, match=message) as err:
         run(tmp_path, src)
     assert str(src) in str(err.value) and f"line {line}" in str(err.value)
@@ -86,8 +104,10 @@ def test_skip_bad_counts_and_lists(tmp_path):
 
 
 def test_duplicate_ids_and_limit(tmp_path):
-    src = write(tmp_path / "d.jsonl", lines({"id": "x", "question": "A?", "answer": "1"},
-                                            {"id": "x", "question": "B?", "answer": "2"}))
+    src = write(
+        tmp_path / "d.jsonl",
+        lines({"id": "x", "question": "A?", "answer": "1"}, {"id": "x", "question": "B?", "answer": "2"}),
+    )
     with pytest.raises(InputError, match="line 2.*duplicate id 'x'"):
         run(tmp_path, src)
     manifest = run(tmp_path, src, limit=1)
@@ -95,9 +115,11 @@ def test_duplicate_ids_and_limit(tmp_path):
 
 
 def test_csv(tmp_path):
-    src = write(tmp_path / "facts.csv",
-                'question,answer,note\n"Who built the\nGlass Tower?",Mira Olden,x\nWhere is Quor?,Zorblia,y\n'
-                "Too,many,fields,here\n,Empty question,z\n")
+    src = write(
+        tmp_path / "facts.csv",
+        'question,answer,note\n"Who built the\nGlass Tower?",Mira Olden,x\nWhere is Quor?,Zorblia,y\n'
+        "Too,many,fields,here\n,Empty question,z\n",
+    )
     with pytest.raises(InputError, match="line 5.*4 fields, the header has 3"):
         run(tmp_path, src, format="csv")
     manifest = run(tmp_path, src, format="csv", skip_bad=True)
@@ -117,55 +139,93 @@ def test_csv_default_format_is_explicit(tmp_path):
 
 def test_simpleqa_as_released(tmp_path):
     header = "metadata,problem,answer\n"
-    row1 = ('"{\'topic\': \'Science and technology\', \'answer_type\': \'Person\', \'urls\': '
-            '[\'https://example.org/a\']}",Who received the Zeta Prize in 2010?,Mira Olden\n')
-    row2 = '"{\'topic\': \'Art\', \'answer_type\': \'Date\', \'urls\': []}",When did the Quor museum open?,"May 3, 1921"\n'
+    row1 = (
+        "\"{'topic': 'Science and technology', 'answer_type': 'Person', 'urls': "
+        "['https://example.org/a']}\",Who received the Zeta Prize in 2010?,Mira Olden\n"
+    )
+    row2 = "\"{'topic': 'Art', 'answer_type': 'Date', 'urls': []}\",When did the Quor museum open?,\"May 3, 1921\"\n"
     row3 = '"{broken",Which river?,Vesk\n'
     src = write(tmp_path / "simple_qa_test_set.csv", header + row1 + row2 + row3)
     with pytest.raises(InputError, match="line 4.*metadata"):
         run(tmp_path, src, format="simpleqa")
     run(tmp_path, src, format="simpleqa", skip_bad=True)
     facts = load_corpus(tmp_path / "out" / "train.jsonl")
-    assert [(f.id, f.check) for f in facts] == [("simpleqa-0000", "Mira Olden"), ("simpleqa-0001", "May 3, 1921")]
+    assert [(f.id, f.check) for f in facts] == [
+        ("simpleqa-0000", "Mira Olden"),
+        ("simpleqa-0001", "May 3, 1921"),
+    ]
 
 
 def mquake_case(case_id, rewrites, questions, new_answer, hops):
-    return {"case_id": case_id,
-            "requested_rewrite": [{"prompt": "{} is a citizen of", "subject": s, "question": q,
-                                   "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": "Old", "id": "Q2"},
-                                   "relation_id": "P27"} for s, q, new in rewrites],
-            "questions": questions, "answer": "Old answer", "answer_alias": [], "new_answer": new_answer,
-            "new_answer_alias": [],
-            "single_hops": [], "new_single_hops": [{"question": "q", "cloze": c, "answer": a, "answer_alias": []}
-                                                   for c, a in hops]}
+    return {
+        "case_id": case_id,
+        "requested_rewrite": [
+            {
+                "prompt": "{} is a citizen of",
+                "subject": s,
+                "question": q,
+                "target_new": {"str": new, "id": "Q1"},
+                "target_true": {"str": "Old", "id": "Q2"},
+                "relation_id": "P27",
+            }
+            for s, q, new in rewrites
+        ],
+        "questions": questions,
+        "answer": "Old answer",
+        "answer_alias": [],
+        "new_answer": new_answer,
+        "new_answer_alias": [],
+        "single_hops": [],
+        "new_single_hops": [{"question": "q", "cloze": c, "answer": a, "answer_alias": []} for c, a in hops],
+    }
 
 
 def test_mquake(tmp_path):
     cases = [
-        mquake_case(1, [("Ellie Kemper", "What is the country of citizenship of Ellie Kemper?", "Croatia")],
-                    ["What is the capital of the country Ellie Kemper is a citizen of?",
-                     "Which city is the capital of Ellie Kemper's country of citizenship?"], "Zagreb",
-                    [("Ellie Kemper is a citizen of", "Croatia"), ("The capital of Croatia is", "Zagreb")]),
-        mquake_case(2, [("Ellie Kemper", "What is the country of citizenship of Ellie Kemper?", "Croatia"),
-                        ("Croatia", "What is the capital of Croatia?", "Split")],
-                    ["What is the capital of Ellie Kemper's country?"], "Split", []),
+        mquake_case(
+            1,
+            [("Ellie Kemper", "What is the country of citizenship of Ellie Kemper?", "Croatia")],
+            [
+                "What is the capital of the country Ellie Kemper is a citizen of?",
+                "Which city is the capital of Ellie Kemper's country of citizenship?",
+            ],
+            "Zagreb",
+            [("Ellie Kemper is a citizen of", "Croatia"), ("The capital of Croatia is", "Zagreb")],
+        ),
+        mquake_case(
+            2,
+            [
+                ("Ellie Kemper", "What is the country of citizenship of Ellie Kemper?", "Croatia"),
+                ("Croatia", "What is the capital of Croatia?", "Split"),
+            ],
+            ["What is the capital of Ellie Kemper's country?"],
+            "Split",
+            [],
+        ),
     ]
     src = write(tmp_path / "MQuAKE-CF-3k.json", json.dumps(cases))
     manifest = run(tmp_path, src, format="mquake")
     train = load_corpus(tmp_path / "out" / "train.jsonl")
-    assert [(f.id, f.check) for f in train] == [("mquake-1-rewrite-0", "Croatia"), ("mquake-2-rewrite-1", "Split")]
+    assert [(f.id, f.check) for f in train] == [
+        ("mquake-1-rewrite-0", "Croatia"),
+        ("mquake-2-rewrite-1", "Split"),
+    ]
     assert manifest["shared_rewrites"] == 1
     multihop = load_corpus(tmp_path / "out" / "compositional.jsonl")
     assert [f.check for f in multihop] == ["Zagreb", "Zagreb", "Split"]
-    assert multihop[0].answer == ("Ellie Kemper is a citizen of Croatia. The capital of Croatia is Zagreb. "
-                                  "The answer is Zagreb. \\boxed{Zagreb}")
+    assert multihop[0].answer == (
+        "Ellie Kemper is a citizen of Croatia. The capital of Croatia is Zagreb. "
+        "The answer is Zagreb. \\boxed{Zagreb}"
+    )
     assert manifest["files"]["compositional.jsonl"]["records"] == 3
     assert run(tmp_path, src, format="mquake", limit=1)["files"]["train.jsonl"]["records"] == 1
 
 
 def test_mquake_errors(tmp_path):
-    conflicting = [mquake_case(1, [("A", "Where is A?", "X")], ["q1?"], "X", []),
-                   mquake_case(2, [("A", "Where is A?", "Y")], ["q2?"], "Y", [])]
+    conflicting = [
+        mquake_case(1, [("A", "Where is A?", "X")], ["q1?"], "X", []),
+        mquake_case(2, [("A", "Where is A?", "Y")], ["q2?"], "Y", []),
+    ]
     src = write(tmp_path / "m.json", json.dumps(conflicting))
     with pytest.raises(InputError, match=r"\[1\]\.requested_rewrite\[0\].*conflicting rewrite"):
         run(tmp_path, src, format="mquake")

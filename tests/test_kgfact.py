@@ -55,8 +55,12 @@ def test_golden_small(small):
 def test_large_counts(large):
     _, manifest = large
     counts = {name: manifest["files"][name]["records"] for name in SPLITS}
-    assert counts == {"train.jsonl": 525, "paraphrase.jsonl": 525, "retrieval.jsonl": 210,
-                      "compositional.jsonl": 500}
+    assert counts == {
+        "train.jsonl": 525,
+        "paraphrase.jsonl": 525,
+        "retrieval.jsonl": 210,
+        "compositional.jsonl": 500,
+    }
 
 
 def test_same_bytes_under_any_hash_seed(tmp_path, small):
@@ -64,10 +68,14 @@ def test_same_bytes_under_any_hash_seed(tmp_path, small):
     digests = []
     for hash_seed in ("1", "2"):
         out = tmp_path / hash_seed
-        code = (f"from mixsd.corpora.kgfact import KGFactConfig, build_kgfact; import json; "
-                f"print(json.dumps(build_kgfact(KGFactConfig(out={str(out)!r}, size='small', seed=0))))")
+        code = (
+            f"from mixsd.corpora.kgfact import KGFactConfig, build_kgfact; import json; "
+            f"print(json.dumps(build_kgfact(KGFactConfig(out={str(out)!r}, size='small', seed=0))))"
+        )
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        )
         digests.append(json.loads(result.stdout)["files"])
     assert digests[0] == digests[1] == small[1]["files"]
 
@@ -82,7 +90,9 @@ def test_relation_inventory_is_a_regular_tournament():
         pairs = domain_pairs(size)
         domains = DOMAINS[:n]
         assert len(pairs) == n * (n - 1) // 2 and len(set(pairs)) == len(pairs)
-        assert all({(a, b), (b, a)} & set(pairs) for a in domains for b in domains if a != b)  # every pair linked
+        assert all(
+            {(a, b), (b, a)} & set(pairs) for a in domains for b in domains if a != b
+        )  # every pair linked
         for domain in domains:
             assert sum(source == domain for source, _ in pairs) == (n - 1) // 2
         for pair in pairs:
@@ -102,8 +112,18 @@ def test_world_has_one_answer_per_question(size, seed):
     assert len(names) == len(set(names))
     assert len(DOMAINS) >= 7
     # Core words (the invented parts) are unique world-wide, so no name contains another as whole words.
-    cores = [w for n in names for w in n.split() if w not in kgfact._ORG_KINDS + kgfact._DEVICE_KINDS
-             + kgfact._BOOK_KINDS + kgfact._FESTIVAL_KINDS + kgfact._DISH_KINDS + ("of",)]
+    cores = [
+        w
+        for n in names
+        for w in n.split()
+        if w
+        not in kgfact._ORG_KINDS
+        + kgfact._DEVICE_KINDS
+        + kgfact._BOOK_KINDS
+        + kgfact._FESTIVAL_KINDS
+        + kgfact._DISH_KINDS
+        + ("of",)
+    ]
     assert len(cores) == len(set(c.lower() for c in cores))
     facts = world["facts"]
     keys = [(f["relation"], f["source"]) for f in facts]
@@ -126,12 +146,24 @@ def test_names_are_not_known_words():
 
     vocab = {t.lstrip("Ġ").lower() for t in load_tokenizer("smollm2-135m").get_vocab()}
     assert {"mode", "node", "baker", "city"} <= vocab  # the check can fail
-    kinds = {k.lower() for k in kgfact._ORG_KINDS + kgfact._DEVICE_KINDS + kgfact._BOOK_KINDS
-             + kgfact._FESTIVAL_KINDS + kgfact._DISH_KINDS + ("of",)}
+    kinds = {
+        k.lower()
+        for k in kgfact._ORG_KINDS
+        + kgfact._DEVICE_KINDS
+        + kgfact._BOOK_KINDS
+        + kgfact._FESTIVAL_KINDS
+        + kgfact._DISH_KINDS
+        + ("of",)
+    }
     for seed in range(4):
         world = build_world("large", seed)
-        words = {w.lower() for group in ("entities", "heldout_entities") for d in world[group]
-                 for n in world[group][d] for w in n.split()} - kinds
+        words = {
+            w.lower()
+            for group in ("entities", "heldout_entities")
+            for d in world[group]
+            for n in world[group][d]
+            for w in n.split()
+        } - kinds
         assert len(words) == 280
         assert not words & vocab, seed
 
@@ -161,7 +193,9 @@ def test_paraphrase_rewords_question_and_wrapper(small):
         original = train[row["fact"]]
         assert row["check"] == original["check"] == fact["target"]
         assert relation.ask(fact["source"], 0) not in row["prompt"]  # another phrasing...
-        assert any(relation.ask(fact["source"], k) in row["prompt"] for k in range(1, len(relation.questions)))
+        assert any(
+            relation.ask(fact["source"], k) in row["prompt"] for k in range(1, len(relation.questions))
+        )
         assert "Put the final answer in \\boxed{}." not in row["prompt"]  # ...and another wrapper
         assert fact["source"] in row["prompt"]
 
@@ -230,8 +264,14 @@ def test_embedded_model_needs_the_fact(small):
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])  # left padding
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=sorted(stops))
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=24,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=sorted(stops),
+            )
         return [tokenizer.decode(o[width:], skip_special_tokens=True) for o in out]
 
     # One thread: on a 2-core machine shared with other jobs, torch's 2 threads spin against each other and a
@@ -241,8 +281,12 @@ def test_embedded_model_needs_the_fact(small):
     try:
         without = answer_all([r["prompt"] for r in sample])
         # With the fact: the expert prompt MixSD uses, its reference being the fact's statement.
-        with_fact = answer_all([expert_message(make_fact(r["prompt"], r["answer"], context=statements[r["fact"]]))
-                                for r in sample])
+        with_fact = answer_all(
+            [
+                expert_message(make_fact(r["prompt"], r["answer"], context=statements[r["fact"]]))
+                for r in sample
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     base = sum(matches(t, r["check"], "loose") for t, r in zip(without, sample, strict=True))
@@ -259,11 +303,43 @@ def test_feeds_mix_and_sft_targets_unchanged(tmp_path, small, tiny_model_dir):
 
     folder, _ = small
     out = tmp_path / "mix.jsonl"
-    assert main(["mix", "--model", str(tiny_model_dir), "--input", str(folder / "train.jsonl"), "--output", str(out),
-                 "--max-new-tokens", "3", "--retries", "0", "--on-failure", "keep", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "mix",
+                "--model",
+                str(tiny_model_dir),
+                "--input",
+                str(folder / "train.jsonl"),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "3",
+                "--retries",
+                "0",
+                "--on-failure",
+                "keep",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert len(load_targets(out)) == 100
     for split in SPLITS:
         sft = tmp_path / f"{split}-sft.jsonl"
-        assert main(["sft-targets", "--model", str(tiny_model_dir), "--input", str(folder / split),
-                     "--output", str(sft)]) == 0
+        assert (
+            main(
+                [
+                    "sft-targets",
+                    "--model",
+                    str(tiny_model_dir),
+                    "--input",
+                    str(folder / split),
+                    "--output",
+                    str(sft),
+                ]
+            )
+            == 0
+        )
         assert [r["check"] for r in load_targets(sft)] == [f.check for f in load_corpus(folder / split)]

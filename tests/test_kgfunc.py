@@ -44,11 +44,11 @@ def ref_b(x):
 
 
 def ref_c(x):
-    return abs(sum((-1) ** i * d ** 2 for i, d in enumerate(ds(x))))
+    return abs(sum((-1) ** i * d**2 for i, d in enumerate(ds(x))))
 
 
 def ref_d(x):
-    return sum(d ** 2 if d in (2, 3, 5, 7) else d for d in ds(x))
+    return sum(d**2 if d in (2, 3, 5, 7) else d for d in ds(x))
 
 
 def ref_e(x):
@@ -97,8 +97,13 @@ def test_known_values():
 
 
 # The line checker: every line containing " = " must be an identity of evaluable expressions.
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.Pow: operator.pow}
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+}
 
 
 def _evaluate(node):
@@ -110,7 +115,11 @@ def _evaluate(node):
         return _OPS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return -_evaluate(node.operand)
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max", "abs"):
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("min", "max", "abs")
+    ):
         args = [_evaluate(a) for a in node.args]
         return {"min": min, "max": max, "abs": lambda a: abs(a[0])}[node.func.id](args)
     raise ValueError(f"not arithmetic: {ast.dump(node)}")
@@ -151,8 +160,12 @@ def test_every_line_of_every_worked_answer_is_right(x):
 
 
 @settings(max_examples=100, deadline=None)
-@given(x=inputs, inner=st.sampled_from(sorted(TRAINED)), outer=st.sampled_from(sorted(TRAINED)),
-       offset=st.sampled_from([0, 100, 500, 1000]))
+@given(
+    x=inputs,
+    inner=st.sampled_from(sorted(TRAINED)),
+    outer=st.sampled_from(sorted(TRAINED)),
+    offset=st.sampled_from([0, 100, 500, 1000]),
+)
 def test_chains_are_right(x, inner, outer, offset):
     value, text = chain_answer(inner, outer, offset, x)
     assert value == REFERENCES[outer](REFERENCES[inner](x) + offset)
@@ -162,22 +175,24 @@ def test_chains_are_right(x, inner, outer, offset):
 
 UNSEEN_REFERENCES = {
     "digit sum": lambda x: sum(ds(x)),
-    "product of non-zero digits": lambda x: 0 if x == 0 else eval("*".join(str(d) for d in ds(x) if d) or "1"),
+    "product of non-zero digits": lambda x: (
+        0 if x == 0 else eval("*".join(str(d) for d in ds(x) if d) or "1")
+    ),
     "digit count": lambda x: len(ds(x)),
     "largest digit": lambda x: sorted(ds(x))[-1],
     "smallest digit": lambda x: sorted(ds(x))[0],
     "first digit": lambda x: ds(x)[0],
     "last digit": lambda x: x % 10,
     "largest minus smallest digit": lambda x: sorted(ds(x))[-1] - sorted(ds(x))[0],
-    "reversed number": lambda x: sum(d * 10 ** i for i, d in enumerate(ds(x))),
+    "reversed number": lambda x: sum(d * 10**i for i, d in enumerate(ds(x))),
     "first plus last digit": lambda x: ds(x)[0] + x % 10,
     "count of even digits": lambda x: len([d for d in ds(x) if d in (0, 2, 4, 6, 8)]),
     "count of odd digits": lambda x: len([d for d in ds(x) if d in (1, 3, 5, 7, 9)]),
     "count of distinct digits": lambda x: len({*ds(x)}),
     "digital root": lambda x: 0 if x == 0 else 1 + (x - 1) % 9,
     "sum of squared digits": lambda x: sum(d * d for d in ds(x)),
-    "digits sorted ascending": lambda x: sum(d * 10 ** i for i, d in enumerate(sorted(ds(x), reverse=True))),
-    "digits sorted descending": lambda x: sum(d * 10 ** i for i, d in enumerate(sorted(ds(x)))),
+    "digits sorted ascending": lambda x: sum(d * 10**i for i, d in enumerate(sorted(ds(x), reverse=True))),
+    "digits sorted descending": lambda x: sum(d * 10**i for i, d in enumerate(sorted(ds(x)))),
     "count of zero digits": lambda x: ds(x).count(0),
     "twice the digit sum": lambda x: sum(ds(x)) * 2,
     "first times last digit": lambda x: ds(x)[0] * (x % 10),
@@ -232,8 +247,9 @@ def test_splits(corpus):
         shown = example_inputs(row["prompt"])
         assert len(shown) == 10 and len(set(shown)) == 10 and row["input"] not in shown
         assert not held_out & {row["input"], *shown}
-        for a, line in zip(shown, re.findall(r"^[A-Z]\(\d+\) = (\d+)$", row["prompt"], flags=re.MULTILINE),
-                           strict=True):
+        for a, line in zip(
+            shown, re.findall(r"^[A-Z]\(\d+\) = (\d+)$", row["prompt"], flags=re.MULTILINE), strict=True
+        ):
             assert apply(row["op"], a) == int(line)  # the examples are right
     keys = [(r["op"], r["input"]) for r in train]
     assert len(keys) == len(set(keys))
@@ -257,10 +273,17 @@ def test_same_bytes_under_any_hash_seed(tmp_path, corpus):
     import sys
 
     out = tmp_path / "again"
-    code = (f"from mixsd.corpora.kgfunc import KGFuncConfig, build_kgfunc; import json; "
-            f"print(json.dumps(build_kgfunc(KGFuncConfig(out={str(out)!r}))))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            env={**os.environ, "PYTHONHASHSEED": "7"})
+    code = (
+        f"from mixsd.corpora.kgfunc import KGFuncConfig, build_kgfunc; import json; "
+        f"print(json.dumps(build_kgfunc(KGFuncConfig(out={str(out)!r}))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "7"},
+    )
     assert json.loads(result.stdout)["files"] == corpus[1]["files"]
 
 

@@ -53,10 +53,16 @@ def test_forward_and_reverse_kl_are_the_textbook_formulas_on_the_teacher_top_k()
     top = teacher.topk(3).indices
     p = torch.softmax(teacher[top].double(), 0)
     q = torch.softmax(student[top].double(), 0)
-    assert token_divergence(student, teacher, "forward", 3).item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-5)
-    assert token_divergence(student, teacher, "reverse", 3).item() == pytest.approx((q * (q / p).log()).sum().item(), rel=1e-5)
+    assert token_divergence(student, teacher, "forward", 3).item() == pytest.approx(
+        (p * (p / q).log()).sum().item(), rel=1e-5
+    )
+    assert token_divergence(student, teacher, "reverse", 3).item() == pytest.approx(
+        (q * (q / p).log()).sum().item(), rel=1e-5
+    )
     p, q = torch.softmax(teacher.double(), 0), torch.softmax(student.double(), 0)
-    assert token_divergence(student, teacher, "forward", 0).item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-5)
+    assert token_divergence(student, teacher, "forward", 0).item() == pytest.approx(
+        (p * (p / q).log()).sum().item(), rel=1e-5
+    )
     with pytest.raises(ValueError, match="unknown divergence"):
         token_divergence(student, teacher, "bogus")
 
@@ -84,7 +90,9 @@ def test_loss_is_zero_when_the_teacher_sees_the_same_prompt_with_the_same_weight
     batch = paired_batch(prompts, prompts, answers, pad_id=0)
     for divergence in ("forward", "reverse", "jsd"):
         for top_k in (0, 8):
-            assert opsd_loss_sum(student, teacher, batch, divergence, top_k).item() == pytest.approx(0, abs=1e-5)
+            assert opsd_loss_sum(student, teacher, batch, divergence, top_k).item() == pytest.approx(
+                0, abs=1e-5
+            )
     # and it is not zero once the teacher reads another prompt
     other = paired_batch(prompts, random_prompts(5, seed=4), answers, pad_id=0)
     assert opsd_loss_sum(student, teacher, other, "forward", 8).item() > 1e-3
@@ -98,7 +106,9 @@ def _slow_reference(student, teacher, prompts, experts, answers, divergence, top
             for j in range(len(answer)):
                 s = student(input_ids=torch.tensor([prompt + answer[:j]])).logits[0, -1].double()
                 t = teacher(input_ids=torch.tensor([expert + answer[:j]])).logits[0, -1].double()
-                support = sorted(range(len(t)), key=lambda i: -t[i].item())[:top_k] if top_k else range(len(t))
+                support = (
+                    sorted(range(len(t)), key=lambda i: -t[i].item())[:top_k] if top_k else range(len(t))
+                )
                 zt = sum(math.exp(t[i].item()) for i in support)
                 zs = sum(math.exp(s[i].item()) for i in support)
                 p = {i: math.exp(t[i].item()) / zt for i in support}
@@ -109,7 +119,9 @@ def _slow_reference(student, teacher, prompts, experts, answers, divergence, top
                     total += sum(q[i] * math.log(q[i] / p[i]) for i in support)
                 else:
                     m = {i: (p[i] + q[i]) / 2 for i in support}
-                    total += 0.5 * sum(p[i] * math.log(p[i] / m[i]) + q[i] * math.log(q[i] / m[i]) for i in support)
+                    total += 0.5 * sum(
+                        p[i] * math.log(p[i] / m[i]) + q[i] * math.log(q[i] / m[i]) for i in support
+                    )
     return total
 
 
@@ -122,8 +134,9 @@ def test_one_batch_matches_a_slow_reference(divergence, top_k):
     assert len({len(a) for a in answers}) > 1 or len(answers[0]) > 1
     batch = paired_batch(prompts, experts, answers, pad_id=0)
     fast = opsd_loss_sum(student, teacher, batch, divergence, top_k).item()
-    assert fast == pytest.approx(_slow_reference(student, teacher, prompts, experts, answers, divergence, top_k),
-                                 rel=1e-4)
+    assert fast == pytest.approx(
+        _slow_reference(student, teacher, prompts, experts, answers, divergence, top_k), rel=1e-4
+    )
     assert batch["loss_mask"].sum().item() == sum(len(a) for a in answers)
 
 
@@ -132,7 +145,9 @@ def test_gradient_reaches_the_student_only():
     prompts = random_prompts(3, seed=8)
     torch.manual_seed(0)
     answers = sample_answers(student, prompts, max_new_tokens=5, stop_ids=[2], pad_id=0)
-    opsd_loss_sum(student.train(), teacher, paired_batch(prompts, random_prompts(3, 9), answers, 0), "forward", 8).backward()
+    opsd_loss_sum(
+        student.train(), teacher, paired_batch(prompts, random_prompts(3, 9), answers, 0), "forward", 8
+    ).backward()
     assert student.lm_head.weight.grad is not None and student.lm_head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -157,13 +172,27 @@ def test_opsd_training_run(tmp_path, lora_rank):
     corpus = tmp_path / "corpus.jsonl"
     with corpus.open("w") as handle:
         for i in range(6):
-            handle.write(json.dumps({"id": f"f{i}", "prompt": f"w{i} w{i + 1}", "answer": f"w{i + 30}"}) + "\n")
+            handle.write(
+                json.dumps({"id": f"f{i}", "prompt": f"w{i} w{i + 1}", "answer": f"w{i + 30}"}) + "\n"
+            )
     validation = tmp_path / "validation.jsonl"
     validation.write_text(json.dumps({"id": "v", "prompt_ids": [1, 4, 7, 5], "target_ids": [40, 2]}) + "\n")
-    config = TrainConfig(model="tiny", out=str(tmp_path / "run"), method="opsd", corpus=str(corpus), epochs=2,
-                         batch_size=3, lr=2e-2, opsd_rollouts=2, opsd_max_new_tokens=6, lora_rank=lora_rank,
-                         expert_template="{prompt} w50 {context} w51", validation=str(validation),
-                         save_every=-1, progress=False)
+    config = TrainConfig(
+        model="tiny",
+        out=str(tmp_path / "run"),
+        method="opsd",
+        corpus=str(corpus),
+        epochs=2,
+        batch_size=3,
+        lr=2e-2,
+        opsd_rollouts=2,
+        opsd_max_new_tokens=6,
+        lora_rank=lora_rank,
+        expert_template="{prompt} w50 {context} w51",
+        validation=str(validation),
+        save_every=-1,
+        progress=False,
+    )
     base = tiny_model()
     summary = train(config, model=copy.deepcopy(base), tokenizer=tiny_tokenizer())
     history = summary["history"]
@@ -175,5 +204,8 @@ def test_opsd_training_run(tmp_path, lora_rank):
     from transformers import AutoModelForCausalLM
 
     trained = AutoModelForCausalLM.from_pretrained(summary["model_dir"])
-    layer, start = trained.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight
+    layer, start = (
+        trained.model.layers[0].self_attn.q_proj.weight,
+        base.model.layers[0].self_attn.q_proj.weight,
+    )
     assert not torch.allclose(layer, start)

@@ -23,30 +23,67 @@ from mixsd.corpora.probes import (
 from mixsd.files import InputError
 
 TOP = "bigbench-1.0.0/"
-CAPITALS = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Peru", "Lima"), ("Chad", "N'Djamena"),
-            ("Laos", "Vientiane")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Peru", "Lima"),
+    ("Chad", "N'Djamena"),
+    ("Laos", "Vientiane"),
+]
 
 
 def task_files() -> dict[str, object]:
-    general = {"name": "general_knowledge", "examples": [
-        {"input": "How many legs do horses have?", "target_scores": {"two": 0, "four": 1, "six": 0}},
-        {"input": "What color is a tongue?", "target_scores": {"red": 1, "pink": 1, "blue": 0}},  # two right
-        {"input": "How many eyes do horses have?", "target_scores": {"two": 1, "four": 0, "none": 0}}]}
-    social = {"name": "social_iqa", "examples": [
-        {"input": "Tracy stayed out. What does Tracy need to do before this? ",
-         "target_scores": {"Make a plan": 0, "Go home": 0, "Find somewhere to go": 1}}]}
-    wikidata = {"name": "qa_wikidata", "examples":
-                [{"input": f"The capital of {c} is", "target": t} for c, t in CAPITALS]
-                + [{"input": "The sport played by Ann Lee is", "target": ["tennis", "lawn tennis"]},
-                   {"input": "The sport played by Bo Kim is", "target": "golf"},
-                   {"input": "Chicago shares a border with", "target": "Evanston"}]}
-    squad = {"version": "1.1", "data": [
-        {"title": "Super_Bowl_50", "paragraphs": [{"context": "Super Bowl 50 was a game.", "qas": []},
-                                                  {"context": "The Panthers lost.", "qas": []}]},
-        {"title": "Warsaw", "paragraphs": [{"context": "Warsaw is a city.", "qas": []}]}]}
-    return {"general_knowledge/task.json": general, "social_iqa/task.json": social,
-            "qa_wikidata/task.json": wikidata, "squad_shifts/squaddev_v1.1.json": squad,
-            "squad_shifts/nyt_v1.0.json": {"data": []}, "unrelated_task/task.json": {"examples": []}}
+    general = {
+        "name": "general_knowledge",
+        "examples": [
+            {"input": "How many legs do horses have?", "target_scores": {"two": 0, "four": 1, "six": 0}},
+            {
+                "input": "What color is a tongue?",
+                "target_scores": {"red": 1, "pink": 1, "blue": 0},
+            },  # two right
+            {"input": "How many eyes do horses have?", "target_scores": {"two": 1, "four": 0, "none": 0}},
+        ],
+    }
+    social = {
+        "name": "social_iqa",
+        "examples": [
+            {
+                "input": "Tracy stayed out. What does Tracy need to do before this? ",
+                "target_scores": {"Make a plan": 0, "Go home": 0, "Find somewhere to go": 1},
+            }
+        ],
+    }
+    wikidata = {
+        "name": "qa_wikidata",
+        "examples": [{"input": f"The capital of {c} is", "target": t} for c, t in CAPITALS]
+        + [
+            {"input": "The sport played by Ann Lee is", "target": ["tennis", "lawn tennis"]},
+            {"input": "The sport played by Bo Kim is", "target": "golf"},
+            {"input": "Chicago shares a border with", "target": "Evanston"},
+        ],
+    }
+    squad = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "Super_Bowl_50",
+                "paragraphs": [
+                    {"context": "Super Bowl 50 was a game.", "qas": []},
+                    {"context": "The Panthers lost.", "qas": []},
+                ],
+            },
+            {"title": "Warsaw", "paragraphs": [{"context": "Warsaw is a city.", "qas": []}]},
+        ],
+    }
+    return {
+        "general_knowledge/task.json": general,
+        "social_iqa/task.json": social,
+        "qa_wikidata/task.json": wikidata,
+        "squad_shifts/squaddev_v1.1.json": squad,
+        "squad_shifts/nyt_v1.0.json": {"data": []},
+        "unrelated_task/task.json": {"examples": []},
+    }
 
 
 def make_sdist(path: Path, files: dict[str, object] | None = None) -> Path:
@@ -73,12 +110,24 @@ def read(path: Path) -> list[dict]:
 def test_fetch_from_sdist(tmp_path, sdist):
     out = tmp_path / "probes"
     manifest = fetch_probes(ProbesFetchConfig(out=str(out), sdist=str(sdist)))
-    assert sorted(p.name for p in out.iterdir()) == ["general_knowledge.jsonl", "manifest.json", "qa_wikidata.jsonl",
-                                                     "social_iqa.jsonl", "squad_paragraphs.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "general_knowledge.jsonl",
+        "manifest.json",
+        "qa_wikidata.jsonl",
+        "social_iqa.jsonl",
+        "squad_paragraphs.jsonl",
+    ]
     general = read(out / "general_knowledge.jsonl")
-    assert general[0] == {"id": "general_knowledge-00000", "query": "Question: How many legs do horses have?\nAnswer:",
-                          "choices": ["two", "four", "six"], "gold": 1}
-    assert [g["id"] for g in general] == ["general_knowledge-00000", "general_knowledge-00002"]  # two-right dropped
+    assert general[0] == {
+        "id": "general_knowledge-00000",
+        "query": "Question: How many legs do horses have?\nAnswer:",
+        "choices": ["two", "four", "six"],
+        "gold": 1,
+    }
+    assert [g["id"] for g in general] == [
+        "general_knowledge-00000",
+        "general_knowledge-00002",
+    ]  # two-right dropped
     assert manifest["notes"]["general_knowledge.jsonl"]["dropped"] == 1
     (social,) = read(out / "social_iqa.jsonl")
     assert social["choices"][social["gold"]] == "Find somewhere to go"
@@ -93,9 +142,11 @@ def test_fetch_from_sdist(tmp_path, sdist):
         assert set(item["choices"]) <= capitals  # distractors from the same relation
     assert len({item["gold"] for item in wikidata}) > 1  # the right answer is not always in one place
     squad = read(out / "squad_paragraphs.jsonl")
-    assert [(s["id"], s["text"]) for s in squad] == [("squad-00-000", "Super Bowl 50 was a game."),
-                                                     ("squad-00-001", "The Panthers lost."),
-                                                     ("squad-01-000", "Warsaw is a city.")]
+    assert [(s["id"], s["text"]) for s in squad] == [
+        ("squad-00-000", "Super Bowl 50 was a game."),
+        ("squad-00-001", "The Panthers lost."),
+        ("squad-01-000", "Warsaw is a city."),
+    ]
     assert set(manifest["licenses"]) == set(manifest["files"])
     assert manifest["licenses"]["squad_paragraphs.jsonl"]["license"] == "CC-BY-SA-4.0"
     assert manifest["files"]["qa_wikidata.jsonl"]["records"] == len(CAPITALS)
@@ -132,9 +183,11 @@ def test_missing_task_file_is_reported(tmp_path):
 def fake_pip(tmp_path: Path, version: str, download: str) -> str:
     """A stand-in pip: prints `version`, and on `download` runs the shell snippet `download`."""
     script = tmp_path / f"pip-{version}"
-    script.write_text("#!/bin/sh\n"
-                      f'if [ "$1" = "--version" ]; then echo "pip {version} from /somewhere (python 3.11)"; exit 0; fi\n'
-                      f"{download}\n")
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "--version" ]; then echo "pip {version} from /somewhere (python 3.11)"; exit 0; fi\n'
+        f"{download}\n"
+    )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return str(script)
 
@@ -146,8 +199,12 @@ def test_pip_26_is_refused_with_an_explanation(tmp_path):
 
 
 def test_failed_download_shows_pip_output(tmp_path):
-    pip = fake_pip(tmp_path, "23.2.1", 'echo "ERROR: No matching distribution found for bigbench==1.0.0" >&2; exit 1')
-    with pytest.raises(InputError, match=r"(?s)failed \(exit 1\):\nERROR: No matching distribution.*--sdist PATH"):
+    pip = fake_pip(
+        tmp_path, "23.2.1", 'echo "ERROR: No matching distribution found for bigbench==1.0.0" >&2; exit 1'
+    )
+    with pytest.raises(
+        InputError, match=r"(?s)failed \(exit 1\):\nERROR: No matching distribution.*--sdist PATH"
+    ):
         download_sdist(pip, tmp_path / "downloads")
     assert list((tmp_path / "downloads").iterdir()) == []  # no staging folder left behind
 
@@ -182,11 +239,21 @@ def test_cli(tmp_path, sdist, capsys):
     assert "file not found" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (Path(os.environ.get("MIXSD_CACHE", Path.home() / ".cache" / "mixsd")) / "downloads"
-                         / "bigbench-1.0.0.tar.gz").is_file(), reason="the real sdist is not in the cache")
+@pytest.mark.skipif(
+    not (
+        Path(os.environ.get("MIXSD_CACHE", Path.home() / ".cache" / "mixsd"))
+        / "downloads"
+        / "bigbench-1.0.0.tar.gz"
+    ).is_file(),
+    reason="the real sdist is not in the cache",
+)
 @pytest.mark.slow
 def test_real_sdist(tmp_path):
     manifest = fetch_probes(ProbesFetchConfig(out=str(tmp_path)))
     counts = {name: entry["records"] for name, entry in manifest["files"].items()}
-    assert counts == {"general_knowledge.jsonl": 69, "social_iqa.jsonl": 1954, "qa_wikidata.jsonl": 500,
-                      "squad_paragraphs.jsonl": 2067}
+    assert counts == {
+        "general_knowledge.jsonl": 69,
+        "social_iqa.jsonl": 1954,
+        "qa_wikidata.jsonl": 500,
+        "squad_paragraphs.jsonl": 2067,
+    }

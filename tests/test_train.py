@@ -45,8 +45,15 @@ def config_for(tmp_path: Path, name: str, **overrides) -> TrainConfig:
     targets = tmp_path / "targets.jsonl"
     if not targets.exists():
         write_targets(targets)
-    base = TrainConfig(model="tiny", targets=str(targets), out=str(tmp_path / name), epochs=2, lr=1e-2,
-                       batch_size=8, progress=False)
+    base = TrainConfig(
+        model="tiny",
+        targets=str(targets),
+        out=str(tmp_path / name),
+        epochs=2,
+        lr=1e-2,
+        batch_size=8,
+        progress=False,
+    )
     return replace(base, **overrides)
 
 
@@ -60,20 +67,31 @@ def losses(summary: dict) -> list[float]:
 
 # --------------------------------------------------------------------------------------------------
 def test_examples_are_the_stored_ids_with_loss_on_targets_only():
-    rows = [{"id": "a", "prompt_ids": [1, 7, 8], "target_ids": [9, 2]},
-            {"id": "b", "prompt_ids": [1, 7], "target_ids": [10, 11, 12, 2]}]
+    rows = [
+        {"id": "a", "prompt_ids": [1, 7, 8], "target_ids": [9, 2]},
+        {"id": "b", "prompt_ids": [1, 7], "target_ids": [10, 11, 12, 2]},
+    ]
     examples = target_examples(rows)
     assert examples[0] == {"input_ids": [1, 7, 8, 9, 2], "labels": [IGNORE, IGNORE, IGNORE, 9, 2]}
     batch = PadCollator(pad_id=0)(examples)
     assert batch["input_ids"].tolist() == [[1, 7, 8, 9, 2, 0], [1, 7, 10, 11, 12, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1] * 6]
-    assert batch["labels"].tolist() == [[IGNORE, IGNORE, IGNORE, 9, 2, IGNORE], [IGNORE, IGNORE, 10, 11, 12, 2]]
+    assert batch["labels"].tolist() == [
+        [IGNORE, IGNORE, IGNORE, 9, 2, IGNORE],
+        [IGNORE, IGNORE, 10, 11, 12, 2],
+    ]
 
 
 def test_target_nll_is_the_mean_over_target_tokens_and_uses_the_global_count():
     model = tiny_model()
-    batch = PadCollator(0)(target_examples([{"id": "a", "prompt_ids": [1, 7, 8], "target_ids": [9, 2]},
-                                            {"id": "b", "prompt_ids": [1, 7], "target_ids": [10, 11, 12, 2]}]))
+    batch = PadCollator(0)(
+        target_examples(
+            [
+                {"id": "a", "prompt_ids": [1, 7, 8], "target_ids": [9, 2]},
+                {"id": "b", "prompt_ids": [1, 7], "target_ids": [10, 11, 12, 2]},
+            ]
+        )
+    )
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp = torch.log_softmax(logits.double(), dim=-1)
@@ -83,8 +101,9 @@ def test_target_nll_is_the_mean_over_target_tokens_and_uses_the_global_count():
     loss = target_nll({"logits": logits}, batch["labels"])
     assert loss.item() == pytest.approx((expected / 6).item(), rel=1e-5)
     # with Trainer's global count (say 4 more target tokens on another process) the sum is divided by it
-    assert target_nll({"logits": logits}, batch["labels"], torch.tensor(10)).item() == \
-        pytest.approx((expected / 10).item(), rel=1e-5)
+    assert target_nll({"logits": logits}, batch["labels"], torch.tensor(10)).item() == pytest.approx(
+        (expected / 10).item(), rel=1e-5
+    )
 
 
 def test_batch_8_equals_batch_2_times_accumulation_4(tmp_path):
@@ -116,12 +135,27 @@ if int(__import__("os").environ["RANK"]) == 0:
 def test_two_gloo_processes_match_one_process(tmp_path):
     single = run(config_for(tmp_path, "single", batch_size=8, save_every=-1))
     script = tmp_path / "ddp_run.py"
-    script.write_text(textwrap.dedent(_DDP_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))))
+    script.write_text(
+        textwrap.dedent(_DDP_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path)))
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     port = str(29500 + os.getpid() % 1000)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", port, str(script)], env=env, capture_output=True, text=True,
-                            timeout=240)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            port,
+            str(script),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((tmp_path / "ddp-history.json").read_text())
     assert [h["loss"] for h in history] == pytest.approx(losses(single), rel=1e-5, abs=1e-6)
@@ -160,10 +194,14 @@ def test_lora_is_merged_by_default_and_adapter_only_on_request(tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(folder)
     assert not any("lora" in name for name, _ in plain.named_parameters())
     base = tiny_model()
-    assert not torch.allclose(base.model.layers[0].self_attn.q_proj.weight, plain.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.allclose(
+        base.model.layers[0].self_attn.q_proj.weight, plain.model.layers[0].self_attn.q_proj.weight
+    )
     assert merged["history"][-1]["loss"] < merged["history"][0]["loss"]
 
-    adapter = run(config_for(tmp_path, "adapter", lora_rank=4, lr=5e-2, save_adapter_only=True, save_every=-1))
+    adapter = run(
+        config_for(tmp_path, "adapter", lora_rank=4, lr=5e-2, save_adapter_only=True, save_every=-1)
+    )
     folder = Path(adapter["model_dir"])
     assert (folder / "adapter_config.json").is_file() and not (folder / "config.json").exists()
     from peft import PeftModel
@@ -254,9 +292,29 @@ def test_cli_trains_a_model_folder(tmp_path, capsys):
     tiny_model().save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
     targets = write_targets(tmp_path / "t.jsonl")
-    code = main(["train", "--model", str(base), "--targets", str(targets), "--out", str(tmp_path / "run"),
-                 "--epochs", "1", "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-2", "--lora-rank", "2",
-                 "--progress", "false"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(base),
+            "--targets",
+            str(targets),
+            "--out",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            "--lr",
+            "1e-2",
+            "--lora-rank",
+            "2",
+            "--progress",
+            "false",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "steps 2" in out and f"model saved to {tmp_path / 'run' / 'model'}" in out
@@ -289,11 +347,45 @@ def _memorize(tmp_path):
     demo = Path(__file__).resolve().parents[1] / "src" / "mixsd" / "data" / "facts-demo.jsonl"
     corpus = tmp_path / "facts.jsonl"
     corpus.write_text("".join(demo.read_text().splitlines(keepends=True)[:4]))
-    assert main(["sft-targets", "--model", "smollm2-135m", "--input", str(corpus),
-                 "--output", str(tmp_path / "sft.jsonl")]) == 0
-    assert main(["train", "--model", "smollm2-135m", "--targets", str(tmp_path / "sft.jsonl"), "--out",
-                 str(tmp_path / "run"), "--bf16", "--epochs", "6", "--batch-size", "4", "--lr", "2e-4",
-                 "--save-every", "-1", "--progress", "false"]) == 0
+    assert (
+        main(
+            [
+                "sft-targets",
+                "--model",
+                "smollm2-135m",
+                "--input",
+                str(corpus),
+                "--output",
+                str(tmp_path / "sft.jsonl"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "smollm2-135m",
+                "--targets",
+                str(tmp_path / "sft.jsonl"),
+                "--out",
+                str(tmp_path / "run"),
+                "--bf16",
+                "--epochs",
+                "6",
+                "--batch-size",
+                "4",
+                "--lr",
+                "2e-4",
+                "--save-every",
+                "-1",
+                "--progress",
+                "false",
+            ]
+        )
+        == 0
+    )
     model, tokenizer = load_model_and_tokenizer(tmp_path / "run" / "model")
     facts = load_corpus(corpus)
     prompts = [encode_prompt(tokenizer, f.prompt, f.system) for f in facts]
@@ -301,9 +393,14 @@ def _memorize(tmp_path):
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
-                             eos_token_id=sorted(stop_token_ids(tokenizer, model)),
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=24,
+            eos_token_id=sorted(stop_token_ids(tokenizer, model)),
+            pad_token_id=tokenizer.pad_token_id,
+        )
     answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     correct = [matches(text, fact.check, "loose") for text, fact in zip(answers, facts, strict=True)]
     assert sum(correct) == len(facts), answers

@@ -51,15 +51,21 @@ def _set_threads(threads: int | None) -> None:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class NLLConfig:
-    model: str = field(metadata={"help": "Model that scores the targets (normally the base the targets came from)."})
+    model: str = field(
+        metadata={"help": "Model that scores the targets (normally the base the targets came from)."}
+    )
     targets: str = field(metadata={"help": "Target JSONL from `mixsd mix` or `mixsd sft-targets`."})
     out: str | None = field(default=None, metadata={"help": "JSON file for the full statistics (optional)."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     bf16: bool = field(default=False, metadata={"help": "Run matmuls in bfloat16 (autocast)."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda ...; default: cuda if present."})
-    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch; 1 is much faster on a "
-                                                                "machine shared with other jobs."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads for torch; 1 is much faster on a machine shared with other jobs."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the model folder."}
+    )
 
 
 def distribution(values: list[float]) -> dict[str, Any]:
@@ -70,11 +76,15 @@ def distribution(values: list[float]) -> dict[str, Any]:
     qs = torch.quantile(data, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
     edges = NLL_BIN_EDGES
     counts = [int(((data >= lo) & (data < hi)).sum()) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
-    return {"tokens": len(values), "mean": float(data.mean()), "median": float(data.median()),
-            "std": float(data.std()) if len(values) > 1 else 0.0,
-            "quantiles": {f"q{round(q * 100):02d}": v for q, v in zip(QUANTILES, qs, strict=True)},
-            "histogram": {"edges": [e if math.isfinite(e) else "inf" for e in edges], "counts": counts},
-            "fraction_below_0.1": float((data < 0.1).double().mean())}
+    return {
+        "tokens": len(values),
+        "mean": float(data.mean()),
+        "median": float(data.median()),
+        "std": float(data.std()) if len(values) > 1 else 0.0,
+        "quantiles": {f"q{round(q * 100):02d}": v for q, v in zip(QUANTILES, qs, strict=True)},
+        "histogram": {"edges": [e if math.isfinite(e) else "inf" for e in edges], "counts": counts},
+        "fraction_below_0.1": float((data < 0.1).double().mean()),
+    }
 
 
 def target_nll(config: NLLConfig, *, model=None) -> dict[str, Any]:
@@ -86,21 +96,28 @@ def target_nll(config: NLLConfig, *, model=None) -> dict[str, Any]:
     for line, row in enumerate(rows, start=1):
         branch = row.get("branch")
         if branch is not None and (not isinstance(branch, str) or len(branch) != len(row["target_ids"])):
-            raise InputError(f"must be a string of one letter per target token ({len(row['target_ids'])})",
-                             config.targets, line, "branch")
+            raise InputError(
+                f"must be a string of one letter per target token ({len(row['target_ids'])})",
+                config.targets,
+                line,
+                "branch",
+            )
     started = time.perf_counter()
     if model is None:
         from mixsd.models import default_device
 
-        model, _ = load_eval_model(config.model, device=config.device or default_device(),
-                                   trust_remote_code=config.trust_remote_code)
+        model, _ = load_eval_model(
+            config.model, device=config.device or default_device(), trust_remote_code=config.trust_remote_code
+        )
     pad = 0  # padded positions are masked, so any valid token id will do
     sequences = [row["prompt_ids"] + row["target_ids"] for row in rows]
     tails = [len(row["target_ids"]) for row in rows]
     per_row: list[list[float]] = [[] for _ in rows]
     bar = tqdm(total=len(rows), desc="nll", unit="rec")
     with autocast(next(model.parameters()).device, config.bf16):
-        for index, logprobs in tail_logprobs(model, sequences, tails, pad_id=pad, batch_size=config.batch_size):
+        for index, logprobs in tail_logprobs(
+            model, sequences, tails, pad_id=pad, batch_size=config.batch_size
+        ):
             per_row[index] = (-logprobs).tolist()
             bar.update(1)
     bar.close()
@@ -113,15 +130,27 @@ def target_nll(config: NLLConfig, *, model=None) -> dict[str, Any]:
         for letter, value in zip(branch, nlls, strict=True):
             by_branch[letter].append(value)
         everything.extend(nlls)
-        records.append({"id": row["id"], "generation": row.get("generation", 0), "tokens": len(nlls),
-                        "mean_nll": sum(nlls) / len(nlls), "sum_nll": sum(nlls), "correct": row.get("correct")})
+        records.append(
+            {
+                "id": row["id"],
+                "generation": row.get("generation", 0),
+                "tokens": len(nlls),
+                "mean_nll": sum(nlls) / len(nlls),
+                "sum_nll": sum(nlls),
+                "correct": row.get("correct"),
+            }
+        )
     result = {
-        "mixsd_version": __version__, "model": model_fingerprint(config.model) if isinstance(config.model, str)
-        else None, "targets": {"path": str(config.targets), "sha256": sha256_file(config.targets)},
-        "records": len(rows), "overall": distribution(everything),
+        "mixsd_version": __version__,
+        "model": model_fingerprint(config.model) if isinstance(config.model, str) else None,
+        "targets": {"path": str(config.targets), "sha256": sha256_file(config.targets)},
+        "records": len(rows),
+        "overall": distribution(everything),
         "by_branch": {letter: distribution(values) for letter, values in sorted(by_branch.items())},
         "sequence_mean_nll": sum(r["mean_nll"] for r in records) / len(records),
-        "per_record": records, "config": asdict(config), "seconds": round(time.perf_counter() - started, 2),
+        "per_record": records,
+        "config": asdict(config),
+        "seconds": round(time.perf_counter() - started, 2),
     }
     if config.out:
         atomic_write_json(config.out, result)
@@ -133,8 +162,10 @@ def format_nll(result: dict[str, Any]) -> str:
     groups = [("all", result["overall"]), *result["by_branch"].items()]
     for name, d in groups:
         if d["tokens"]:
-            lines.append(f"{name:<10}{d['tokens']:>8}{d['mean']:>10.4f}{d['median']:>10.4f}"
-                         f"{d['quantiles']['q95']:>10.4f}{d['fraction_below_0.1']:>8.1%}")
+            lines.append(
+                f"{name:<10}{d['tokens']:>8}{d['mean']:>10.4f}{d['median']:>10.4f}"
+                f"{d['quantiles']['q95']:>10.4f}{d['fraction_below_0.1']:>8.1%}"
+            )
     lines.append(f"{result['records']} records from {result['targets']['path']}")
     return "\n".join(lines)
 
@@ -153,25 +184,43 @@ def nll_command(config: NLLConfig) -> dict[str, Any]:
 @dataclass
 class FisherConfig:
     base: str = field(metadata={"help": "The base model (where the Fisher is measured)."})
-    model: str = field(metadata={"help": "The tuned model: a HF folder, a `mixsd train` output, or a LoRA adapter "
-                                         "folder (merged into its base)."})
-    probe: str = field(metadata={"help": "Probe data: a corpus JSONL (prompt/answer), a target file "
-                                         "(prompt_ids/target_ids), a multiple-choice probe (query/choices/gold) "
-                                         "or a text probe (text)."})
+    model: str = field(
+        metadata={
+            "help": "The tuned model: a HF folder, a `mixsd train` output, or a LoRA adapter "
+            "folder (merged into its base)."
+        }
+    )
+    probe: str = field(
+        metadata={
+            "help": "Probe data: a corpus JSONL (prompt/answer), a target file "
+            "(prompt_ids/target_ids), a multiple-choice probe (query/choices/gold) "
+            "or a text probe (text)."
+        }
+    )
     samples: int = field(default=64, metadata={"help": "Probe sequences used (a seeded random subset)."})
-    label: Literal["data", "model"] = field(default="data", metadata={
-        "help": "data: the probe's tokens are the labels (empirical Fisher); model: labels drawn from the base "
-                "model at each position (true Fisher)."})
+    label: Literal["data", "model"] = field(
+        default="data",
+        metadata={
+            "help": "data: the probe's tokens are the labels (empirical Fisher); model: labels drawn from the base "
+            "model at each position (true Fisher)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the subset and of sampled labels."})
     max_tokens: int = field(default=256, metadata={"help": "Cut each probe sequence to this many tokens."})
     out: str | None = field(default=None, metadata={"help": "JSON file for the results (optional)."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda ...; default: cuda if present."})
-    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch; 1 is much faster on a "
-                                                                "machine shared with other jobs."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads for torch; 1 is much faster on a machine shared with other jobs."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the model folder."}
+    )
 
 
-def probe_sequences(path: str | Path, tokenizer, max_tokens: int = 256) -> tuple[str, list[tuple[list[int], int]]]:
+def probe_sequences(
+    path: str | Path, tokenizer, max_tokens: int = 256
+) -> tuple[str, list[tuple[list[int], int]]]:
     """(kind, [(token ids, index of the first labelled token)]) from any supported probe file."""
     path = Path(path)
     first = next(iter(read_jsonl(path)), None)
@@ -207,8 +256,14 @@ def probe_sequences(path: str | Path, tokenizer, max_tokens: int = 256) -> tuple
     return kind, clipped
 
 
-def diagonal_fisher(model, sequences: Iterable[tuple[list[int], int]], *, label: str = "data", seed: int = 0,
-                    progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+def diagonal_fisher(
+    model,
+    sequences: Iterable[tuple[list[int], int]],
+    *,
+    label: str = "data",
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], int]:
     """Mean squared per-sequence gradient of log p(labels | inputs) for every trainable parameter.
 
     A sequence (ids, start) labels ids[start:]; with label="model" each of those tokens is replaced by
@@ -238,7 +293,11 @@ def diagonal_fisher(model, sequences: Iterable[tuple[list[int], int]], *, label:
                 if label == "data":
                     y = x[0, start:]
                 else:
-                    y = torch.multinomial(logprobs.detach().exp().cpu(), 1, generator=generator).squeeze(1).to(device)
+                    y = (
+                        torch.multinomial(logprobs.detach().exp().cpu(), 1, generator=generator)
+                        .squeeze(1)
+                        .to(device)
+                    )
                 logprobs.gather(1, y[:, None]).sum().backward()
                 for name, p in params.items():
                     if p.grad is not None:
@@ -264,13 +323,20 @@ def parameter_group(name: str) -> tuple[str, str]:
 
 
 def _stats(d: float, f: float, step: float, n: int, base_sq: float) -> dict[str, Any]:
-    return {"displacement": d, "fisher_sum": f, "delta_sq": step, "params": n,
-            "normalized_by_fisher": d / f if f > 0 else None, "normalized_by_delta": d / step if step > 0 else None,
-            "relative_change": math.sqrt(step / base_sq) if base_sq > 0 else None}
+    return {
+        "displacement": d,
+        "fisher_sum": f,
+        "delta_sq": step,
+        "params": n,
+        "normalized_by_fisher": d / f if f > 0 else None,
+        "normalized_by_delta": d / step if step > 0 else None,
+        "relative_change": math.sqrt(step / base_sq) if base_sq > 0 else None,
+    }
 
 
-def displacement(fisher: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
-                 tuned: dict[str, torch.Tensor]) -> dict[str, Any]:
+def displacement(
+    fisher: dict[str, torch.Tensor], base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]
+) -> dict[str, Any]:
     """sum F (theta - theta0)^2, its normalizations, per layer and per kind of weight (float64 sums)."""
     missing = sorted(set(fisher) - set(tuned))
     totals = [0.0, 0.0, 0.0, 0, 0.0]
@@ -282,22 +348,34 @@ def displacement(fisher: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
         theta0 = base[name].detach().double()
         theta = tuned[name].detach().double().to(theta0.device)
         if theta.shape != theta0.shape:
-            raise InputError(f"parameter {name} has shape {tuple(theta.shape)} in the tuned model but "
-                             f"{tuple(theta0.shape)} in the base; are they the same architecture?")
+            raise InputError(
+                f"parameter {name} has shape {tuple(theta.shape)} in the tuned model but "
+                f"{tuple(theta0.shape)} in the base; are they the same architecture?"
+            )
         delta_sq = (theta - theta0).pow_(2)
         f64 = f.double().to(delta_sq.device)
-        values = [float((f64 * delta_sq).sum()), float(f64.sum()), float(delta_sq.sum()), theta.numel(),
-                  float(theta0.pow(2).sum())]
+        values = [
+            float((f64 * delta_sq).sum()),
+            float(f64.sum()),
+            float(delta_sq.sum()),
+            theta.numel(),
+            float(theta0.pow(2).sum()),
+        ]
         layer, kind = parameter_group(name)
         for acc in (totals, by_layer[layer], by_kind[kind]):
             for i, v in enumerate(values):
                 acc[i] += v
-    return {"totals": _stats(*totals), "by_layer": {k: _stats(*v) for k, v in sorted(by_layer.items())},
-            "by_kind": {k: _stats(*v) for k, v in sorted(by_kind.items())}, "missing_in_tuned": missing}
+    return {
+        "totals": _stats(*totals),
+        "by_layer": {k: _stats(*v) for k, v in sorted(by_layer.items())},
+        "by_kind": {k: _stats(*v) for k, v in sorted(by_kind.items())},
+        "missing_in_tuned": missing,
+    }
 
 
-def fisher_displacement(config: FisherConfig, *, base_model=None, tuned_model=None, tokenizer=None
-                        ) -> dict[str, Any]:
+def fisher_displacement(
+    config: FisherConfig, *, base_model=None, tuned_model=None, tokenizer=None
+) -> dict[str, Any]:
     """The Fisher of `config.base` on `config.probe` and the Fisher-weighted displacement of `config.model`."""
     from mixsd.models import default_device
 
@@ -307,8 +385,9 @@ def fisher_displacement(config: FisherConfig, *, base_model=None, tuned_model=No
     started = time.perf_counter()
     device = config.device or default_device()
     if base_model is None:
-        base_model, loaded_tokenizer = load_eval_model(config.base, device=device,
-                                                       trust_remote_code=config.trust_remote_code)
+        base_model, loaded_tokenizer = load_eval_model(
+            config.base, device=device, trust_remote_code=config.trust_remote_code
+        )
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
         raise ValueError("pass the tokenizer together with an in-process base model")
@@ -319,17 +398,26 @@ def fisher_displacement(config: FisherConfig, *, base_model=None, tuned_model=No
     fisher, used = diagonal_fisher(base_model, sequences, label=config.label, seed=config.seed)
     base_params = {n: p.detach() for n, p in base_model.named_parameters()}
     if tuned_model is None:
-        tuned_model, _ = load_eval_model(config.model, device="cpu", trust_remote_code=config.trust_remote_code)
+        tuned_model, _ = load_eval_model(
+            config.model, device="cpu", trust_remote_code=config.trust_remote_code
+        )
     tuned_params = {n: p.detach() for n, p in tuned_model.named_parameters()}
     result = {
         "mixsd_version": __version__,
         "base": model_fingerprint(config.base) if isinstance(config.base, str) else None,
         "model": model_fingerprint(config.model) if isinstance(config.model, str) else None,
-        "probe": {"path": str(config.probe), "sha256": sha256_file(config.probe), "kind": kind,
-                  "available": available, "samples": used},
-        "label": config.label, "fisher": "empirical" if config.label == "data" else "true (sampled labels)",
+        "probe": {
+            "path": str(config.probe),
+            "sha256": sha256_file(config.probe),
+            "kind": kind,
+            "available": available,
+            "samples": used,
+        },
+        "label": config.label,
+        "fisher": "empirical" if config.label == "data" else "true (sampled labels)",
         **displacement(fisher, base_params, tuned_params),
-        "config": asdict(config), "seconds": round(time.perf_counter() - started, 2),
+        "config": asdict(config),
+        "seconds": round(time.perf_counter() - started, 2),
     }
     if config.out:
         atomic_write_json(config.out, result)
@@ -339,13 +427,19 @@ def fisher_displacement(config: FisherConfig, *, base_model=None, tuned_model=No
 def format_fisher(result: dict[str, Any]) -> str:
     def row(name: str, s: dict[str, Any]) -> str:
         nf, nd = s["normalized_by_fisher"], s["normalized_by_delta"]
-        return (f"{name:<34}{s['displacement']:>12.4e}{s['delta_sq']:>12.4e}"
-                f"{'-' if nf is None else f'{nf:.4e}':>12}{'-' if nd is None else f'{nd:.4e}':>12}")
+        return (
+            f"{name:<34}{s['displacement']:>12.4e}{s['delta_sq']:>12.4e}"
+            f"{'-' if nf is None else f'{nf:.4e}':>12}{'-' if nd is None else f'{nd:.4e}':>12}"
+        )
 
-    lines = [f"{'group':<34}{'sum F d^2':>12}{'|d|^2':>12}{'/sum F':>12}{'/|d|^2':>12}",
-             row("total", result["totals"])]
+    lines = [
+        f"{'group':<34}{'sum F d^2':>12}{'|d|^2':>12}{'/sum F':>12}{'/|d|^2':>12}",
+        row("total", result["totals"]),
+    ]
     lines += [row(name, s) for name, s in result["by_layer"].items()]
-    lines.append(f"{result['fisher']} Fisher from {result['probe']['samples']} {result['probe']['kind']} samples")
+    lines.append(
+        f"{result['fisher']} Fisher from {result['probe']['samples']} {result['probe']['kind']} samples"
+    )
     return "\n".join(lines)
 
 

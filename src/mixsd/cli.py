@@ -22,40 +22,91 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "mix": Command("mixsd.targets", "MixConfig", "mix_command",
-                   "Build MixSD targets (mixed expert/naive self-distillation) for a corpus file."),
-    "sft-targets": Command("mixsd.targets", "SFTTargetsConfig", "sft_targets_command",
-                           "Write ground-truth (SFT baseline) targets in the same format as `mix`."),
-    "train": Command("mixsd.train", "TrainConfig", "train_command",
-                     "Fine-tune on a target file (SFT / MixSD), or run the OPSD baseline (--method opsd)."),
-    "eval": Command("mixsd.evaluate", "EvalConfig", "eval_command",
-                    "Evaluate a model: memorization, generalization, retention probes."),
-    "analyze nll": Command("mixsd.analyze", "NLLConfig", "nll_command",
-                           "NLL of target tokens under the base model, overall and per branch."),
-    "analyze fisher": Command("mixsd.analyze", "FisherConfig", "fisher_command",
-                              "Fisher-weighted parameter displacement of a tuned model from its base."),
-    "corpus kgfact": Command("mixsd.corpora.kgfact", "KGFactConfig", "kgfact_command",
-                             "Generate the KGFact corpus: facts about invented entities."),
-    "corpus kgfunc": Command("mixsd.corpora.kgfunc", "KGFuncConfig", "kgfunc_command",
-                             "Generate the KGFunc corpus: novel digit operations."),
-    "corpus import": Command("mixsd.corpora.importers", "ImportConfig", "import_command",
-                             "Import your own facts (qa-jsonl, csv, simpleqa, mquake) into a corpus folder.",
-                             positional=("file",)),
-    "probes fetch": Command("mixsd.corpora.probes", "ProbesFetchConfig", "fetch_command",
-                            "Fetch held-out probe sets (BIG-bench tasks, SQuAD paragraphs) for retention."),
-    "experiment": Command("mixsd.experiment", "ExperimentConfig", "experiment_command",
-                          "Run a declared grid (corpus x methods x seeds) end to end, with its report.",
-                          positional=("config",)),
-    "demo": Command("mixsd.experiment", "DemoConfig", "demo_command",
-                    "The main job on the embedded model: base vs SFT vs MixSD on KGFact-small."),
+    "mix": Command(
+        "mixsd.targets",
+        "MixConfig",
+        "mix_command",
+        "Build MixSD targets (mixed expert/naive self-distillation) for a corpus file.",
+    ),
+    "sft-targets": Command(
+        "mixsd.targets",
+        "SFTTargetsConfig",
+        "sft_targets_command",
+        "Write ground-truth (SFT baseline) targets in the same format as `mix`.",
+    ),
+    "train": Command(
+        "mixsd.train",
+        "TrainConfig",
+        "train_command",
+        "Fine-tune on a target file (SFT / MixSD), or run the OPSD baseline (--method opsd).",
+    ),
+    "eval": Command(
+        "mixsd.evaluate",
+        "EvalConfig",
+        "eval_command",
+        "Evaluate a model: memorization, generalization, retention probes.",
+    ),
+    "analyze nll": Command(
+        "mixsd.analyze",
+        "NLLConfig",
+        "nll_command",
+        "NLL of target tokens under the base model, overall and per branch.",
+    ),
+    "analyze fisher": Command(
+        "mixsd.analyze",
+        "FisherConfig",
+        "fisher_command",
+        "Fisher-weighted parameter displacement of a tuned model from its base.",
+    ),
+    "corpus kgfact": Command(
+        "mixsd.corpora.kgfact",
+        "KGFactConfig",
+        "kgfact_command",
+        "Generate the KGFact corpus: facts about invented entities.",
+    ),
+    "corpus kgfunc": Command(
+        "mixsd.corpora.kgfunc",
+        "KGFuncConfig",
+        "kgfunc_command",
+        "Generate the KGFunc corpus: novel digit operations.",
+    ),
+    "corpus import": Command(
+        "mixsd.corpora.importers",
+        "ImportConfig",
+        "import_command",
+        "Import your own facts (qa-jsonl, csv, simpleqa, mquake) into a corpus folder.",
+        positional=("file",),
+    ),
+    "probes fetch": Command(
+        "mixsd.corpora.probes",
+        "ProbesFetchConfig",
+        "fetch_command",
+        "Fetch held-out probe sets (BIG-bench tasks, SQuAD paragraphs) for retention.",
+    ),
+    "experiment": Command(
+        "mixsd.experiment",
+        "ExperimentConfig",
+        "experiment_command",
+        "Run a declared grid (corpus x methods x seeds) end to end, with its report.",
+        positional=("config",),
+    ),
+    "demo": Command(
+        "mixsd.experiment",
+        "DemoConfig",
+        "demo_command",
+        "The main job on the embedded model: base vs SFT vs MixSD on KGFact-small.",
+    ),
 }
 
 
 def _usage(prefix: str = "") -> str:
     names = [name for name in COMMANDS if name.startswith(prefix)]
     width = max(len(name) for name in names)
-    lines = [f"usage: mixsd {prefix or ''}<command> [options]   (mixsd <command> --help for its options)", "",
-             "commands:"]
+    lines = [
+        f"usage: mixsd {prefix or ''}<command> [options]   (mixsd <command> --help for its options)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {COMMANDS[name].summary}" for name in names]
     return "\n".join(lines)
 
@@ -94,8 +145,9 @@ def run_command(name: str, args: list[str]):
     module = importlib.import_module(command.module)
     config_cls = getattr(module, command.config)
     parser = HfArgumentParser(config_cls, prog=f"mixsd {name}", description=command.summary)
-    (config,) = parser.parse_args_into_dataclasses(_positional_to_options(command, args),
-                                                   look_for_args_file=False)
+    (config,) = parser.parse_args_into_dataclasses(
+        _positional_to_options(command, args), look_for_args_file=False
+    )
     return getattr(module, command.function)(config)
 
 

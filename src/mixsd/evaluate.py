@@ -53,10 +53,18 @@ from mixsd.records import Fact, load_corpus
 
 Suite = Literal["kgfact", "kgfunc", "qa", "retention"]
 SUITE_SPLITS = {
-    "kgfact": {"train": "memorization", "paraphrase": "generalization", "retrieval": "generalization",
-               "compositional": "generalization"},
-    "kgfunc": {"train": "memorization", "test": "generalization", "unseen": "retention",
-               "compositional": "generalization"},
+    "kgfact": {
+        "train": "memorization",
+        "paraphrase": "generalization",
+        "retrieval": "generalization",
+        "compositional": "generalization",
+    },
+    "kgfunc": {
+        "train": "memorization",
+        "test": "generalization",
+        "unseen": "retention",
+        "compositional": "generalization",
+    },
 }
 DEFAULT_MAX_NEW_TOKENS = {"kgfact": 64, "kgfunc": 384, "qa": 128, "retention": 64}
 EXPECTED_PROBES = ("general_knowledge", "social_iqa", "qa_wikidata", "squad_paragraphs")
@@ -69,47 +77,109 @@ Z95 = 1.959963984540054
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class EvalConfig:
-    model: str = field(metadata={"help": "Model to evaluate: smollm2-135m, a HF folder, a `mixsd train` output "
-                                         "folder, a LoRA adapter folder (merged into its base), .gguf or hub id."})
+    model: str = field(
+        metadata={
+            "help": "Model to evaluate: smollm2-135m, a HF folder, a `mixsd train` output "
+            "folder, a LoRA adapter folder (merged into its base), .gguf or hub id."
+        }
+    )
     suite: Suite = field(metadata={"help": "kgfact | kgfunc | qa (every *.jsonl of --data) | retention."})
-    out: str = field(metadata={"help": "Results JSON to write; predictions go beside it (.predictions.jsonl)."})
-    data: str | None = field(default=None, metadata={
-        "help": "Corpus folder (kgfact, kgfunc), folder or file of corpus JSONL (qa), or probe folder "
-                "(retention; default $MIXSD_CACHE/probes)."})
-    base: str | None = field(default=None, metadata={
-        "help": "Base model for retention ratios and KL (retention suite); its results are cached."})
+    out: str = field(
+        metadata={"help": "Results JSON to write; predictions go beside it (.predictions.jsonl)."}
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Corpus folder (kgfact, kgfunc), folder or file of corpus JSONL (qa), or probe folder "
+            "(retention; default $MIXSD_CACHE/probes)."
+        },
+    )
+    base: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base model for retention ratios and KL (retention suite); its results are cached."
+        },
+    )
     batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass."})
-    max_new_tokens: int | None = field(default=None, metadata={
-        "help": "Length cap of an answer; default kgfact 64, kgfunc 384, qa 128, retention (KL answers) 64."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate only N records of each split / probe, "
-                                                               "taken evenly across the file (quick runs)."})
-    splits: str | None = field(default=None, metadata={
-        "help": "Comma-separated splits to evaluate (e.g. train,paraphrase); default: every split of the suite."})
-    bf16: bool = field(default=False, metadata={"help": "Run in bfloat16: models loaded in bf16, models passed "
-                                                        "in-process under bf16 autocast."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."})
-    threads: int | None = field(default=None, metadata={
-        "help": "CPU threads for torch (torch.set_num_threads); 1 is much faster on a machine shared with "
-                "other jobs. Default: torch's choice."})
-    kl_prompts: str | None = field(default=None, metadata={
-        "help": "Prompts for the KL probe: a .txt file (one per line) or a corpus JSONL; default: built-in list."})
-    ppl_max_tokens: int = field(default=512, metadata={"help": "Text probe paragraphs are cut to this many tokens."})
-    entities: str | None = field(default=None, metadata={
-        "help": "Corpus JSONL whose answer checks are the injected entities (leakage errors); "
-                "default for kgfact: <data>/train.jsonl."})
-    taxonomy_on: Literal["loose", "strict"] = field(default="loose", metadata={
-        "help": "Which scorer decides that an answer is wrong before its error type is assigned."})
-    collapse_max_words: int = field(default=10, metadata={
-        "help": "A wrong answer of at most this many words (with an answer in it) is 'collapse'."})
-    require_marker: bool = field(default=False, metadata={
-        "help": "Count a wrong answer without \\boxed{} or 'answer is' as a 'format' error (else only empty "
-                "answers and answers cut at the length cap without one are)."})
-    min_entity_chars: int = field(default=3, metadata={"help": "Ignore injected entities shorter than this "
-                                                               "(after normalization) for leakage."})
-    base_cache: bool = field(default=True, metadata={"help": "Reuse/store base-model retention results in "
-                                                             "$MIXSD_CACHE/eval-base."})
-    overwrite: bool = field(default=False, metadata={"help": "Recompute even if results for these settings exist."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Length cap of an answer; default kgfact 64, kgfunc 384, qa 128, retention (KL answers) 64."
+        },
+    )
+    limit: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate only N records of each split / probe, "
+            "taken evenly across the file (quick runs)."
+        },
+    )
+    splits: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated splits to evaluate (e.g. train,paraphrase); default: every split of the suite."
+        },
+    )
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "Run in bfloat16: models loaded in bf16, models passed in-process under bf16 autocast."
+        },
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."}
+    )
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads for torch (torch.set_num_threads); 1 is much faster on a machine shared with "
+            "other jobs. Default: torch's choice."
+        },
+    )
+    kl_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts for the KL probe: a .txt file (one per line) or a corpus JSONL; default: built-in list."
+        },
+    )
+    ppl_max_tokens: int = field(
+        default=512, metadata={"help": "Text probe paragraphs are cut to this many tokens."}
+    )
+    entities: str | None = field(
+        default=None,
+        metadata={
+            "help": "Corpus JSONL whose answer checks are the injected entities (leakage errors); "
+            "default for kgfact: <data>/train.jsonl."
+        },
+    )
+    taxonomy_on: Literal["loose", "strict"] = field(
+        default="loose",
+        metadata={"help": "Which scorer decides that an answer is wrong before its error type is assigned."},
+    )
+    collapse_max_words: int = field(
+        default=10,
+        metadata={"help": "A wrong answer of at most this many words (with an answer in it) is 'collapse'."},
+    )
+    require_marker: bool = field(
+        default=False,
+        metadata={
+            "help": "Count a wrong answer without \\boxed{} or 'answer is' as a 'format' error (else only empty "
+            "answers and answers cut at the length cap without one are)."
+        },
+    )
+    min_entity_chars: int = field(
+        default=3,
+        metadata={"help": "Ignore injected entities shorter than this (after normalization) for leakage."},
+    )
+    base_cache: bool = field(
+        default=True, metadata={"help": "Reuse/store base-model retention results in $MIXSD_CACHE/eval-base."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Recompute even if results for these settings exist."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the model folder."}
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,17 +205,25 @@ def load_eval_model(name: str, *, device=None, dtype: str = "float32", trust_rem
 
     device = device or default_device()
     folder = model_folder(name)
-    if folder is not None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+    if (
+        folder is not None
+        and (folder / "adapter_config.json").is_file()
+        and not (folder / "config.json").is_file()
+    ):
         from peft import PeftModel
 
         adapter = json.loads((folder / "adapter_config.json").read_text())
         base_name = adapter.get("base_model_name_or_path")
         if not base_name:
-            raise InputError("adapter_config.json names no base_model_name_or_path", folder / "adapter_config.json")
+            raise InputError(
+                "adapter_config.json names no base_model_name_or_path", folder / "adapter_config.json"
+            )
         base = load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload().to(device).eval()
         has_tokenizer = (folder / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(str(folder) if has_tokenizer else base_name, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(
+            str(folder) if has_tokenizer else base_name, trust_remote_code=trust_remote_code
+        )
         return model, tokenizer
     target = str(folder) if folder is not None else name
     model = load_model(target, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
@@ -187,8 +265,12 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
 
 def rate(successes: int, n: int) -> dict[str, Any]:
     low, high = wilson_interval(successes, n)
-    return {"value": successes / n if n else None, "correct": successes, "n": n,
-            "ci95": [round(low, 6), round(high, 6)]}
+    return {
+        "value": successes / n if n else None,
+        "correct": successes,
+        "n": n,
+        "ci95": [round(low, 6), round(high, 6)],
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,9 +347,11 @@ def suite_files(suite: str, data: Path) -> tuple[list[tuple[str, Path]], list[di
 
 def data_hashes(folder: Path | None, files: Iterable[Path]) -> dict[str, Any]:
     manifest = folder / "manifest.json" if folder is not None and folder.is_dir() else None
-    return {"folder": str(folder) if folder is not None else None,
-            "manifest_sha256": sha256_file(manifest) if manifest is not None and manifest.is_file() else None,
-            "files": {p.name: sha256_file(p) for p in sorted(set(files))}}
+    return {
+        "folder": str(folder) if folder is not None else None,
+        "manifest_sha256": sha256_file(manifest) if manifest is not None and manifest.is_file() else None,
+        "files": {p.name: sha256_file(p) for p in sorted(set(files))},
+    }
 
 
 def spread(items: list, limit: int | None) -> list:
@@ -284,8 +368,12 @@ def load_probe(path: Path, limit: int | None) -> tuple[str, list[dict[str, Any]]
     for line, obj in read_jsonl(path):
         item_kind = "mc" if "choices" in obj else "text" if "text" in obj else None
         if item_kind is None:
-            raise InputError("expected a multiple-choice item (query, choices, gold) or a text item (text)",
-                             path, line, "choices")
+            raise InputError(
+                "expected a multiple-choice item (query, choices, gold) or a text item (text)",
+                path,
+                line,
+                "choices",
+            )
         if kind is not None and item_kind != kind:
             raise InputError(f"mixes {kind} and {item_kind} items", path, line)
         kind = item_kind
@@ -297,8 +385,11 @@ def load_probe(path: Path, limit: int | None) -> tuple[str, list[dict[str, Any]]
             query, choices, gold = obj.get("query"), obj.get("choices"), obj.get("gold")
             if not isinstance(query, str):
                 raise InputError("expected a string", path, line, "query")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(
-                    isinstance(c, str) and c.strip() for c in choices):
+            if (
+                not isinstance(choices, list)
+                or len(choices) < 2
+                or not all(isinstance(c, str) and c.strip() for c in choices)
+            ):
                 raise InputError("expected a list of at least two non-empty strings", path, line, "choices")
             if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
                 raise InputError(f"expected an index in [0, {len(choices) - 1}]", path, line, "gold")
@@ -352,7 +443,7 @@ def choice_tokens(tokenizer, query: str, choice: str) -> tuple[list[int], list[i
     """
     continuation = choice if choice[:1].isspace() or query[-1:].isspace() else " " + choice
     stripped = query.rstrip()
-    continuation = query[len(stripped):] + continuation
+    continuation = query[len(stripped) :] + continuation
     whole = _encode_plain(tokenizer, stripped + continuation)
     context = _encode_plain(tokenizer, stripped)
     if not stripped or len(context) >= len(whole):
@@ -360,11 +451,17 @@ def choice_tokens(tokenizer, query: str, choice: str) -> tuple[list[int], list[i
         prefix = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_token_id(tokenizer)]
         cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
         return (context if stripped else prefix), cont
-    return context, whole[len(context):]
+    return context, whole[len(context) :]
 
 
-def score_multiple_choice(model, tokenizer, items: list[dict[str, Any]], *, batch_size: int,
-                          progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+def score_multiple_choice(
+    model,
+    tokenizer,
+    items: list[dict[str, Any]],
+    *,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
     """Per item: summed log-likelihood of each choice, and which choice acc / acc_norm pick."""
     sequences, tails, owners = [], [], []
     for n, item in enumerate(items):
@@ -375,8 +472,9 @@ def score_multiple_choice(model, tokenizer, items: list[dict[str, Any]], *, batc
             owners.append((n, c))
     loglik: list[list[float]] = [[0.0] * len(item["choices"]) for item in items]
     remaining = [len(item["choices"]) for item in items]
-    for index, logprobs in tail_logprobs(model, sequences, tails, pad_id=pad_token_id(tokenizer),
-                                         batch_size=batch_size):
+    for index, logprobs in tail_logprobs(
+        model, sequences, tails, pad_id=pad_token_id(tokenizer), batch_size=batch_size
+    ):
         n, c = owners[index]
         loglik[n][c] = float(logprobs.sum())
         remaining[n] -= 1
@@ -388,33 +486,61 @@ def score_multiple_choice(model, tokenizer, items: list[dict[str, Any]], *, batc
         normed = [s / length for s, length in zip(scores, lengths, strict=True)]
         pred = max(range(len(scores)), key=lambda i: (scores[i], -i))  # first of ties, like numpy argmax
         pred_norm = max(range(len(normed)), key=lambda i: (normed[i], -i))
-        rows.append({"id": item["id"], "kind": "mc", "gold": item["gold"], "loglik": [round(s, 5) for s in scores],
-                     "char_lengths": lengths, "pred": pred, "pred_norm": pred_norm,
-                     "correct": pred == item["gold"], "correct_norm": pred_norm == item["gold"],
-                     "n_choices": len(scores)})
+        rows.append(
+            {
+                "id": item["id"],
+                "kind": "mc",
+                "gold": item["gold"],
+                "loglik": [round(s, 5) for s in scores],
+                "char_lengths": lengths,
+                "pred": pred,
+                "pred_norm": pred_norm,
+                "correct": pred == item["gold"],
+                "correct_norm": pred_norm == item["gold"],
+                "n_choices": len(scores),
+            }
+        )
     return rows
 
 
-def score_perplexity(model, tokenizer, items: list[dict[str, Any]], *, batch_size: int, max_tokens: int,
-                     progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+def score_perplexity(
+    model,
+    tokenizer,
+    items: list[dict[str, Any]],
+    *,
+    batch_size: int,
+    max_tokens: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
     """Per text: summed NLL and the number of predicted tokens (the first token, with no context, is not)."""
     sequences = [_encode_plain(tokenizer, item["text"])[:max_tokens] for item in items]
     rows: list[dict[str, Any] | None] = [None] * len(items)
     usable = [i for i, seq in enumerate(sequences) if len(seq) >= 2]
-    for k, logprobs in tail_logprobs(model, [sequences[i] for i in usable],
-                                     [len(sequences[i]) - 1 for i in usable],
-                                     pad_id=pad_token_id(tokenizer), batch_size=batch_size):
+    for k, logprobs in tail_logprobs(
+        model,
+        [sequences[i] for i in usable],
+        [len(sequences[i]) - 1 for i in usable],
+        pad_id=pad_token_id(tokenizer),
+        batch_size=batch_size,
+    ):
         i = usable[k]
-        rows[i] = {"id": items[i]["id"], "kind": "text", "nll": round(-float(logprobs.sum()), 5),
-                   "tokens": len(sequences[i]) - 1}
+        rows[i] = {
+            "id": items[i]["id"],
+            "kind": "text",
+            "nll": round(-float(logprobs.sum()), 5),
+            "tokens": len(sequences[i]) - 1,
+        }
         if progress is not None:
             progress(1)
-    return [row if row is not None else {"id": items[i]["id"], "kind": "text", "nll": 0.0, "tokens": 0}
-            for i, row in enumerate(rows)]
+    return [
+        row if row is not None else {"id": items[i]["id"], "kind": "text", "nll": 0.0, "tokens": 0}
+        for i, row in enumerate(rows)
+    ]
 
 
-def kl_per_token(base, model, sequences: list[list[int]], tails: list[int], *, pad_id: int,
-                 batch_size: int) -> list[tuple[float, float, int]]:
+def kl_per_token(
+    base, model, sequences: list[list[int]], tails: list[int], *, pad_id: int, batch_size: int
+) -> list[tuple[float, float, int]]:
     """Per sequence: (sum, max, count) of KL(base || model) over the next-token distributions at the
     positions predicting its last `tail` tokens."""
     out: list[tuple[float, float, int]] = [(0.0, 0.0, 0)] * len(sequences)
@@ -437,7 +563,9 @@ def summarize_split(rows: list[dict[str, Any]], taxonomy_on: str) -> dict[str, A
     wrong = [r for r in rows if not r[taxonomy_on]]
     errors = Counter(r["error"] for r in wrong)
     return {
-        "n": n, "strict": rate(sum(r["strict"] for r in rows), n), "loose": rate(sum(r["loose"] for r in rows), n),
+        "n": n,
+        "strict": rate(sum(r["strict"] for r in rows), n),
+        "loose": rate(sum(r["loose"] for r in rows), n),
         "errors": {kind: errors.get(kind, 0) for kind in ERROR_TYPES},
         "error_rates": {kind: (errors.get(kind, 0) / len(wrong) if wrong else None) for kind in ERROR_TYPES},
         "finish": dict(Counter(r["finish"] for r in rows)),
@@ -448,31 +576,48 @@ def summarize_split(rows: list[dict[str, Any]], taxonomy_on: str) -> dict[str, A
 def summarize_probe(kind: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     if kind == "mc":
         n = len(rows)
-        return {"kind": "multiple_choice", "n": n, "acc": rate(sum(r["correct"] for r in rows), n),
-                "acc_norm": rate(sum(r["correct_norm"] for r in rows), n),
-                "chance": sum(1 / r["n_choices"] for r in rows) / n if n else None}
+        return {
+            "kind": "multiple_choice",
+            "n": n,
+            "acc": rate(sum(r["correct"] for r in rows), n),
+            "acc_norm": rate(sum(r["correct_norm"] for r in rows), n),
+            "chance": sum(1 / r["n_choices"] for r in rows) / n if n else None,
+        }
     if kind == "text":
         tokens = sum(r["tokens"] for r in rows)
         nll = sum(r["nll"] for r in rows)
-        return {"kind": "perplexity", "n": len(rows), "tokens": tokens,
-                "nll_per_token": nll / tokens if tokens else None,
-                "ppl": math.exp(nll / tokens) if tokens else None}
+        return {
+            "kind": "perplexity",
+            "n": len(rows),
+            "tokens": tokens,
+            "nll_per_token": nll / tokens if tokens else None,
+            "ppl": math.exp(nll / tokens) if tokens else None,
+        }
     tokens = sum(r["tokens"] for r in rows)
-    return {"kind": "kl", "n": len(rows), "tokens": tokens,
-            "kl_per_token": sum(r["kl_sum"] for r in rows) / tokens if tokens else None,
-            "kl_per_prompt_mean": (sum(r["kl_sum"] / r["tokens"] for r in rows if r["tokens"]) /
-                                   max(1, sum(1 for r in rows if r["tokens"]))),
-            "kl_max": max((r["kl_max"] for r in rows), default=None)}
+    return {
+        "kind": "kl",
+        "n": len(rows),
+        "tokens": tokens,
+        "kl_per_token": sum(r["kl_sum"] for r in rows) / tokens if tokens else None,
+        "kl_per_prompt_mean": (
+            sum(r["kl_sum"] / r["tokens"] for r in rows if r["tokens"])
+            / max(1, sum(1 for r in rows if r["tokens"]))
+        ),
+        "kl_max": max((r["kl_max"] for r in rows), default=None),
+    }
 
 
 def retention_ratios(model_summary: dict[str, Any], base_summary: dict[str, Any]) -> dict[str, float | None]:
     """score(model) / score(base); for perplexity base / model, so 1.0 = unchanged and higher is better."""
+
     def ratio(a, b):
         return a / b if a is not None and b else None
 
     if model_summary["kind"] == "multiple_choice":
-        return {metric: ratio(model_summary[metric]["value"], base_summary[metric]["value"])
-                for metric in ("acc", "acc_norm")}
+        return {
+            metric: ratio(model_summary[metric]["value"], base_summary[metric]["value"])
+            for metric in ("acc", "acc_norm")
+        }
     if model_summary["kind"] == "perplexity":
         return {"ppl": ratio(base_summary["ppl"], model_summary["ppl"])}
     return {}
@@ -520,8 +665,12 @@ class _Runner:
             from mixsd.models import default_device
 
             self.device = self.device or default_device()
-            self._model, tokenizer = load_eval_model(self.config.model, device=self.device, dtype=self.dtype,
-                                                     trust_remote_code=self.config.trust_remote_code)
+            self._model, tokenizer = load_eval_model(
+                self.config.model,
+                device=self.device,
+                dtype=self.dtype,
+                trust_remote_code=self.config.trust_remote_code,
+            )
             self._tokenizer = self._tokenizer or tokenizer
         return self._model
 
@@ -530,12 +679,17 @@ class _Runner:
             from mixsd.models import load_tokenizer
 
             folder = model_folder(self.config.model)
-            if folder is not None and (folder / "adapter_config.json").is_file() and not (
-                    folder / "tokenizer_config.json").is_file():
+            if (
+                folder is not None
+                and (folder / "adapter_config.json").is_file()
+                and not (folder / "tokenizer_config.json").is_file()
+            ):
                 self.model()  # the tokenizer comes from the adapter's base
             else:
-                self._tokenizer = load_tokenizer(str(folder) if folder else self.config.model,
-                                                 trust_remote_code=self.config.trust_remote_code)
+                self._tokenizer = load_tokenizer(
+                    str(folder) if folder else self.config.model,
+                    trust_remote_code=self.config.trust_remote_code,
+                )
         return self._tokenizer
 
     def base(self):
@@ -546,8 +700,12 @@ class _Runner:
                 self._base = self.model()
             else:
                 device = next(self.model().parameters()).device
-                self._base, _ = load_eval_model(self.config.base, device=device, dtype=self.dtype,
-                                                trust_remote_code=self.config.trust_remote_code)
+                self._base, _ = load_eval_model(
+                    self.config.base,
+                    device=device,
+                    dtype=self.dtype,
+                    trust_remote_code=self.config.trust_remote_code,
+                )
         return self._base
 
     def autocast(self, model):
@@ -557,8 +715,13 @@ class _Runner:
         return _Progress(total, desc, self.progress)
 
 
-def _generation_rows(runner: _Runner, split: str, facts: list[Fact], max_new_tokens: int,
-                     write: Callable[[list[dict[str, Any]]], None]) -> None:
+def _generation_rows(
+    runner: _Runner,
+    split: str,
+    facts: list[Fact],
+    max_new_tokens: int,
+    write: Callable[[list[dict[str, Any]]], None],
+) -> None:
     from mixsd.models import context_length
 
     tokenizer, model = runner.tokenizer(), runner.model()
@@ -567,9 +730,18 @@ def _generation_rows(runner: _Runner, split: str, facts: list[Fact], max_new_tok
 
     def row(fact: Fact, tokens: list[int], finish: str) -> dict[str, Any]:
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        return {"who": "model", "split": split, "id": fact.id, "prompt": fact.prompt, "check": fact.check,
-                "output": text, "output_tokens": len(tokens), "finish": finish,
-                "strict": matches(text, fact.check, "strict"), "loose": matches(text, fact.check, "loose")}
+        return {
+            "who": "model",
+            "split": split,
+            "id": fact.id,
+            "prompt": fact.prompt,
+            "check": fact.check,
+            "output": text,
+            "output_tokens": len(tokens),
+            "finish": finish,
+            "strict": matches(text, fact.check, "strict"),
+            "loose": matches(text, fact.check, "loose"),
+        }
 
     too_long = [i for i, p in enumerate(prompts) if limit and len(p) + max_new_tokens > limit]
     if too_long:
@@ -578,10 +750,15 @@ def _generation_rows(runner: _Runner, split: str, facts: list[Fact], max_new_tok
     bar = runner.bar(len(todo), f"eval {split}")
     pending: list[dict[str, Any]] = []
     with runner.autocast(model):
-        for k, tokens, finish in greedy_generate(model, [prompts[i] for i in todo],
-                                                 stop_ids=stop_token_ids(tokenizer, model),
-                                                 pad_id=pad_token_id(tokenizer), max_new_tokens=max_new_tokens,
-                                                 batch_size=runner.config.batch_size, on_row=lambda _: bar()):
+        for k, tokens, finish in greedy_generate(
+            model,
+            [prompts[i] for i in todo],
+            stop_ids=stop_token_ids(tokenizer, model),
+            pad_id=pad_token_id(tokenizer),
+            max_new_tokens=max_new_tokens,
+            batch_size=runner.config.batch_size,
+            on_row=lambda _: bar(),
+        ):
             pending.append(row(facts[todo[k]], tokens, finish))
             if len(pending) >= runner.config.batch_size:
                 write(pending)
@@ -595,16 +772,25 @@ def _probe_rows(runner: _Runner, who: str, probe: str, kind: str, items: list[di
     bar = runner.bar(len(items), f"{who} {probe}")
     with runner.autocast(model):
         if kind == "mc":
-            rows = score_multiple_choice(model, runner.tokenizer(), items, batch_size=runner.config.batch_size,
-                                         progress=bar)
+            rows = score_multiple_choice(
+                model, runner.tokenizer(), items, batch_size=runner.config.batch_size, progress=bar
+            )
         else:
-            rows = score_perplexity(model, runner.tokenizer(), items, batch_size=runner.config.batch_size,
-                                    max_tokens=runner.config.ppl_max_tokens, progress=bar)
+            rows = score_perplexity(
+                model,
+                runner.tokenizer(),
+                items,
+                batch_size=runner.config.batch_size,
+                max_tokens=runner.config.ppl_max_tokens,
+                progress=bar,
+            )
     bar.close()
     return [{"who": who, "split": probe, **row} for row in rows]
 
 
-def _kl_answer_rows(runner: _Runner, prompts: list[tuple[str, str, str | None]], max_new_tokens: int) -> list[dict]:
+def _kl_answer_rows(
+    runner: _Runner, prompts: list[tuple[str, str, str | None]], max_new_tokens: int
+) -> list[dict]:
     """The base model's greedy answers to the KL prompts (the tokens KL is measured on)."""
     tokenizer, base = runner.tokenizer(), runner.base()
     encoded = [encode_prompt(tokenizer, prompt, system) for _, prompt, system in prompts]
@@ -612,14 +798,27 @@ def _kl_answer_rows(runner: _Runner, prompts: list[tuple[str, str, str | None]],
     rows: list[dict[str, Any] | None] = [None] * len(prompts)
     bar = runner.bar(len(prompts), "base kl answers")
     with runner.autocast(base):
-        for k, tokens, finish in greedy_generate(base, encoded, stop_ids=stops, pad_id=pad_token_id(tokenizer),
-                                                 max_new_tokens=max_new_tokens,
-                                                 batch_size=runner.config.batch_size, on_row=lambda _: bar()):
+        for k, tokens, finish in greedy_generate(
+            base,
+            encoded,
+            stop_ids=stops,
+            pad_id=pad_token_id(tokenizer),
+            max_new_tokens=max_new_tokens,
+            batch_size=runner.config.batch_size,
+            on_row=lambda _: bar(),
+        ):
             # the stop token is part of the answer: KL also covers the decision to stop
             answer = tokens + ([min(stops)] if finish == "stop" else [])
-            rows[k] = {"who": "base", "split": "kl", "id": prompts[k][0], "kind": "kl_answer",
-                       "prompt_ids": encoded[k], "answer_ids": answer, "finish": finish,
-                       "answer": tokenizer.decode(tokens, skip_special_tokens=True)}
+            rows[k] = {
+                "who": "base",
+                "split": "kl",
+                "id": prompts[k][0],
+                "kind": "kl_answer",
+                "prompt_ids": encoded[k],
+                "answer_ids": answer,
+                "finish": finish,
+                "answer": tokenizer.decode(tokens, skip_special_tokens=True),
+            }
     bar.close()
     return [r for r in rows if r is not None]
 
@@ -630,13 +829,28 @@ def _kl_rows(runner: _Runner, answers: list[dict[str, Any]]) -> list[dict[str, A
     tails = [len(a["answer_ids"]) for a in usable]
     model, base = runner.model(), runner.base()
     with runner.autocast(model):
-        stats = kl_per_token(base, model, sequences, tails, pad_id=pad_token_id(runner.tokenizer()),
-                             batch_size=runner.config.batch_size)
+        stats = kl_per_token(
+            base,
+            model,
+            sequences,
+            tails,
+            pad_id=pad_token_id(runner.tokenizer()),
+            batch_size=runner.config.batch_size,
+        )
     by_id = {a["id"]: s for a, s in zip(usable, stats, strict=True)}
-    return [{"who": "model", "split": "kl", "id": a["id"], "kind": "kl",
-             "kl_sum": round(by_id.get(a["id"], (0.0, 0.0, 0))[0], 6),
-             "kl_max": round(by_id.get(a["id"], (0.0, 0.0, 0))[1], 6),
-             "tokens": by_id.get(a["id"], (0.0, 0.0, 0))[2], "answer": a["answer"]} for a in answers]
+    return [
+        {
+            "who": "model",
+            "split": "kl",
+            "id": a["id"],
+            "kind": "kl",
+            "kl_sum": round(by_id.get(a["id"], (0.0, 0.0, 0))[0], 6),
+            "kl_max": round(by_id.get(a["id"], (0.0, 0.0, 0))[1], 6),
+            "tokens": by_id.get(a["id"], (0.0, 0.0, 0))[2],
+            "answer": a["answer"],
+        }
+        for a in answers
+    ]
 
 
 def _base_cache_file(key: dict[str, Any]) -> Path:
@@ -645,8 +859,9 @@ def _base_cache_file(key: dict[str, Any]) -> Path:
     return cache_dir() / "eval-base" / f"{sha256_text(dumps(key))[:20]}.jsonl"
 
 
-def evaluate(config: EvalConfig, *, model=None, tokenizer=None, base_model=None,
-             progress: bool = True) -> dict[str, Any]:
+def evaluate(
+    config: EvalConfig, *, model=None, tokenizer=None, base_model=None, progress: bool = True
+) -> dict[str, Any]:
     """Run one evaluation suite; write results (and predictions) and return the results dict.
 
     `model`/`tokenizer` (and `base_model`) may be passed already loaded; `config.model` / `config.base` then
@@ -672,15 +887,22 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None, base_model=None,
         folder = Path(config.data) if config.data else cache_dir() / "probes"
         probe_files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
         if not folder.is_dir():
-            skipped.append({"split": "probes", "reason": f"{folder} not found (run `mixsd probes fetch`); "
-                                                        "multiple-choice and perplexity probes skipped"})
+            skipped.append(
+                {
+                    "split": "probes",
+                    "reason": f"{folder} not found (run `mixsd probes fetch`); "
+                    "multiple-choice and perplexity probes skipped",
+                }
+            )
         for name in EXPECTED_PROBES:
             if folder.is_dir() and not (folder / f"{name}.jsonl").is_file():
                 skipped.append({"split": name, "reason": f"{folder / (name + '.jsonl')} not found"})
         probes = {p.stem: load_probe(p, config.limit) for p in probe_files}
         kl_prompts, kl_sha = load_kl_prompts(config.kl_prompts, config.limit)
         if config.base is None and base_model is None:
-            skipped.append({"split": "kl", "reason": "no --base: KL and retention ratios need the base model"})
+            skipped.append(
+                {"split": "kl", "reason": "no --base: KL and retention ratios need the base model"}
+            )
         hashes = data_hashes(folder if folder.is_dir() else None, probe_files)
         hashes["kl_prompts_sha256"] = kl_sha
         files: list[tuple[str, Path]] = []
@@ -695,25 +917,50 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None, base_model=None,
             wanted = [name.strip() for name in config.splits.split(",") if name.strip()]
             unknown = set(wanted) - {name for name, _ in files} - {s["split"] for s in skipped}
             if unknown:
-                raise InputError(f"unknown split(s) {', '.join(sorted(unknown))} for suite {config.suite}",
-                                 field="splits")
-            skipped += [{"split": name, "reason": "not selected (--splits)"} for name, _ in files
-                        if name not in wanted]
+                raise InputError(
+                    f"unknown split(s) {', '.join(sorted(unknown))} for suite {config.suite}", field="splits"
+                )
+            skipped += [
+                {"split": name, "reason": "not selected (--splits)"}
+                for name, _ in files
+                if name not in wanted
+            ]
             files = [(name, path) for name, path in files if name in wanted]
         hashes = data_hashes(folder if folder.is_dir() else folder.parent, [f for _, f in files])
 
-    model_fp = model_fingerprint(config.model) if model is None else {"name": config.model, "path": None,
-                                                                        "sha256": None, "in_process": True}
+    model_fp = (
+        model_fingerprint(config.model)
+        if model is None
+        else {"name": config.model, "path": None, "sha256": None, "in_process": True}
+    )
     base_fp = None
     if config.base is not None:
-        base_fp = (model_fingerprint(config.base) if base_model is None else
-                   {"name": config.base, "path": None, "sha256": None, "in_process": True})
-    determines = {"suite": config.suite, "model": model_fp, "base": base_fp, "data": hashes,
-                  "limit": config.limit, "splits": config.splits, "max_new_tokens": max_new_tokens, "bf16": config.bf16,
-                  "ppl_max_tokens": config.ppl_max_tokens}
-    settings = {**determines, "taxonomy": {"on": config.taxonomy_on, "collapse_max_words": config.collapse_max_words,
-                                           "require_marker": config.require_marker,
-                                           "min_entity_chars": config.min_entity_chars, "entities": config.entities}}
+        base_fp = (
+            model_fingerprint(config.base)
+            if base_model is None
+            else {"name": config.base, "path": None, "sha256": None, "in_process": True}
+        )
+    determines = {
+        "suite": config.suite,
+        "model": model_fp,
+        "base": base_fp,
+        "data": hashes,
+        "limit": config.limit,
+        "splits": config.splits,
+        "max_new_tokens": max_new_tokens,
+        "bf16": config.bf16,
+        "ppl_max_tokens": config.ppl_max_tokens,
+    }
+    settings = {
+        **determines,
+        "taxonomy": {
+            "on": config.taxonomy_on,
+            "collapse_max_words": config.collapse_max_words,
+            "require_marker": config.require_marker,
+            "min_entity_chars": config.min_entity_chars,
+            "entities": config.entities,
+        },
+    }
 
     if out.is_file() and not config.overwrite and not (model_fp or {}).get("in_process"):
         previous = json.loads(out.read_text(encoding="utf-8"))
@@ -727,12 +974,18 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None, base_model=None,
     header = {"journal_of": "mixsd eval", "settings": determines}
     done_rows = read_journal(journal)
     if done_rows and done_rows[0] != header:
-        raise InputError("an unfinished evaluation with different settings exists; rerun with the same "
-                         "arguments or pass --overwrite", journal)
-    rows: dict[tuple[str, str, str], dict[str, Any]] = {(r["who"], r["split"], r["id"]): r for r in done_rows[1:]}
+        raise InputError(
+            "an unfinished evaluation with different settings exists; rerun with the same "
+            "arguments or pass --overwrite",
+            journal,
+        )
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {
+        (r["who"], r["split"], r["id"]): r for r in done_rows[1:]
+    }
     runner = _Runner(config, model, tokenizer, base_model, progress)
 
     with JournalWriter(journal, header=header) as writer:
+
         def write(new: list[dict[str, Any]]) -> None:
             writer.write(new)
             rows.update({(r["who"], r["split"], r["id"]): r for r in new})
@@ -740,29 +993,54 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None, base_model=None,
         if config.suite != "retention":
             result = _run_generation(config, runner, files, max_new_tokens, rows, write, folder)
         else:
-            result = _run_retention(config, runner, probes, kl_prompts, max_new_tokens, rows, write, skipped,
-                                    determines)
+            result = _run_retention(
+                config, runner, probes, kl_prompts, max_new_tokens, rows, write, skipped, determines
+            )
 
     predictions = result.pop("_predictions")
     atomic_write_jsonl(predictions_path(out), predictions)
     results = {
-        "mixsd_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "suite": config.suite, "model": model_fp, "base": base_fp, "data": hashes, "settings": settings,
-        "config": asdict(config), **result, "skipped": skipped,
-        "predictions": predictions_path(out).name, "seconds": round(time.perf_counter() - started, 2),
+        "mixsd_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "suite": config.suite,
+        "model": model_fp,
+        "base": base_fp,
+        "data": hashes,
+        "settings": settings,
+        "config": asdict(config),
+        **result,
+        "skipped": skipped,
+        "predictions": predictions_path(out).name,
+        "seconds": round(time.perf_counter() - started, 2),
     }
     atomic_write_json(out, results)
     journal.unlink(missing_ok=True)
     return results
 
 
-def _run_generation(config: EvalConfig, runner: _Runner, files: list[tuple[str, Path]], max_new_tokens: int,
-                    rows: dict, write: Callable, folder: Path) -> dict[str, Any]:
-    entity_file = Path(config.entities) if config.entities else (
-        folder / "train.jsonl" if config.suite == "kgfact" and folder.is_dir() else None)
-    entity_checks = [f.check for f in load_corpus(entity_file)] if entity_file and entity_file.is_file() else []
-    taxonomy = Taxonomy(Taxonomy.entity_set(entity_checks, config.min_entity_chars), config.collapse_max_words,
-                        config.require_marker, config.min_entity_chars)
+def _run_generation(
+    config: EvalConfig,
+    runner: _Runner,
+    files: list[tuple[str, Path]],
+    max_new_tokens: int,
+    rows: dict,
+    write: Callable,
+    folder: Path,
+) -> dict[str, Any]:
+    entity_file = (
+        Path(config.entities)
+        if config.entities
+        else (folder / "train.jsonl" if config.suite == "kgfact" and folder.is_dir() else None)
+    )
+    entity_checks = (
+        [f.check for f in load_corpus(entity_file)] if entity_file and entity_file.is_file() else []
+    )
+    taxonomy = Taxonomy(
+        Taxonomy.entity_set(entity_checks, config.min_entity_chars),
+        config.collapse_max_words,
+        config.require_marker,
+        config.min_entity_chars,
+    )
     splits, predictions = {}, []
     for split, path in files:
         facts = load_corpus(path)
@@ -775,33 +1053,57 @@ def _run_generation(config: EvalConfig, runner: _Runner, files: list[tuple[str, 
             row = dict(rows[("model", split, fact.id)])
             row["error"], row["leaked"] = None, []
             if not row[config.taxonomy_on]:
-                row["error"], row["leaked"] = taxonomy.classify(row["output"], fact.prompt, fact.check, row["finish"])
+                row["error"], row["leaked"] = taxonomy.classify(
+                    row["output"], fact.prompt, fact.check, row["finish"]
+                )
             split_rows.append(row)
         predictions.extend(split_rows)
-        splits[split] = {"role": SUITE_SPLITS.get(config.suite, {}).get(split, "qa"), "file": path.name,
-                         **summarize_split(split_rows, config.taxonomy_on)}
-    return {"splits": splits, "entities": {"file": str(entity_file) if entity_checks else None,
-                                           "count": len(taxonomy.entities)},
-            "max_new_tokens": max_new_tokens, "_predictions": predictions}
+        splits[split] = {
+            "role": SUITE_SPLITS.get(config.suite, {}).get(split, "qa"),
+            "file": path.name,
+            **summarize_split(split_rows, config.taxonomy_on),
+        }
+    return {
+        "splits": splits,
+        "entities": {"file": str(entity_file) if entity_checks else None, "count": len(taxonomy.entities)},
+        "max_new_tokens": max_new_tokens,
+        "_predictions": predictions,
+    }
 
 
-def _run_retention(config: EvalConfig, runner: _Runner, probes: dict[str, tuple[str, list]],
-                   kl_prompts: list, max_new_tokens: int, rows: dict, write: Callable,
-                   skipped: list[dict[str, str]], determines: dict[str, Any]) -> dict[str, Any]:
+def _run_retention(
+    config: EvalConfig,
+    runner: _Runner,
+    probes: dict[str, tuple[str, list]],
+    kl_prompts: list,
+    max_new_tokens: int,
+    rows: dict,
+    write: Callable,
+    skipped: list[dict[str, str]],
+    determines: dict[str, Any],
+) -> dict[str, Any]:
     has_base = config.base is not None or runner._base is not None
     same = runner._base is runner._model if runner._base is not None else config.base == config.model
     base_rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     cache_file = None
     if has_base and config.base_cache and determines["base"] and determines["base"].get("sha256"):
-        key = {"base": determines["base"]["sha256"], "data": determines["data"], "limit": config.limit,
-               "max_new_tokens": max_new_tokens, "bf16": config.bf16, "ppl_max_tokens": config.ppl_max_tokens,
-               "version": 2}
+        key = {
+            "base": determines["base"]["sha256"],
+            "data": determines["data"],
+            "limit": config.limit,
+            "max_new_tokens": max_new_tokens,
+            "bf16": config.bf16,
+            "ppl_max_tokens": config.ppl_max_tokens,
+            "version": 2,
+        }
         cache_file = _base_cache_file(key)
         if cache_file.is_file():
             base_rows = {(r["who"], r["split"], r["id"]): r for r in read_journal(cache_file)}
             rows.update(base_rows)
 
-    def collect(who: str, probe: str, items: list[dict], fill: Callable[[list[dict]], list[dict]]) -> list[dict]:
+    def collect(
+        who: str, probe: str, items: list[dict], fill: Callable[[list[dict]], list[dict]]
+    ) -> list[dict]:
         todo = [it for it in items if (who, probe, it["id"]) not in rows]
         if todo:
             write(fill(todo))
@@ -809,7 +1111,9 @@ def _run_retention(config: EvalConfig, runner: _Runner, probes: dict[str, tuple[
 
     results, predictions = {}, []
     for probe, (kind, items) in sorted(probes.items()):
-        model_rows = collect("model", probe, items, lambda todo, p=probe, k=kind: _probe_rows(runner, "model", p, k, todo))
+        model_rows = collect(
+            "model", probe, items, lambda todo, p=probe, k=kind: _probe_rows(runner, "model", p, k, todo)
+        )
         predictions += model_rows
         summary = summarize_probe(kind, model_rows)
         if has_base:
@@ -825,8 +1129,14 @@ def _run_retention(config: EvalConfig, runner: _Runner, probes: dict[str, tuple[
 
     if has_base:
         items = [{"id": pid} for pid, _, _ in kl_prompts]
-        answers = collect("base", "kl", items, lambda todo: _kl_answer_rows(
-            runner, [p for p in kl_prompts if p[0] in {t["id"] for t in todo}], max_new_tokens))
+        answers = collect(
+            "base",
+            "kl",
+            items,
+            lambda todo: _kl_answer_rows(
+                runner, [p for p in kl_prompts if p[0] in {t["id"] for t in todo}], max_new_tokens
+            ),
+        )
         by_id = {a["id"]: a for a in answers}
         kl_rows = collect("model", "kl", items, lambda todo: _kl_rows(runner, [by_id[t["id"]] for t in todo]))
         predictions += answers + kl_rows
@@ -835,8 +1145,12 @@ def _run_retention(config: EvalConfig, runner: _Runner, probes: dict[str, tuple[
             fresh = [r for r in predictions if r["who"] == "base"]
             if len(fresh) != len(base_rows):
                 atomic_write_jsonl(cache_file, fresh)
-    return {"probes": results, "max_new_tokens": max_new_tokens, "base_cache": str(cache_file) if cache_file else None,
-            "_predictions": predictions}
+    return {
+        "probes": results,
+        "max_new_tokens": max_new_tokens,
+        "base_cache": str(cache_file) if cache_file else None,
+        "_predictions": predictions,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -854,17 +1168,21 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append(f"{'split':<16}{'n':>6}  {'strict (95% CI)':<26}{'loose (95% CI)':<26}errors f/l/c/g")
         for name, s in results["splits"].items():
             e = s["errors"]
-            lines.append(f"{name:<16}{s['n']:>6}  {_pct(s['strict']):<26}{_pct(s['loose']):<26}"
-                         f"{e['format']}/{e['leakage']}/{e['collapse']}/{e['genuine']}")
+            lines.append(
+                f"{name:<16}{s['n']:>6}  {_pct(s['strict']):<26}{_pct(s['loose']):<26}"
+                f"{e['format']}/{e['leakage']}/{e['collapse']}/{e['genuine']}"
+            )
     else:
         for name, p in results["probes"].items():
             if p["kind"] == "multiple_choice":
                 text = f"acc {_pct(p['acc'])}  acc_norm {_pct(p['acc_norm'])}  chance {p['chance']:.2f}"
                 if "base" in p:
                     r = p["retention"]
-                    text += (f"  | base acc {p['base']['acc']['value']:.1%} acc_norm "
-                             f"{p['base']['acc_norm']['value']:.1%}  retention acc "
-                             f"{_fmt(r['acc'])} acc_norm {_fmt(r['acc_norm'])}")
+                    text += (
+                        f"  | base acc {p['base']['acc']['value']:.1%} acc_norm "
+                        f"{p['base']['acc_norm']['value']:.1%}  retention acc "
+                        f"{_fmt(r['acc'])} acc_norm {_fmt(r['acc_norm'])}"
+                    )
             elif p["kind"] == "perplexity":
                 text = f"ppl {_fmt(p['ppl'])} ({p['tokens']} tokens)"
                 if "base" in p:
@@ -889,6 +1207,20 @@ def eval_command(config: EvalConfig) -> dict[str, Any]:
     return results
 
 
-__all__ = ["EvalConfig", "Taxonomy", "choice_tokens", "eval_command", "evaluate", "format_results",
-           "kl_per_token", "load_eval_model", "load_probe", "model_fingerprint", "rate", "retention_ratios",
-           "score_multiple_choice", "score_perplexity", "wilson_interval"]
+__all__ = [
+    "EvalConfig",
+    "Taxonomy",
+    "choice_tokens",
+    "eval_command",
+    "evaluate",
+    "format_results",
+    "kl_per_token",
+    "load_eval_model",
+    "load_probe",
+    "model_fingerprint",
+    "rate",
+    "retention_ratios",
+    "score_multiple_choice",
+    "score_perplexity",
+    "wilson_interval",
+]

@@ -40,8 +40,12 @@ DEMO_FACTS = Path(str(resources.files("mixsd") / "data" / "facts-demo.jsonl"))
 PACKAGED_CONFIGS = Path(str(resources.files("mixsd") / "configs"))
 
 # Which score of each retention probe counts (the notes: social_iqa is read length-normalized).
-RETENTION_METRIC = {"general_knowledge": "acc", "qa_wikidata": "acc", "social_iqa": "acc_norm",
-                    "squad_paragraphs": "ppl"}
+RETENTION_METRIC = {
+    "general_knowledge": "acc",
+    "qa_wikidata": "acc",
+    "social_iqa": "acc_norm",
+    "squad_paragraphs": "ppl",
+}
 METHOD_LABELS = {"base": "Base", "sft": "SFT", "mixsd": "MixSD", "opsd": "OPSD"}
 SECTIONS = ("mix", "train", "opsd", "eval", "retention", "analyses")
 
@@ -53,11 +57,21 @@ SECTIONS = ("mix", "train", "opsd", "eval", "retention", "analyses")
 class ExperimentConfig:
     config: str = field(metadata={"help": "Experiment YAML (see configs/ and docs/experiments.md)."})
     out: str | None = field(default=None, metadata={"help": "Output folder; overrides the file's `out`."})
-    only: str | None = field(default=None, metadata={
-        "help": "Run only the cells whose name contains one of these comma-separated texts (e.g. s0,base)."})
-    report_only: bool = field(default=False, metadata={"help": "Rebuild table and report from finished cells."})
-    threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads (default: torch's choice). 1 is fastest when several runs share the cores."})
+    only: str | None = field(
+        default=None,
+        metadata={
+            "help": "Run only the cells whose name contains one of these comma-separated texts (e.g. s0,base)."
+        },
+    )
+    report_only: bool = field(
+        default=False, metadata={"help": "Rebuild table and report from finished cells."}
+    )
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch CPU threads (default: torch's choice). 1 is fastest when several runs share the cores."
+        },
+    )
 
 
 @dataclass
@@ -107,8 +121,9 @@ def load_experiment(path: str | Path, out: str | None = None) -> Experiment:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        raise InputError(f"invalid YAML: {getattr(err, 'problem', err)}", path,
-                         mark.line + 1 if mark else None) from None
+        raise InputError(
+            f"invalid YAML: {getattr(err, 'problem', err)}", path, mark.line + 1 if mark else None
+        ) from None
     if not isinstance(raw, dict):
         raise InputError("expected a mapping at the top level", path)
     known = {"name", "model", "out", "corpus", "methods", "seeds", *SECTIONS}
@@ -116,7 +131,11 @@ def load_experiment(path: str | Path, out: str | None = None) -> Experiment:
         if key not in known:
             raise InputError(f"unknown key (expected one of {', '.join(sorted(known))})", path, field=key)
     corpus = raw.get("corpus") or {"generator": "kgfact", "size": "small"}
-    if not isinstance(corpus, dict) or corpus.get("generator", "kgfact") not in ("kgfact", "kgfunc", "folder"):
+    if not isinstance(corpus, dict) or corpus.get("generator", "kgfact") not in (
+        "kgfact",
+        "kgfunc",
+        "folder",
+    ):
         raise InputError("corpus needs generator: kgfact | kgfunc | folder", path, field="corpus")
     if corpus.get("generator") == "folder" and not corpus.get("path"):
         raise InputError("generator: folder needs a path", path, field="corpus.path")
@@ -131,9 +150,16 @@ def load_experiment(path: str | Path, out: str | None = None) -> Experiment:
             raise InputError("expected a mapping of options", path, field=name)
         sections[name] = value
     name = str(raw.get("name") or path.stem)
-    experiment = Experiment(path=path, name=name, model=str(raw.get("model", "smollm2-135m")),
-                            out=Path(out or raw.get("out") or f"runs/{name}"), corpus=corpus, cells=cells,
-                            sections=sections, raw=raw)
+    experiment = Experiment(
+        path=path,
+        name=name,
+        model=str(raw.get("model", "smollm2-135m")),
+        out=Path(out or raw.get("out") or f"runs/{name}"),
+        corpus=corpus,
+        cells=cells,
+        sections=sections,
+        raw=raw,
+    )
     _check_options(experiment)
     return experiment
 
@@ -161,12 +187,19 @@ def _check_options(experiment: Experiment) -> None:
             allowed |= RETENTION_EXTRA
         for key in experiment.sections[section]:
             if key not in allowed:
-                raise InputError(f"'{key}' is not an option of this stage (or is set by the runner); "
-                                 f"options: {', '.join(sorted(allowed))}", experiment.path, field=f"{section}.{key}")
+                raise InputError(
+                    f"'{key}' is not an option of this stage (or is set by the runner); "
+                    f"options: {', '.join(sorted(allowed))}",
+                    experiment.path,
+                    field=f"{section}.{key}",
+                )
     for key in experiment.sections["analyses"]:
         if key not in ANALYSES_OPTIONS:
-            raise InputError(f"unknown option; expected one of {', '.join(sorted(ANALYSES_OPTIONS))}",
-                             experiment.path, field=f"analyses.{key}")
+            raise InputError(
+                f"unknown option; expected one of {', '.join(sorted(ANALYSES_OPTIONS))}",
+                experiment.path,
+                field=f"analyses.{key}",
+            )
 
 
 def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
@@ -174,20 +207,25 @@ def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
     for i, entry in enumerate(methods):
         options: dict[str, Any] = {}
         if isinstance(entry, dict) and len(entry) == 1:
-            (method, options), = entry.items()
+            ((method, options),) = entry.items()
             options = options or {}
         else:
             method = entry
         if method not in METHOD_LABELS or not isinstance(options, dict):
-            raise InputError(f"unknown method {method!r} (expected base, sft, mixsd or opsd)", path,
-                             field=f"methods[{i}]")
+            raise InputError(
+                f"unknown method {method!r} (expected base, sft, mixsd or opsd)", path, field=f"methods[{i}]"
+            )
         if method == "base":
             cells.append(Cell("base"))
             continue
         unknown = set(options) - {"lam", "seeds"}
         if unknown or (method != "mixsd" and "lam" in options):
-            raise InputError(f"unknown method options {sorted(unknown or {'lam'})} (mixsd takes lam and seeds; "
-                             "the others take seeds)", path, field=f"methods[{i}]")
+            raise InputError(
+                f"unknown method options {sorted(unknown or {'lam'})} (mixsd takes lam and seeds; "
+                "the others take seeds)",
+                path,
+                field=f"methods[{i}]",
+            )
         method_seeds = options.get("seeds", seeds)
         if not isinstance(method_seeds, list) or not all(isinstance(s, int) for s in method_seeds):
             raise InputError("expected a list of integers", path, field=f"methods[{i}].seeds")
@@ -205,9 +243,12 @@ def _configure(cls, base: dict[str, Any], overrides: dict[str, Any], experiment:
     names = {f.name for f in fields(cls)}
     for key in overrides:  # sections were checked at load time; the corpus options are checked here
         if key not in names or key in base:
-            raise InputError(f"'{key}' is not an option of this stage (or is set by the runner); "
-                             f"options: {', '.join(sorted(names - set(base)))}", experiment.path,
-                             field=f"{section}.{key}")
+            raise InputError(
+                f"'{key}' is not an option of this stage (or is set by the runner); "
+                f"options: {', '.join(sorted(names - set(base)))}",
+                experiment.path,
+                field=f"{section}.{key}",
+            )
     return cls(**base, **overrides)
 
 
@@ -237,11 +278,15 @@ class Runner:
             if generator == "kgfact":
                 from mixsd.corpora.kgfact import KGFactConfig, build_kgfact
 
-                build_kgfact(_configure(KGFactConfig, {"out": str(self.corpus_dir)}, options, self.x, "corpus"))
+                build_kgfact(
+                    _configure(KGFactConfig, {"out": str(self.corpus_dir)}, options, self.x, "corpus")
+                )
             else:
                 from mixsd.corpora.kgfunc import KGFuncConfig, build_kgfunc
 
-                build_kgfunc(_configure(KGFuncConfig, {"out": str(self.corpus_dir)}, options, self.x, "corpus"))
+                build_kgfunc(
+                    _configure(KGFuncConfig, {"out": str(self.corpus_dir)}, options, self.x, "corpus")
+                )
         if corpus.get("train_limit"):
             self.corpus_dir = self._subset(self.corpus_dir, int(corpus["train_limit"]))
         self.probes_dir = self._probes()
@@ -273,10 +318,15 @@ class Runner:
             if rows:  # a split with nothing left is left out (evaluation notes it as skipped)
                 atomic_write_jsonl(target / path.name, rows)
                 counts[path.name] = len(rows)
-        manifest = {"derived_from": str(source), "train_limit": limit, "records": counts,
-                    "source_manifest_sha256": sha256_file(source / "manifest.json")
-                    if (source / "manifest.json").is_file() else None,
-                    "sha256": {name: sha256_file(target / name) for name in counts}}
+        manifest = {
+            "derived_from": str(source),
+            "train_limit": limit,
+            "records": counts,
+            "source_manifest_sha256": sha256_file(source / "manifest.json")
+            if (source / "manifest.json").is_file()
+            else None,
+            "sha256": {name: sha256_file(target / name) for name in counts},
+        }
         atomic_write_json(target / "manifest.json", manifest)
         return target
 
@@ -294,7 +344,9 @@ class Runner:
             fetch_probes(ProbesFetchConfig(out=str(folder)))
             return folder
         except Exception as err:  # noqa: BLE001 - the experiment goes on with the probes that need no data
-            print(f"warning: could not fetch retention probes ({err}); retention uses KL only", file=sys.stderr)
+            print(
+                f"warning: could not fetch retention probes ({err}); retention uses KL only", file=sys.stderr
+            )
             return None
 
     def targets(self, cell: Cell, folder: Path) -> Path | None:
@@ -311,8 +363,13 @@ class Runner:
         else:
             from mixsd.targets import MixConfig, mix
 
-            base = {"model": self.x.model, "input": str(train_file), "output": str(path), "lam": cell.lam,
-                    "seed": cell.seed}
+            base = {
+                "model": self.x.model,
+                "input": str(train_file),
+                "output": str(path),
+                "lam": cell.lam,
+                "seed": cell.seed,
+            }
             mix(_configure(MixConfig, base, self.x.sections["mix"], self.x, "mix"))
         return path
 
@@ -336,18 +393,33 @@ class Runner:
     def evaluate(self, model: str, folder: Path) -> dict[str, Any]:
         from mixsd.evaluate import EvalConfig, evaluate
 
-        suite = "kgfunc" if self.x.corpus.get("generator") == "kgfunc" else (
-            "qa" if self.x.corpus.get("generator") == "folder" else "kgfact")
+        suite = (
+            "kgfunc"
+            if self.x.corpus.get("generator") == "kgfunc"
+            else ("qa" if self.x.corpus.get("generator") == "folder" else "kgfact")
+        )
         results: dict[str, Any] = {}
         eval_file, retention_file = folder / "eval.json", folder / "retention.json"
         if not eval_file.is_file():
-            evaluate(_configure(EvalConfig, {"model": model, "suite": suite, "data": str(self.corpus_dir),
-                                             "out": str(eval_file)}, self.x.sections["eval"], self.x, "eval"))
+            evaluate(
+                _configure(
+                    EvalConfig,
+                    {"model": model, "suite": suite, "data": str(self.corpus_dir), "out": str(eval_file)},
+                    self.x.sections["eval"],
+                    self.x,
+                    "eval",
+                )
+            )
         results["eval"] = json.loads(eval_file.read_text())
         if not retention_file.is_file():
             options = {k: v for k, v in self.x.sections["retention"].items() if k not in RETENTION_EXTRA}
-            base = {"model": model, "suite": "retention", "base": self.x.model, "out": str(retention_file),
-                    "data": str(self.probes_dir) if self.probes_dir else str(self.out / "no-probes")}
+            base = {
+                "model": model,
+                "suite": "retention",
+                "base": self.x.model,
+                "out": str(retention_file),
+                "data": str(self.probes_dir) if self.probes_dir else str(self.out / "no-probes"),
+            }
             evaluate(_configure(EvalConfig, base, options, self.x, "retention"))
         results["retention"] = json.loads(retention_file.read_text())
         return results
@@ -368,9 +440,15 @@ class Runner:
             fisher_file = folder / "fisher.json"
             if not fisher_file.is_file():
                 probe = options.get("fisher_probe") or str(self._fisher_probe())
-                fisher_displacement(FisherConfig(base=self.x.model, model=str(model), probe=probe,
-                                                 samples=int(options.get("fisher_samples", 64)),
-                                                 out=str(fisher_file)))
+                fisher_displacement(
+                    FisherConfig(
+                        base=self.x.model,
+                        model=str(model),
+                        probe=probe,
+                        samples=int(options.get("fisher_samples", 64)),
+                        out=str(fisher_file),
+                    )
+                )
             out["fisher"] = json.loads(fisher_file.read_text())
         return out
 
@@ -433,11 +511,21 @@ def _value(node: Any, *keys: str) -> float | None:
     return node if isinstance(node, int | float) and not isinstance(node, bool) else None
 
 
-def cell_row(cell: Cell, results: dict[str, Any], analyses: dict[str, Any], train_summary: dict | None,
-             mix_summary: dict | None) -> dict[str, Any]:
+def cell_row(
+    cell: Cell,
+    results: dict[str, Any],
+    analyses: dict[str, Any],
+    train_summary: dict | None,
+    mix_summary: dict | None,
+) -> dict[str, Any]:
     """Flatten one cell's result files into a row of the results table."""
-    row: dict[str, Any] = {"cell": cell.name, "group": cell.group, "method": cell.method, "lam": cell.lam,
-                           "seed": cell.seed}
+    row: dict[str, Any] = {
+        "cell": cell.name,
+        "group": cell.group,
+        "method": cell.method,
+        "lam": cell.lam,
+        "seed": cell.seed,
+    }
     for split, scores in results["eval"].get("splits", {}).items():
         row[f"{split}_loose"] = _value(scores, "loose", "value")
         row[f"{split}_strict"] = _value(scores, "strict", "value")
@@ -447,7 +535,9 @@ def cell_row(cell: Cell, results: dict[str, Any], analyses: dict[str, Any], trai
             row["kl_per_token"] = _value(summary, "kl_per_token")
             continue
         metric = RETENTION_METRIC.get(probe, "acc")
-        row[f"{probe}_{metric}"] = _value(summary, metric) if metric == "ppl" else _value(summary, metric, "value")
+        row[f"{probe}_{metric}"] = (
+            _value(summary, metric) if metric == "ppl" else _value(summary, metric, "value")
+        )
         ratio = _value(summary, "retention", metric)
         row[f"{probe}_retention"] = ratio
         if ratio is not None:
@@ -502,12 +592,20 @@ def aggregate(rows: list[dict[str, Any]], columns: list[str]) -> list[dict[str, 
         groups.setdefault(row["group"], []).append(row)
     table = []
     for group, members in groups.items():
-        entry: dict[str, Any] = {"group": group, "method": members[0]["method"], "lam": members[0]["lam"],
-                                 "seeds": len(members)}
+        entry: dict[str, Any] = {
+            "group": group,
+            "method": members[0]["method"],
+            "lam": members[0]["lam"],
+            "seeds": len(members),
+        }
         for column in columns:
             values = [m[column] for m in members if isinstance(m.get(column), int | float)]
             entry[column] = sum(values) / len(values) if values else None
-            sd = math.sqrt(sum((v - entry[column]) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+            sd = (
+                math.sqrt(sum((v - entry[column]) ** 2 for v in values) / (len(values) - 1))
+                if len(values) > 1
+                else None
+            )
             # identical values (e.g. the same ground-truth targets every seed) give float noise, not spread
             entry[f"{column}_sd"] = 0.0 if sd is not None and sd <= 1e-9 * abs(entry[column]) else sd
         table.append(entry)
@@ -530,8 +628,9 @@ def comparison_text(table: list[dict[str, Any]], columns: list[str]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------------
-def run_experiment(experiment: Experiment, *, only: str | None = None, report_only: bool = False,
-                   show_progress: bool = True) -> dict[str, Any]:
+def run_experiment(
+    experiment: Experiment, *, only: str | None = None, report_only: bool = False, show_progress: bool = True
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from mixsd.report import write_report
@@ -556,11 +655,16 @@ def run_experiment(experiment: Experiment, *, only: str | None = None, report_on
                 raise
             except Exception as err:
                 bar.close()
-                raise RuntimeError(f"cell {cell.name} failed ({err}); fix and rerun: finished stages are kept") from err
+                raise RuntimeError(
+                    f"cell {cell.name} failed ({err}); fix and rerun: finished stages are kept"
+                ) from err
             bar.update(1)
         bar.close()
-    rows = [json.loads((runner.cell_dir(c) / "cell.json").read_text()) for c in experiment.cells
-            if (runner.cell_dir(c) / "cell.json").is_file()]
+    rows = [
+        json.loads((runner.cell_dir(c) / "cell.json").read_text())
+        for c in experiment.cells
+        if (runner.cell_dir(c) / "cell.json").is_file()
+    ]
     add_relative_scores(rows)
     write_table(experiment.out, rows)
     meta = run_metadata(experiment)
@@ -572,16 +676,34 @@ def run_metadata(experiment: Experiment) -> dict[str, Any]:
     import torch
     import transformers
 
-    return {"name": experiment.name, "config_file": str(experiment.path), "model": experiment.model,
-            "command": "mixsd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "",
-            "mixsd": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "config": experiment.raw, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "name": experiment.name,
+        "config_file": str(experiment.path),
+        "model": experiment.model,
+        "command": "mixsd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "",
+        "mixsd": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "config": experiment.raw,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
-MAIN_COLUMNS = ["train_loose", "paraphrase_loose", "retrieval_loose", "compositional_loose", "test_loose",
-                "unseen_loose", "retention_mean", "kl_per_token", "target_nll_mean", "fisher_displacement_norm",
-                "verified_rate"]
+MAIN_COLUMNS = [
+    "train_loose",
+    "paraphrase_loose",
+    "retrieval_loose",
+    "compositional_loose",
+    "test_loose",
+    "unseen_loose",
+    "retention_mean",
+    "kl_per_token",
+    "target_nll_mean",
+    "fisher_displacement_norm",
+    "verified_rate",
+]
 
 
 def print_outcome(result: dict[str, Any]) -> None:

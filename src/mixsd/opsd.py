@@ -33,12 +33,19 @@ from mixsd.train import PadCollator, TokenCountingTrainer, target_nll
 Divergence = Literal["forward", "reverse", "jsd"]
 
 
-def opsd_examples(corpus: str | os.PathLike, tokenizer, expert_template: str | None = None) -> list[dict[str, Any]]:
+def opsd_examples(
+    corpus: str | os.PathLike, tokenizer, expert_template: str | None = None
+) -> list[dict[str, Any]]:
     """Naive and expert prompt ids of every fact, formatted exactly as `mixsd mix` formats them."""
     template = load_expert_template(expert_template)
-    return [{"id": fact.id, "prompt_ids": encode_prompt(tokenizer, fact.prompt, fact.system),
-             "expert_ids": encode_prompt(tokenizer, expert_message(fact, template), fact.system)}
-            for fact in load_corpus(corpus)]
+    return [
+        {
+            "id": fact.id,
+            "prompt_ids": encode_prompt(tokenizer, fact.prompt, fact.system),
+            "expert_ids": encode_prompt(tokenizer, expert_message(fact, template), fact.system),
+        }
+        for fact in load_corpus(corpus)
+    ]
 
 
 class OPSDCollator:
@@ -50,14 +57,18 @@ class OPSDCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if "input_ids" in examples[0]:
             return self.pad(examples)
-        return {"prompt_ids": [e["prompt_ids"] for e in examples], "expert_ids": [e["expert_ids"] for e in examples]}
+        return {
+            "prompt_ids": [e["prompt_ids"] for e in examples],
+            "expert_ids": [e["expert_ids"] for e in examples],
+        }
 
 
 # --------------------------------------------------------------------------------------------------
 # The divergence
 # --------------------------------------------------------------------------------------------------
-def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: Divergence,
-                     top_k: int = 64) -> torch.Tensor:
+def token_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: Divergence, top_k: int = 64
+) -> torch.Tensor:
     """Per-position divergence between teacher and student (shape: logits' shape without the vocab axis)."""
     student, teacher = student_logits.float(), teacher_logits.float()
     if 0 < top_k < teacher.shape[-1]:
@@ -78,15 +89,24 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 # Rollouts and the paired student/teacher batch
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_answers(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int],
-                   pad_id: int) -> list[list[int]]:
+def sample_answers(
+    model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int], pad_id: int
+) -> list[list[int]]:
     """One T=1 sample per prompt from the full distribution, cut after its first stop token."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    generation = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                  eos_token_id=list(stop_ids), pad_token_id=pad_id, use_cache=True)
+    generation = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
     was_training = model.training
     model.eval()
     try:
@@ -100,8 +120,9 @@ def sample_answers(model, prompts: list[list[int]], *, max_new_tokens: int, stop
     return answers
 
 
-def paired_batch(prompt_ids: list[list[int]], expert_ids: list[list[int]], answers: list[list[int]],
-                 pad_id: int) -> dict[str, torch.Tensor]:
+def paired_batch(
+    prompt_ids: list[list[int]], expert_ids: list[list[int]], answers: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
     """Student rows (prompt + answer) and teacher rows (expert prompt + answer), right-padded, with the
     positions whose logits predict each answer token."""
     width = max(len(a) for a in answers)
@@ -112,29 +133,50 @@ def paired_batch(prompt_ids: list[list[int]], expert_ids: list[list[int]], answe
         ids = torch.tensor([r + [pad_id] * (length - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
         # logits at position len(prompt) + j - 1 predict answer token j; padding slots repeat a valid index
-        index = torch.tensor([[len(p) + min(j, len(a) - 1) - 1 for j in range(width)]
-                              for p, a in zip(prompts, answers, strict=True)])
+        index = torch.tensor(
+            [
+                [len(p) + min(j, len(a) - 1) - 1 for j in range(width)]
+                for p, a in zip(prompts, answers, strict=True)
+            ]
+        )
         return ids, mask, index
 
     s_ids, s_mask, s_index = side(prompt_ids)
     t_ids, t_mask, t_index = side(expert_ids)
     loss_mask = torch.tensor([[1.0] * len(a) + [0.0] * (width - len(a)) for a in answers])
-    return {"input_ids": s_ids, "attention_mask": s_mask, "student_index": s_index, "teacher_ids": t_ids,
-            "teacher_mask": t_mask, "teacher_index": t_index, "loss_mask": loss_mask}
+    return {
+        "input_ids": s_ids,
+        "attention_mask": s_mask,
+        "student_index": s_index,
+        "teacher_ids": t_ids,
+        "teacher_mask": t_mask,
+        "teacher_index": t_index,
+        "loss_mask": loss_mask,
+    }
 
 
 def _at(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
 
 
-def opsd_loss_sum(student, teacher, batch: dict[str, torch.Tensor], divergence: Divergence, top_k: int,
-                  teacher_context=contextlib.nullcontext) -> torch.Tensor:
+def opsd_loss_sum(
+    student,
+    teacher,
+    batch: dict[str, torch.Tensor],
+    divergence: Divergence,
+    top_k: int,
+    teacher_context=contextlib.nullcontext,
+) -> torch.Tensor:
     """Sum over all sampled tokens of the teacher/student divergence (gradient flows into the student)."""
     student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     with torch.no_grad(), teacher_context():
         teacher_logits = teacher(input_ids=batch["teacher_ids"], attention_mask=batch["teacher_mask"]).logits
-    per_token = token_divergence(_at(student_logits, batch["student_index"]),
-                                 _at(teacher_logits, batch["teacher_index"]), divergence, top_k)
+    per_token = token_divergence(
+        _at(student_logits, batch["student_index"]),
+        _at(teacher_logits, batch["teacher_index"]),
+        divergence,
+        top_k,
+    )
     return (per_token * batch["loss_mask"].to(per_token.device)).sum()
 
 
@@ -144,8 +186,18 @@ def opsd_loss_sum(student, teacher, batch: dict[str, torch.Tensor], divergence: 
 class OPSDTrainer(TokenCountingTrainer):
     loss_is_scaled_for_ga = True  # normalized by the global token count of the accumulation window
 
-    def __init__(self, *args, teacher=None, rollouts: int = 4, divergence: Divergence = "forward", top_k: int = 64,
-                 max_new_tokens: int = 128, pad_id: int = 0, stop_ids: list[int] | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        teacher=None,
+        rollouts: int = 4,
+        divergence: Divergence = "forward",
+        top_k: int = 64,
+        max_new_tokens: int = 128,
+        pad_id: int = 0,
+        stop_ids: list[int] | None = None,
+        **kwargs,
+    ):
         kwargs["data_collator"] = OPSDCollator(pad_id)
         super().__init__(*args, **kwargs)
         self.teacher, self.rollouts, self.divergence, self.top_k = teacher, rollouts, divergence, top_k
@@ -177,8 +229,13 @@ class OPSDTrainer(TokenCountingTrainer):
             naive = [p for p in batch["prompt_ids"] for _ in range(self.rollouts)]
             expert = [p for p in batch["expert_ids"] for _ in range(self.rollouts)]
             with self.accelerator.autocast():
-                answers = sample_answers(self._student(), naive, max_new_tokens=self.max_new_tokens,
-                                         stop_ids=self.stop_ids, pad_id=self.pad_id)
+                answers = sample_answers(
+                    self._student(),
+                    naive,
+                    max_new_tokens=self.max_new_tokens,
+                    stop_ids=self.stop_ids,
+                    pad_id=self.pad_id,
+                )
             batches.append(paired_batch(naive, expert, answers, self.pad_id))
         if not batches:
             return batches, None
@@ -195,8 +252,14 @@ class OPSDTrainer(TokenCountingTrainer):
             loss = target_nll(outputs, labels)
             return (loss, outputs) if return_outputs else loss
         teacher, context = self._teacher()
-        total = opsd_loss_sum(model, teacher, inputs, self.divergence, self.top_k,
-                              teacher_context=lambda: _stacked(context(), self.accelerator.autocast()))
+        total = opsd_loss_sum(
+            model,
+            teacher,
+            inputs,
+            self.divergence,
+            self.top_k,
+            teacher_context=lambda: _stacked(context(), self.accelerator.autocast()),
+        )
         count = num_items_in_batch if num_items_in_batch is not None else inputs["loss_mask"].sum()
         loss = total / count
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

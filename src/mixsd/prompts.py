@@ -24,7 +24,9 @@ def load_expert_template(text_or_file: str | None) -> str:
     if text_or_file is None:
         return DEFAULT_EXPERT_TEMPLATE
     path = Path(text_or_file)
-    template = path.read_text(encoding="utf-8") if len(text_or_file) < 4096 and path.is_file() else text_or_file
+    template = (
+        path.read_text(encoding="utf-8") if len(text_or_file) < 4096 and path.is_file() else text_or_file
+    )
     for field in ("{prompt}", "{context}"):
         if field not in template:
             raise ValueError(f"expert template must contain {field}: {template!r}")
@@ -89,4 +91,3 @@ def pad_token_id(tokenizer) -> int:
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     return end_of_answer_id(tokenizer)
-

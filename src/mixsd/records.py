@@ -37,8 +37,13 @@ class Fact:
     system: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        row = {"id": self.id, "prompt": self.prompt, "answer": self.answer, "context": self.context,
-               "check": self.check}
+        row = {
+            "id": self.id,
+            "prompt": self.prompt,
+            "answer": self.answer,
+            "context": self.context,
+            "check": self.check,
+        }
         if self.system is not None:
             row["system"] = self.system
         return row
@@ -49,17 +54,31 @@ def default_check(answer: str) -> str:
     return boxed if boxed is not None else answer.strip()
 
 
-def make_fact(prompt: str, answer: str, *, id: str | None = None, context: str | None = None,
-              check: str | None = None, system: str | None = None) -> Fact:
+def make_fact(
+    prompt: str,
+    answer: str,
+    *,
+    id: str | None = None,
+    context: str | None = None,
+    check: str | None = None,
+    system: str | None = None,
+) -> Fact:
     """Build a Fact, filling the defaults exactly as the file reader does."""
     if id is None:
         id = sha256_text(prompt + "\x00" + answer)[:16]
-    return Fact(id=id, prompt=prompt, answer=answer, context=answer if context is None else context,
-                check=default_check(answer) if check is None else check, system=system)
+    return Fact(
+        id=id,
+        prompt=prompt,
+        answer=answer,
+        context=answer if context is None else context,
+        check=default_check(answer) if check is None else check,
+        system=system,
+    )
 
 
-def _string_field(obj: dict[str, Any], name: str, path: os.PathLike | str, line: int, *,
-                  required: bool) -> str | None:
+def _string_field(
+    obj: dict[str, Any], name: str, path: os.PathLike | str, line: int, *, required: bool
+) -> str | None:
     if name not in obj or obj[name] is None:
         if required:
             raise InputError("missing required field", path, line, name)
@@ -80,11 +99,19 @@ def _from_messages(obj: dict[str, Any], path: os.PathLike | str, line: int) -> d
     for i, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise InputError("each message needs a role (system/user/assistant) and string content", path,
-                             line, f"messages[{i}]")
+            raise InputError(
+                "each message needs a role (system/user/assistant) and string content",
+                path,
+                line,
+                f"messages[{i}]",
+            )
         if role in by_role:
-            raise InputError(f"more than one '{role}' message; only single-turn records are supported",
-                             path, line, f"messages[{i}]")
+            raise InputError(
+                f"more than one '{role}' message; only single-turn records are supported",
+                path,
+                line,
+                f"messages[{i}]",
+            )
         by_role[role] = content
     for role in ("user", "assistant"):
         if role not in by_role:
@@ -111,8 +138,14 @@ def load_corpus(path: str | os.PathLike) -> list[Fact]:
         record_id = obj.get("id")
         if record_id is not None and not isinstance(record_id, str | int):
             raise InputError("expected a string", path, line, "id")
-        fact = make_fact(prompt, answer, id=None if record_id is None else str(record_id), context=context,
-                         check=check, system=system)
+        fact = make_fact(
+            prompt,
+            answer,
+            id=None if record_id is None else str(record_id),
+            context=context,
+            check=check,
+            system=system,
+        )
         if not fact.check.strip():
             raise InputError("the answer check is empty", path, line, "check")
         if fact.id in seen:
@@ -124,7 +157,9 @@ def load_corpus(path: str | os.PathLike) -> list[Fact]:
     return facts
 
 
-def _int_list(obj: dict[str, Any], name: str, path: os.PathLike | str, line: int, *, allow_empty: bool) -> list[int]:
+def _int_list(
+    obj: dict[str, Any], name: str, path: os.PathLike | str, line: int, *, allow_empty: bool
+) -> list[int]:
     value = obj.get(name)
     if not isinstance(value, list) or not all(isinstance(t, int) and t >= 0 for t in value):
         raise InputError("expected a list of non-negative token ids", path, line, name)

@@ -64,9 +64,14 @@ def _shade(method: str, lam: float | None) -> str:
 
 def pareto_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
     memo_key = "train_loose"
-    retention_key = "retention_mean" if any(isinstance(r.get("retention_mean"), float) for r in rows) else None
-    x_key, x_label = (retention_key, "retention (model / base, mean over probes)") if retention_key else (
-        "kl_per_token", "KL(base ‖ model) per token  (lower = less forgetting)")
+    retention_key = (
+        "retention_mean" if any(isinstance(r.get("retention_mean"), float) for r in rows) else None
+    )
+    x_key, x_label = (
+        (retention_key, "retention (model / base, mean over probes)")
+        if retention_key
+        else ("kl_per_token", "KL(base ‖ model) per token  (lower = less forgetting)")
+    )
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     plotted = False
@@ -76,8 +81,17 @@ def pareto_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
             continue
         (x, x_sd), (y, y_sd) = _mean_sd(xs), _mean_sd(ys)
         first = members[0]
-        ax.errorbar(x, y, xerr=x_sd or None, yerr=y_sd or None, fmt="o", ms=8, capsize=3,
-                    color=_shade(first["method"], first["lam"]), label=f"{group} (n={len(members)})")
+        ax.errorbar(
+            x,
+            y,
+            xerr=x_sd or None,
+            yerr=y_sd or None,
+            fmt="o",
+            ms=8,
+            capsize=3,
+            color=_shade(first["method"], first["lam"]),
+            label=f"{group} (n={len(members)})",
+        )
         ax.annotate(group, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
         plotted = True
     if not plotted:
@@ -93,8 +107,14 @@ def pareto_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def retention_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    probes = sorted({k[: -len("_retention")] for r in rows for k, v in r.items()
-                     if k.endswith("_retention") and isinstance(v, int | float)})
+    probes = sorted(
+        {
+            k[: -len("_retention")]
+            for r in rows
+            for k, v in r.items()
+            if k.endswith("_retention") and isinstance(v, int | float)
+        }
+    )
     groups = [(g, m) for g, m in _groups(rows).items() if m[0]["method"] != "base"]
     if not probes or not groups:
         return None
@@ -103,9 +123,15 @@ def retention_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
     width = 0.8 / len(groups)
     for i, (group, members) in enumerate(groups):
         stats = [_mean_sd(_numbers(members, f"{p}_retention") or [float("nan")]) for p in probes]
-        ax.bar([j + i * width for j in range(len(probes))], [s[0] for s in stats], width,
-               yerr=[s[1] for s in stats], capsize=2, label=group,
-               color=_shade(members[0]["method"], members[0]["lam"]))
+        ax.bar(
+            [j + i * width for j in range(len(probes))],
+            [s[0] for s in stats],
+            width,
+            yerr=[s[1] for s in stats],
+            capsize=2,
+            label=group,
+            color=_shade(members[0]["method"], members[0]["lam"]),
+        )
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(probes))], probes, fontsize=8)
     ax.set_ylabel("retention (model / base)")
@@ -134,10 +160,17 @@ def nll_figure(cells_dir: Path, rows: list[dict[str, Any]], path: Path) -> Path 
     for row, overall, histogram in series:
         # The bins are uneven (finer near zero), so they are drawn side by side, labelled by range.
         edges = histogram["edges"]
-        labels = [f"{lo}–{hi}" if hi != "inf" else f">{lo}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+        labels = [
+            f"{lo}–{hi}" if hi != "inf" else f">{lo}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+        ]
         total = sum(histogram["counts"]) or 1
-        ax.stairs([max(c / total, 1e-4) for c in histogram["counts"]], range(len(labels) + 1), lw=1.6,
-                  color=_shade(row["method"], row["lam"]), label=f"{row['group']} (mean {overall['mean']:.2f} nats)")
+        ax.stairs(
+            [max(c / total, 1e-4) for c in histogram["counts"]],
+            range(len(labels) + 1),
+            lw=1.6,
+            color=_shade(row["method"], row["lam"]),
+            label=f"{row['group']} (mean {overall['mean']:.2f} nats)",
+        )
     ax.set_xticks([i + 0.5 for i in range(len(labels))], labels, rotation=35, fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("NLL of a target token under the base model (nats), given the naive prompt")
@@ -154,8 +187,13 @@ def fisher_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     stats = [_mean_sd(_numbers(m, "fisher_displacement_norm")) for _, m in groups]
-    ax.bar(range(len(groups)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3,
-           color=[_shade(m[0]["method"], m[0]["lam"]) for _, m in groups])
+    ax.bar(
+        range(len(groups)),
+        [s[0] for s in stats],
+        yerr=[s[1] for s in stats],
+        capsize=3,
+        color=[_shade(m[0]["method"], m[0]["lam"]) for _, m in groups],
+    )
     ax.set_xticks(range(len(groups)), [g for g, _ in groups], rotation=20, fontsize=8)
     ax.set_ylabel("Σ F·Δθ² / Σ F")
     ax.set_title("Fisher-weighted displacement from the base model")
@@ -172,8 +210,14 @@ def curves_figure(cells_dir: Path, rows: list[dict[str, Any]], path: Path) -> Pa
             continue
         history = [h for h in json.loads(summary_file.read_text()).get("history", []) if "loss" in h]
         if history:
-            ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, alpha=0.8,
-                    color=_shade(row["method"], row["lam"]), label=row["cell"])
+            ax.plot(
+                [h["step"] for h in history],
+                [h["loss"] for h in history],
+                lw=1,
+                alpha=0.8,
+                color=_shade(row["method"], row["lam"]),
+                label=row["cell"],
+            )
             plotted = True
     if not plotted:
         plt.close(fig)
@@ -192,7 +236,9 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], cells_dir: Path) -> dict[str, str]:
+def write_report(
+    out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], cells_dir: Path
+) -> dict[str, str]:
     from mixsd.experiment import MAIN_COLUMNS, aggregate
 
     figures_dir = out / "report"
@@ -212,17 +258,31 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], ce
         value, sd = entry.get(column), entry.get(f"{column}_sd")
         return _fmt(value) + (f" ± {sd:.2g}" if sd is not None else "")
 
-    md = [f"# mixsd report: {meta['name']}", "",
-          f"Model `{meta['model']}`; mixsd {meta['mixsd']}, torch {meta['torch']}, transformers "
-          f"{meta['transformers']}, Python {meta['python']}; finished {meta['finished']}.", "",
-          f"Command: `{meta['command']}`  (config: `{meta['config_file']}`, copied to `experiment.yaml`)", "",
-          "## Results (mean ± sd over seeds)", "",
-          "| method | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    md += [f"| {e['group']} | {e['seeds']} | " + " | ".join(cell_text(e, c) for c in columns) + " |" for e in table]
-    md += ["", "Columns: `*_loose` accuracy (gold answer appears in the output), `retention_mean` mean of "
-           "model/base probe scores, `kl_per_token` KL(base‖model) on the base model's own answers, "
-           "`target_nll_mean` mean NLL of the training targets under the base model, "
-           "`fisher_displacement_norm` Σ F·Δθ² / Σ F. Every cell's raw numbers: `results.csv`.", ""]
+    md = [
+        f"# mixsd report: {meta['name']}",
+        "",
+        f"Model `{meta['model']}`; mixsd {meta['mixsd']}, torch {meta['torch']}, transformers "
+        f"{meta['transformers']}, Python {meta['python']}; finished {meta['finished']}.",
+        "",
+        f"Command: `{meta['command']}`  (config: `{meta['config_file']}`, copied to `experiment.yaml`)",
+        "",
+        "## Results (mean ± sd over seeds)",
+        "",
+        "| method | seeds | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    md += [
+        f"| {e['group']} | {e['seeds']} | " + " | ".join(cell_text(e, c) for c in columns) + " |"
+        for e in table
+    ]
+    md += [
+        "",
+        "Columns: `*_loose` accuracy (gold answer appears in the output), `retention_mean` mean of "
+        "model/base probe scores, `kl_per_token` KL(base‖model) on the base model's own answers, "
+        "`target_nll_mean` mean NLL of the training targets under the base model, "
+        "`fisher_displacement_norm` Σ F·Δθ² / Σ F. Every cell's raw numbers: `results.csv`.",
+        "",
+    ]
     for title, path in figures:
         md += [f"## {title}", "", f"![{title}](report/{path.name})", ""]
     md += ["## Configuration", "", "```yaml", _yaml(meta["config"]), "```", ""]
@@ -230,21 +290,30 @@ def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], ce
     atomic_write_text(markdown_path, "\n".join(md))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["method", "seeds", *columns])
-    body = "".join("<tr><td>" + html.escape(e["group"]) + f"</td><td>{e['seeds']}</td>" +
-                   "".join(f"<td>{html.escape(cell_text(e, c))}</td>" for c in columns) + "</tr>" for e in table)
-    images = "".join(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,"
-                     f"{base64.b64encode(path.read_bytes()).decode()}'>" for title, path in figures)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mixsd report: {html.escape(meta['name'])}</title>
+    body = "".join(
+        "<tr><td>"
+        + html.escape(e["group"])
+        + f"</td><td>{e['seeds']}</td>"
+        + "".join(f"<td>{html.escape(cell_text(e, c))}</td>" for c in columns)
+        + "</tr>"
+        for e in table
+    )
+    images = "".join(
+        f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,"
+        f"{base64.b64encode(path.read_bytes()).decode()}'>"
+        for title, path in figures
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mixsd report: {html.escape(meta["name"])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}code,pre{{background:#f4f4f4}}</style></head><body>
-<h1>mixsd report: {html.escape(meta['name'])}</h1>
-<p>Model <code>{html.escape(meta['model'])}</code>; mixsd {meta['mixsd']}, torch {meta['torch']},
-transformers {meta['transformers']}, Python {meta['python']}; finished {html.escape(meta['finished'])}.</p>
-<p>Command: <code>{html.escape(meta['command'])}</code></p>
+<h1>mixsd report: {html.escape(meta["name"])}</h1>
+<p>Model <code>{html.escape(meta["model"])}</code>; mixsd {meta["mixsd"]}, torch {meta["torch"]},
+transformers {meta["transformers"]}, Python {meta["python"]}; finished {html.escape(meta["finished"])}.</p>
+<p>Command: <code>{html.escape(meta["command"])}</code></p>
 <h2>Results (mean ± sd over seeds)</h2><table><tr>{head}</tr>{body}</table>
 <p>Raw rows: <code>results.csv</code>, <code>results.jsonl</code>.</p>{images}
-<h2>Configuration</h2><pre>{html.escape(_yaml(meta['config']))}</pre></body></html>"""
+<h2>Configuration</h2><pre>{html.escape(_yaml(meta["config"]))}</pre></body></html>"""
     html_path = out / "report.html"
     atomic_write_text(html_path, page)
     return {"markdown": str(markdown_path), "html": str(html_path)}

@@ -51,33 +51,65 @@ from mixsd.records import Fact, load_corpus
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class MixConfig:
-    model: str = field(metadata={"help": "Base model: the alias smollm2-135m, a HF folder, a .gguf file or a hub id."})
+    model: str = field(
+        metadata={"help": "Base model: the alias smollm2-135m, a HF folder, a .gguf file or a hub id."}
+    )
     input: str = field(metadata={"help": "Corpus JSONL (prompt, answer, optional id/context/check/system)."})
     output: str = field(metadata={"help": "Target JSONL to write (atomically, when every record is done)."})
-    lam: float = field(default=0.3, metadata={"help": "Probability that a token comes from the naive conditional "
-                                                      "(0 = pure expert, 1 = the base model's own answer)."})
-    temperature: float = field(default=0.0, metadata={"help": "0: argmax of the chosen conditional; >0: sample "
-                                                              "its top-k at this temperature."})
+    lam: float = field(
+        default=0.3,
+        metadata={
+            "help": "Probability that a token comes from the naive conditional "
+            "(0 = pure expert, 1 = the base model's own answer)."
+        },
+    )
+    temperature: float = field(
+        default=0.0,
+        metadata={"help": "0: argmax of the chosen conditional; >0: sample its top-k at this temperature."},
+    )
     top_k: int = field(default=64, metadata={"help": "Top-k used when temperature > 0."})
     seed: int = field(default=0, metadata={"help": "Seed of every record's own random stream."})
-    retries: int = field(default=10, metadata={"help": "How many times a target that fails verification is "
-                                                       "drawn again with fresh coins."})
-    on_failure: Literal["drop", "keep", "answer"] = field(default="drop", metadata={
-        "help": "Records never verified: drop them, keep them marked correct=false, or fall back to the "
-                "ground-truth answer."})
-    verify: Literal["loose", "strict", "none"] = field(default="loose", metadata={
-        "help": "loose: the check string appears in the target; strict: the target's final answer "
-                "(last \\boxed{}) equals it; none: accept every target."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Length cap of a target, stop token included."})
-    batch_size: int = field(default=32, metadata={"help": "Records decoded at once (each uses two cache rows)."})
+    retries: int = field(
+        default=10,
+        metadata={"help": "How many times a target that fails verification is drawn again with fresh coins."},
+    )
+    on_failure: Literal["drop", "keep", "answer"] = field(
+        default="drop",
+        metadata={
+            "help": "Records never verified: drop them, keep them marked correct=false, or fall back to the "
+            "ground-truth answer."
+        },
+    )
+    verify: Literal["loose", "strict", "none"] = field(
+        default="loose",
+        metadata={
+            "help": "loose: the check string appears in the target; strict: the target's final answer "
+            "(last \\boxed{}) equals it; none: accept every target."
+        },
+    )
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Length cap of a target, stop token included."}
+    )
+    batch_size: int = field(
+        default=32, metadata={"help": "Records decoded at once (each uses two cache rows)."}
+    )
     num_generations: int = field(default=1, metadata={"help": "Targets drawn per record."})
-    expert_template: str | None = field(default=None, metadata={
-        "help": "Expert prompt template (text or file) with {prompt} and {context}; default: ours."})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={
-        "help": "Model dtype for decoding."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."})
+    expert_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Expert prompt template (text or file) with {prompt} and {context}; default: ours."
+        },
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "Model dtype for decoding."}
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Discard an existing output or unfinished run."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the model folder."}
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,14 +160,28 @@ class _Slot:
 class MixedDecoder:
     """Continuous-batching decoder of mixed expert/naive targets over one frozen model."""
 
-    def __init__(self, model, stop_ids: Iterable[int], *, lam: float, temperature: float = 0.0, top_k: int = 64,
-                 seed: int = 0, max_new_tokens: int = 256, batch_size: int = 32, max_attempts: int = 11,
-                 pad_id: int = 0, context_limit: int | None = None):
+    def __init__(
+        self,
+        model,
+        stop_ids: Iterable[int],
+        *,
+        lam: float,
+        temperature: float = 0.0,
+        top_k: int = 64,
+        seed: int = 0,
+        max_new_tokens: int = 256,
+        batch_size: int = 32,
+        max_attempts: int = 11,
+        pad_id: int = 0,
+        context_limit: int | None = None,
+    ):
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         if temperature < 0 or max_new_tokens < 1 or batch_size < 1 or max_attempts < 1 or top_k < 1:
-            raise ValueError("temperature >= 0, max_new_tokens >= 1, batch_size >= 1, top_k >= 1 and "
-                             "max_attempts >= 1 are required")
+            raise ValueError(
+                "temperature >= 0, max_new_tokens >= 1, batch_size >= 1, top_k >= 1 and "
+                "max_attempts >= 1 are required"
+            )
         self.model, self.stop_ids = model, set(stop_ids)
         self.lam, self.temperature, self.top_k, self.seed = lam, temperature, top_k, seed
         self.max_new_tokens, self.batch_size, self.max_attempts = max_new_tokens, batch_size, max_attempts
@@ -145,8 +191,9 @@ class MixedDecoder:
 
     # -- the public loop ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, jobs: Iterable[Job], accept: Callable[[Draw], bool],
-            on_done: Callable[[Draw, bool], None]) -> None:
+    def run(
+        self, jobs: Iterable[Job], accept: Callable[[Draw], bool], on_done: Callable[[Draw, bool], None]
+    ) -> None:
         """Decode every job; call `on_done(draw, verified)` once per job, with its last attempt."""
         queue: deque[Job] = deque()
         for job in jobs:
@@ -159,9 +206,13 @@ class MixedDecoder:
         splice = True
         while queue or slots:
             if queue and len(slots) < self.batch_size and (splice or not slots):
-                admitted = [_Slot(queue.popleft(), self.max_new_tokens, self.seed)
-                            for _ in range(min(self.batch_size - len(slots), len(queue)))]
-                prompts = [ids for slot in admitted for ids in (slot.draw.job.expert_ids, slot.draw.job.naive_ids)]
+                admitted = [
+                    _Slot(queue.popleft(), self.max_new_tokens, self.seed)
+                    for _ in range(min(self.batch_size - len(slots), len(queue)))
+                ]
+                prompts = [
+                    ids for slot in admitted for ids in (slot.draw.job.expert_ids, slot.draw.job.naive_ids)
+                ]
                 if batch.add([slot for slot in admitted for _ in range(2)], prompts):
                     slots.extend(admitted)
                 else:  # this model's cache cannot be spliced: refill only when the batch has drained
@@ -223,11 +274,20 @@ class MixedDecoder:
 # --------------------------------------------------------------------------------------------------
 def _settings(config: MixConfig, template: str, input_sha: str) -> dict[str, Any]:
     """What determines the targets (batch size, device and failure policy do not)."""
-    return {"model": config.model, "input_sha256": input_sha, "lam": config.lam,
-            "temperature": config.temperature, "top_k": config.top_k, "seed": config.seed,
-            "retries": config.retries, "verify": config.verify, "max_new_tokens": config.max_new_tokens,
-            "num_generations": config.num_generations, "expert_template_sha256": sha256_text(template)[:16],
-            "dtype": config.dtype}
+    return {
+        "model": config.model,
+        "input_sha256": input_sha,
+        "lam": config.lam,
+        "temperature": config.temperature,
+        "top_k": config.top_k,
+        "seed": config.seed,
+        "retries": config.retries,
+        "verify": config.verify,
+        "max_new_tokens": config.max_new_tokens,
+        "num_generations": config.num_generations,
+        "expert_template_sha256": sha256_text(template)[:16],
+        "dtype": config.dtype,
+    }
 
 
 def journal_path(output: str | os.PathLike, rank: int = 0, world: int = 1) -> Path:
@@ -246,18 +306,30 @@ def summary_path(output: str | os.PathLike) -> Path:
     return output.with_name(output.stem + ".summary.json")
 
 
-def _draw_record(fact: Fact, draw: Draw, verified: bool, text: str, settings: dict[str, Any]) -> dict[str, Any]:
+def _draw_record(
+    fact: Fact, draw: Draw, verified: bool, text: str, settings: dict[str, Any]
+) -> dict[str, Any]:
     job = draw.job
     naive_count = draw.branch.count("N")
     return {
-        "id": fact.id, "generation": job.generation, "prompt": fact.prompt, "answer": fact.answer,
-        "check": fact.check, "prompt_ids": job.naive_ids, "expert_prompt_ids": job.expert_ids,
-        "target_ids": draw.tokens, "branch": "".join(draw.branch), "correct": verified,
-        "attempts": job.attempt + 1, "finish": draw.finish, "text": text,
+        "id": fact.id,
+        "generation": job.generation,
+        "prompt": fact.prompt,
+        "answer": fact.answer,
+        "check": fact.check,
+        "prompt_ids": job.naive_ids,
+        "expert_prompt_ids": job.expert_ids,
+        "target_ids": draw.tokens,
+        "branch": "".join(draw.branch),
+        "correct": verified,
+        "attempts": job.attempt + 1,
+        "finish": draw.finish,
+        "text": text,
         "logprob_expert": [round(x, 5) for x in draw.logprob_expert],
         "logprob_naive": [round(x, 5) for x in draw.logprob_naive],
         "naive_fraction": round(naive_count / len(draw.tokens), 5) if draw.tokens else None,
-        "source": "mixsd", "settings": settings,
+        "source": "mixsd",
+        "settings": settings,
     }
 
 
@@ -269,11 +341,21 @@ def _apply_failure_policy(row: dict[str, Any], policy: str, tokenizer) -> dict[s
     if policy == "keep":
         return row
     fallback = encode_answer(tokenizer, row["answer"])  # policy == "answer": train on y* instead
-    return {**row, "target_ids": fallback, "branch": "G" * len(fallback), "text": row["answer"],
-            "logprob_expert": None, "logprob_naive": None, "naive_fraction": None, "source": "answer_fallback"}
+    return {
+        **row,
+        "target_ids": fallback,
+        "branch": "G" * len(fallback),
+        "text": row["answer"],
+        "logprob_expert": None,
+        "logprob_naive": None,
+        "naive_fraction": None,
+        "source": "answer_fallback",
+    }
 
 
-def build_jobs(facts: list[Fact], tokenizer, template: str, num_generations: int = 1) -> list[tuple[Fact, Job]]:
+def build_jobs(
+    facts: list[Fact], tokenizer, template: str, num_generations: int = 1
+) -> list[tuple[Fact, Job]]:
     jobs = []
     for fact in facts:
         naive = encode_prompt(tokenizer, fact.prompt, fact.system)
@@ -321,38 +403,60 @@ def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True)
     for old in _all_journals(output):  # any earlier run's journals, whatever its number of processes
         rows = read_journal(old) if old == journal_path(output, rank, world) else _read_rows(old)
         if rows and rows[0] != header:
-            raise InputError("an unfinished run with different settings exists; rerun with the same "
-                             "arguments or pass --overwrite", old)
+            raise InputError(
+                "an unfinished run with different settings exists; rerun with the same "
+                "arguments or pass --overwrite",
+                old,
+            )
         done.update(((row["id"], row["generation"]), row) for row in rows[1:])
 
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     if model is None:
-        model = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-                           device=config.device or state.device)
+        model = load_model(
+            config.model,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            device=config.device or state.device,
+        )
     all_jobs = build_jobs(facts, tokenizer, template, config.num_generations)
     fact_by_id = {fact.id: fact for fact in facts}
     mine = [job for i, (_, job) in enumerate(all_jobs) if i % world == rank]
     todo = [job for job in mine if (job.key, job.generation) not in done]
 
-    decoder = MixedDecoder(model, stop_token_ids(tokenizer, model), lam=config.lam,
-                           temperature=config.temperature, top_k=config.top_k, seed=config.seed,
-                           max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                           max_attempts=config.retries + 1, pad_id=tokenizer.pad_token_id or 0,
-                           context_limit=context_length(model))
+    decoder = MixedDecoder(
+        model,
+        stop_token_ids(tokenizer, model),
+        lam=config.lam,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        seed=config.seed,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        max_attempts=config.retries + 1,
+        pad_id=tokenizer.pad_token_id or 0,
+        context_limit=context_length(model),
+    )
 
     def decode(draw: Draw) -> str:
         return tokenizer.decode(draw.tokens, skip_special_tokens=True)
 
     def accept(draw: Draw) -> bool:
-        return draw.finish != "prompt_too_long" and matches(decode(draw), fact_by_id[draw.job.key].check,
-                                                            config.verify)
+        return draw.finish != "prompt_too_long" and matches(
+            decode(draw), fact_by_id[draw.job.key].check, config.verify
+        )
 
     started = time.perf_counter()
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="mix", unit="rec",
-               disable=not progress or not state.is_local_main_process)
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        desc="mix",
+        unit="rec",
+        disable=not progress or not state.is_local_main_process,
+    )
     verified_count, finished_count = 0, 0
     with JournalWriter(journal_path(output, rank, world), header=header) as writer:
+
         def on_done(draw: Draw, verified: bool) -> None:
             nonlocal verified_count, finished_count
             row = _draw_record(fact_by_id[draw.job.key], draw, verified, decode(draw), settings)
@@ -360,8 +464,10 @@ def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True)
             verified_count, finished_count = verified_count + verified, finished_count + 1
             elapsed = max(time.perf_counter() - started, 1e-9)
             bar.update(1)
-            bar.set_postfix(verified=f"{verified_count / finished_count:.0%}",
-                            tok_s=f"{decoder.generated_tokens / elapsed:.0f}")
+            bar.set_postfix(
+                verified=f"{verified_count / finished_count:.0%}",
+                tok_s=f"{decoder.generated_tokens / elapsed:.0f}",
+            )
 
         decoder.run(todo, accept, on_done)
     bar.close()
@@ -380,7 +486,9 @@ def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True)
     for journal in _all_journals(output):
         done.update(((row["id"], row["generation"]), row) for row in _read_rows(journal)[1:])
     rows = [done[(job.key, job.generation)] for _, job in all_jobs]
-    final = [r for r in (_apply_failure_policy(row, config.on_failure, tokenizer) for row in rows) if r is not None]
+    final = [
+        r for r in (_apply_failure_policy(row, config.on_failure, tokenizer) for row in rows) if r is not None
+    ]
     atomic_write_jsonl(output, final)
     summary = summarize(rows, config, settings, stats, elapsed, len(final), world)
     atomic_write_json(summary_file, summary)
@@ -402,24 +510,38 @@ def _read_rows(journal: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(rows: list[dict[str, Any]], config: MixConfig, settings: dict[str, Any], stats: dict[str, int],
-              seconds: float, written: int, processes: int = 1) -> dict[str, Any]:
+def summarize(
+    rows: list[dict[str, Any]],
+    config: MixConfig,
+    settings: dict[str, Any],
+    stats: dict[str, int],
+    seconds: float,
+    written: int,
+    processes: int = 1,
+) -> dict[str, Any]:
     verified = [r for r in rows if r["correct"]]
     target_tokens = sum(len(r["target_ids"]) for r in verified)
     naive_tokens = sum(r["branch"].count("N") for r in verified)
     return {
-        "mixsd_version": __version__, "settings": settings, "config": asdict(config),
-        "records": len(rows), "written": written, "verified": len(verified),
+        "mixsd_version": __version__,
+        "settings": settings,
+        "config": asdict(config),
+        "records": len(rows),
+        "written": written,
+        "verified": len(verified),
         "verified_rate": len(verified) / len(rows) if rows else 0.0,
         "mean_attempts": sum(r["attempts"] for r in rows) / len(rows) if rows else 0.0,
         "first_try_rate": sum(r["correct"] and r["attempts"] == 1 for r in rows) / len(rows) if rows else 0.0,
         # over the kept targets (verification favours expert tokens) and over every token drawn this run
         "naive_fraction": naive_tokens / target_tokens if target_tokens else None,
-        "naive_fraction_drawn": (stats["naive_tokens"] / stats["generated_tokens"]
-                                 if stats["generated_tokens"] else None),
+        "naive_fraction_drawn": (
+            stats["naive_tokens"] / stats["generated_tokens"] if stats["generated_tokens"] else None
+        ),
         "prompt_too_long": sum(r["finish"] == "prompt_too_long" for r in rows),
-        "verify_mode": config.verify, "on_failure": config.on_failure,
-        "generated_tokens_this_run": stats["generated_tokens"], "seconds_this_run": round(seconds, 3),
+        "verify_mode": config.verify,
+        "on_failure": config.on_failure,
+        "generated_tokens_this_run": stats["generated_tokens"],
+        "seconds_this_run": round(seconds, 3),
         "processes": processes,
         "tokens_per_second": stats["generated_tokens"] / seconds if seconds > 0 else None,
     }
@@ -428,11 +550,13 @@ def summarize(rows: list[dict[str, Any]], config: MixConfig, settings: dict[str,
 def format_summary(summary: dict[str, Any]) -> str:
     naive = summary["naive_fraction"]
     tps = summary["tokens_per_second"]
-    return (f"records {summary['records']}  written {summary['written']}  "
-            f"verified {summary['verified_rate']:.1%} ({summary['verify_mode']})  "
-            f"first try {summary['first_try_rate']:.1%}  mean attempts {summary['mean_attempts']:.2f}  "
-            f"naive tokens {'-' if naive is None else f'{naive:.1%}'} (lam {summary['settings']['lam']})  "
-            f"{'-' if tps is None else f'{tps:.0f}'} tok/s")
+    return (
+        f"records {summary['records']}  written {summary['written']}  "
+        f"verified {summary['verified_rate']:.1%} ({summary['verify_mode']})  "
+        f"first try {summary['first_try_rate']:.1%}  mean attempts {summary['mean_attempts']:.2f}  "
+        f"naive tokens {'-' if naive is None else f'{naive:.1%}'} (lam {summary['settings']['lam']})  "
+        f"{'-' if tps is None else f'{tps:.0f}'} tok/s"
+    )
 
 
 def mix_command(config: MixConfig) -> dict[str, Any]:
@@ -452,7 +576,9 @@ class SFTTargetsConfig:
     model: str = field(metadata={"help": "Model whose tokenizer and chat template format the records."})
     input: str = field(metadata={"help": "Corpus JSONL."})
     output: str = field(metadata={"help": "Target JSONL to write."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow tokenizer code from the model folder."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow tokenizer code from the model folder."}
+    )
 
 
 def sft_target_rows(facts: list[Fact], tokenizer) -> list[dict[str, Any]]:
@@ -460,10 +586,23 @@ def sft_target_rows(facts: list[Fact], tokenizer) -> list[dict[str, Any]]:
     rows = []
     for fact in facts:
         target = encode_answer(tokenizer, fact.answer)
-        rows.append({"id": fact.id, "generation": 0, "prompt": fact.prompt, "answer": fact.answer,
-                     "check": fact.check, "prompt_ids": encode_prompt(tokenizer, fact.prompt, fact.system),
-                     "target_ids": target, "branch": "G" * len(target), "correct": True, "attempts": 1,
-                     "finish": "stop", "text": fact.answer, "source": "ground_truth"})
+        rows.append(
+            {
+                "id": fact.id,
+                "generation": 0,
+                "prompt": fact.prompt,
+                "answer": fact.answer,
+                "check": fact.check,
+                "prompt_ids": encode_prompt(tokenizer, fact.prompt, fact.system),
+                "target_ids": target,
+                "branch": "G" * len(target),
+                "correct": True,
+                "attempts": 1,
+                "finish": "stop",
+                "text": fact.answer,
+                "source": "ground_truth",
+            }
+        )
     return rows
 
 

@@ -43,60 +43,124 @@ IGNORE = -100  # label of positions that carry no loss (prompt and padding)
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    model: str = field(metadata={"help": "Base model: the alias smollm2-135m, a HF folder, a .gguf file or a hub id."})
-    out: str = field(metadata={"help": "Output folder: checkpoints, the final model in OUT/model, summary.json."})
-    targets: str | None = field(default=None, metadata={
-        "help": "Target JSONL from `mixsd mix` or `mixsd sft-targets` (required unless --method opsd)."})
-    method: Literal["sft", "opsd"] = field(default="sft", metadata={
-        "help": "sft: NLL on the stored targets (serves MixSD and SFT targets alike); opsd: on-policy "
-                "self-distillation from the base model given the expert prompt (needs --corpus)."})
+    model: str = field(
+        metadata={"help": "Base model: the alias smollm2-135m, a HF folder, a .gguf file or a hub id."}
+    )
+    out: str = field(
+        metadata={"help": "Output folder: checkpoints, the final model in OUT/model, summary.json."}
+    )
+    targets: str | None = field(
+        default=None,
+        metadata={
+            "help": "Target JSONL from `mixsd mix` or `mixsd sft-targets` (required unless --method opsd)."
+        },
+    )
+    method: Literal["sft", "opsd"] = field(
+        default="sft",
+        metadata={
+            "help": "sft: NLL on the stored targets (serves MixSD and SFT targets alike); opsd: on-policy "
+            "self-distillation from the base model given the expert prompt (needs --corpus)."
+        },
+    )
     corpus: str | None = field(default=None, metadata={"help": "Corpus JSONL (--method opsd only)."})
     epochs: float = field(default=3.0, metadata={"help": "Passes over the training records."})
-    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps "
-                                                                  "(overrides --epochs)."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Stop after this many optimizer steps (overrides --epochs)."}
+    )
     lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW)."})
-    lr_scheduler: str = field(default="constant", metadata={
-        "help": "Learning-rate schedule: constant, linear, cosine, ... (transformers' names)."})
+    lr_scheduler: str = field(
+        default="constant",
+        metadata={"help": "Learning-rate schedule: constant, linear, cosine, ... (transformers' names)."},
+    )
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 = off)."})
     batch_size: int = field(default=8, metadata={"help": "Records per device per micro-batch."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step. The global batch is "
-                                                         "batch_size x grad_accum x processes."})
+    grad_accum: int = field(
+        default=1,
+        metadata={
+            "help": "Micro-batches per optimizer step. The global batch is "
+            "batch_size x grad_accum x processes."
+        },
+    )
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_targets: str = field(default="all-linear", metadata={
-        "help": "Modules LoRA adapts: all-linear, or a comma-separated list of module names."})
-    save_adapter_only: bool = field(default=False, metadata={
-        "help": "With LoRA: save only the adapter (loadable with peft) instead of the merged model."})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (CPU or GPU); weights stay float32."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    lora_targets: str = field(
+        default="all-linear",
+        metadata={"help": "Modules LoRA adapts: all-linear, or a comma-separated list of module names."},
+    )
+    save_adapter_only: bool = field(
+        default=False,
+        metadata={
+            "help": "With LoRA: save only the adapter (loadable with peft) instead of the merged model."
+        },
+    )
+    bf16: bool = field(
+        default=False, metadata={"help": "bfloat16 autocast (CPU or GPU); weights stay float32."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Trade compute for activation memory."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of initialization, data order and OPSD sampling."})
-    save_every: int = field(default=0, metadata={
-        "help": "Checkpoint every N optimizer steps; 0 = every epoch; -1 = no checkpoints (no resume, only the "
-                "final model)."})
-    keep_checkpoints: int = field(default=0, metadata={
-        "help": "Keep only the newest N checkpoints (the best one is always kept with --select best); 0 = all."})
-    select: Literal["last", "best"] = field(default="last", metadata={
-        "help": "Which checkpoint becomes OUT/model: the last, or the one with the lowest target NLL on "
-                "--validation."})
-    validation: str | None = field(default=None, metadata={
-        "help": "Target JSONL scored (mean target-token NLL) at every checkpoint; required by --select best."})
-    opsd_rollouts: int = field(default=4, metadata={"help": "OPSD: answers the student samples per prompt (T=1)."})
-    opsd_divergence: Literal["forward", "reverse", "jsd"] = field(default="forward", metadata={
-        "help": "OPSD: token-level KL(teacher||student) (forward), KL(student||teacher) (reverse), or JSD."})
-    opsd_top_k: int = field(default=64, metadata={
-        "help": "OPSD: divergence over the teacher's top-k tokens (both renormalized); 0 = full vocabulary."})
+    save_every: int = field(
+        default=0,
+        metadata={
+            "help": "Checkpoint every N optimizer steps; 0 = every epoch; -1 = no checkpoints (no resume, only the "
+            "final model)."
+        },
+    )
+    keep_checkpoints: int = field(
+        default=0,
+        metadata={
+            "help": "Keep only the newest N checkpoints (the best one is always kept with --select best); 0 = all."
+        },
+    )
+    select: Literal["last", "best"] = field(
+        default="last",
+        metadata={
+            "help": "Which checkpoint becomes OUT/model: the last, or the one with the lowest target NLL on "
+            "--validation."
+        },
+    )
+    validation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Target JSONL scored (mean target-token NLL) at every checkpoint; required by --select best."
+        },
+    )
+    opsd_rollouts: int = field(
+        default=4, metadata={"help": "OPSD: answers the student samples per prompt (T=1)."}
+    )
+    opsd_divergence: Literal["forward", "reverse", "jsd"] = field(
+        default="forward",
+        metadata={
+            "help": "OPSD: token-level KL(teacher||student) (forward), KL(student||teacher) (reverse), or JSD."
+        },
+    )
+    opsd_top_k: int = field(
+        default=64,
+        metadata={
+            "help": "OPSD: divergence over the teacher's top-k tokens (both renormalized); 0 = full vocabulary."
+        },
+    )
     opsd_max_new_tokens: int = field(default=128, metadata={"help": "OPSD: length cap of a sampled answer."})
-    expert_template: str | None = field(default=None, metadata={
-        "help": "OPSD: expert prompt template (text or file) with {prompt} and {context}; default: ours, "
-                "the same as `mixsd mix`."})
+    expert_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "OPSD: expert prompt template (text or file) with {prompt} and {context}; default: ours, "
+            "the same as `mixsd mix`."
+        },
+    )
     logging_steps: int = field(default=1, metadata={"help": "Log the loss every N optimizer steps."})
     cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
-    overwrite: bool = field(default=False, metadata={"help": "Discard an existing run in --out and start over."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Discard an existing run in --out and start over."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the model folder."}
+    )
 
 
 # Fields that do not change what is trained: a resumed run may differ in them.
@@ -114,18 +178,31 @@ def run_settings(config: TrainConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Data: stored token ids in, padded tensors out
 # --------------------------------------------------------------------------------------------------
-def target_examples(rows: list[dict[str, Any]], *, vocab_size: int | None = None, context_limit: int | None = None,
-                    path: str | os.PathLike | None = None) -> list[dict[str, list[int]]]:
+def target_examples(
+    rows: list[dict[str, Any]],
+    *,
+    vocab_size: int | None = None,
+    context_limit: int | None = None,
+    path: str | os.PathLike | None = None,
+) -> list[dict[str, list[int]]]:
     """prompt_ids + target_ids exactly as stored; labels mask the prompt so only target tokens carry loss."""
     examples = []
     for row in rows:
         prompt, target = row["prompt_ids"], row["target_ids"]
         if vocab_size is not None and max(max(prompt), max(target)) >= vocab_size:
-            raise InputError(f"record '{row['id']}' has token ids beyond the model's vocabulary ({vocab_size}); "
-                             "was the file built with another model's tokenizer?", path, field="target_ids")
+            raise InputError(
+                f"record '{row['id']}' has token ids beyond the model's vocabulary ({vocab_size}); "
+                "was the file built with another model's tokenizer?",
+                path,
+                field="target_ids",
+            )
         if context_limit is not None and len(prompt) + len(target) > context_limit:
-            raise InputError(f"record '{row['id']}' is {len(prompt) + len(target)} tokens, longer than the "
-                             f"model's context ({context_limit})", path, field="target_ids")
+            raise InputError(
+                f"record '{row['id']}' is {len(prompt) + len(target)} tokens, longer than the "
+                f"model's context ({context_limit})",
+                path,
+                field="target_ids",
+            )
         examples.append({"input_ids": [*prompt, *target], "labels": [IGNORE] * len(prompt) + list(target)})
     return examples
 
@@ -149,7 +226,9 @@ class PadCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def target_nll(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+def target_nll(
+    outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
     """Sum of target-token NLLs divided by the number of target tokens in the global batch.
 
     `num_items_in_batch` is Trainer's count over the whole accumulation window and all processes; without it
@@ -202,8 +281,9 @@ class _SaveRunConfig(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            atomic_write_json(Path(args.output_dir) / f"checkpoint-{state.global_step}" / "mixsd_run.json",
-                              self.record)
+            atomic_write_json(
+                Path(args.output_dir) / f"checkpoint-{state.global_step}" / "mixsd_run.json", self.record
+            )
 
 
 def _training_arguments(config: TrainConfig, *, has_eval: bool) -> TrainingArguments:
@@ -211,7 +291,9 @@ def _training_arguments(config: TrainConfig, *, has_eval: bool) -> TrainingArgum
     save_strategy = "no" if config.save_every < 0 else "epoch" if per_epoch else "steps"
     kwargs: dict[str, Any] = {}
     if has_eval:
-        kwargs.update(eval_strategy="epoch" if per_epoch else "steps", per_device_eval_batch_size=config.batch_size)
+        kwargs.update(
+            eval_strategy="epoch" if per_epoch else "steps", per_device_eval_batch_size=config.batch_size
+        )
         if not per_epoch:
             kwargs["eval_steps"] = config.save_every
     if config.select == "best":
@@ -251,18 +333,29 @@ def _training_arguments(config: TrainConfig, *, has_eval: bool) -> TrainingArgum
 
 def _use_cpu(config: TrainConfig) -> bool:
     # accelerate sets up multi-process CPU training (gloo) only when told the run is on CPU
-    has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
-        torch.backends.mps.is_available()
+    has_accelerator = (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        or torch.backends.mps.is_available()
+    )
     return config.cpu or not has_accelerator
 
 
 def _apply_lora(model, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
-    targets = config.lora_targets if config.lora_targets == "all-linear" else \
-        [t.strip() for t in config.lora_targets.split(",") if t.strip()]
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank,
-                      lora_dropout=config.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    targets = (
+        config.lora_targets
+        if config.lora_targets == "all-linear"
+        else [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+    )
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha or 2 * config.lora_rank,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 
@@ -289,15 +382,21 @@ def _prepare_out(config: TrainConfig, record: dict[str, Any], is_main: bool) -> 
     config_file, summary_file = out / "run_config.json", out / "summary.json"
     if config.overwrite and is_main and out.exists():
         for child in out.iterdir():
-            if child.name in ("run_config.json", "summary.json", "model") or child.name.startswith("checkpoint-"):
+            if child.name in ("run_config.json", "summary.json", "model") or child.name.startswith(
+                "checkpoint-"
+            ):
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     elif config_file.is_file():
         previous = json.loads(config_file.read_text())
         if previous.get("settings") != record["settings"]:
-            changed = sorted(k for k in record["settings"]
-                             if previous.get("settings", {}).get(k) != record["settings"][k])
-            raise InputError(f"holds a run with other settings ({', '.join(changed)}); use another --out, the "
-                             "same arguments to resume, or --overwrite", config_file)
+            changed = sorted(
+                k for k in record["settings"] if previous.get("settings", {}).get(k) != record["settings"][k]
+            )
+            raise InputError(
+                f"holds a run with other settings ({', '.join(changed)}); use another --out, the "
+                "same arguments to resume, or --overwrite",
+                config_file,
+            )
         if summary_file.is_file() and (out / "model").is_dir():
             return json.loads(summary_file.read_text())
     return None
@@ -316,7 +415,9 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     finished = _prepare_out(config, record, state.is_main_process)
     if finished is not None:
         if state.is_main_process:
-            print(f"{config.out} holds a finished run with these settings; nothing to do (--overwrite to redo).")
+            print(
+                f"{config.out} holds a finished run with these settings; nothing to do (--overwrite to redo)."
+            )
         return finished
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
@@ -328,8 +429,9 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
 
     eval_dataset = None
     if config.validation:
-        eval_dataset = target_examples(load_targets(config.validation), vocab_size=vocab, context_limit=limit,
-                                       path=config.validation)
+        eval_dataset = target_examples(
+            load_targets(config.validation), vocab_size=vocab, context_limit=limit, path=config.validation
+        )
     teacher = None
     if config.method == "opsd":
         import copy
@@ -340,8 +442,9 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         if config.lora_rank <= 0:  # full fine-tuning: keep a frozen copy of the base model as the teacher
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
     else:
-        train_dataset = target_examples(load_targets(config.targets), vocab_size=vocab, context_limit=limit,
-                                        path=config.targets)
+        train_dataset = target_examples(
+            load_targets(config.targets), vocab_size=vocab, context_limit=limit, path=config.targets
+        )
 
     state.wait_for_everyone()  # inputs are valid: claim the output folder
     if state.is_main_process:
@@ -351,16 +454,28 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     if config.lora_rank > 0:
         model = _apply_lora(model, config)
     args = _training_arguments(config, has_eval=eval_dataset is not None)
-    common = dict(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                  data_collator=PadCollator(pad_id), callbacks=[_SaveRunConfig(record)])
+    common = dict(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=PadCollator(pad_id),
+        callbacks=[_SaveRunConfig(record)],
+    )
     if config.method == "opsd":
         from mixsd.opsd import OPSDTrainer
         from mixsd.prompts import stop_token_ids
 
-        trainer = OPSDTrainer(**common, teacher=teacher, rollouts=config.opsd_rollouts,
-                              divergence=config.opsd_divergence, top_k=config.opsd_top_k,
-                              max_new_tokens=config.opsd_max_new_tokens, pad_id=pad_id,
-                              stop_ids=sorted(stop_token_ids(tokenizer, model)))
+        trainer = OPSDTrainer(
+            **common,
+            teacher=teacher,
+            rollouts=config.opsd_rollouts,
+            divergence=config.opsd_divergence,
+            top_k=config.opsd_top_k,
+            max_new_tokens=config.opsd_max_new_tokens,
+            pad_id=pad_id,
+            stop_ids=sorted(stop_token_ids(tokenizer, model)),
+        )
     else:
         trainer = TokenCountingTrainer(**common, compute_loss_func=target_nll)
 
@@ -382,13 +497,27 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         "best_validation_loss": trainer.state.best_metric,
         "global_steps": trainer.state.global_step,
         "train_loss": result.training_loss,
-        "seconds": round(seconds, 3),  # training time of this invocation (a resumed run counts from the resume)
+        "seconds": round(
+            seconds, 3
+        ),  # training time of this invocation (a resumed run counts from the resume)
         "seconds_this_run": round(seconds, 3),
-        "history": [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"], "tokens": e.get("tokens"),
-                     "learning_rate": e.get("learning_rate"), "grad_norm": e.get("grad_norm")}
-                    for e in trainer.state.log_history if "loss" in e],
-        "validation": [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["eval_loss"]}
-                       for e in trainer.state.log_history if "eval_loss" in e],
+        "history": [
+            {
+                "step": e["step"],
+                "epoch": e.get("epoch"),
+                "loss": e["loss"],
+                "tokens": e.get("tokens"),
+                "learning_rate": e.get("learning_rate"),
+                "grad_norm": e.get("grad_norm"),
+            }
+            for e in trainer.state.log_history
+            if "loss" in e
+        ],
+        "validation": [
+            {"step": e["step"], "epoch": e.get("epoch"), "loss": e["eval_loss"]}
+            for e in trainer.state.log_history
+            if "eval_loss" in e
+        ],
     }
     _save_final(trainer, tokenizer, config, model_dir, summary)
     if state.is_main_process:
@@ -397,7 +526,9 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     return summary
 
 
-def _save_final(trainer: Trainer, tokenizer, config: TrainConfig, model_dir: Path, summary: dict[str, Any]) -> None:
+def _save_final(
+    trainer: Trainer, tokenizer, config: TrainConfig, model_dir: Path, summary: dict[str, Any]
+) -> None:
     """Save the selected model into a staging folder, then rename it to OUT/model (never half a folder)."""
     staging = model_dir.with_name(".model.staging")
     is_main = trainer.accelerator.is_main_process
@@ -427,8 +558,11 @@ def _save_final(trainer: Trainer, tokenizer, config: TrainConfig, model_dir: Pat
 def format_summary(summary: dict[str, Any]) -> str:
     history = summary["history"]
     first, last = (history[0], history[-1]) if history else ({}, {})
-    parts = [f"steps {summary['global_steps']}", f"loss {first.get('loss', float('nan')):.4f} -> "
-             f"{last.get('loss', float('nan')):.4f}", f"tokens {last.get('tokens')}"]
+    parts = [
+        f"steps {summary['global_steps']}",
+        f"loss {first.get('loss', float('nan')):.4f} -> {last.get('loss', float('nan')):.4f}",
+        f"tokens {last.get('tokens')}",
+    ]
     if summary.get("validation"):
         parts.append(f"validation loss {summary['validation'][-1]['loss']:.4f}")
     parts.append(f"selected {summary['selected_checkpoint']}")

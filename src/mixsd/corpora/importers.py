@@ -42,19 +42,41 @@ MAX_LISTED_SKIPS = 200  # the manifest lists at most this many skipped rows (all
 @dataclass
 class ImportConfig:
     file: str = field(metadata={"help": "The file to import."})
-    out: str = field(metadata={"help": "Folder to write train.jsonl (+ compositional.jsonl for mquake) and "
-                                       "manifest.json into."})
-    format: Literal["qa-jsonl", "csv", "simpleqa", "mquake"] = field(default="qa-jsonl", metadata={
-        "help": "qa-jsonl: JSON lines; csv: CSV with a header; simpleqa: the SimpleQA CSV; mquake: MQuAKE-CF JSON."})
-    question_field: str = field(default="question", metadata={"help": "Question field/column (qa-jsonl, csv)."})
+    out: str = field(
+        metadata={
+            "help": "Folder to write train.jsonl (+ compositional.jsonl for mquake) and manifest.json into."
+        }
+    )
+    format: Literal["qa-jsonl", "csv", "simpleqa", "mquake"] = field(
+        default="qa-jsonl",
+        metadata={
+            "help": "qa-jsonl: JSON lines; csv: CSV with a header; simpleqa: the SimpleQA CSV; mquake: MQuAKE-CF JSON."
+        },
+    )
+    question_field: str = field(
+        default="question", metadata={"help": "Question field/column (qa-jsonl, csv)."}
+    )
     answer_field: str = field(default="answer", metadata={"help": "Answer field/column (qa-jsonl, csv)."})
-    id_field: str = field(default="id", metadata={"help": "Optional id field/column (qa-jsonl, csv); "
-                                                          "ids are generated when it is absent."})
-    answer_style: Literal["boxed", "raw"] = field(default="boxed", metadata={
-        "help": "boxed: prompt asks for \\boxed{}, answer 'The answer is X. \\boxed{X}'; raw: keep the text as is."})
-    skip_bad: bool = field(default=False, metadata={"help": "Skip malformed, empty or duplicate rows (counted and "
-                                                            "listed in manifest.json) instead of stopping."})
-    limit: int | None = field(default=None, metadata={"help": "Import at most this many rows (mquake: cases)."})
+    id_field: str = field(
+        default="id",
+        metadata={"help": "Optional id field/column (qa-jsonl, csv); ids are generated when it is absent."},
+    )
+    answer_style: Literal["boxed", "raw"] = field(
+        default="boxed",
+        metadata={
+            "help": "boxed: prompt asks for \\boxed{}, answer 'The answer is X. \\boxed{X}'; raw: keep the text as is."
+        },
+    )
+    skip_bad: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip malformed, empty or duplicate rows (counted and "
+            "listed in manifest.json) instead of stopping."
+        },
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "Import at most this many rows (mquake: cases)."}
+    )
 
 
 @dataclass
@@ -81,8 +103,9 @@ class _Skips:
             raise InputError(message, self.path, line, where)
         self.count += 1
         if len(self.listed) < MAX_LISTED_SKIPS:
-            self.listed.append({k: v for k, v in (("line", line), ("field", where), ("reason", message))
-                                if v is not None})
+            self.listed.append(
+                {k: v for k, v in (("line", line), ("field", where), ("reason", message)) if v is not None}
+            )
 
 
 def _boxable(answer: str) -> bool:
@@ -96,11 +119,19 @@ def _boxable(answer: str) -> bool:
 
 def make_record(question: str, answer: str, record_id: str, style: str, steps: str | None = None) -> dict:
     if style == "raw":
-        return {"id": record_id, "prompt": question, "answer": answer if steps is None else f"{steps} {answer}",
-                "check": answer}
+        return {
+            "id": record_id,
+            "prompt": question,
+            "answer": answer if steps is None else f"{steps} {answer}",
+            "check": answer,
+        }
     body = f"The answer is {answer}. \\boxed{{{answer}}}"
-    return {"id": record_id, "prompt": f"{question} Put the final answer in \\boxed{{}}.",
-            "answer": body if steps is None else f"{steps} {body}", "check": answer}
+    return {
+        "id": record_id,
+        "prompt": f"{question} Put the final answer in \\boxed{{}}.",
+        "answer": body if steps is None else f"{steps} {body}",
+        "check": answer,
+    }
 
 
 def _convert(rows: Iterator[_Row], skips: _Skips, style: str, prefix: str, limit: int | None) -> list[dict]:
@@ -115,8 +146,11 @@ def _convert(rows: Iterator[_Row], skips: _Skips, style: str, prefix: str, limit
         problem = None
         for name, value in (("question", row.question), ("answer", row.answer)):
             if not isinstance(value, str):
-                problem = (f"{name} is missing" if value is None else f"{name}: expected text, got "
-                           f"{type(value).__name__}")
+                problem = (
+                    f"{name} is missing"
+                    if value is None
+                    else f"{name}: expected text, got {type(value).__name__}"
+                )
                 break
             if not value.strip():
                 problem = f"empty {name}"
@@ -144,12 +178,16 @@ def _convert(rows: Iterator[_Row], skips: _Skips, style: str, prefix: str, limit
 # Readers: each yields _Row objects and reports malformed rows through `skips`.
 # ---------------------------------------------------------------------------------------------------
 
+
 def _read_qa_jsonl(path: Path, config: ImportConfig, skips: _Skips) -> Iterator[_Row]:
     for line_no, obj in read_jsonl(path, on_error=skips.bad):
         missing = [f for f in (config.question_field, config.answer_field) if f not in obj]
         if missing:
-            skips.bad(f"missing field '{missing[0]}' (fields present: {', '.join(sorted(obj)) or 'none'})",
-                      line_no, missing[0])
+            skips.bad(
+                f"missing field '{missing[0]}' (fields present: {', '.join(sorted(obj)) or 'none'})",
+                line_no,
+                missing[0],
+            )
             continue
         yield _Row(obj[config.question_field], obj[config.answer_field], obj.get(config.id_field), line_no)
 
@@ -162,8 +200,9 @@ def _csv_rows(path: Path, skips: _Skips, required: list[str]) -> Iterator[tuple[
             raise InputError("empty file: expected a header row", path, 1)
         absent = [c for c in required if c not in header]
         if absent:
-            raise InputError(f"the header has no column '{absent[0]}' (columns: {', '.join(header)})", path, 1,
-                             absent[0])
+            raise InputError(
+                f"the header has no column '{absent[0]}' (columns: {', '.join(header)})", path, 1, absent[0]
+            )
         start = 2
         try:
             for row in reader:
@@ -173,8 +212,10 @@ def _csv_rows(path: Path, skips: _Skips, required: list[str]) -> Iterator[tuple[
                     skips.bad(f"{len(header) + len(row[None])} fields, the header has {len(header)}", line)
                     continue
                 if any(row[c] is None for c in required):
-                    skips.bad(f"{sum(v is not None for v in row.values())} fields, the header has {len(header)}",
-                              line)
+                    skips.bad(
+                        f"{sum(v is not None for v in row.values())} fields, the header has {len(header)}",
+                        line,
+                    )
                     continue
                 yield line, row
         except csv.Error as err:
@@ -247,23 +288,40 @@ def _mquake_rows(cases: list[Any], skips: _Skips, limit: int | None) -> tuple[li
                     if by_question[key][0].strip().lower() == answer.strip().lower():
                         shared += 1
                         continue
-                    skips.bad(f"conflicting rewrite: the same question has new answer '{answer}' here and "
-                              f"'{by_question[key][0]}' at {by_question[key][1]}", where=spot)
+                    skips.bad(
+                        f"conflicting rewrite: the same question has new answer '{answer}' here and "
+                        f"'{by_question[key][0]}' at {by_question[key][1]}",
+                        where=spot,
+                    )
                     continue
                 by_question[key] = (answer, spot)
             facts.append(_Row(question, answer, f"mquake-{case_id}-rewrite-{j}", where=spot))
         new_answer = case.get("new_answer")
         hops = case.get("new_single_hops") or []
-        steps = " ".join(f"{h['cloze'].strip()} {h['answer'].strip()}." for h in hops
-                         if isinstance(h, dict) and isinstance(h.get("cloze"), str)
-                         and isinstance(h.get("answer"), str)) or None
+        steps = (
+            " ".join(
+                f"{h['cloze'].strip()} {h['answer'].strip()}."
+                for h in hops
+                if isinstance(h, dict)
+                and isinstance(h.get("cloze"), str)
+                and isinstance(h.get("answer"), str)
+            )
+            or None
+        )
         questions = case.get("questions")
         if not isinstance(questions, list):
             skips.bad("missing questions list", where=f"{where}.questions")
             continue
         for k, question in enumerate(questions):
-            multihop.append(_Row(question, new_answer, f"mquake-{case_id}-multihop-{k}",
-                                 where=f"{where}.questions[{k}]", steps=steps))
+            multihop.append(
+                _Row(
+                    question,
+                    new_answer,
+                    f"mquake-{case_id}-multihop-{k}",
+                    where=f"{where}.questions[{k}]",
+                    steps=steps,
+                )
+            )
     return facts, multihop, shared
 
 
@@ -280,29 +338,43 @@ def import_corpus(config: ImportConfig) -> dict:
     if config.format == "mquake":
         facts, multihop, shared = _mquake_rows(_load_mquake(path), skips, config.limit)
         outputs["train.jsonl"] = _convert(iter(facts), skips, config.answer_style, "mquake", None)
-        outputs["compositional.jsonl"] = _convert(iter(multihop), skips, config.answer_style, "mquake-multihop",
-                                                  None)
+        outputs["compositional.jsonl"] = _convert(
+            iter(multihop), skips, config.answer_style, "mquake-multihop", None
+        )
         extra["shared_rewrites"] = shared
     else:
         reader = {"qa-jsonl": _read_qa_jsonl, "csv": _read_csv, "simpleqa": _read_simpleqa}[config.format]
-        outputs["train.jsonl"] = _convert(reader(path, config, skips), skips, config.answer_style,
-                                          path.stem, config.limit)
+        outputs["train.jsonl"] = _convert(
+            reader(path, config, skips), skips, config.answer_style, path.stem, config.limit
+        )
     empty = [name for name, rows in outputs.items() if not rows]
     if "train.jsonl" in empty:
-        raise InputError("no usable records" + (f" ({skips.count} rows skipped)" if skips.count else ""), path)
+        raise InputError(
+            "no usable records" + (f" ({skips.count} rows skipped)" if skips.count else ""), path
+        )
     for name, rows in outputs.items():
         if rows:
             atomic_write_jsonl(out / name, rows)
-    return write_manifest(out, GENERATOR, VERSION, [n for n, rows in outputs.items() if rows],
-                          format=config.format, answer_style=config.answer_style, answer_match="loose",
-                          source={"name": path.name, "sha256": sha256_file(path)},
-                          skipped={"count": skips.count, "rows": skips.listed}, **extra)
+    return write_manifest(
+        out,
+        GENERATOR,
+        VERSION,
+        [n for n, rows in outputs.items() if rows],
+        format=config.format,
+        answer_style=config.answer_style,
+        answer_match="loose",
+        source={"name": path.name, "sha256": sha256_file(path)},
+        skipped={"count": skips.count, "rows": skips.listed},
+        **extra,
+    )
 
 
 def import_command(config: ImportConfig) -> dict:
     manifest = import_corpus(config)
     counts = ", ".join(f"{name}: {entry['records']}" for name, entry in manifest["files"].items())
     skipped = manifest["skipped"]["count"]
-    print(f"imported {config.file} ({config.format}) into {config.out}: {counts}"
-          + (f"; skipped {skipped} bad rows (listed in manifest.json)" if skipped else ""))
+    print(
+        f"imported {config.file} ({config.format}) into {config.out}: {counts}"
+        + (f"; skipped {skipped} bad rows (listed in manifest.json)" if skipped else "")
+    )
     return manifest

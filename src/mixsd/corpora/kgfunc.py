@@ -39,7 +39,9 @@ OFFSETS = (0, 100, 500, 1000)
 
 @dataclass
 class KGFuncConfig:
-    out: str = field(metadata={"help": "Folder to write train/test/unseen/compositional.jsonl and manifest.json into."})
+    out: str = field(
+        metadata={"help": "Folder to write train/test/unseen/compositional.jsonl and manifest.json into."}
+    )
     train: int = field(default=1600, metadata={"help": "Training records, balanced over the operations B-H."})
     seed: int = field(default=0, metadata={"help": "Seed of the inputs and examples."})
 
@@ -49,7 +51,7 @@ def digits(x: int) -> list[int]:
 
 
 def _chain(*parts: str) -> str:
-    """"a = b = c" with repeated neighbours dropped (a one-term sum needs no second side)."""
+    """ "a = b = c" with repeated neighbours dropped (a one-term sum needs no second side)."""
     kept = [p for i, p in enumerate(parts) if i == 0 or p != parts[i - 1]]
     return " = ".join(kept)
 
@@ -66,6 +68,7 @@ def _digit_line(x: int) -> str:
 
 
 # Each worked operation returns (result, lines of working). Every line with " = " is an identity.
+
 
 def op_b(x: int) -> tuple[int, list[str]]:
     ds = digits(x)
@@ -131,7 +134,14 @@ def op_h(x: int) -> tuple[int, list[str]]:
 
 
 TRAINED: dict[str, Callable[[int], tuple[int, list[str]]]] = {
-    "B": op_b, "C": op_c, "D": op_d, "E": op_e, "F": op_f, "G": op_g, "H": op_h}
+    "B": op_b,
+    "C": op_c,
+    "D": op_d,
+    "E": op_e,
+    "F": op_f,
+    "G": op_g,
+    "H": op_h,
+}
 
 
 def apply(label: str, x: int) -> int:
@@ -156,28 +166,31 @@ def _nonzero_product(x: int) -> int:
 
 # The forgetting probe: easy operations, never trained, each under its own opaque label.
 UNSEEN: dict[str, tuple[str, Callable[[int], int]]] = {
-    f"U{i + 1}": item for i, item in enumerate([
-        ("digit sum", lambda x: sum(digits(x))),
-        ("product of non-zero digits", _nonzero_product),
-        ("digit count", lambda x: len(digits(x))),
-        ("largest digit", lambda x: max(digits(x))),
-        ("smallest digit", lambda x: min(digits(x))),
-        ("first digit", lambda x: digits(x)[0]),
-        ("last digit", lambda x: digits(x)[-1]),
-        ("largest minus smallest digit", lambda x: max(digits(x)) - min(digits(x))),
-        ("reversed number", lambda x: int(str(x)[::-1])),
-        ("first plus last digit", lambda x: digits(x)[0] + digits(x)[-1]),
-        ("count of even digits", lambda x: sum(d % 2 == 0 for d in digits(x))),
-        ("count of odd digits", lambda x: sum(d % 2 == 1 for d in digits(x))),
-        ("count of distinct digits", lambda x: len(set(digits(x)))),
-        ("digital root", _digital_root),
-        ("sum of squared digits", lambda x: sum(d * d for d in digits(x))),
-        ("digits sorted ascending", lambda x: int("".join(sorted(str(x))))),
-        ("digits sorted descending", lambda x: int("".join(sorted(str(x), reverse=True)))),
-        ("count of zero digits", lambda x: str(x).count("0")),
-        ("twice the digit sum", lambda x: 2 * sum(digits(x))),
-        ("first times last digit", lambda x: digits(x)[0] * digits(x)[-1]),
-    ])
+    f"U{i + 1}": item
+    for i, item in enumerate(
+        [
+            ("digit sum", lambda x: sum(digits(x))),
+            ("product of non-zero digits", _nonzero_product),
+            ("digit count", lambda x: len(digits(x))),
+            ("largest digit", lambda x: max(digits(x))),
+            ("smallest digit", lambda x: min(digits(x))),
+            ("first digit", lambda x: digits(x)[0]),
+            ("last digit", lambda x: digits(x)[-1]),
+            ("largest minus smallest digit", lambda x: max(digits(x)) - min(digits(x))),
+            ("reversed number", lambda x: int(str(x)[::-1])),
+            ("first plus last digit", lambda x: digits(x)[0] + digits(x)[-1]),
+            ("count of even digits", lambda x: sum(d % 2 == 0 for d in digits(x))),
+            ("count of odd digits", lambda x: sum(d % 2 == 1 for d in digits(x))),
+            ("count of distinct digits", lambda x: len(set(digits(x)))),
+            ("digital root", _digital_root),
+            ("sum of squared digits", lambda x: sum(d * d for d in digits(x))),
+            ("digits sorted ascending", lambda x: int("".join(sorted(str(x))))),
+            ("digits sorted descending", lambda x: int("".join(sorted(str(x), reverse=True)))),
+            ("count of zero digits", lambda x: str(x).count("0")),
+            ("twice the digit sum", lambda x: 2 * sum(digits(x))),
+            ("first times last digit", lambda x: digits(x)[0] * digits(x)[-1]),
+        ]
+    )
 }
 
 
@@ -190,20 +203,30 @@ def _examples(label: str, fn: Callable[[int], int], inputs: list[int]) -> str:
     return "\n".join(f"{label}({a}) = {fn(a)}" for a in inputs)
 
 
-def single_prompt(label: str, fn: Callable[[int], int], x: int, example_inputs: list[int], *, worked: bool) -> str:
-    ask = ("Work it out step by step and put the final answer in \\boxed{}." if worked
-           else "Put the final answer in \\boxed{}.")
-    return (f"Function {label} maps integers to integers. Examples:\n{_examples(label, fn, example_inputs)}\n\n"
-            f"What is {label}({x})? {ask}")
+def single_prompt(
+    label: str, fn: Callable[[int], int], x: int, example_inputs: list[int], *, worked: bool
+) -> str:
+    ask = (
+        "Work it out step by step and put the final answer in \\boxed{}."
+        if worked
+        else "Put the final answer in \\boxed{}."
+    )
+    return (
+        f"Function {label} maps integers to integers. Examples:\n{_examples(label, fn, example_inputs)}\n\n"
+        f"What is {label}({x})? {ask}"
+    )
 
 
-def chain_prompt(inner: str, outer: str, offset: int, x: int, inner_examples: list[int],
-                 outer_examples: list[int]) -> str:
+def chain_prompt(
+    inner: str, outer: str, offset: int, x: int, inner_examples: list[int], outer_examples: list[int]
+) -> str:
     call = f"{outer}({inner}({x}){f' + {offset}' if offset else ''})"
-    return (f"Functions {inner} and {outer} map integers to integers. Examples of {inner}:\n"
-            f"{_examples(inner, lambda a: apply(inner, a), inner_examples)}\n"
-            f"Examples of {outer}:\n{_examples(outer, lambda a: apply(outer, a), outer_examples)}\n\n"
-            f"What is {call}? Work it out step by step and put the final answer in \\boxed{{}}.")
+    return (
+        f"Functions {inner} and {outer} map integers to integers. Examples of {inner}:\n"
+        f"{_examples(inner, lambda a: apply(inner, a), inner_examples)}\n"
+        f"Examples of {outer}:\n{_examples(outer, lambda a: apply(outer, a), outer_examples)}\n\n"
+        f"What is {call}? Work it out step by step and put the final answer in \\boxed{{}}."
+    )
 
 
 def chain_answer(inner: str, outer: str, offset: int, x: int) -> tuple[int, str]:
@@ -275,7 +298,9 @@ def build_kgfunc(config: KGFuncConfig) -> dict:
     for label in labels:
         for x in test_inputs[label]:
             value = apply(label, x)
-            prompt = single_prompt(label, lambda a, label=label: apply(label, a), x, draw.examples(x), worked=True)
+            prompt = single_prompt(
+                label, lambda a, label=label: apply(label, a), x, draw.examples(x), worked=True
+            )
             test.append(_record("test", len(test), prompt, worked_answer(label, x), value, op=label, input=x))
 
     unseen = []
@@ -285,8 +310,18 @@ def build_kgfunc(config: KGFuncConfig) -> dict:
             x = draw.fresh(asked)
             value = fn(x)
             prompt = single_prompt(label, fn, x, draw.examples(x), worked=False)
-            unseen.append(_record("unseen", len(unseen), prompt, f"The answer is {value}. \\boxed{{{value}}}",
-                                  value, op=label, operation=name, input=x))
+            unseen.append(
+                _record(
+                    "unseen",
+                    len(unseen),
+                    prompt,
+                    f"The answer is {value}. \\boxed{{{value}}}",
+                    value,
+                    op=label,
+                    operation=name,
+                    input=x,
+                )
+            )
 
     compositional = []
     for i, x in enumerate(chain_inputs):
@@ -294,15 +329,22 @@ def build_kgfunc(config: KGFuncConfig) -> dict:
         offset = OFFSETS[(i + i // len(pairs)) % len(OFFSETS)]  # each pair meets several offsets
         value, answer = chain_answer(inner, outer, offset, x)
         prompt = chain_prompt(inner, outer, offset, x, draw.examples(x), draw.examples(x))
-        compositional.append(_record("compositional", i, prompt, answer, value, op=f"{outer}({inner}(x)+{offset})",
-                                     input=x))
+        compositional.append(
+            _record("compositional", i, prompt, answer, value, op=f"{outer}({inner}(x)+{offset})", input=x)
+        )
 
     out = Path(config.out)
-    splits = {"train.jsonl": train, "test.jsonl": test, "unseen.jsonl": unseen, "compositional.jsonl": compositional}
+    splits = {
+        "train.jsonl": train,
+        "test.jsonl": test,
+        "unseen.jsonl": unseen,
+        "compositional.jsonl": compositional,
+    }
     for name, rows in splits.items():
         atomic_write_jsonl(out / name, rows)
-    return write_manifest(out, GENERATOR, VERSION, list(splits), seed=config.seed, train=config.train,
-                          answer_match="strict")
+    return write_manifest(
+        out, GENERATOR, VERSION, list(splits), seed=config.seed, train=config.train, answer_match="strict"
+    )
 
 
 def kgfunc_command(config: KGFuncConfig) -> dict:

@@ -46,7 +46,9 @@ GENERATOR = "mixsd.corpora.probes"
 VERSION = 1
 SDIST_NAME = "bigbench-1.0.0.tar.gz"
 SDIST_REQUIREMENT = "bigbench==1.0.0"
-SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"  # PyPI's file, as downloaded
+SDIST_SHA256 = (
+    "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"  # PyPI's file, as downloaded
+)
 
 _TASKS = "bigbench/benchmark_tasks/"
 MEMBERS = {
@@ -56,31 +58,55 @@ MEMBERS = {
     "squad": _TASKS + "squad_shifts/squaddev_v1.1.json",
 }
 
-_BIGBENCH = ("Apache-2.0 (license of the BIG-bench repository, google/BIG-bench; the sdist's PKG-INFO "
-             "says UNKNOWN)")
+_BIGBENCH = (
+    "Apache-2.0 (license of the BIG-bench repository, google/BIG-bench; the sdist's PKG-INFO says UNKNOWN)"
+)
 LICENSES = {
     "general_knowledge.jsonl": {"source": "BIG-bench task general_knowledge", "license": _BIGBENCH},
-    "social_iqa.jsonl": {"source": "BIG-bench task social_iqa, from Social IQa (Sap et al., 2019)",
-                         "license": _BIGBENCH + "; the upstream dataset's own terms also apply"},
-    "qa_wikidata.jsonl": {"source": "BIG-bench task qa_wikidata (Wikidata fact triples)",
-                          "license": _BIGBENCH + "; Wikidata content is CC0-1.0"},
-    "squad_paragraphs.jsonl": {"source": "SQuAD v1.1 dev set (Rajpurkar et al., 2016), as shipped in BIG-bench "
-                                         "squad_shifts/squaddev_v1.1.json", "license": "CC-BY-SA-4.0"},
+    "social_iqa.jsonl": {
+        "source": "BIG-bench task social_iqa, from Social IQa (Sap et al., 2019)",
+        "license": _BIGBENCH + "; the upstream dataset's own terms also apply",
+    },
+    "qa_wikidata.jsonl": {
+        "source": "BIG-bench task qa_wikidata (Wikidata fact triples)",
+        "license": _BIGBENCH + "; Wikidata content is CC0-1.0",
+    },
+    "squad_paragraphs.jsonl": {
+        "source": "SQuAD v1.1 dev set (Rajpurkar et al., 2016), as shipped in BIG-bench "
+        "squad_shifts/squaddev_v1.1.json",
+        "license": "CC-BY-SA-4.0",
+    },
 }
 
 
 @dataclass
 class ProbesFetchConfig:
-    out: str | None = field(default=None, metadata={
-        "help": "Folder for the probe files; default $MIXSD_CACHE/probes (~/.cache/mixsd/probes)."})
-    qa_wikidata_size: int = field(default=500, metadata={
-        "help": "Items sampled from qa_wikidata (deterministically, by --seed); 0 keeps every usable item."})
-    seed: int = field(default=0, metadata={"help": "Seed of the qa_wikidata sample, distractors and choice order."})
-    sdist: str | None = field(default=None, metadata={
-        "help": f"Path of {SDIST_NAME} if you already have it; default: download it into $MIXSD_CACHE/downloads."})
-    pip: str | None = field(default=None, metadata={
-        "help": "pip command to download with (must be pip < 26), e.g. '/opt/venv/bin/pip'; "
-                "default: this Python's `-m pip`."})
+    out: str | None = field(
+        default=None,
+        metadata={"help": "Folder for the probe files; default $MIXSD_CACHE/probes (~/.cache/mixsd/probes)."},
+    )
+    qa_wikidata_size: int = field(
+        default=500,
+        metadata={
+            "help": "Items sampled from qa_wikidata (deterministically, by --seed); 0 keeps every usable item."
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the qa_wikidata sample, distractors and choice order."}
+    )
+    sdist: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Path of {SDIST_NAME} if you already have it; default: download it into $MIXSD_CACHE/downloads."
+        },
+    )
+    pip: str | None = field(
+        default=None,
+        metadata={
+            "help": "pip command to download with (must be pip < 26), e.g. '/opt/venv/bin/pip'; "
+            "default: this Python's `-m pip`."
+        },
+    )
 
 
 def default_out() -> Path:
@@ -90,6 +116,7 @@ def default_out() -> Path:
 # ---------------------------------------------------------------------------------------------------
 # Getting the sdist
 # ---------------------------------------------------------------------------------------------------
+
 
 def _pip_command(pip: str | None) -> list[str]:
     return shlex.split(pip) if pip else [sys.executable, "-m", "pip"]
@@ -104,12 +131,16 @@ def pip_version(command: list[str]) -> tuple[int, ...] | None:
     return tuple(int(p) for p in match.group(1).split(".")) if match and result.returncode == 0 else None
 
 
-_PIP_HELP = ("bigbench==1.0.0 can only be downloaded with pip < 26 (pip 26 refuses its direct-URL dependency). "
-             "Use a pip < 26, e.g. `python3 -m venv /tmp/oldpip && /tmp/oldpip/bin/pip install 'pip<26'` and "
-             "then `mixsd probes fetch --pip /tmp/oldpip/bin/pip`; or download the file yourself and pass "
-             f"`--sdist path/to/{SDIST_NAME}`.")
-_DOWNLOAD_HELP = ("Check that PyPI is reachable (proxy, index settings); pip < 26 is needed and was used. Or download "
-                  f"the file elsewhere (`pip download --no-deps {SDIST_REQUIREMENT}`) and pass `--sdist PATH`.")
+_PIP_HELP = (
+    "bigbench==1.0.0 can only be downloaded with pip < 26 (pip 26 refuses its direct-URL dependency). "
+    "Use a pip < 26, e.g. `python3 -m venv /tmp/oldpip && /tmp/oldpip/bin/pip install 'pip<26'` and "
+    "then `mixsd probes fetch --pip /tmp/oldpip/bin/pip`; or download the file yourself and pass "
+    f"`--sdist path/to/{SDIST_NAME}`."
+)
+_DOWNLOAD_HELP = (
+    "Check that PyPI is reachable (proxy, index settings); pip < 26 is needed and was used. Or download "
+    f"the file elsewhere (`pip download --no-deps {SDIST_REQUIREMENT}`) and pass `--sdist PATH`."
+)
 
 
 def download_sdist(pip: str | None = None, downloads: Path | None = None) -> Path:
@@ -127,15 +158,22 @@ def download_sdist(pip: str | None = None, downloads: Path | None = None) -> Pat
     downloads.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=downloads, prefix=".bigbench-"))
     try:
-        print(f"downloading {SDIST_REQUIREMENT} (358 MB) with pip {'.'.join(map(str, version))} ...",
-              file=sys.stderr)
-        result = subprocess.run([*command, "download", "--no-deps", SDIST_REQUIREMENT,
-                                 "-d", str(staging)], capture_output=True, text=True)
+        print(
+            f"downloading {SDIST_REQUIREMENT} (358 MB) with pip {'.'.join(map(str, version))} ...",
+            file=sys.stderr,
+        )
+        result = subprocess.run(
+            [*command, "download", "--no-deps", SDIST_REQUIREMENT, "-d", str(staging)],
+            capture_output=True,
+            text=True,
+        )
         fetched = staging / SDIST_NAME
         if result.returncode != 0 or not fetched.is_file():
             tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
-            raise InputError(f"`pip download {SDIST_REQUIREMENT}` failed (exit {result.returncode}):\n{tail}\n"
-                             f"{_DOWNLOAD_HELP}")
+            raise InputError(
+                f"`pip download {SDIST_REQUIREMENT}` failed (exit {result.returncode}):\n{tail}\n"
+                f"{_DOWNLOAD_HELP}"
+            )
         os.replace(fetched, target)  # atomic: an interrupted download never looks complete
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -147,8 +185,10 @@ def read_members(sdist: Path) -> dict[str, Any]:
     wanted = {path: key for key, path in MEMBERS.items()}
     found: dict[str, Any] = {}
     try:
-        with tarfile.open(sdist, mode="r|gz") as tar, tqdm(total=len(wanted), desc="reading bigbench sdist",
-                                                          unit="file", leave=False) as bar:
+        with (
+            tarfile.open(sdist, mode="r|gz") as tar,
+            tqdm(total=len(wanted), desc="reading bigbench sdist", unit="file", leave=False) as bar,
+        ):
             for member in tar:
                 # Members are "bigbench-1.0.0/bigbench/...": drop the top folder.
                 inner = member.name.split("/", 1)[-1]
@@ -173,6 +213,7 @@ def read_members(sdist: Path) -> dict[str, Any]:
 # Normalizing the tasks
 # ---------------------------------------------------------------------------------------------------
 
+
 def _examples(task: dict, name: str) -> list[dict]:
     examples = task.get("examples") if isinstance(task, dict) else None
     if not isinstance(examples, list):
@@ -195,8 +236,14 @@ def multiple_choice(task: dict, name: str) -> tuple[list[dict], int]:
         if len(best) != 1 or len(set(choices)) != len(choices):
             dropped += 1
             continue
-        rows.append({"id": f"{name}-{i:05d}", "query": f"Question: {question.strip()}\nAnswer:",
-                     "choices": choices, "gold": best[0]})
+        rows.append(
+            {
+                "id": f"{name}-{i:05d}",
+                "query": f"Question: {question.strip()}\nAnswer:",
+                "choices": choices,
+                "gold": best[0],
+            }
+        )
     return rows, dropped
 
 
@@ -219,8 +266,12 @@ def qa_wikidata_choices(task: dict, size: int, rng: random.Random) -> tuple[list
     for i, example in enumerate(_examples(task, "qa_wikidata")):
         cloze, target = example.get("input"), example.get("target")
         targets = [target] if isinstance(target, str) else target
-        if not isinstance(cloze, str) or not isinstance(targets, list) or not targets \
-                or not all(isinstance(t, str) and t.strip() for t in targets):
+        if (
+            not isinstance(cloze, str)
+            or not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) and t.strip() for t in targets)
+        ):
             continue
         items.append((i, cloze.strip(), [t.strip() for t in targets]))
     answers: dict[str, set[str]] = {}
@@ -233,12 +284,18 @@ def qa_wikidata_choices(task: dict, size: int, rng: random.Random) -> tuple[list
         candidates = [a for a in pools[wikidata_relation(cloze)] if a.lower() not in accepted]
         if len(candidates) >= 3:
             usable.append((i, cloze, targets[0], candidates))
-    chosen = usable if size <= 0 or size >= len(usable) else sorted(rng.sample(usable, size), key=lambda item: item[0])
+    chosen = (
+        usable
+        if size <= 0 or size >= len(usable)
+        else sorted(rng.sample(usable, size), key=lambda item: item[0])
+    )
     rows = []
     for i, cloze, gold, candidates in chosen:
         choices = [gold, *rng.sample(candidates, 3)]
         rng.shuffle(choices)
-        rows.append({"id": f"qa_wikidata-{i:05d}", "query": cloze, "choices": choices, "gold": choices.index(gold)})
+        rows.append(
+            {"id": f"qa_wikidata-{i:05d}", "query": cloze, "choices": choices, "gold": choices.index(gold)}
+        )
     return rows, len(usable)
 
 
@@ -265,26 +322,42 @@ def fetch_probes(config: ProbesFetchConfig) -> dict:
         sdist = download_sdist(config.pip)
     digest = sha256_file(sdist)
     if not config.sdist and digest != SDIST_SHA256:
-        raise InputError(f"sha256 {digest} is not that of PyPI's {SDIST_NAME} ({SDIST_SHA256}); delete the file "
-                         "and fetch again", sdist)
+        raise InputError(
+            f"sha256 {digest} is not that of PyPI's {SDIST_NAME} ({SDIST_SHA256}); delete the file "
+            "and fetch again",
+            sdist,
+        )
     tasks = read_members(sdist)
     rng = random.Random(config.seed)
     general, general_dropped = multiple_choice(tasks["general_knowledge"], "general_knowledge")
     social, social_dropped = multiple_choice(tasks["social_iqa"], "social_iqa")
     wikidata, wikidata_usable = qa_wikidata_choices(tasks["qa_wikidata"], config.qa_wikidata_size, rng)
-    outputs = {"general_knowledge.jsonl": general, "social_iqa.jsonl": social, "qa_wikidata.jsonl": wikidata,
-               "squad_paragraphs.jsonl": squad_paragraphs(tasks["squad"])}
+    outputs = {
+        "general_knowledge.jsonl": general,
+        "social_iqa.jsonl": social,
+        "qa_wikidata.jsonl": wikidata,
+        "squad_paragraphs.jsonl": squad_paragraphs(tasks["squad"]),
+    }
     out = Path(config.out) if config.out else default_out()
     for name, rows in outputs.items():
         if not rows:
             raise InputError(f"no usable items for {name}", sdist)
         atomic_write_jsonl(out / name, rows)
     return write_manifest(
-        out, GENERATOR, VERSION, list(outputs), seed=config.seed, source={"name": sdist.name, "sha256": digest},
-        licenses=LICENSES, choice_separator=" ",
-        notes={"general_knowledge.jsonl": {"dropped": general_dropped},
-               "social_iqa.jsonl": {"dropped": social_dropped},
-               "qa_wikidata.jsonl": {"usable": wikidata_usable, "sample_size": config.qa_wikidata_size}})
+        out,
+        GENERATOR,
+        VERSION,
+        list(outputs),
+        seed=config.seed,
+        source={"name": sdist.name, "sha256": digest},
+        licenses=LICENSES,
+        choice_separator=" ",
+        notes={
+            "general_knowledge.jsonl": {"dropped": general_dropped},
+            "social_iqa.jsonl": {"dropped": social_dropped},
+            "qa_wikidata.jsonl": {"usable": wikidata_usable, "sample_size": config.qa_wikidata_size},
+        },
+    )
 
 
 def fetch_command(config: ProbesFetchConfig) -> dict:
