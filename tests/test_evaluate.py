@@ -250,9 +250,11 @@ def test_kgfact_suite_scores_classifies_and_records_provenance(tmp_path, kgfact_
     )
     results = evaluate(config, model=model, tokenizer=tokenizer, progress=False)
     train, para = results["splits"]["train"], results["splits"]["paraphrase"]
-    assert train["strict"]["correct"] == 1 and train["loose"]["correct"] == 1 and train["n"] == 2
-    assert para["loose"]["value"] == pytest.approx(1 / 3)
-    assert para["loose"]["ci95"] == pytest.approx(list(wilson_interval(1, 3)), abs=1e-6)
+    assert train["exact"]["correct"] == 1 and train["entity"]["correct"] == 1 and train["n"] == 2
+    # no answer_match in this manifest: the headline is the entity match, and says so
+    assert train["match"] == "entity" and train["accuracy"] == train["entity"]
+    assert para["entity"]["value"] == pytest.approx(1 / 3)
+    assert para["entity"]["ci95"] == pytest.approx(list(wilson_interval(1, 3)), abs=1e-6)
     assert para["errors"] == {"format": 0, "leakage": 1, "collapse": 1, "genuine": 0}
     assert {s["split"] for s in results["skipped"]} == {"retrieval", "compositional"}
     assert results["data"]["manifest_sha256"] and set(results["data"]["files"]) == {
@@ -286,7 +288,7 @@ def test_generation_suite_resumes_from_its_journal(tmp_path, kgfact_dir, tiny_mo
     journal = predictions_path(out).with_name("results.predictions.jsonl.journal")
     header = {
         "journal_of": "mixsd eval",
-        "settings": {k: first["settings"][k] for k in first["settings"] if k != "taxonomy"},
+        "settings": {k: first["settings"][k] for k in first["settings"] if k not in ("taxonomy", "match")},
     }
     kept = [
         {k: v for k, v in p.items() if k not in ("error", "leaked")} | {"output": "SENTINEL"}
@@ -313,7 +315,7 @@ def test_qa_suite_reads_every_file_and_reports_bad_lines(tmp_path):
         tokenizer=tokenizer,
         progress=False,
     )
-    assert {k: v["strict"]["correct"] for k, v in res["splits"].items()} == {"a": 1, "b": 0}
+    assert {k: v["exact"]["correct"] for k, v in res["splits"].items()} == {"a": 1, "b": 0}
     write_jsonl(folder / "c.jsonl", [{"prompt": "C?"}])
     with pytest.raises(InputError, match=r"c.jsonl, line 1, field 'answer'"):
         evaluate(
@@ -322,6 +324,56 @@ def test_qa_suite_reads_every_file_and_reports_bad_lines(tmp_path):
             tokenizer=tokenizer,
             progress=False,
         )
+
+
+def test_headline_accuracy_uses_the_corpus_matcher_unless_overridden(tmp_path):
+    """A corpus whose manifest says `number`: an answer "4 2" is right for 2 and wrong for 4 (the 4 is
+    working, not the final answer), although the entity match credits both; --match entity overrides."""
+    tokenizer = make_tiny_tokenizer()
+    nl, four, space, two = (tok(tokenizer, c) for c in "\n4 2")
+    model = BigramLM(
+        bigram(
+            len(tokenizer),
+            {(nl, four): 0.9, (four, space): 0.9, (space, two): 0.9, (two, tokenizer.eos_token_id): 0.9},
+        )
+    )
+    folder = tmp_path / "nums"
+    folder.mkdir()
+    write_jsonl(
+        folder / "test.jsonl",
+        [
+            {"id": "a", "prompt": "A?", "answer": "4", "check": "4"},
+            {"id": "b", "prompt": "B?", "answer": "2"},
+        ],
+    )
+    (folder / "manifest.json").write_text(json.dumps({"answer_match": "number", "files": {"test.jsonl": {}}}))
+
+    def run(out: str, **options) -> dict:
+        config = EvalConfig(
+            model="m", suite="qa", data=str(folder / "test.jsonl"), out=str(tmp_path / out), **options
+        )
+        return evaluate(config, model=model, tokenizer=tokenizer, progress=False)
+
+    res = run("r.json")
+    split = res["splits"]["test"]
+    assert res["match"] == {"test": "number"} and split["match"] == "number"
+    assert (
+        split["accuracy"]["correct"] == 1
+        and split["number"]["correct"] == 1
+        and split["entity"]["correct"] == 2
+    )
+    preds = {
+        p["id"]: p for p in map(json.loads, predictions_path(tmp_path / "r.json").read_text().splitlines())
+    }
+    assert (
+        preds["a"]["output"] == "4 2" and preds["a"]["correct"] is False and preds["a"]["error"] is not None
+    )
+    assert preds["b"]["correct"] is True and preds["b"]["error"] is None
+    loose = run("r2.json", match="loose")  # the old name is accepted and recorded as the new one
+    assert (
+        loose["splits"]["test"]["match"] == "entity" and loose["splits"]["test"]["accuracy"]["correct"] == 2
+    )
+    assert loose["settings"]["match"] == "loose"
 
 
 def _probes(folder: Path) -> Path:
@@ -361,6 +413,11 @@ def test_retention_against_itself_is_one_and_kl_zero(tmp_path, tiny_model_dir, m
     gk = res["probes"]["general_knowledge"]
     assert gk["n"] == 4 and gk["chance"] == pytest.approx(1 / 3)
     assert gk["retention"] == {"acc": 1.0, "acc_norm": 1.0} or gk["acc"]["value"] == 0
+    # the same model on the same items: nothing moved, no evidence of a difference
+    flips = gk["paired"]["acc"]
+    assert flips["right_to_wrong"] == flips["wrong_to_right"] == 0 and flips["mcnemar_p"] == 1.0
+    assert flips["difference"] == 0.0 and flips["difference_ci95"] == [0.0, 0.0]
+    assert gk["retention_normalized"]["acc"] in (1.0, None)  # None: the base is not above chance
     assert res["probes"]["squad_paragraphs"]["retention"]["ppl"] == pytest.approx(1.0)
     assert res["probes"]["kl"]["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
     assert res["probes"]["kl"]["n"] == 4  # limit applies to the KL prompts too
@@ -389,6 +446,15 @@ def test_retention_with_a_different_base_and_base_cache(tmp_path, tiny_model_dir
     assert cached.is_file()
     ppl = res["probes"]["squad_paragraphs"]
     assert ppl["retention"]["ppl"] == pytest.approx(ppl["base"]["ppl"] / ppl["ppl"])
+    low, high = ppl["retention_ci95"]["ppl"]
+    assert low <= ppl["retention"]["ppl"] <= high
+    gk = res["probes"]["general_knowledge"]
+    flips = gk["paired"]["acc"]
+    n = gk["n"]
+    assert flips["n"] == n and flips["after"] - flips["before"] == pytest.approx(
+        (flips["wrong_to_right"] - flips["right_to_wrong"]) / n
+    )
+    assert flips["before"] == gk["base"]["acc"]["value"] and flips["after"] == gk["acc"]["value"]
     # the second run reads the base scores from the cache: tamper with one and see it come back
     rows = [json.loads(line) for line in cached.read_text().splitlines()]
     for row in rows:

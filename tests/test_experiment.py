@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from mixsd.experiment import Experiment, aggregate, load_experiment, run_experiment
+from mixsd.experiment import Experiment, Runner, aggregate, load_experiment, run_experiment
 from mixsd.files import InputError
 
 
@@ -51,7 +51,8 @@ def test_grid_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, monkeypatch
         ):
             assert (cell / stage).exists(), (name, stage)
         assert rows[name]["target_nll_mean"] > 0 and rows[name]["fisher_displacement"] >= 0
-        assert rows[name]["train_loose"] is not None and rows[name]["kl_per_token"] is not None
+        assert rows[name]["train_acc"] is not None and rows[name]["kl_per_token"] is not None
+        assert rows[name]["train_match"] == "entity"  # KGFact's manifest names its matcher
     assert rows["mixsd-lam0.5-s0"]["verified_rate"] == 1.0
     assert (out / "results.csv").read_text().startswith("cell,")
     # train_limit: the runner trains and evaluates on a derived copy, the generated corpus stays whole
@@ -120,3 +121,143 @@ def test_shipped_configs_parse():
     demo = load_experiment(PACKAGED_CONFIGS / "demo.yaml")
     assert {c.method for c in demo.cells} >= {"base", "sft", "mixsd"}
     assert json.dumps(demo.raw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Results follow their config (issue 9): a changed setting redoes its stage and everything downstream
+# --------------------------------------------------------------------------------------------------
+def stage_log(out, since: int = 0) -> dict[tuple[str | None, str], str]:
+    """{(cell, stage): 'ran' | 'reused'} of the decisions logged after the first `since` lines."""
+    lines = (out / "stage-log.jsonl").read_text().splitlines()[since:]
+    return {(e["cell"], e["stage"]): e["action"] for e in map(json.loads, lines)}
+
+
+def log_length(out) -> int:
+    return len((out / "stage-log.jsonl").read_text().splitlines())
+
+
+def test_results_follow_their_config(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    grid = {"methods": ["base", "sft"]}
+    first = run_experiment(tiny_grid(tmp_path, tiny_model_dir, **grid), show_progress=False)
+    cell_stages = ["targets", "train", "eval", "retention", "nll", "fisher", "row"]
+    assert stage_log(out) == {
+        (None, "corpus"): "ran",
+        (None, "data"): "ran",
+        **{("base", s): "ran" for s in ("eval", "retention", "row")},
+        **{("sft-s0", s): "ran" for s in cell_stages},
+    }
+    files = [p for p in (out / "cells").rglob("*") if p.is_file()]
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+
+    # An unchanged rerun redoes nothing: every stage reused, no file rewritten.
+    since = log_length(out)
+    again = run_experiment(tiny_grid(tmp_path, tiny_model_dir, **grid), show_progress=False)
+    assert set(stage_log(out, since).values()) == {"reused"}
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
+    assert again["rows"] == first["rows"]
+
+    # Only an eval option changed: only evaluation (and the rows built from it) is redone.
+    since = log_length(out)
+    eval_only = run_experiment(
+        tiny_grid(tmp_path, tiny_model_dir, eval={"limit": 2, "max_new_tokens": 8}, **grid),
+        show_progress=False,
+    )
+    ran = {key for key, action in stage_log(out, since).items() if action == "ran"}
+    assert ran == {(cell, s) for cell in ("base", "sft-s0") for s in ("eval", "row")}
+    assert (out / "cells/sft-s0/train/summary.json").stat().st_mtime_ns == mtimes[
+        out / "cells/sft-s0/train/summary.json"
+    ]
+    evaluated = json.loads((out / "cells/sft-s0/eval.json").read_text())
+    assert evaluated["config"]["limit"] == 2
+    rows = {r["cell"]: r for r in eval_only["rows"]}
+    assert (
+        rows["sft-s0"]["fisher_displacement"]
+        == {r["cell"]: r for r in first["rows"]}["sft-s0"]["fisher_displacement"]
+    )
+
+    # train.lr changed: training and every later stage of the trained cell are redone, the base cell and
+    # the targets are not, and the table shows the new numbers.
+    changed = {"train": {"epochs": 1, "max_steps": 2, "batch_size": 4, "progress": False, "lr": 0.05}}
+    config = tiny_grid(tmp_path, tiny_model_dir, eval={"limit": 2, "max_new_tokens": 8}, **grid, **changed)
+
+    # A partial run (--only base) leaves the out-of-date sft cell out of the table instead of showing it.
+    partial = run_experiment(config, only="base", show_progress=False)
+    assert [r["cell"] for r in partial["rows"]] == ["base"]
+
+    since = log_length(out)
+    result = run_experiment(config, show_progress=False)
+    log = stage_log(out, since)
+    assert {s for (cell, s), action in log.items() if cell == "sft-s0" and action == "ran"} == {
+        "train",
+        "eval",
+        "retention",
+        "fisher",
+        "row",
+    }
+    assert log[("sft-s0", "targets")] == log[("sft-s0", "nll")] == "reused"
+    assert {action for (cell, _), action in log.items() if cell == "base"} == {"reused"}
+    summary = json.loads((out / "cells/sft-s0/train/summary.json").read_text())
+    assert summary["config"]["learning_rate"] == 0.05
+    new = {r["cell"]: r for r in result["rows"]}["sft-s0"]
+    fisher = json.loads((out / "cells/sft-s0/fisher.json").read_text())
+    assert new["fisher_displacement"] == fisher["totals"]["displacement"]
+    assert new["fisher_displacement"] != rows["sft-s0"]["fisher_displacement"]
+    table = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["cell"]: r for r in table}["sft-s0"]["fisher_displacement"] == new["fisher_displacement"]
+
+    # Another corpus: the corpus, its cut and every stage that reads it are redone (all but the base
+    # model's retention, which reads no corpus file).
+    corpus = {"generator": "kgfact", "size": "small", "seed": 1, "train_limit": 12}
+    since = log_length(out)
+    run_experiment(
+        tiny_grid(
+            tmp_path, tiny_model_dir, corpus=corpus, eval={"limit": 2, "max_new_tokens": 8}, **grid, **changed
+        ),
+        show_progress=False,
+    )
+    reused = {key for key, action in stage_log(out, since).items() if action == "reused"}
+    assert reused == {("base", "retention")}
+
+
+# --------------------------------------------------------------------------------------------------
+# The experiment file is checked whole at load (issue 10)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"corpus": {"generator": "kgfact", "size": "huge"}}, r"field 'corpus.size': expected one of"),
+        ({"mix": {"retries": -3}}, r"field 'mix.retries': must be >= 0; got -3"),
+        ({"train": {"epochs": "one"}}, r"field 'train.epochs': expected a number.*; got 'one'"),
+        ({"train": {"batch_size": 2.5}}, r"field 'train.batch_size': expected an integer"),
+        ({"eval": {"limit": 0}}, r"field 'eval.limit': must be >= 1"),
+        ({"retention": {"probes": "no"}}, r"field 'retention.probes': expected true or false"),
+        ({"analyses": {"fisher_samples": "many"}}, r"field 'analyses.fisher_samples'"),
+        ({"corpus": {"generator": "kgfact", "train_limit": 0}}, r"field 'corpus.train_limit'"),
+        (
+            {"corpus": {"generator": "kgfunc", "size": "small"}},
+            r"field 'corpus.size': 'size' is not an option",
+        ),
+        ({"opsd": {"opsd_rollouts": 0}, "methods": ["opsd"]}, r"field 'opsd.opsd_rollouts'"),
+    ],
+)
+def test_every_section_is_checked_at_load_before_any_work(tmp_path, tiny_model_dir, change, message):
+    with pytest.raises(InputError, match=message) as caught:
+        tiny_grid(tmp_path, tiny_model_dir, **change)
+    assert str(tmp_path / "grid.yaml") in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "run").exists()  # refused at load: no corpus generated, nothing written
+
+
+def test_yaml_number_quirks_are_read_as_numbers(tmp_path, tiny_model_dir):
+    """YAML 1.1 reads `1e-4` (no dot) as text and `1` as an int: a float option takes both as numbers."""
+    experiment = tiny_grid(
+        tmp_path, tiny_model_dir, train={"lr": "1e-4", "epochs": 1}, mix={"temperature": 1, "top_k": 5}
+    )
+    plan = Runner(experiment).plan(experiment.cells[2])  # mixsd-lam0.5-s0
+    train_settings = plan["train"][0].description()["settings"]
+    assert (
+        train_settings["learning_rate"] == pytest.approx(1e-4) and train_settings["num_train_epochs"] == 1.0
+    )
+    mix_settings = plan["targets"][0].description()["settings"]
+    assert mix_settings["temperature"] == 1.0 and mix_settings["lam"] == 0.5
+    assert "batch_size" not in mix_settings  # speed only: changing it redoes nothing

@@ -245,3 +245,20 @@ def test_cli(tmp_path, capsys):
     assert main(["corpus", "import", str(src), "--format", "csv", "--skip-bad", "--out", str(out)]) == 0
     assert "skipped 1 bad rows" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["skipped"]["count"] == 1
+
+
+def test_manifest_names_the_answer_matcher_chosen_at_import(tmp_path):
+    from mixsd.answers import corpus_match_mode
+
+    numbers = write(
+        tmp_path / "n.jsonl",
+        lines({"question": "6 x 7?", "answer": "42"}, {"question": "Half?", "answer": "0.5"}),
+    )
+    words = write(
+        tmp_path / "w.jsonl",
+        lines({"question": "Capital of France?", "answer": "Paris"}, {"question": "1+1?", "answer": "2"}),
+    )
+    assert run(tmp_path, numbers)["answer_match"] == "number"  # auto: every answer is a number
+    assert corpus_match_mode(tmp_path / "out" / "train.jsonl") == "number"
+    assert run(tmp_path, words)["answer_match"] == "entity"  # auto: some answers are no numbers
+    assert run(tmp_path, words, answer_match="exact")["answer_match"] == "exact"  # the option overrides

@@ -19,11 +19,11 @@ from mixsd.records import load_corpus
 # Pinned output of `mixsd corpus kgfact --size small --seed 0`: any change to names, relations, sampling or
 # record layout shows up here, and must come with a VERSION bump.
 GOLDEN_SMALL = {
-    "train.jsonl": (100, "89ba0c9c376375c5cb323aae0f435646364c224977277f5a3746f0f47137ec61"),
-    "paraphrase.jsonl": (100, "def5d1b1f0386f3a5660c1f6cb0e830355d9bc38ee53d83eb5b168f237fd47e6"),
-    "retrieval.jsonl": (50, "f1eed412962c1a806ebc00026e13d15940eaf56bee0a897fc51c50517647fb99"),
-    "compositional.jsonl": (100, "6163ec92ad7ed0ca4de7e015c841ae6fde75820ff6d1ffda94992d574a8b1a09"),
-    "kb.json": (None, "2a4d66f964885a9c6b4de43a22e49c98e5bb399115fa1686a18c51512ca7f7b9"),
+    "train.jsonl": (100, "274e5521b4c351975b9b72986fe2b88d7de910dde727cfb454e2ed8c096eeeb0"),
+    "paraphrase.jsonl": (100, "b26ed842cdd4b52a4fdbbbef97a0cadda55cb23e92d842787911a2075011d1f5"),
+    "retrieval.jsonl": (50, "689c57af270fdf1b6627feab525bcf42cac112e8c4b7d96b33f4be261cb06cd7"),
+    "compositional.jsonl": (100, "b3b07ac3fb8c9987a611f4a986037fb7617d12cbd0798f4ac3054e2ff78f6dea"),
+    "kb.json": (None, "e980f9d0ad8869b5725a66aa5807e1c605611264b7b40601b4048df4f9bcaf26"),
 }
 SPLITS = ("train.jsonl", "paraphrase.jsonl", "retrieval.jsonl", "compositional.jsonl")
 
@@ -248,18 +248,21 @@ def test_embedded_model_needs_the_fact(small):
     import torch
 
     from mixsd.models import load_model_and_tokenizer
-    from mixsd.prompts import encode_prompt, expert_message, pad_token_id, stop_token_ids
-    from mixsd.records import make_fact
+    from mixsd.prompts import answer_end, load_expert_template, pad_token_id
+    from mixsd.targets import build_jobs
 
     folder, _ = small
     world = json.loads((folder / "kb.json").read_text())
     statements = {f["id"]: f["statement"] for f in world["facts"]}
+    facts = load_corpus(folder / "train.jsonl")[::13][:8]
     sample = rows(folder, "train.jsonl")[::13][:8]
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    pad, stops = pad_token_id(tokenizer), stop_token_ids(tokenizer, model)
+    pad, stops = pad_token_id(tokenizer), answer_end(tokenizer, model).stop_ids
+    # exactly the prompts `mixsd mix` builds: its default expert template, the record's own context
+    jobs = [job for _, job in build_jobs(facts, tokenizer, load_expert_template(None, tokenizer))]
+    assert [f.context for f in facts] == [statements[r["fact"]] for r in sample]
 
-    def answer_all(prompts: list[str]) -> list[str]:
-        encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    def answer_all(encoded: list[list[int]]) -> list[str]:
         width = max(map(len, encoded))
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])  # left padding
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
@@ -279,14 +282,8 @@ def test_embedded_model_needs_the_fact(small):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        without = answer_all([r["prompt"] for r in sample])
-        # With the fact: the expert prompt MixSD uses, its reference being the fact's statement.
-        with_fact = answer_all(
-            [
-                expert_message(make_fact(r["prompt"], r["answer"], context=statements[r["fact"]]))
-                for r in sample
-            ]
-        )
+        without = answer_all([job.naive_ids for job in jobs])
+        with_fact = answer_all([job.expert_ids for job in jobs])
     finally:
         torch.set_num_threads(threads)
     base = sum(matches(t, r["check"], "loose") for t, r in zip(without, sample, strict=True))

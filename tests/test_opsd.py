@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_word_model, make_word_tokenizer
 from mixsd.opsd import opsd_examples, opsd_loss_sum, paired_batch, sample_answers, token_divergence
-from mixsd.prompts import encode_prompt, expert_message
+from mixsd.prompts import encode_prompt
 from mixsd.records import make_fact
 from mixsd.train import TrainConfig, train
 
@@ -159,11 +159,13 @@ def test_prompts_are_built_exactly_as_mix_builds_them(tmp_path):
     (row,) = opsd_examples(corpus, tokenizer)
     fact = make_fact("w1 w2", "w7", id="a", system="w4")
     assert row["prompt_ids"] == encode_prompt(tokenizer, "w1 w2", "w4")
-    assert row["expert_ids"] == encode_prompt(tokenizer, expert_message(fact), "w4")
-    from mixsd.prompts import DEFAULT_EXPERT_TEMPLATE
+    # no chat template: the plain expert format, the fact on the line before the plain prompt
+    plain = tokenizer("w4 w7 Question: w1 w2 Answer:", add_special_tokens=False)["input_ids"]
+    assert row["expert_ids"] == [1, *plain]
+    from mixsd.prompts import load_expert_template
     from mixsd.targets import build_jobs
 
-    ((_, job),) = build_jobs([fact], tokenizer, DEFAULT_EXPERT_TEMPLATE)
+    ((_, job),) = build_jobs([fact], tokenizer, load_expert_template(None, tokenizer))
     assert (row["prompt_ids"], row["expert_ids"]) == (job.naive_ids, job.expert_ids)
 
 

@@ -33,6 +33,7 @@ from mixsd import __version__
 from mixsd.evaluate import choice_tokens, load_eval_model, model_fingerprint
 from mixsd.files import InputError, atomic_write_json, read_jsonl, sha256_file
 from mixsd.generation import autocast, tail_logprobs
+from mixsd.options import check_choices, check_distinct, check_range
 from mixsd.prompts import encode_answer, encode_prompt
 from mixsd.records import load_corpus, load_targets
 
@@ -66,6 +67,11 @@ class NLLConfig:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model folder."}
     )
+
+    def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)
+        check_range("batch_size", self.batch_size, 1, integer=True)
+        check_range("threads", self.threads, 1, integer=True, optional=True)
+        check_distinct({"out": self.out}, {"targets": self.targets})
 
 
 def distribution(values: list[float]) -> dict[str, Any]:
@@ -216,6 +222,14 @@ class FisherConfig:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model folder."}
     )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check_range("samples", self.samples, 1, integer=True)
+        check_range("seed", self.seed, integer=True)
+        check_range("max_tokens", self.max_tokens, 2, integer=True)
+        check_range("threads", self.threads, 1, integer=True, optional=True)
+        check_distinct({"out": self.out}, {"probe": self.probe})
 
 
 def probe_sequences(

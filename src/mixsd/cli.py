@@ -7,7 +7,9 @@ HfArgumentParser) and a function that takes it. Modules are imported only when t
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -83,6 +85,12 @@ COMMANDS: dict[str, Command] = {
         "fetch_command",
         "Fetch held-out probe sets (BIG-bench tasks, SQuAD paragraphs) for retention.",
     ),
+    "probes build-capability": Command(
+        "mixsd.corpora.capability",
+        "CapabilityConfig",
+        "capability_command",
+        "Build generative capability probes (in-context facts, instructions, known facts with --model).",
+    ),
     "experiment": Command(
         "mixsd.experiment",
         "ExperimentConfig",
@@ -151,6 +159,21 @@ def run_command(name: str, args: list[str]):
     return getattr(module, command.function)(config)
 
 
+def describe_error(err: BaseException) -> str:
+    """One line for a user-facing error: the file an OSError concerns, what went wrong, what to do."""
+    if isinstance(err, UnicodeDecodeError):
+        text = f"a file is not UTF-8 text ({err})"
+    elif isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            text += " (nothing was replaced: an existing output is left as it was; free space and rerun)"
+        elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            text += " (choose an output location you can write to)"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())  # some library messages span lines; the report is one line
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -181,8 +204,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_command(name, rest)
-    except (InputError, FileNotFoundError, ModuleNotFoundError) as err:
-        print(f"mixsd {name}: error: {err}", file=sys.stderr)
+    except (InputError, OSError, ModuleNotFoundError, UnicodeDecodeError) as err:
+        # A user's mistake or the environment (a bad option or file, a missing model or package, a
+        # read-only or full disk): one line, status 2. Anything else is a bug and keeps its traceback;
+        # MIXSD_TRACEBACK=1 shows it for these too.
+        if os.environ.get("MIXSD_TRACEBACK"):
+            raise
+        print(f"mixsd {name}: error: {describe_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mixsd {name}: interrupted; rerun the same command to resume", file=sys.stderr)

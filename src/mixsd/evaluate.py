@@ -1,8 +1,10 @@
 """`mixsd eval`: did the knowledge go in (kgfact, kgfunc, qa suites) and what did it cost (retention)?
 
-Generation suites score each record's greedy answer against its `check` with `answers.matches`, strict
-and loose (the scorer `mixsd mix` verifies with), on the exact prompt training used
-(`prompts.encode_prompt`). Wrong answers get an error type (see `classify_error`).
+Generation suites score each record's greedy answer against its `check` with `answers.matches` under
+every mode (entity, exact, number), on the exact prompt training used (`prompts.encode_prompt`). The
+headline `accuracy` of a split uses the corpus manifest's `answer_match` (the scorer `mixsd mix` verifies
+with) unless --match says otherwise, and names the mode it used. Wrong answers get an error type
+(`metrics.Taxonomy`). Scoring happens after generation, so another --match rescoring needs no model.
 
 The retention suite measures held-out ability on probe files (default `$MIXSD_CACHE/probes`, written by
 `mixsd probes fetch`):
@@ -12,7 +14,10 @@ The retention suite measures held-out ability on probe files (default `$MIXSD_CA
     kl               KL(base || model) per token on held-out prompts, on the base model's own greedy
                      answers (built-in prompt list; needs no probe files)
 Retention of a probe = score(model) / score(base) (perplexity: base_ppl / model_ppl, so higher is better);
-results for a base model are cached in `$MIXSD_CACHE/eval-base`.
+multiple choice also gets the chance-normalized retention (acc - chance) / (acc_base - chance) and a paired
+comparison with the base on the same items (right->wrong / wrong->right counts, exact McNemar p-value,
+paired-bootstrap interval of the difference); every ratio has a paired-bootstrap 95% interval (see
+metrics.py). Results for a base model are cached in `$MIXSD_CACHE/eval-base`.
 
 Outputs: `--out results.json` (scores with 95% Wilson intervals, model and data hashes, settings, version)
 and `results.predictions.jsonl` beside it (every prediction). An interrupted run resumes from
@@ -24,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -35,21 +39,45 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mixsd import __version__
-from mixsd.answers import last_boxed, matches, normalize
+from mixsd.answers import SCORING_MODES, resolve_match_mode, score_all
+from mixsd.capability import KIND as GENERATIVE_KIND  # generative capability probes (own module)
+from mixsd.capability import (
+    compare_generative,
+    format_generative,
+    generative_rows,
+    is_generative_item,
+    parse_generative_item,
+    summarize_generative,
+)
 from mixsd.files import (
     InputError,
     JournalWriter,
     atomic_write_json,
     atomic_write_jsonl,
     dumps,
+    output_lock,
     read_journal,
     read_jsonl,
+    read_text,
     sha256_file,
     sha256_text,
 )
 from mixsd.generation import autocast, greedy_generate, tail_logprobs
-from mixsd.prompts import encode_prompt, pad_token_id, stop_token_ids
+from mixsd.metrics import (
+    ERROR_TYPES,
+    Taxonomy,
+    chance_normalized,
+    chance_normalized_interval,
+    paired_comparison,
+    perplexity_ratio_interval,
+    rate,
+    ratio_interval,
+    wilson_interval,
+)
+from mixsd.options import check_choices, check_distinct, check_range
+from mixsd.prompts import answer_end, encode_prompt, pad_token_id
 from mixsd.records import Fact, load_corpus
+from mixsd.stages import Stage
 
 Suite = Literal["kgfact", "kgfunc", "qa", "retention"]
 SUITE_SPLITS = {
@@ -68,8 +96,6 @@ SUITE_SPLITS = {
 }
 DEFAULT_MAX_NEW_TOKENS = {"kgfact": 64, "kgfunc": 384, "qa": 128, "retention": 64}
 EXPECTED_PROBES = ("general_knowledge", "social_iqa", "qa_wikidata", "squad_paragraphs")
-ERROR_TYPES = ("format", "leakage", "collapse", "genuine")
-Z95 = 1.959963984540054
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,9 +178,20 @@ class EvalConfig:
             "default for kgfact: <data>/train.jsonl."
         },
     )
-    taxonomy_on: Literal["loose", "strict"] = field(
-        default="loose",
-        metadata={"help": "Which scorer decides that an answer is wrong before its error type is assigned."},
+    match: Literal["entity", "exact", "number", "loose", "strict"] | None = field(
+        default=None,
+        metadata={
+            "help": "How answers are matched for the headline accuracy: entity (old name loose; the answer "
+            "appears as whole words), exact (strict; the final answer equals it), number (the final number "
+            "equals it). Default: each corpus manifest's answer_match, else entity. Every mode is reported."
+        },
+    )
+    taxonomy_on: Literal["entity", "exact", "number", "loose", "strict"] | None = field(
+        default=None,
+        metadata={
+            "help": "Which scorer decides that an answer is wrong before its error type is assigned; "
+            "default: the headline one (--match)."
+        },
     )
     collapse_max_words: int = field(
         default=10,
@@ -180,6 +217,18 @@ class EvalConfig:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model folder."}
     )
+
+    def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)
+        check_choices(self)
+        check_range("batch_size", self.batch_size, 1, integer=True)
+        check_range("max_new_tokens", self.max_new_tokens, 1, integer=True, optional=True)
+        check_range("limit", self.limit, 1, integer=True, optional=True)
+        check_range("threads", self.threads, 1, integer=True, optional=True)
+        check_range("ppl_max_tokens", self.ppl_max_tokens, 2, integer=True)
+        check_range("collapse_max_words", self.collapse_max_words, 0, integer=True)
+        check_range("min_entity_chars", self.min_entity_chars, 0, integer=True)
+        inputs = {"data": self.data, "entities": self.entities, "kl_prompts": self.kl_prompts}
+        check_distinct({"out": self.out}, inputs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,81 +298,6 @@ def model_fingerprint(name: str | None) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Statistics
-# --------------------------------------------------------------------------------------------------
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (sensible at 0/n and n/n, unlike the normal one)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    low, high = max(0.0, centre - half), min(1.0, centre + half)
-    return (0.0 if successes == 0 else low, 1.0 if successes == n else high)
-
-
-def rate(successes: int, n: int) -> dict[str, Any]:
-    low, high = wilson_interval(successes, n)
-    return {
-        "value": successes / n if n else None,
-        "correct": successes,
-        "n": n,
-        "ci95": [round(low, 6), round(high, 6)],
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# Error taxonomy
-# --------------------------------------------------------------------------------------------------
-_MARKER = re.compile(r"\\boxed\{|answer\s+is", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Taxonomy:
-    """Thresholds of the error taxonomy (paper §4, priority order format > leakage > collapse > genuine)."""
-
-    entities: frozenset[str] = frozenset()  # normalized injected entity names
-    collapse_max_words: int = 10
-    require_marker: bool = False
-    min_entity_chars: int = 3
-
-    @staticmethod
-    def entity_set(checks: Iterable[str], min_chars: int = 3) -> frozenset[str]:
-        """Normalized entity names from answer checks; numbers are no entities (kgfunc answers)."""
-        names = (normalize(c) for c in checks)
-        return frozenset(n for n in names if len(n) >= min_chars and not re.fullmatch(r"[-+.\d\s]+", n))
-
-    def leaked(self, output: str, prompt: str, gold: str) -> list[str]:
-        """Injected entities the output names that are neither in the prompt nor the gold answer."""
-        text, asked, gold = normalize(output), normalize(prompt), normalize(gold)
-        found = []
-        for entity in sorted(self.entities):
-            if entity == gold or _contains_words(asked, entity):
-                continue
-            if _contains_words(text, entity):
-                found.append(entity)
-        return found
-
-    def classify(self, output: str, prompt: str, gold: str, finish: str) -> tuple[str, list[str]]:
-        """Error type of a wrong answer, and the leaked entities (for leakage)."""
-        has_marker = last_boxed(output) is not None or _MARKER.search(output) is not None
-        truncated = finish in ("length", "prompt_too_long")
-        if not output.strip() or (truncated and not has_marker) or (self.require_marker and not has_marker):
-            return "format", []
-        leaked = self.leaked(output, prompt, gold)
-        if leaked:
-            return "leakage", leaked
-        if len(output.split()) <= self.collapse_max_words:
-            return "collapse", []
-        return "genuine", []
-
-
-def _contains_words(haystack: str, needle: str) -> bool:
-    return re.search(r"(?<![\w])" + re.escape(needle) + r"(?![\w])", haystack) is not None
-
-
-# --------------------------------------------------------------------------------------------------
 # Data: splits, probes, hashes
 # --------------------------------------------------------------------------------------------------
 def suite_files(suite: str, data: Path) -> tuple[list[tuple[str, Path]], list[dict[str, str]]]:
@@ -366,10 +340,19 @@ def load_probe(path: Path, limit: int | None) -> tuple[str, list[dict[str, Any]]
     """Read a probe file: ("mc", items) or ("text", items); InputError names the bad line and field."""
     kind, items, seen = None, [], set()
     for line, obj in read_jsonl(path):
-        item_kind = "mc" if "choices" in obj else "text" if "text" in obj else None
+        item_kind = (
+            GENERATIVE_KIND
+            if is_generative_item(obj)
+            else "mc"
+            if "choices" in obj
+            else "text"
+            if "text" in obj
+            else None
+        )
         if item_kind is None:
             raise InputError(
-                "expected a multiple-choice item (query, choices, gold) or a text item (text)",
+                "expected a multiple-choice item (query, choices, gold), a text item (text) or a "
+                "generative item (prompt, check or constraint)",
                 path,
                 line,
                 "choices",
@@ -381,7 +364,9 @@ def load_probe(path: Path, limit: int | None) -> tuple[str, list[dict[str, Any]]
         if item_id in seen:
             raise InputError(f"duplicate id '{item_id}'", path, line, "id")
         seen.add(item_id)
-        if kind == "mc":
+        if kind == GENERATIVE_KIND:
+            items.append(parse_generative_item(obj, path, line, item_id))
+        elif kind == "mc":
             query, choices, gold = obj.get("query"), obj.get("choices"), obj.get("gold")
             if not isinstance(query, str):
                 raise InputError("expected a string", path, line, "query")
@@ -418,7 +403,7 @@ def load_kl_prompts(source: str | None, limit: int | None) -> tuple[list[tuple[s
             return spread(prompts, limit), digest
         if not path.is_file():
             raise InputError("file not found", path)
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     prompts = [(f"kl{i:03d}", line, None) for i, line in enumerate(lines)]
     if not prompts:
@@ -558,14 +543,22 @@ def kl_per_token(
 # --------------------------------------------------------------------------------------------------
 # Aggregation
 # --------------------------------------------------------------------------------------------------
-def summarize_split(rows: list[dict[str, Any]], taxonomy_on: str) -> dict[str, Any]:
+def summarize_split(rows: list[dict[str, Any]], match: str, taxonomy_on: str | None = None) -> dict[str, Any]:
+    """A split's headline accuracy (under `match`, named in the summary), every mode's rate, error types.
+
+    Rows carry one boolean per scoring mode (entity, exact, number) and `error` (set for the answers that
+    are wrong under `taxonomy_on`, default `match`).
+    """
     n = len(rows)
-    wrong = [r for r in rows if not r[taxonomy_on]]
+    taxonomy_on = taxonomy_on or match
+    wrong = [r for r in rows if not r.get(taxonomy_on, True)]
     errors = Counter(r["error"] for r in wrong)
     return {
         "n": n,
-        "strict": rate(sum(r["strict"] for r in rows), n),
-        "loose": rate(sum(r["loose"] for r in rows), n),
+        "match": match,
+        "accuracy": rate(sum(bool(r.get(match, True)) for r in rows), n),
+        **{mode: rate(sum(r[mode] for r in rows), n) for mode in SCORING_MODES},
+        "taxonomy_on": taxonomy_on,
         "errors": {kind: errors.get(kind, 0) for kind in ERROR_TYPES},
         "error_rates": {kind: (errors.get(kind, 0) / len(wrong) if wrong else None) for kind in ERROR_TYPES},
         "finish": dict(Counter(r["finish"] for r in rows)),
@@ -574,6 +567,8 @@ def summarize_split(rows: list[dict[str, Any]], taxonomy_on: str) -> dict[str, A
 
 
 def summarize_probe(kind: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if kind == GENERATIVE_KIND:
+        return summarize_generative(rows)
     if kind == "mc":
         n = len(rows)
         return {
@@ -620,6 +615,49 @@ def retention_ratios(model_summary: dict[str, Any], base_summary: dict[str, Any]
         }
     if model_summary["kind"] == "perplexity":
         return {"ppl": ratio(base_summary["ppl"], model_summary["ppl"])}
+    if model_summary["kind"] == "generative":
+        return {"acc": ratio(model_summary["acc"]["value"], base_summary["acc"]["value"])}
+    return {}
+
+
+def compare_with_base(kind: str, model_rows: list[dict[str, Any]], base_rows: list[dict[str, Any]]) -> dict:
+    """Intervals and paired statistics of a probe's retention, from base and model on the same items.
+
+    multiple choice: `retention_ci95` (paired bootstrap of acc / acc_base), `retention_normalized`
+    ((acc - chance) / (acc_base - chance), None when the base is at chance) with its `_ci95`, and `paired`
+    (right->wrong / wrong->right counts, McNemar p, difference with interval) per metric;
+    perplexity: `retention_ci95` of base_ppl / model_ppl, resampling texts.
+    """
+    if kind == GENERATIVE_KIND:
+        return compare_generative(model_rows, base_rows)
+    by_id = {row["id"]: row for row in base_rows}
+    pairs = [(row, by_id[row["id"]]) for row in model_rows if row["id"] in by_id]
+    if kind == "mc":
+        out: dict[str, Any] = {"retention_ci95": {}, "retention_normalized": {}, "paired": {}}
+        out["retention_normalized_ci95"] = {}
+        chance = [1 / m["n_choices"] for m, _ in pairs]
+        for metric, key in (("acc", "correct"), ("acc_norm", "correct_norm")):
+            model = [bool(m[key]) for m, _ in pairs]
+            base = [bool(b[key]) for _, b in pairs]
+            n = len(pairs)
+            out["retention_ci95"][metric] = ratio_interval(model, base)
+            out["retention_normalized"][metric] = (
+                chance_normalized(sum(model) / n, sum(base) / n, sum(chance) / n) if n else None
+            )
+            out["retention_normalized_ci95"][metric] = chance_normalized_interval(model, base, chance)
+            out["paired"][metric] = paired_comparison(base, model)
+        return out
+    if kind == "text":
+        usable = [(m, b) for m, b in pairs if m["tokens"] and m["tokens"] == b["tokens"]]
+        return {
+            "retention_ci95": {
+                "ppl": perplexity_ratio_interval(
+                    [m["nll"] for m, _ in usable],
+                    [b["nll"] for _, b in usable],
+                    [m["tokens"] for m, _ in usable],
+                )
+            }
+        }
     return {}
 
 
@@ -739,8 +777,6 @@ def _generation_rows(
             "output": text,
             "output_tokens": len(tokens),
             "finish": finish,
-            "strict": matches(text, fact.check, "strict"),
-            "loose": matches(text, fact.check, "loose"),
         }
 
     too_long = [i for i, p in enumerate(prompts) if limit and len(p) + max_new_tokens > limit]
@@ -749,15 +785,17 @@ def _generation_rows(
     todo = [i for i in range(len(facts)) if i not in set(too_long)]
     bar = runner.bar(len(todo), f"eval {split}")
     pending: list[dict[str, Any]] = []
+    end = answer_end(tokenizer, model)  # answers end where `mix` and `sft-targets` targets end
     with runner.autocast(model):
         for k, tokens, finish in greedy_generate(
             model,
             [prompts[i] for i in todo],
-            stop_ids=stop_token_ids(tokenizer, model),
+            stop_ids=end.stop_ids,
             pad_id=pad_token_id(tokenizer),
             max_new_tokens=max_new_tokens,
             batch_size=runner.config.batch_size,
             on_row=lambda _: bar(),
+            text_stop=end.text_stop if end.stop_strings else None,
         ):
             pending.append(row(facts[todo[k]], tokens, finish))
             if len(pending) >= runner.config.batch_size:
@@ -771,7 +809,11 @@ def _probe_rows(runner: _Runner, who: str, probe: str, kind: str, items: list[di
     model = runner.model() if who == "model" else runner.base()
     bar = runner.bar(len(items), f"{who} {probe}")
     with runner.autocast(model):
-        if kind == "mc":
+        if kind == GENERATIVE_KIND:
+            rows = generative_rows(
+                model, runner.tokenizer(), items, batch_size=runner.config.batch_size, progress=bar
+            )
+        elif kind == "mc":
             rows = score_multiple_choice(
                 model, runner.tokenizer(), items, batch_size=runner.config.batch_size, progress=bar
             )
@@ -794,21 +836,22 @@ def _kl_answer_rows(
     """The base model's greedy answers to the KL prompts (the tokens KL is measured on)."""
     tokenizer, base = runner.tokenizer(), runner.base()
     encoded = [encode_prompt(tokenizer, prompt, system) for _, prompt, system in prompts]
-    stops = stop_token_ids(tokenizer, base)
+    end = answer_end(tokenizer, base)
     rows: list[dict[str, Any] | None] = [None] * len(prompts)
     bar = runner.bar(len(prompts), "base kl answers")
     with runner.autocast(base):
         for k, tokens, finish in greedy_generate(
             base,
             encoded,
-            stop_ids=stops,
+            stop_ids=end.stop_ids,
             pad_id=pad_token_id(tokenizer),
             max_new_tokens=max_new_tokens,
             batch_size=runner.config.batch_size,
             on_row=lambda _: bar(),
+            text_stop=end.text_stop if end.stop_strings else None,
         ):
-            # the stop token is part of the answer: KL also covers the decision to stop
-            answer = tokens + ([min(stops)] if finish == "stop" else [])
+            # the end token is part of the answer, as in every target: KL also covers the decision to stop
+            answer = tokens + ([end.end_id] if finish in ("stop", "stop_text") else [])
             rows[k] = {
                 "who": "base",
                 "split": "kl",
@@ -860,6 +903,16 @@ def _base_cache_file(key: dict[str, Any]) -> Path:
 
 
 def evaluate(
+    config: EvalConfig, *, model=None, tokenizer=None, base_model=None, progress: bool = True
+) -> dict[str, Any]:
+    """Run one evaluation suite (see `_evaluate_locked`) under the lock of its results file."""
+    with output_lock(config.out):  # one run per results file: a second one refuses before any work
+        return _evaluate_locked(
+            config, model=model, tokenizer=tokenizer, base_model=base_model, progress=progress
+        )
+
+
+def _evaluate_locked(
     config: EvalConfig, *, model=None, tokenizer=None, base_model=None, progress: bool = True
 ) -> dict[str, Any]:
     """Run one evaluation suite; write results (and predictions) and return the results dict.
@@ -953,6 +1006,7 @@ def evaluate(
     }
     settings = {
         **determines,
+        "match": config.match,
         "taxonomy": {
             "on": config.taxonomy_on,
             "collapse_max_words": config.collapse_max_words,
@@ -962,11 +1016,13 @@ def evaluate(
         },
     }
 
-    if out.is_file() and not config.overwrite and not (model_fp or {}).get("in_process"):
-        previous = json.loads(out.read_text(encoding="utf-8"))
-        if previous.get("settings") == settings and predictions_path(out).is_file():
-            print(f"{out} is up to date for these settings; nothing to do (--overwrite to redo).")
-            return previous
+    # A model passed in-process has no content hash: its results are written but never vouched for.
+    in_process = bool((model_fp or {}).get("in_process") or (base_fp or {}).get("in_process"))
+    stage = Stage("eval", [out, predictions_path(out)], settings)
+    if not config.overwrite and not in_process and stage.is_current():
+        print(f"{out} is up to date for these settings; nothing to do (--overwrite to redo).")
+        return json.loads(out.read_text(encoding="utf-8"))
+    stage.begin()
 
     journal = _journal_path(out)
     if config.overwrite:
@@ -1015,6 +1071,8 @@ def evaluate(
     }
     atomic_write_json(out, results)
     journal.unlink(missing_ok=True)
+    if not in_process:
+        stage.finish()
     return results
 
 
@@ -1041,18 +1099,25 @@ def _run_generation(
         config.require_marker,
         config.min_entity_chars,
     )
-    splits, predictions = {}, []
+    splits, predictions, modes = {}, [], {}
     for split, path in files:
         facts = load_corpus(path)
         facts = spread(facts, config.limit)
         todo = [f for f in facts if ("model", split, f.id) not in rows]
         if todo:
             _generation_rows(runner, split, todo, max_new_tokens, write)
+        # the corpus names its scorer (manifest answer_match); --match overrides it
+        mode = modes[split] = resolve_match_mode(config.match, path)
+        wrong_by = resolve_match_mode(config.taxonomy_on, None) if config.taxonomy_on else mode
         split_rows = []
         for fact in facts:
             row = dict(rows[("model", split, fact.id)])
+            for old in ("strict", "loose"):  # journals written before the modes were renamed
+                row.pop(old, None)
+            row.update(score_all(row["output"], fact.check))
+            row["correct"] = row[mode] if mode in SCORING_MODES else True
             row["error"], row["leaked"] = None, []
-            if not row[config.taxonomy_on]:
+            if not (row[wrong_by] if wrong_by in SCORING_MODES else True):
                 row["error"], row["leaked"] = taxonomy.classify(
                     row["output"], fact.prompt, fact.check, row["finish"]
                 )
@@ -1061,9 +1126,10 @@ def _run_generation(
         splits[split] = {
             "role": SUITE_SPLITS.get(config.suite, {}).get(split, "qa"),
             "file": path.name,
-            **summarize_split(split_rows, config.taxonomy_on),
+            **summarize_split(split_rows, mode, wrong_by),
         }
     return {
+        "match": modes,
         "splits": splits,
         "entities": {"file": str(entity_file) if entity_checks else None, "count": len(taxonomy.entities)},
         "max_new_tokens": max_new_tokens,
@@ -1125,6 +1191,7 @@ def _run_retention(
             predictions += base_probe_rows
             summary["base"] = summarize_probe(kind, base_probe_rows)
             summary["retention"] = retention_ratios(summary, summary["base"])
+            summary.update(compare_with_base(kind, model_rows, base_probe_rows))
         results[probe] = summary
 
     if has_base:
@@ -1165,11 +1232,16 @@ def _pct(r: dict[str, Any]) -> str:
 def format_results(results: dict[str, Any]) -> str:
     lines = []
     if "splits" in results:
-        lines.append(f"{'split':<16}{'n':>6}  {'strict (95% CI)':<26}{'loose (95% CI)':<26}errors f/l/c/g")
+        lines.append(
+            f"{'split':<16}{'n':>6}  {'match':<8}{'accuracy (95% CI)':<26}"
+            + "".join(f"{m:<10}" for m in SCORING_MODES)
+            + "errors f/l/c/g"
+        )
         for name, s in results["splits"].items():
             e = s["errors"]
+            others = "".join(f"{_fmt(s[m]['value']):<10}" for m in SCORING_MODES)
             lines.append(
-                f"{name:<16}{s['n']:>6}  {_pct(s['strict']):<26}{_pct(s['loose']):<26}"
+                f"{name:<16}{s['n']:>6}  {s['match']:<8}{_pct(s['accuracy']):<26}{others}"
                 f"{e['format']}/{e['leakage']}/{e['collapse']}/{e['genuine']}"
             )
     else:
@@ -1177,16 +1249,25 @@ def format_results(results: dict[str, Any]) -> str:
             if p["kind"] == "multiple_choice":
                 text = f"acc {_pct(p['acc'])}  acc_norm {_pct(p['acc_norm'])}  chance {p['chance']:.2f}"
                 if "base" in p:
-                    r = p["retention"]
+                    r, normed = p["retention"], p.get("retention_normalized", {})
+                    flips = p.get("paired", {}).get("acc", {})
                     text += (
                         f"  | base acc {p['base']['acc']['value']:.1%} acc_norm "
                         f"{p['base']['acc_norm']['value']:.1%}  retention acc "
-                        f"{_fmt(r['acc'])} acc_norm {_fmt(r['acc_norm'])}"
+                        f"{_fmt(r['acc'])} acc_norm {_fmt(r['acc_norm'])}  chance-normalized acc "
+                        f"{_fmt(normed.get('acc'))} acc_norm {_fmt(normed.get('acc_norm'))}"
                     )
+                    if flips:
+                        text += (
+                            f"  acc right->wrong {flips['right_to_wrong']} wrong->right {flips['wrong_to_right']}"
+                            f" (McNemar p {flips['mcnemar_p']:.3g})"
+                        )
             elif p["kind"] == "perplexity":
                 text = f"ppl {_fmt(p['ppl'])} ({p['tokens']} tokens)"
                 if "base" in p:
                     text += f"  | base ppl {_fmt(p['base']['ppl'])}  retention {_fmt(p['retention']['ppl'])}"
+            elif p["kind"] == "generative":
+                text = format_generative(p)
             else:
                 text = f"KL(base||model) {p['kl_per_token']:.5f} nats/token over {p['tokens']} tokens"
             lines.append(f"{name:<18}n={p['n']:<5} {text}")

@@ -1,8 +1,12 @@
 """`mixsd experiment CONFIG.yaml` and `mixsd demo`: a declared grid, run end to end and reported.
 
-A grid is corpus x methods x seeds. Each cell runs its stages in order, each stage writing one file
-atomically into `OUT/cells/<cell>/`; a stage whose file exists is never redone, so an interrupted
-experiment resumes where it stopped:
+A grid is corpus x methods x seeds. The whole file is checked when it is loaded: every section is built
+into its command's config, for every cell, before any work. Each cell runs its stages in order, each
+writing into `OUT/cells/<cell>/` atomically. Every stage is a `mixsd.stages.Stage`: its output is reused
+only while the settings it recorded (config, input file hashes, upstream stages, mixsd version) equal the
+current ones, so an interrupted experiment resumes where it stopped, and a changed config redoes exactly
+the stages it affects and everything downstream of them. The records are in `OUT/cells/<cell>/stages/`;
+every decision (ran / reused, and what changed) is appended to `OUT/stage-log.jsonl`:
 
     targets.jsonl   ground truth (sft) or `mixsd mix` (mixsd)          — not for base / opsd
     train/          `mixsd train` output; train/model is the tuned model  — not for base
@@ -13,7 +17,7 @@ experiment resumes where it stopped:
     cell.json       the cell's row of the results table (written last: the cell is done)
 
 Then `OUT/results.jsonl`, `OUT/results.csv` and the report (`OUT/report.md`, `OUT/report.html`) are
-written from every finished cell. The config file format is documented in docs/experiments.md.
+written from every cell whose stages are all current for this config. The config file format is documented in docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -26,15 +30,27 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field, fields
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from mixsd import __version__
-from mixsd.files import InputError, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from mixsd.files import (
+    InputError,
+    JournalWriter,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    output_lock,
+)
+from mixsd.metrics import probe_columns, split_columns
+from mixsd.stages import Stage, config_settings
 
 DEMO_FACTS = Path(str(resources.files("mixsd") / "data" / "facts-demo.jsonl"))
 PACKAGED_CONFIGS = Path(str(resources.files("mixsd") / "configs"))
@@ -160,7 +176,7 @@ def load_experiment(path: str | Path, out: str | None = None) -> Experiment:
         sections=sections,
         raw=raw,
     )
-    _check_options(experiment)
+    _validate(experiment)
     return experiment
 
 
@@ -172,27 +188,23 @@ RUNNER_SET = {
     "eval": ("mixsd.evaluate", "EvalConfig", {"model", "suite", "data", "out"}),
     "retention": ("mixsd.evaluate", "EvalConfig", {"model", "suite", "base", "out"}),
 }
-ANALYSES_OPTIONS = {"nll", "fisher", "fisher_samples", "fisher_probe"}
-RETENTION_EXTRA = {"data", "probes"}  # the probe folder, and probes: false to skip the probe files
+ANALYSES_OPTIONS: dict[str, Any] = {"nll": bool, "fisher": bool, "fisher_samples": int, "fisher_probe": str}
+RETENTION_EXTRA: dict[str, Any] = {"data": str, "probes": bool}  # the probe folder; probes: false skips them
+# Fields that change only speed, logging or where a run goes, never what a stage writes: a change to
+# them redoes nothing. (Training's own list is `mixsd.train.run_settings`.)
+MIX_SPEED_ONLY = ("batch_size", "device", "overwrite")
+EVAL_SPEED_ONLY = ("batch_size", "device", "threads", "overwrite", "base_cache")
+NLL_SPEED_ONLY = ("batch_size", "device", "threads")
+FISHER_SPEED_ONLY = ("device", "threads")
 
 
-def _check_options(experiment: Experiment) -> None:
-    """Refuse unknown options before any work, naming the file and the field."""
-    import importlib
-
-    for section, (module, cls_name, runner_set) in RUNNER_SET.items():
-        cls = getattr(importlib.import_module(module), cls_name)
-        allowed = {f.name for f in fields(cls)} - runner_set
-        if section == "retention":
-            allowed |= RETENTION_EXTRA
-        for key in experiment.sections[section]:
-            if key not in allowed:
-                raise InputError(
-                    f"'{key}' is not an option of this stage (or is set by the runner); "
-                    f"options: {', '.join(sorted(allowed))}",
-                    experiment.path,
-                    field=f"{section}.{key}",
-                )
+def _validate(experiment: Experiment) -> None:
+    """Build every config of every cell now, so a bad value fails at load, before any work is done."""
+    runner = Runner(experiment)
+    runner.corpus_config()
+    for key, kind in ANALYSES_OPTIONS.items():
+        if key in experiment.sections["analyses"]:
+            _typed(experiment.sections["analyses"][key], kind, experiment, f"analyses.{key}")
     for key in experiment.sections["analyses"]:
         if key not in ANALYSES_OPTIONS:
             raise InputError(
@@ -200,6 +212,11 @@ def _check_options(experiment: Experiment) -> None:
                 experiment.path,
                 field=f"analyses.{key}",
             )
+    for key, kind in RETENTION_EXTRA.items():
+        if key in experiment.sections["retention"]:
+            _typed(experiment.sections["retention"][key], kind, experiment, f"retention.{key}")
+    for cell in experiment.cells:
+        runner.plan(cell)
 
 
 def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
@@ -238,58 +255,182 @@ def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
     return cells
 
 
-def _configure(cls, base: dict[str, Any], overrides: dict[str, Any], experiment: Experiment, section: str):
-    """Build a stage's config dataclass: the runner's fields, then the experiment file's section on top."""
-    names = {f.name for f in fields(cls)}
-    for key in overrides:  # sections were checked at load time; the corpus options are checked here
-        if key not in names or key in base:
-            raise InputError(
-                f"'{key}' is not an option of this stage (or is set by the runner); "
-                f"options: {', '.join(sorted(names - set(base)))}",
-                experiment.path,
-                field=f"{section}.{key}",
-            )
-    return cls(**base, **overrides)
+def _type_text(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(hint))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "null"}
+    return names.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(fits, value) for a YAML value and a field's type; a value of an unknown type fits (the config's own
+    checks judge it). Coerced only where YAML's reading is the sole problem: 3 for a float field is 3.0,
+    and "1e-4" (YAML 1.1 reads exponents without a dot as text) is 0.0001."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            fits, coerced = (value is None, None) if arg is type(None) else _coerce(value, arg)
+            if fits:
+                return True, coerced
+        return False, value
+    if origin is Literal:
+        return value in typing.get_args(hint) and not isinstance(value, bool), value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return False, value
+        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            return False, value
+        return True, float(number)
+    if hint is str:
+        return isinstance(value, str), value
+    return True, value
+
+
+def _typed(value: Any, hint: Any, experiment: Experiment, where: str) -> Any:
+    fits, coerced = _coerce(value, hint)
+    if not fits:
+        raise InputError(f"expected {_type_text(hint)}; got {value!r}", experiment.path, field=where)
+    return coerced
+
+
+def _configure(cls, base: dict[str, Any], sections: list[tuple[str, dict[str, Any]]], experiment: Experiment):
+    """Build a stage's config dataclass: the runner's fields, then the experiment file's sections on top.
+
+    Every value is checked against its field's type here and against the config's own checks (ranges,
+    choices) when it is built; either failure names the file and `section.field`.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls) if f.init}
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for section, options in sections:
+        for key, value in options.items():
+            if key not in names or key in base:
+                raise InputError(
+                    f"'{key}' is not an option of this stage (or is set by the runner); "
+                    f"options: {', '.join(sorted(names - set(base)))}",
+                    experiment.path,
+                    field=f"{section}.{key}",
+                )
+            values[key] = _typed(value, hints.get(key), experiment, f"{section}.{key}")
+            origin[key] = section
+    try:
+        return cls(**base, **values)
+    except InputError as err:
+        if err.path is not None or err.line is not None or err.field is None:
+            raise InputError(str(err), experiment.path, field=sections[0][0]) from None
+        message = str(err).removeprefix(f"field '{err.field}': ")
+        section = origin.get(err.field, sections[0][0])
+        raise InputError(message, experiment.path, field=f"{section}.{err.field}") from None
+    except (TypeError, ValueError) as err:
+        raise InputError(str(err), experiment.path, field=sections[0][0]) from None
+
+
+def _user_files(config: Any, names: tuple[str, ...]) -> list[Path]:
+    """Files a config names by path (templates, prompt lists): their content is part of the fingerprint."""
+    paths = [getattr(config, name, None) for name in names]
+    return [Path(p) for p in paths if isinstance(p, str) and Path(p).is_file()]
 
 
 # --------------------------------------------------------------------------------------------------
 # Stages
 # --------------------------------------------------------------------------------------------------
+StagePlan = dict[str, tuple[Stage, Callable[[bool], Any]]]
+
+
 class Runner:
     def __init__(self, experiment: Experiment):
         self.x = experiment
         self.out = experiment.out
-        self.corpus_dir = self.out / "corpus"
-        self.probes_dir: Path | None = None
+        corpus = experiment.corpus
+        generated = self.out / "corpus"
+        self.source_dir = Path(corpus["path"]) if corpus.get("generator") == "folder" else generated
+        # train_limit: the cells train and evaluate on a cut copy in OUT/data
+        self.corpus_dir = self.out / "data" if corpus.get("train_limit") else self.source_dir
+        self.probes_dir: Path | None = self._probes(fetch=False)
+        self.stage_log = self.out / "stage-log.jsonl"
 
     def cell_dir(self, cell: Cell) -> Path:
         return self.out / "cells" / cell.name
 
+    def _log(self, cell: Cell | None) -> Callable[[Stage, str, list[str]], None]:
+        """Every stage decision goes to OUT/stage-log.jsonl: what ran, what was reused, and why."""
+
+        def log(stage: Stage, action: str, changes: list[str]) -> None:
+            entry = {
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "cell": cell.name if cell else None,
+                "stage": stage.name,
+                "action": action,
+                "changes": changes,
+            }
+            with JournalWriter(self.stage_log) as writer:
+                writer.write([entry])
+
+        return log
+
     # corpus and probes, shared by every cell
-    def prepare_data(self) -> None:
+    def corpus_config(self):
+        """The generator's config (KGFactConfig / KGFuncConfig), or None for a corpus folder."""
         corpus = self.x.corpus
         generator = corpus.get("generator", "kgfact")
         options = {k: v for k, v in corpus.items() if k not in ("generator", "path", "train_limit")}
+        if "train_limit" in corpus:
+            limit = _typed(corpus["train_limit"], int | None, self.x, "corpus.train_limit")
+            if limit is not None and limit < 1:
+                raise InputError(f"must be >= 1; got {limit}", self.x.path, field="corpus.train_limit")
         if generator == "folder":
-            self.corpus_dir = Path(corpus["path"])
-            if not (self.corpus_dir / "train.jsonl").is_file():
-                raise InputError("corpus folder has no train.jsonl", self.corpus_dir)
-        elif not (self.corpus_dir / "manifest.json").is_file():
-            if generator == "kgfact":
-                from mixsd.corpora.kgfact import KGFactConfig, build_kgfact
-
-                build_kgfact(
-                    _configure(KGFactConfig, {"out": str(self.corpus_dir)}, options, self.x, "corpus")
+            for key in options:
+                raise InputError(
+                    f"'{key}' is not an option of a corpus folder (path, train_limit)",
+                    self.x.path,
+                    field=f"corpus.{key}",
                 )
-            else:
-                from mixsd.corpora.kgfunc import KGFuncConfig, build_kgfunc
+            return None
+        if generator == "kgfact":
+            from mixsd.corpora.kgfact import KGFactConfig as cls
+        else:
+            from mixsd.corpora.kgfunc import KGFuncConfig as cls
+        return _configure(cls, {"out": str(self.out / "corpus")}, [("corpus", options)], self.x)
 
-                build_kgfunc(
-                    _configure(KGFuncConfig, {"out": str(self.corpus_dir)}, options, self.x, "corpus")
-                )
-        if corpus.get("train_limit"):
-            self.corpus_dir = self._subset(self.corpus_dir, int(corpus["train_limit"]))
-        self.probes_dir = self._probes()
+    def prepare_data(self) -> None:
+        config = self.corpus_config()
+        if config is not None:
+            from mixsd.corpora.kgfact import build_kgfact
+            from mixsd.corpora.kgfunc import build_kgfunc
+
+            build = build_kgfact if self.x.corpus.get("generator", "kgfact") == "kgfact" else build_kgfunc
+            stage = Stage(
+                "corpus",
+                self.source_dir / "manifest.json",
+                config_settings(config),
+                record=self.out / "stages" / "corpus.json",
+            )
+            stage.run(lambda discard: build(config), log=self._log(None))
+        elif not (self.source_dir / "train.jsonl").is_file():
+            raise InputError("corpus folder has no train.jsonl", self.source_dir)
+        if self.x.corpus.get("train_limit"):
+            limit = int(self.x.corpus["train_limit"])
+            source = self.source_dir
+            stage = Stage(
+                "data",
+                self.corpus_dir / "manifest.json",
+                {"train_limit": limit, "source": str(source)},
+                inputs=[*sorted(source.glob("*.jsonl")), source / "manifest.json"],
+                record=self.out / "stages" / "data.json",
+            )
+            stage.run(lambda discard: self._subset(source, limit), log=self._log(None))
+        self.probes_dir = self._probes(fetch=True)
 
     def _subset(self, source: Path, limit: int) -> Path:
         """A copy of the corpus that trains on its first `limit` facts (kept small for quick runs).
@@ -300,10 +441,10 @@ class Runner:
         """
         from mixsd.files import read_jsonl, sha256_file
 
-        target = self.out / "data"
-        if (target / "manifest.json").is_file():
-            return target
+        target = self.corpus_dir
         target.mkdir(parents=True, exist_ok=True)
+        for old in target.glob("*.jsonl"):  # a split left empty this time must not linger from the last
+            old.unlink()
         train = [row for _, row in read_jsonl(source / "train.jsonl")][:limit]
         kept = {row.get("fact", row.get("id")) for row in train}
         counts = {}
@@ -327,17 +468,24 @@ class Runner:
             else None,
             "sha256": {name: sha256_file(target / name) for name in counts},
         }
+        if (source / "manifest.json").is_file():  # the corpus's scorer (answer_match) travels with it
+            source_manifest = json.loads((source / "manifest.json").read_text(encoding="utf-8"))
+            if isinstance(source_manifest, dict) and "answer_match" in source_manifest:
+                manifest["answer_match"] = source_manifest["answer_match"]
         atomic_write_json(target / "manifest.json", manifest)
         return target
 
-    def _probes(self) -> Path | None:
-        """The retention probe folder: fetched once into the cache; None (KL-only retention) when offline."""
+    def _probes(self, fetch: bool) -> Path | None:
+        """The retention probe folder: fetched once into the cache (when `fetch`); None (KL-only
+        retention) when there is none."""
         options = dict(self.x.sections["retention"])
         if options.get("probes") is False:
             return None
         folder = Path(options.pop("data", None) or _default_probes_dir())
         if (folder / "manifest.json").is_file():
             return folder
+        if not fetch:
+            return None
         try:
             from mixsd.corpora.probes import ProbesFetchConfig, fetch_probes
 
@@ -349,109 +497,6 @@ class Runner:
             )
             return None
 
-    def targets(self, cell: Cell, folder: Path) -> Path | None:
-        path = folder / "targets.jsonl"
-        if cell.method not in ("sft", "mixsd") or path.exists():
-            return path if path.exists() else None
-        train_file = self.corpus_dir / "train.jsonl"
-        if cell.method == "sft":
-            from mixsd.models import load_tokenizer
-            from mixsd.records import load_corpus
-            from mixsd.targets import sft_target_rows
-
-            atomic_write_jsonl(path, sft_target_rows(load_corpus(train_file), load_tokenizer(self.x.model)))
-        else:
-            from mixsd.targets import MixConfig, mix
-
-            base = {
-                "model": self.x.model,
-                "input": str(train_file),
-                "output": str(path),
-                "lam": cell.lam,
-                "seed": cell.seed,
-            }
-            mix(_configure(MixConfig, base, self.x.sections["mix"], self.x, "mix"))
-        return path
-
-    def train(self, cell: Cell, folder: Path, targets: Path | None) -> Path:
-        from mixsd.train import TrainConfig, train
-
-        model_dir = folder / "train" / "model"
-        summary_file = folder / "train" / "summary.json"
-        if summary_file.is_file():
-            return Path(json.loads(summary_file.read_text())["model_dir"])
-        base = {"model": self.x.model, "out": str(folder / "train"), "seed": cell.seed}
-        overrides = dict(self.x.sections["train"])
-        if cell.method == "opsd":
-            base.update(method="opsd", corpus=str(self.corpus_dir / "train.jsonl"))
-            overrides.update(self.x.sections["opsd"])
-        else:
-            base["targets"] = str(targets)
-        summary = train(_configure(TrainConfig, base, overrides, self.x, "train"))
-        return Path(summary.get("model_dir", model_dir))
-
-    def evaluate(self, model: str, folder: Path) -> dict[str, Any]:
-        from mixsd.evaluate import EvalConfig, evaluate
-
-        suite = (
-            "kgfunc"
-            if self.x.corpus.get("generator") == "kgfunc"
-            else ("qa" if self.x.corpus.get("generator") == "folder" else "kgfact")
-        )
-        results: dict[str, Any] = {}
-        eval_file, retention_file = folder / "eval.json", folder / "retention.json"
-        if not eval_file.is_file():
-            evaluate(
-                _configure(
-                    EvalConfig,
-                    {"model": model, "suite": suite, "data": str(self.corpus_dir), "out": str(eval_file)},
-                    self.x.sections["eval"],
-                    self.x,
-                    "eval",
-                )
-            )
-        results["eval"] = json.loads(eval_file.read_text())
-        if not retention_file.is_file():
-            options = {k: v for k, v in self.x.sections["retention"].items() if k not in RETENTION_EXTRA}
-            base = {
-                "model": model,
-                "suite": "retention",
-                "base": self.x.model,
-                "out": str(retention_file),
-                "data": str(self.probes_dir) if self.probes_dir else str(self.out / "no-probes"),
-            }
-            evaluate(_configure(EvalConfig, base, options, self.x, "retention"))
-        results["retention"] = json.loads(retention_file.read_text())
-        return results
-
-    def analyses(self, cell: Cell, folder: Path, model: Path, targets: Path | None) -> dict[str, Any]:
-        options = dict(self.x.sections["analyses"])
-        out: dict[str, Any] = {}
-        if targets is not None and options.get("nll", True):
-            from mixsd.analyze import NLLConfig, target_nll
-
-            nll_file = folder / "nll.json"
-            if not nll_file.is_file():
-                target_nll(NLLConfig(model=self.x.model, targets=str(targets), out=str(nll_file)))
-            out["nll"] = json.loads(nll_file.read_text())
-        if options.get("fisher", True):
-            from mixsd.analyze import FisherConfig, fisher_displacement
-
-            fisher_file = folder / "fisher.json"
-            if not fisher_file.is_file():
-                probe = options.get("fisher_probe") or str(self._fisher_probe())
-                fisher_displacement(
-                    FisherConfig(
-                        base=self.x.model,
-                        model=str(model),
-                        probe=probe,
-                        samples=int(options.get("fisher_samples", 64)),
-                        out=str(fisher_file),
-                    )
-                )
-            out["fisher"] = json.loads(fisher_file.read_text())
-        return out
-
     def _fisher_probe(self) -> Path:
         """Held-out text the Fisher is measured on: ability we want to keep, not the injected facts."""
         if self.probes_dir and (self.probes_dir / "squad_paragraphs.jsonl").is_file():
@@ -461,37 +506,232 @@ class Runner:
                 return self.corpus_dir / name
         return self.corpus_dir / "train.jsonl"
 
-    # one cell, all stages
-    def run_cell(self, cell: Cell, progress) -> dict[str, Any]:
+    # one cell: its stages, each with what it reads, what it depends on and how it is made
+    def plan(self, cell: Cell) -> StagePlan:
+        """The cell's stages in run order, each with its producer. Building it checks every config."""
+        from mixsd.analyze import FisherConfig, NLLConfig
+        from mixsd.evaluate import EvalConfig
+        from mixsd.targets import MixConfig, summary_path
+        from mixsd.train import TrainConfig, run_settings
+
+        x, folder = self.x, self.cell_dir(cell)
+        records = folder / "stages"
+        train_file = self.corpus_dir / "train.jsonl"
+        data_files = [*sorted(self.corpus_dir.glob("*.jsonl")), self.corpus_dir / "manifest.json"]
+        plan: StagePlan = {}
+
+        targets_file = folder / "targets.jsonl"
+        targets: Stage | None = None
+        if cell.method == "sft":
+            targets = Stage(
+                "targets",
+                targets_file,
+                {"method": "sft", "model": x.model},
+                inputs=[train_file],
+                record=records / "targets.json",
+            )
+            plan["targets"] = (targets, lambda discard: self._sft_targets(train_file, targets_file))
+        elif cell.method == "mixsd":
+            base = {
+                "model": x.model,
+                "input": str(train_file),
+                "output": str(targets_file),
+                "lam": cell.lam,
+                "seed": cell.seed,
+            }
+            mix_config = _configure(MixConfig, base, [("mix", x.sections["mix"])], x)
+            targets = Stage(
+                "targets",
+                [targets_file, summary_path(targets_file)],
+                config_settings(mix_config, MIX_SPEED_ONLY),
+                inputs=[train_file, *_user_files(mix_config, ("expert_template",))],
+                record=records / "targets.json",
+            )
+            plan["targets"] = (targets, lambda discard: self._mix(mix_config, discard))
+
+        model = x.model
+        trained: list[Stage] = []
+        if cell.method != "base":
+            base = {"model": x.model, "out": str(folder / "train"), "seed": cell.seed}
+            sections = [("train", x.sections["train"])]
+            if cell.method == "opsd":
+                base.update(method="opsd", corpus=str(train_file))
+                sections.append(("opsd", x.sections["opsd"]))
+            else:
+                base["targets"] = str(targets_file)
+            train_config = _configure(TrainConfig, base, sections, x)
+            # run_settings hashes the target file: taken when the fingerprint is, after targets are made
+            train = Stage(
+                "train",
+                [folder / "train" / "summary.json", folder / "train" / "model"],
+                lambda: run_settings(train_config),
+                inputs=_user_files(train_config, ("expert_template",)),
+                upstream=[targets] if targets else [],
+                record=records / "train.json",
+            )
+            plan["train"] = (train, lambda discard: self._train(train_config, discard))
+            model = str(folder / "train" / "model")
+            trained = [train]
+
+        suite = {"kgfunc": "kgfunc", "folder": "qa"}.get(x.corpus.get("generator", "kgfact"), "kgfact")
+        eval_base = {
+            "model": model,
+            "suite": suite,
+            "data": str(self.corpus_dir),
+            "out": str(folder / "eval.json"),
+        }
+        eval_config = _configure(EvalConfig, eval_base, [("eval", x.sections["eval"])], x)
+        plan["eval"] = (
+            Stage(
+                "eval",
+                folder / "eval.json",
+                config_settings(eval_config, EVAL_SPEED_ONLY),
+                inputs=[*data_files, *_user_files(eval_config, ("entities", "kl_prompts"))],
+                upstream=trained,
+                record=records / "eval.json",
+            ),
+            lambda discard: self._evaluate(eval_config, discard),
+        )
+        probes = self.probes_dir
+        retention_base = {
+            "model": model,
+            "suite": "retention",
+            "base": x.model,
+            "out": str(folder / "retention.json"),
+            "data": str(probes) if probes else str(self.out / "no-probes"),
+        }
+        options = {k: v for k, v in x.sections["retention"].items() if k not in RETENTION_EXTRA}
+        retention_config = _configure(EvalConfig, retention_base, [("retention", options)], x)
+        probe_files = [*sorted(probes.glob("*.jsonl")), probes / "manifest.json"] if probes else []
+        plan["retention"] = (
+            Stage(
+                "retention",
+                folder / "retention.json",
+                config_settings(retention_config, EVAL_SPEED_ONLY),
+                inputs=[*probe_files, *_user_files(retention_config, ("entities", "kl_prompts"))],
+                upstream=trained,
+                record=records / "retention.json",
+            ),
+            lambda discard: self._evaluate(retention_config, discard),
+        )
+
+        analyses = x.sections["analyses"]
+        if targets is not None and analyses.get("nll", True):
+            from mixsd.analyze import target_nll
+
+            nll_config = _configure(
+                NLLConfig,
+                {"model": x.model, "targets": str(targets_file), "out": str(folder / "nll.json")},
+                [],
+                x,
+            )
+            plan["nll"] = (
+                Stage(
+                    "nll",
+                    folder / "nll.json",
+                    config_settings(nll_config, NLL_SPEED_ONLY),
+                    inputs=[targets_file],
+                    upstream=[targets],
+                    record=records / "nll.json",
+                ),
+                lambda discard: target_nll(nll_config),
+            )
+        if trained and analyses.get("fisher", True):
+            from mixsd.analyze import fisher_displacement
+
+            probe = Path(analyses.get("fisher_probe") or self._fisher_probe())
+            fisher_base = {
+                "base": x.model,
+                "model": model,
+                "probe": str(probe),
+                "samples": int(analyses.get("fisher_samples", 64)),
+                "out": str(folder / "fisher.json"),
+            }
+            fisher_config = _configure(FisherConfig, fisher_base, [], x)
+            plan["fisher"] = (
+                Stage(
+                    "fisher",
+                    folder / "fisher.json",
+                    config_settings(fisher_config, FISHER_SPEED_ONLY),
+                    inputs=[probe],
+                    upstream=trained,
+                    record=records / "fisher.json",
+                ),
+                lambda discard: fisher_displacement(fisher_config),
+            )
+
+        # The row is a stage of its own, downstream of all others: it is current only while they are.
+        upstream = [stage for stage, _ in plan.values()]
+        row = Stage(
+            "row",
+            folder / "cell.json",
+            {"cell": cell.name, "method": cell.method, "lam": cell.lam, "seed": cell.seed},
+            upstream=upstream,
+            record=records / "row.json",
+        )
+        plan["row"] = (row, lambda discard: self._write_row(cell, plan))
+        return plan
+
+    def _sft_targets(self, train_file: Path, targets_file: Path) -> None:
+        from mixsd.models import load_tokenizer
+        from mixsd.records import load_corpus
+        from mixsd.targets import sft_target_rows
+
+        atomic_write_jsonl(
+            targets_file, sft_target_rows(load_corpus(train_file), load_tokenizer(self.x.model))
+        )
+
+    def _mix(self, config, discard: bool) -> None:
+        from mixsd.targets import mix
+
+        mix(replace(config, overwrite=discard))
+
+    def _train(self, config, discard: bool) -> None:
+        from mixsd.train import train
+
+        train(replace(config, overwrite=discard))
+
+    def _evaluate(self, config, discard: bool) -> None:
+        from mixsd.evaluate import evaluate
+
+        evaluate(replace(config, overwrite=discard))
+
+    def _write_row(self, cell: Cell, plan: StagePlan) -> None:
+        """The cell's row of the results table, from the stage files just checked to be current."""
         folder = self.cell_dir(cell)
-        done_file = folder / "cell.json"
-        if done_file.is_file():
-            return json.loads(done_file.read_text())
-        folder.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        progress(cell, "targets")
-        targets = self.targets(cell, folder)
-        model: str | Path = self.x.model
-        train_summary = None
-        if cell.method != "base":
-            progress(cell, "train")
-            model = self.train(cell, folder, targets)
-            train_summary = json.loads((folder / "train" / "summary.json").read_text())
-        progress(cell, "eval")
-        results = self.evaluate(str(model), folder)
-        analyses = {}
-        if cell.method != "base":
-            progress(cell, "analyses")
-            analyses = self.analyses(cell, folder, Path(model), targets)
+
+        def read(path: Path) -> dict[str, Any]:
+            return json.loads(path.read_text(encoding="utf-8"))
+
+        results = {"eval": read(folder / "eval.json"), "retention": read(folder / "retention.json")}
+        analyses = {name: read(folder / f"{name}.json") for name in ("nll", "fisher") if name in plan}
+        train_summary = read(folder / "train" / "summary.json") if "train" in plan else None
         mix_summary = None
         if cell.method == "mixsd":
             from mixsd.targets import summary_path
 
-            mix_summary = json.loads(summary_path(targets).read_text())
+            mix_summary = read(summary_path(folder / "targets.jsonl"))
         row = cell_row(cell, results, analyses, train_summary, mix_summary)
-        row["seconds"] = round(time.perf_counter() - started, 1)
-        atomic_write_json(done_file, row)
-        return row
+        # compute time of the stages as last made (each counted by the process that made it)
+        seconds = [
+            (stage.recorded() or {}).get("seconds") for name, (stage, _) in plan.items() if name != "row"
+        ]
+        row["seconds"] = round(sum(s for s in seconds if isinstance(s, int | float)), 1)
+        atomic_write_json(folder / "cell.json", row)
+
+    def run_cell(self, cell: Cell, progress) -> dict[str, Any]:
+        """Run every stage of the cell that is not current for this config; return the cell's row."""
+        self.cell_dir(cell).mkdir(parents=True, exist_ok=True)
+        log = self._log(cell)
+        for name, (stage, produce) in self.plan(cell).items():
+            progress(cell, name)
+            stage.run(produce, log=log)
+        return json.loads((self.cell_dir(cell) / "cell.json").read_text(encoding="utf-8"))
+
+    def current_row(self, cell: Cell) -> dict[str, Any] | None:
+        """The cell's row when every stage of it is current for this config; None otherwise."""
+        row, _ = self.plan(cell)["row"]
+        return json.loads(row.outputs[0].read_text(encoding="utf-8")) if row.is_current() else None
 
 
 def _default_probes_dir() -> Path:
@@ -527,22 +767,19 @@ def cell_row(
         "seed": cell.seed,
     }
     for split, scores in results["eval"].get("splits", {}).items():
-        row[f"{split}_loose"] = _value(scores, "loose", "value")
-        row[f"{split}_strict"] = _value(scores, "strict", "value")
+        row.update(split_columns(split, scores))  # headline accuracy under the corpus's matcher
     ratios = []
     for probe, summary in results["retention"].get("probes", {}).items():
         if probe == "kl":
             row["kl_per_token"] = _value(summary, "kl_per_token")
             continue
         metric = RETENTION_METRIC.get(probe, "acc")
-        row[f"{probe}_{metric}"] = (
-            _value(summary, metric) if metric == "ppl" else _value(summary, metric, "value")
-        )
-        ratio = _value(summary, "retention", metric)
-        row[f"{probe}_retention"] = ratio
+        # multiple choice: chance-normalized retention, raw ratio and per-item flips beside it
+        row.update(probe_columns(probe, summary, metric))
+        ratio = row[f"{probe}_retention"]
         if ratio is not None:
             ratios.append(ratio)
-    if "unseen_loose" in row and cell.method != "base":
+    if "unseen_acc" in row and cell.method != "base":
         row["unseen_retention"] = None  # filled against the base row in `add_relative_scores`
     row["retention_mean"] = sum(ratios) / len(ratios) if ratios else None
     nll = analyses.get("nll", {})
@@ -560,6 +797,7 @@ def cell_row(
         row["verified_rate"] = mix_summary.get("verified_rate")
         row["mean_attempts"] = mix_summary.get("mean_attempts")
         row["naive_fraction"] = mix_summary.get("naive_fraction")
+        row["verify_mode"] = mix_summary.get("verify_mode")
     return row
 
 
@@ -567,8 +805,8 @@ def add_relative_scores(rows: list[dict[str, Any]]) -> None:
     """Scores that need the base row: KGFunc's unseen-operation accuracy relative to the base model."""
     base = next((r for r in rows if r["method"] == "base"), None)
     for row in rows:
-        if "unseen_loose" in row and base and base.get("unseen_loose"):
-            row["unseen_retention"] = row["unseen_loose"] / base["unseen_loose"]
+        if "unseen_acc" in row and base and base.get("unseen_acc"):
+            row["unseen_retention"] = row["unseen_acc"] / base["unseen_acc"]
             if row["retention_mean"] is None:
                 row["retention_mean"] = row["unseen_retention"]
 
@@ -631,6 +869,16 @@ def comparison_text(table: list[dict[str, Any]], columns: list[str]) -> str:
 def run_experiment(
     experiment: Experiment, *, only: str | None = None, report_only: bool = False, show_progress: bool = True
 ) -> dict[str, Any]:
+    """Run (or resume) every cell and write the report, under the lock of the output folder (issue 10)."""
+    with output_lock(experiment.out):  # one run per folder: a second one refuses before any work
+        return _run_experiment_locked(
+            experiment, only=only, report_only=report_only, show_progress=show_progress
+        )
+
+
+def _run_experiment_locked(
+    experiment: Experiment, *, only: str | None = None, report_only: bool = False, show_progress: bool = True
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from mixsd.report import write_report
@@ -660,11 +908,20 @@ def run_experiment(
                 ) from err
             bar.update(1)
         bar.close()
-    rows = [
-        json.loads((runner.cell_dir(c) / "cell.json").read_text())
-        for c in experiment.cells
-        if (runner.cell_dir(c) / "cell.json").is_file()
-    ]
+    # Only rows whose every stage is current for this config: a cell not rerun (--only, --report-only)
+    # after its settings changed is left out, never shown with old numbers.
+    rows, out_of_date = [], []
+    for cell in experiment.cells:
+        row = runner.current_row(cell)
+        if row is not None:
+            rows.append(row)
+        elif (runner.cell_dir(cell) / "cell.json").is_file():
+            out_of_date.append(cell.name)
+    if out_of_date:
+        print(
+            f"left out of the table, out of date for this config (rerun them): {', '.join(out_of_date)}",
+            file=sys.stderr,
+        )
     add_relative_scores(rows)
     write_table(experiment.out, rows)
     meta = run_metadata(experiment)
@@ -691,13 +948,13 @@ def run_metadata(experiment: Experiment) -> dict[str, Any]:
     }
 
 
-MAIN_COLUMNS = [
-    "train_loose",
-    "paraphrase_loose",
-    "retrieval_loose",
-    "compositional_loose",
-    "test_loose",
-    "unseen_loose",
+MAIN_COLUMNS = [  # `*_acc`: accuracy under the corpus's own matcher (manifest answer_match)
+    "train_acc",
+    "paraphrase_acc",
+    "retrieval_acc",
+    "compositional_acc",
+    "test_acc",
+    "unseen_acc",
     "retention_mean",
     "kl_per_token",
     "target_nll_mean",

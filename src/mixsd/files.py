@@ -6,10 +6,14 @@ and writes its final output through `atomic_write_*` (so a reader never sees hal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,8 +54,18 @@ def read_jsonl(
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", path)
-    with path.open("r", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        # Bytes in, decoded line by line: a non-UTF-8 byte is then reported with its line, not as a bare
+        # UnicodeDecodeError from somewhere inside the file. A BOM on the first line is tolerated.
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                problem = f"not UTF-8 text (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line)"
+                if on_error is None:
+                    raise InputError(problem, path, line_no) from None
+                on_error(problem, line_no)
+                continue
             if not line.strip():
                 continue
             try:
@@ -69,25 +83,52 @@ def read_jsonl(
                 on_error(problem, line_no)
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A whole UTF-8 text file (a BOM is dropped); a byte that is not UTF-8 raises InputError with its line."""
+    raw = Path(path).read_bytes()
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InputError(f"not UTF-8 text (byte 0x{raw[err.start]:02x})", path, line) from None
+
+
 def dumps(obj: Any) -> str:
     """One canonical JSON line: same object, same bytes, on every machine."""
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
+def naming(err: OSError, path: str | os.PathLike) -> OSError:
+    """`err` with `path` as its file name when it has none (a write() failing for a full disk names nothing)."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return OSError(err.errno, err.strerror, str(path))  # OSError() picks the subclass (PermissionError ...)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    A missing parent folder is created. Any failure (read-only folder, full disk) leaves `path` as it was
+    and raises an OSError that names `path`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise naming(err, path) from err
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
@@ -108,21 +149,30 @@ class JournalWriter:
 
     def __init__(self, path: str | os.PathLike, header: dict[str, Any] | None = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
-        self._handle = self.path.open("a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not self.path.exists() or self.path.stat().st_size == 0
+            self._handle = self.path.open("a", encoding="utf-8")
+        except OSError as err:
+            raise naming(err, self.path) from err
         if fresh and header is not None:
             self.write([header])
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         text = "".join(dumps(row) + "\n" for row in rows)
         if text:
-            self._handle.write(text)
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
+            try:
+                self._handle.write(text)
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+            except OSError as err:
+                raise naming(err, self.path) from err
 
     def close(self) -> None:
-        self._handle.close()
+        try:
+            self._handle.close()  # flushes what a failed write left in the buffer, and may fail the same way
+        except OSError as err:
+            raise naming(err, self.path) from err
 
     def __enter__(self) -> JournalWriter:
         return self
@@ -162,3 +212,116 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# One writer per output
+# --------------------------------------------------------------------------------------------------
+_HELD_LOCKS: dict[str, int] = {}  # lock file -> nesting depth, for the locks this process holds
+
+
+def lock_path(output: str | os.PathLike) -> Path:
+    """The lock file of an output file or folder: beside it, named after it (`out.jsonl.lock`, `run.lock`)."""
+    output = Path(output)
+    return output.with_name(output.name + ".lock")
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder is still writing its details
+        return "details not yet written"
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike) -> Iterator[Path]:
+    """Hold the output's lock for the duration of the block; refuse at once if another run holds it.
+
+    The lock is an advisory `flock` on `<output>.lock`, which records the holder's pid, host, start time
+    and command. The kernel drops a flock when its process dies, however it dies, so a lock file left by
+    a killed run is simply taken over; a live holder makes this raise InputError naming it. Re-entering
+    the lock of an output this process already holds nests. Under torchrun/accelerate only global rank 0
+    takes the lock (the other ranks write their own journals under the main process's lock). Creating
+    the lock file also proves, before any work, that the output's folder exists (it is created) and is
+    writable.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks; run unguarded rather than not at all
+        yield lock_path(output)
+        return
+    lock = lock_path(output)
+    key = os.path.realpath(lock)
+    if key in _HELD_LOCKS or int(os.environ.get("RANK", "0") or 0) != 0:
+        _HELD_LOCKS[key] = _HELD_LOCKS.get(key, 0) + 1
+        try:
+            yield lock
+        finally:
+            _HELD_LOCKS[key] -= 1
+            if not _HELD_LOCKS[key]:
+                del _HELD_LOCKS[key]
+        return
+    # Folders created for the output are removed again if the run fails before writing into them.
+    created = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
+    fd = -1
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                fd = -1
+                raise InputError(
+                    f"another run is writing this output ({holder}); wait for it to finish or choose "
+                    f"another output (its lock file is {lock})",
+                    output,
+                ) from None
+            # Between our open and our flock the previous holder may have released and deleted the
+            # file, and a third run created a new one: a lock on the deleted file guards nothing.
+            try:
+                current = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+            fd = -1
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv) or "python",
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+    except OSError as err:
+        if fd >= 0:
+            os.close(fd)
+        _remove_empty(created)
+        raise naming(err, lock) from err
+    except BaseException:
+        _remove_empty(created)
+        raise
+    _HELD_LOCKS[key] = 1
+    try:
+        yield lock
+    finally:
+        del _HELD_LOCKS[key]
+        # Delete before unlocking, so that no run can lock the file and then see it vanish.
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove folders (innermost first) that are still empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return

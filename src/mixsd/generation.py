@@ -54,12 +54,31 @@ def _forward(model, keep: int | None = None, **inputs):
         return out
 
 
-def _plain_layers(cache) -> list | None:
-    """The cache's layers when they are all plain DynamicLayers (which can be spliced), else None."""
+# Cache layers RowBatch knows how to splice and trim. Exact class names, not subclasses: a subclass may
+# keep more state (an indexer cache, quantized copies) that splicing would leave behind.
+_SPLICEABLE = {"DynamicLayer", "DynamicSlidingWindowLayer"}
+
+
+def _spliceable_layers(cache) -> list | None:
+    """The cache's layers when every one can be spliced and trimmed (see `_SPLICEABLE`), else None.
+
+    A DynamicLayer holds every column of the batch; a DynamicSlidingWindowLayer holds only the last
+    min(columns, window - 1) of them and counts the columns in `cumulative_length`. Both stay valid
+    when rows are left-padded, because left padding shifts every row's columns by the same amount.
+    """
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+    if not layers:
         return None
+    for layer in layers:
+        if type(layer).__name__ not in _SPLICEABLE or not layer.is_initialized:
+            return None
+        if getattr(layer, "record_past", False):  # keeps more than the window: not the layout above
+            return None
     return layers
+
+
+def _is_sliding(layer) -> bool:
+    return type(layer).__name__ == "DynamicSlidingWindowLayer"
 
 
 def _pad_left_to(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -105,13 +124,22 @@ class RowBatch:
             self.cache, self.mask, self.positions = cache, mask, mask.sum(dim=1)
             self.logits, self.rows = out.logits[:, -1, :], list(indices)
             return True
-        old_layers, new_layers = _plain_layers(self.cache), _plain_layers(cache)
-        if old_layers is None or new_layers is None or len(old_layers) != len(new_layers):
+        old_layers, new_layers = _spliceable_layers(self.cache), _spliceable_layers(cache)
+        if (
+            old_layers is None
+            or new_layers is None
+            or [type(layer) for layer in old_layers] != [type(layer) for layer in new_layers]
+        ):
             return False
         length = max(self.mask.shape[1], mask.shape[1])
         for old, new in zip(old_layers, new_layers, strict=True):
-            old.keys = torch.cat([_pad_left_to(old.keys, length, 2), _pad_left_to(new.keys, length, 2)])
-            old.values = torch.cat([_pad_left_to(old.values, length, 2), _pad_left_to(new.values, length, 2)])
+            # both parts end at the same (last) column once left-padded to `length`; a sliding layer's
+            # stored columns are the last ones, so it pads to the longer of the two stored spans only
+            stored = max(old.keys.shape[2], new.keys.shape[2]) if _is_sliding(old) else length
+            old.keys = torch.cat([_pad_left_to(old.keys, stored, 2), _pad_left_to(new.keys, stored, 2)])
+            old.values = torch.cat([_pad_left_to(old.values, stored, 2), _pad_left_to(new.values, stored, 2)])
+            if _is_sliding(old):
+                old.cumulative_length = length
         self.mask = torch.cat([_pad_left_to(self.mask, length, 1), _pad_left_to(mask, length, 1)])
         self.positions = torch.cat([self.positions, mask.sum(dim=1)])
         self.logits = torch.cat([self.logits, out.logits[:, -1, :]])
@@ -134,10 +162,16 @@ class RowBatch:
         )
         self.rows = [self.rows[r] for r in keep]
         lead = int(self.mask.any(dim=0).int().argmax())
-        layers = _plain_layers(self.cache)
+        layers = _spliceable_layers(self.cache)
         if lead > 0 and layers is not None:
+            width = self.mask.shape[1] - lead
             for layer in layers:
-                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+                # a full layer stores all columns (drop the first `lead`), a sliding one at most the last
+                # window - 1, of which only those among the remaining `width` columns stay
+                stored = min(layer.keys.shape[2], width)
+                layer.keys, layer.values = layer.keys[:, :, -stored:], layer.values[:, :, -stored:]
+                if _is_sliding(layer):
+                    layer.cumulative_length = width
             self.mask = self.mask[:, lead:]
 
     def step(self, tokens: list[int]) -> None:
@@ -166,13 +200,18 @@ def greedy_generate(
     max_new_tokens: int,
     batch_size: int = 16,
     on_row: Callable[[int], None] | None = None,
+    text_stop: Callable[[list[int]], int | None] | None = None,
 ) -> Iterator[tuple[int, list[int], str]]:
     """Greedy continuations of `prompts`; yields (index, new tokens without the stop token, finish reason).
 
     finish is "stop" (a stop token was emitted) or "length" (max_new_tokens reached). Rows are yielded as
     they finish, in no particular order. Continuous batching: when rows finish, waiting prompts are
-    prefilled and spliced into the running batch (models whose cache cannot be spliced, e.g. sliding
-    window layers, run one batch at a time instead). `on_row(index)` is called after each yield.
+    prefilled and spliced into the running batch (models whose cache has layers RowBatch cannot splice,
+    e.g. linear-attention or indexer layers, run one batch at a time instead). `on_row(index)` is called after
+    each yield.
+    `text_stop(tokens)` (e.g. `prompts.AnswerEnd.text_stop`, the plain format's stop rule) returns how many
+    of a row's tokens hold its answer once the row has reached a text-level stop, else None; such a row
+    ends at once with those tokens and finish "stop_text".
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
@@ -199,10 +238,14 @@ def greedy_generate(
                 yield index, tokens.pop(index), "stop"
             else:
                 tokens[index].append(token)
-                if len(tokens[index]) < max_new_tokens:
+                cut = text_stop(tokens[index]) if text_stop is not None else None
+                if cut is not None:
+                    yield index, tokens.pop(index)[:cut], "stop_text"
+                elif len(tokens[index]) < max_new_tokens:
                     keep.append(row)
                     continue
-                yield index, tokens.pop(index), "length"
+                else:
+                    yield index, tokens.pop(index), "length"
             if on_row is not None:
                 on_row(index)
         batch.keep(keep)

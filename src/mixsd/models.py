@@ -95,20 +95,80 @@ def resolve_model(name: str | os.PathLike) -> str:
             raise FileNotFoundError(f"GGUF file not found: {path}")
         return str(_converted_gguf_dir(path, path.stem))
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and adapter_base(path) is None:
             raise FileNotFoundError(
                 f"{path} is a folder but holds no config.json; is it a save_pretrained folder?"
             )
         return str(path)
-    if path.exists() or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model not found: {name}")
-    return name  # a hub id, served from the local Hugging Face cache (set HF_HUB_OFFLINE=1 to stay offline)
+    if path.exists():
+        raise FileNotFoundError(f"{name} is neither a model folder (with config.json) nor a .gguf file")
+    cached = None if name.startswith((".", "/", "~")) else _cached_hub_folder(name)
+    if cached is None:
+        raise ModelNotFoundError(name)
+    return str(cached)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is no local folder or file, no alias and no hub model in the local cache."""
+
+    def __init__(self, name: str):
+        import difflib
+
+        close = difflib.get_close_matches(name, EMBEDDED_MODELS, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        super().__init__(
+            f"no model '{name}': there is no such local folder or .gguf file, no such alias "
+            f"(aliases: {', '.join(sorted(EMBEDDED_MODELS))}) and no such hub model in the local Hugging "
+            f"Face cache ({_hub_cache()}); mixsd never downloads models, so fetch a hub model first "
+            f"(`hf download {name}`){hint}"
+        )
+        self.name = name
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _cached_hub_folder(name: str) -> Path | None:
+    """The snapshot folder of a hub model already in the local Hugging Face cache, else None.
+
+    Loading that folder instead of the hub id keeps every run offline: from_pretrained would otherwise
+    ask the hub for updates, and for a misspelt id fail with a network traceback.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        config = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:  # not even a well-formed repo id ("a b", "x/y/z")
+        return None
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def adapter_base(folder: str | os.PathLike) -> str | None:
+    """The base model named by an adapter-only folder (a peft LoRA adapter, e.g. `mixsd train
+    --save_adapter_only`), or None when `folder` is no such folder. Every loader below takes one."""
+    import json
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file() or not (folder / "adapter_config.json").is_file():
+        return None
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise FileNotFoundError(f"{folder / 'adapter_config.json'} names no base_model_name_or_path")
+    return str(base)
 
 
 def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    source = resolve_model(name)
+    base = adapter_base(source)
+    if base is not None and not (Path(source) / "tokenizer_config.json").is_file():
+        source = resolve_model(base)  # an adapter saved without its tokenizer: the base model's
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -127,9 +187,15 @@ def load_model(
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(name), dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    source = resolve_model(name)
+    base = adapter_base(source)
+    if base is not None:  # the base model with the adapter merged in: a plain model for every command
+        from peft import PeftModel
+
+        model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(model, source).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     if device is not None:
         model.to(device)
     model.eval()
@@ -153,9 +219,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def load_config(name: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The model's config alone (no weights): enough for `context_length` in a second."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+
+
 def context_length(model) -> int | None:
-    """The longest sequence the model accepts (None when its config does not say)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    """The longest sequence the model (or a model config) accepts (None when its config does not say)."""
+    config = getattr(model, "config", model)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:

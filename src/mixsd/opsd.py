@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from mixsd.prompts import encode_prompt, expert_message, load_expert_template
+from mixsd.prompts import AnswerEnd, encode_expert_prompt, encode_prompt, load_expert_template
 from mixsd.records import load_corpus
 from mixsd.train import PadCollator, TokenCountingTrainer, target_nll
 
@@ -37,12 +37,12 @@ def opsd_examples(
     corpus: str | os.PathLike, tokenizer, expert_template: str | None = None
 ) -> list[dict[str, Any]]:
     """Naive and expert prompt ids of every fact, formatted exactly as `mixsd mix` formats them."""
-    template = load_expert_template(expert_template)
+    template = load_expert_template(expert_template, tokenizer)
     return [
         {
             "id": fact.id,
             "prompt_ids": encode_prompt(tokenizer, fact.prompt, fact.system),
-            "expert_ids": encode_prompt(tokenizer, expert_message(fact, template), fact.system),
+            "expert_ids": encode_expert_prompt(tokenizer, fact, template),
         }
         for fact in load_corpus(corpus)
     ]
@@ -88,11 +88,34 @@ def token_divergence(
 # --------------------------------------------------------------------------------------------------
 # Rollouts and the paired student/teacher batch
 # --------------------------------------------------------------------------------------------------
+class _TextStop(StoppingCriteria):
+    """Ends a row of `generate` once its new tokens reach a text-level stop of the plain format."""
+
+    def __init__(self, end: AnswerEnd, prompt_width: int):
+        self.end, self.width = end, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = [self.end.text_stop(row[self.width :].tolist()) is not None for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def sample_answers(
-    model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: list[int], pad_id: int
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: list[int] | None = None,
+    pad_id: int,
+    answer_end: AnswerEnd | None = None,
 ) -> list[list[int]]:
-    """One T=1 sample per prompt from the full distribution, cut after its first stop token."""
+    """One T=1 sample per prompt from the full distribution, ended as every answer is: after its first
+    stop token, or (plain format) cut at a text-level stop and given `answer_end.end_id`. Pass the
+    end-of-answer contract (`prompts.answer_end`) or bare `stop_ids`."""
+    if answer_end is not None:
+        stop_ids = sorted(answer_end.stop_ids)
+    if not stop_ids:
+        raise ValueError("sample_answers needs answer_end or stop_ids")
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
@@ -107,14 +130,22 @@ def sample_answers(
         pad_token_id=pad_id,
         use_cache=True,
     )
+    text_stop = answer_end is not None and bool(answer_end.stop_strings)
+    criteria = StoppingCriteriaList([_TextStop(answer_end, width)]) if text_stop else None
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=generation, stopping_criteria=criteria
+        )
     finally:
         model.train(was_training)
     stops, answers = set(stop_ids), []
     for row in out[:, width:].tolist():
+        ended = answer_end.finish(row) if answer_end is not None else None
+        if ended is not None:
+            answers.append(ended[0])
+            continue
         cut = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
         answers.append(row[:cut])
     return answers
@@ -195,13 +226,14 @@ class OPSDTrainer(TokenCountingTrainer):
         top_k: int = 64,
         max_new_tokens: int = 128,
         pad_id: int = 0,
-        stop_ids: list[int] | None = None,
+        answer_end: AnswerEnd | None = None,
         **kwargs,
     ):
         kwargs["data_collator"] = OPSDCollator(pad_id)
         super().__init__(*args, **kwargs)
         self.teacher, self.rollouts, self.divergence, self.top_k = teacher, rollouts, divergence, top_k
-        self.max_new_tokens, self.pad_id, self.stop_ids = max_new_tokens, pad_id, list(stop_ids or [])
+        # rollouts end exactly where `mix` targets and evaluation answers end (`prompts.answer_end`)
+        self.max_new_tokens, self.pad_id, self.answer_end = max_new_tokens, pad_id, answer_end
         if teacher is not None:
             teacher.to(self.args.device)
 
@@ -233,7 +265,7 @@ class OPSDTrainer(TokenCountingTrainer):
                     self._student(),
                     naive,
                     max_new_tokens=self.max_new_tokens,
-                    stop_ids=self.stop_ids,
+                    answer_end=self.answer_end,
                     pad_id=self.pad_id,
                 )
             batches.append(paired_batch(naive, expert, answers, self.pad_id))

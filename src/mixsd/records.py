@@ -136,8 +136,9 @@ def load_corpus(path: str | os.PathLike) -> list[Fact]:
         check = _string_field(obj, "check", path, line, required=False)
         system = _string_field(obj, "system", path, line, required=False)
         record_id = obj.get("id")
-        if record_id is not None and not isinstance(record_id, str | int):
-            raise InputError("expected a string", path, line, "id")
+        # bool is a subclass of int in Python, but `true` is no id
+        if record_id is not None and (not isinstance(record_id, str | int) or isinstance(record_id, bool)):
+            raise InputError(f"expected a string or an integer, got {json_type(record_id)}", path, line, "id")
         fact = make_fact(
             prompt,
             answer,
@@ -157,12 +158,22 @@ def load_corpus(path: str | os.PathLike) -> list[Fact]:
     return facts
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages about a user's file."""
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}
+    return "null" if value is None else names.get(type(value), "an object")
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _int_list(
     obj: dict[str, Any], name: str, path: os.PathLike | str, line: int, *, allow_empty: bool
 ) -> list[int]:
     value = obj.get(name)
-    if not isinstance(value, list) or not all(isinstance(t, int) and t >= 0 for t in value):
-        raise InputError("expected a list of non-negative token ids", path, line, name)
+    if not isinstance(value, list) or not all(_is_token_id(t) for t in value):
+        raise InputError("expected a list of non-negative integer token ids", path, line, name)
     if not value and not allow_empty:
         raise InputError("must not be empty", path, line, name)
     return value

@@ -63,7 +63,8 @@ def _shade(method: str, lam: float | None) -> str:
 
 
 def pareto_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    memo_key = "train_loose"
+    memo_key = "train_acc"
+    modes = sorted({r["train_match"] for r in rows if isinstance(r.get("train_match"), str)})
     retention_key = (
         "retention_mean" if any(isinstance(r.get("retention_mean"), float) for r in rows) else None
     )
@@ -98,7 +99,7 @@ def pareto_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
         plt.close(fig)
         return None
     ax.set_xlabel(x_label)
-    ax.set_ylabel("memorization (training questions, loose accuracy)")
+    ax.set_ylabel(f"memorization (training questions, {'/'.join(modes) or 'entity'} match accuracy)")
     ax.set_ylim(-0.03, 1.05)
     ax.grid(alpha=0.3)
     ax.set_title("Memorization vs retention (mean ± sd over seeds)")
@@ -230,6 +231,135 @@ def curves_figure(cells_dir: Path, rows: list[dict[str, Any]], path: Path) -> Pa
     return _save(fig, path)
 
 
+# --------------------------------------------------------------------------------------------------
+# Intervals and paired comparisons for the tables
+# --------------------------------------------------------------------------------------------------
+SINGLE_SEED_MARK = "†"
+COMPARISON_COLUMNS = [
+    "before → after",
+    "split / probe",
+    "n",
+    "before",
+    "after",
+    "difference [95%]",
+    "ratio [95%]",
+    "right→wrong",
+    "wrong→right",
+    "McNemar p",
+]
+
+
+def table_cell(entry: dict[str, Any], members: list[dict[str, Any]], column: str) -> str:
+    """A table cell: the mean over seeds, its 95% interval and the sd over seeds (when several).
+
+    Rates (`*_acc` with counts) get the Wilson interval of the items of every seed pooled; other columns
+    of a single-seed group the interval the cell recorded (`<column>_ci95`: paired bootstrap for ratios).
+    """
+    from mixsd.metrics import wilson_interval
+
+    value, sd = entry.get(column), entry.get(f"{column}_sd")
+    interval = None
+    prefix = column[: -len("_acc")] if column.endswith("_acc") else None
+    counts = [(m.get(f"{prefix}_correct"), m.get(f"{prefix}_n")) for m in members] if prefix else []
+    if counts and all(isinstance(k, int | float) and isinstance(n, int | float) and n for k, n in counts):
+        interval = wilson_interval(int(sum(k for k, _ in counts)), int(sum(n for _, n in counts)))
+    elif len(members) == 1 and isinstance(members[0].get(f"{column}_ci95"), list):
+        interval = members[0][f"{column}_ci95"]
+    text = _fmt(value)
+    if value is not None and interval is not None:
+        text += f" [{interval[0]:.3g}, {interval[1]:.3g}]"
+    return text + (f" ± {sd:.2g}" if sd is not None else "")
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _item_scores(cell_dir: Path) -> dict[str, dict[str, bool]]:
+    """Per split (generation suites) and per multiple-choice probe: item id -> answered right."""
+    from mixsd.experiment import RETENTION_METRIC
+
+    scores: dict[str, dict[str, bool]] = {}
+    for row in _read_rows(cell_dir / "eval.predictions.jsonl"):
+        key = "correct" if "correct" in row else "loose"  # files from before per-corpus matchers
+        if key in row:
+            scores.setdefault(row["split"], {})[row["id"]] = bool(row[key])
+    for row in _read_rows(cell_dir / "retention.predictions.jsonl"):
+        if row.get("who") == "model" and row.get("kind") == "mc":
+            metric = RETENTION_METRIC.get(row["split"], "acc")
+            key = "correct_norm" if metric == "acc_norm" else "correct"
+            scores.setdefault(f"{row['split']} ({metric})", {})[row["id"]] = bool(row[key])
+    return scores
+
+
+def paired_comparisons(cells_dir: Path, rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Every tuned cell against the base, and MixSD / OPSD cells against SFT of the same seed, item by item."""
+    from mixsd.metrics import paired_comparison, ratio_interval
+
+    by_name = {row["cell"]: row for row in rows}
+    pairs = []
+    for row in rows:
+        if row["method"] == "base":
+            continue
+        if "base" in by_name:
+            pairs.append(("base", row["cell"]))
+        if row["method"] in ("mixsd", "opsd"):
+            sft = next((r for r in rows if r["method"] == "sft" and r["seed"] == row["seed"]), None)
+            if sft is not None:
+                pairs.append((sft["cell"], row["cell"]))
+    cache: dict[str, dict[str, dict[str, bool]]] = {}
+    table = []
+    for before_cell, after_cell in pairs:
+        for name in (before_cell, after_cell):
+            if name not in cache:
+                cache[name] = _item_scores(cells_dir / name)
+        before_scores, after_scores = cache[before_cell], cache[after_cell]
+        for split in [s for s in after_scores if s in before_scores]:
+            ids = [i for i in after_scores[split] if i in before_scores[split]]
+            if not ids:
+                continue
+            before = [before_scores[split][i] for i in ids]
+            after = [after_scores[split][i] for i in ids]
+            result = paired_comparison(before, after)
+            ratio = sum(after) / sum(before) if sum(before) else None
+            ratio_ci = ratio_interval([float(x) for x in after], [float(x) for x in before])
+            table.append(
+                [
+                    f"{before_cell} → {after_cell}",
+                    split,
+                    str(result["n"]),
+                    f"{result['before']:.3f}",
+                    f"{result['after']:.3f}",
+                    f"{result['difference']:+.3f}" + _interval(result["difference_ci95"]),
+                    _fmt(ratio) + (_interval(ratio_ci) if ratio is not None else ""),
+                    str(result["right_to_wrong"]),
+                    str(result["wrong_to_right"]),
+                    f"{result['mcnemar_p']:.3g}",
+                ]
+            )
+    return table
+
+
+def _interval(bounds: list[float] | None) -> str:
+    return f" [{bounds[0]:+.3f}, {bounds[1]:+.3f}]" if bounds else ""
+
+
+def _comparisons_html(comparisons: list[list[str]]) -> str:
+    if not comparisons:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COMPARISON_COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in comparisons
+    )
+    return (
+        "<h2>Paired comparisons (same items)</h2><p>right→wrong = items forgotten, wrong→right = items "
+        "learned; exact McNemar p-value; 95% paired-bootstrap intervals.</p>"
+        f"<table><tr>{head}</tr>{body}</table>"
+    )
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -253,10 +383,16 @@ def write_report(
     figures = [(title, p) for title, p in figures if p is not None]
     columns = [c for c in MAIN_COLUMNS if any(isinstance(r.get(c), int | float) for r in rows)]
     table = aggregate(rows, columns)
+    groups = _groups(rows)
 
     def cell_text(entry: dict[str, Any], column: str) -> str:
-        value, sd = entry.get(column), entry.get(f"{column}_sd")
-        return _fmt(value) + (f" ± {sd:.2g}" if sd is not None else "")
+        return table_cell(entry, groups[entry["group"]], column)
+
+    def seeds_text(entry: dict[str, Any]) -> str:
+        return f"{entry['seeds']}{SINGLE_SEED_MARK if entry['seeds'] == 1 else ''}"
+
+    comparisons = paired_comparisons(cells_dir, rows)
+    modes = sorted({v for r in rows for k, v in r.items() if k.endswith("_match") and isinstance(v, str)})
 
     md = [
         f"# mixsd report: {meta['name']}",
@@ -266,23 +402,41 @@ def write_report(
         "",
         f"Command: `{meta['command']}`  (config: `{meta['config_file']}`, copied to `experiment.yaml`)",
         "",
-        "## Results (mean ± sd over seeds)",
+        "## Results (mean [95% interval] ± sd over seeds)",
         "",
         "| method | seeds | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
     md += [
-        f"| {e['group']} | {e['seeds']} | " + " | ".join(cell_text(e, c) for c in columns) + " |"
+        f"| {e['group']} | {seeds_text(e)} | " + " | ".join(cell_text(e, c) for c in columns) + " |"
         for e in table
     ]
     md += [
         "",
-        "Columns: `*_loose` accuracy (gold answer appears in the output), `retention_mean` mean of "
-        "model/base probe scores, `kl_per_token` KL(base‖model) on the base model's own answers, "
-        "`target_nll_mean` mean NLL of the training targets under the base model, "
-        "`fisher_displacement_norm` Σ F·Δθ² / Σ F. Every cell's raw numbers: `results.csv`.",
+        f"Columns: `*_acc` accuracy under the corpus's own matcher ({', '.join(modes) or 'entity'}; "
+        "`answer_match` in its manifest.json), 95% Wilson interval over the items of all seeds; "
+        "`retention_mean` mean over probes of the retention (multiple choice chance-normalized: "
+        "(acc − chance) / (acc_base − chance); raw ratios in `*_retention_raw` of `results.csv`), "
+        "intervals of ratios from a paired bootstrap over items; `kl_per_token` KL(base‖model) on the base "
+        "model's own answers, `target_nll_mean` mean NLL of the training targets under the base model, "
+        "`fisher_displacement_norm` Σ F·Δθ² / Σ F. ± sd: spread over seeds. "
+        f"{SINGLE_SEED_MARK} single seed: the interval covers the sampling of items only, not seed-to-seed "
+        "variation. Every cell's raw numbers: `results.csv`.",
         "",
     ]
+    if comparisons:
+        md += [
+            "## Paired comparisons (same items)",
+            "",
+            "Each row compares two cells on the items both answered: right→wrong = items forgotten, "
+            "wrong→right = items learned, exact McNemar p-value on those, and the difference and ratio of "
+            "accuracies with 95% paired-bootstrap intervals.",
+            "",
+            "| " + " | ".join(COMPARISON_COLUMNS) + " |",
+            "|" + "---|" * len(COMPARISON_COLUMNS),
+            *("| " + " | ".join(c) + " |" for c in comparisons),
+            "",
+        ]
     for title, path in figures:
         md += [f"## {title}", "", f"![{title}](report/{path.name})", ""]
     md += ["## Configuration", "", "```yaml", _yaml(meta["config"]), "```", ""]
@@ -293,7 +447,7 @@ def write_report(
     body = "".join(
         "<tr><td>"
         + html.escape(e["group"])
-        + f"</td><td>{e['seeds']}</td>"
+        + f"</td><td>{html.escape(seeds_text(e))}</td>"
         + "".join(f"<td>{html.escape(cell_text(e, c))}</td>" for c in columns)
         + "</tr>"
         for e in table
@@ -311,8 +465,10 @@ td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}code,pre{{b
 <p>Model <code>{html.escape(meta["model"])}</code>; mixsd {meta["mixsd"]}, torch {meta["torch"]},
 transformers {meta["transformers"]}, Python {meta["python"]}; finished {html.escape(meta["finished"])}.</p>
 <p>Command: <code>{html.escape(meta["command"])}</code></p>
-<h2>Results (mean ± sd over seeds)</h2><table><tr>{head}</tr>{body}</table>
-<p>Raw rows: <code>results.csv</code>, <code>results.jsonl</code>.</p>{images}
+<h2>Results (mean [95% interval] ± sd over seeds)</h2><table><tr>{head}</tr>{body}</table>
+<p>{html.escape(SINGLE_SEED_MARK)} single seed: the interval covers the sampling of items only.
+Accuracy under the corpus's own matcher ({html.escape(", ".join(modes) or "entity")}).
+Raw rows: <code>results.csv</code>, <code>results.jsonl</code>.</p>{_comparisons_html(comparisons)}{images}
 <h2>Configuration</h2><pre>{html.escape(_yaml(meta["config"]))}</pre></body></html>"""
     html_path = out / "report.html"
     atomic_write_text(html_path, page)

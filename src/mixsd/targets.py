@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -31,19 +32,29 @@ from typing import Any, Literal
 import torch
 
 from mixsd import __version__
-from mixsd.answers import matches
+from mixsd.answers import matches, resolve_match_mode
 from mixsd.files import (
     InputError,
     JournalWriter,
     atomic_write_json,
     atomic_write_jsonl,
+    output_lock,
     read_journal,
     sha256_file,
     sha256_text,
 )
 from mixsd.generation import RowBatch
-from mixsd.prompts import encode_answer, encode_prompt, expert_message, load_expert_template, stop_token_ids
+from mixsd.options import check_choices, check_distinct, check_range
+from mixsd.prompts import (
+    AnswerEnd,
+    answer_end,
+    encode_answer,
+    encode_expert_prompt,
+    encode_prompt,
+    load_expert_template,
+)
 from mixsd.records import Fact, load_corpus
+from mixsd.stages import Stage
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,15 +91,23 @@ class MixConfig:
             "ground-truth answer."
         },
     )
-    verify: Literal["loose", "strict", "none"] = field(
-        default="loose",
+    verify: Literal["entity", "exact", "number", "none", "loose", "strict"] | None = field(
+        default=None,
         metadata={
-            "help": "loose: the check string appears in the target; strict: the target's final answer "
-            "(last \\boxed{}) equals it; none: accept every target."
+            "help": "entity (old name loose): the check appears in the target as whole words; exact (strict): the "
+            "target's final answer (last \\boxed{}) equals it; number: its final number equals it; none: accept "
+            "every target. Default: the corpus manifest's answer_match, else entity."
         },
     )
     max_new_tokens: int = field(
         default=256, metadata={"help": "Length cap of a target, stop token included."}
+    )
+    keep_length_capped: bool = field(
+        default=False,
+        metadata={
+            "help": "Let a target that ran into --max-new-tokens (no end of answer) pass verification; "
+            "by default it fails, since it would teach the model not to stop."
+        },
     )
     batch_size: int = field(
         default=32, metadata={"help": "Records decoded at once (each uses two cache rows)."}
@@ -97,7 +116,9 @@ class MixConfig:
     expert_template: str | None = field(
         default=None,
         metadata={
-            "help": "Expert prompt template (text or file) with {prompt} and {context}; default: ours."
+            "help": "Expert prompt template: a built-in name (chat, plain, paper), the text, or a file; "
+            "fields {prompt} and {context} (or {answer}: the paper's variant). Default: chat, or plain "
+            "when the tokenizer has no chat template."
         },
     )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
@@ -110,6 +131,18 @@ class MixConfig:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model folder."}
     )
+
+    def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)
+        check_choices(self)
+        check_range("lam", self.lam, 0, 1)
+        check_range("temperature", self.temperature, 0)
+        check_range("top_k", self.top_k, 1, integer=True)
+        check_range("seed", self.seed, integer=True)
+        check_range("retries", self.retries, 0, integer=True)
+        check_range("max_new_tokens", self.max_new_tokens, 1, integer=True)
+        check_range("batch_size", self.batch_size, 1, integer=True)
+        check_range("num_generations", self.num_generations, 1, integer=True)
+        check_distinct({"output": self.output}, {"input": self.input})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,9 +166,22 @@ class Draw:
     job: Job
     tokens: list[int] = field(default_factory=list)
     branch: list[str] = field(default_factory=list)
-    logprob_expert: list[float] = field(default_factory=list)
-    logprob_naive: list[float] = field(default_factory=list)
-    finish: str = "stop"  # stop | length | prompt_too_long
+    logprob_expert: list[float | None] = field(default_factory=list)  # None: the appended end token
+    logprob_naive: list[float | None] = field(default_factory=list)
+    # stop (a stop token) | stop_text (a text-level stop; cut and ended) | length | prompt_too_long
+    finish: str = "stop"
+
+
+def _end_at(draw: Draw, count: int, end_id: int) -> None:
+    """Cut a draw whose text reached a stop string to its first `count` tokens and end it with `end_id`.
+
+    Neither conditional chose the appended token: its branch letter is "S" and its log-probs are None.
+    """
+    del draw.tokens[count:], draw.branch[count:], draw.logprob_expert[count:], draw.logprob_naive[count:]
+    draw.tokens.append(end_id)
+    draw.branch.append("S")
+    draw.logprob_expert.append(None)
+    draw.logprob_naive.append(None)
 
 
 def record_seed(seed: int, key: str, generation: int, attempt: int) -> int:
@@ -163,7 +209,7 @@ class MixedDecoder:
     def __init__(
         self,
         model,
-        stop_ids: Iterable[int],
+        stop: AnswerEnd | Iterable[int],
         *,
         lam: float,
         temperature: float = 0.0,
@@ -182,7 +228,12 @@ class MixedDecoder:
                 "temperature >= 0, max_new_tokens >= 1, batch_size >= 1, top_k >= 1 and "
                 "max_attempts >= 1 are required"
             )
-        self.model, self.stop_ids = model, set(stop_ids)
+        # `stop`: the end-of-answer contract (`prompts.answer_end`: stop tokens and, for the plain format,
+        # text-level stops), or bare stop token ids
+        self.answer_end = stop if isinstance(stop, AnswerEnd) else None
+        self._first_ban: torch.Tensor | None = None  # plain format: tokens that may not start a target
+        self.model = model
+        self.stop_ids = set(stop.stop_ids) if isinstance(stop, AnswerEnd) else set(stop)
         self.lam, self.temperature, self.top_k, self.seed = lam, temperature, top_k, seed
         self.max_new_tokens, self.batch_size, self.max_attempts = max_new_tokens, batch_size, max_attempts
         self.pad_id, self.context_limit = pad_id, context_limit
@@ -223,11 +274,18 @@ class MixedDecoder:
             self.generated_tokens += len(slots)
             keep = []
             for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
-                if token not in self.stop_ids and slot.step < self.max_new_tokens:
+                cut = None
+                if token not in self.stop_ids and self.answer_end is not None:
+                    cut = self.answer_end.text_stop(slot.draw.tokens)
+                if token not in self.stop_ids and cut is None and slot.step < self.max_new_tokens:
                     keep.append(i)
                     continue
                 draw = slot.draw
-                draw.finish = "stop" if token in self.stop_ids else "length"
+                if cut is not None:
+                    _end_at(draw, cut, self.answer_end.end_id)
+                draw.finish = (
+                    "stop" if token in self.stop_ids else "stop_text" if cut is not None else "length"
+                )
                 verified = accept(draw)
                 if not verified and draw.job.attempt + 1 < self.max_attempts:
                     queue.appendleft(replace(draw.job, attempt=draw.job.attempt + 1))
@@ -246,6 +304,16 @@ class MixedDecoder:
         expert, naive = logprobs[0::2], logprobs[1::2]
         use_naive = torch.tensor([s.coin_u[s.step] < self.lam for s in slots], device=logits.device)
         chosen = torch.where(use_naive[:, None], naive, expert)
+        first = [s.step == 0 for s in slots]
+        if self.answer_end is not None and self.answer_end.stop_strings and any(first):
+            # Plain format: a target begins on the "Answer:" line, as the ground truth does, so its first
+            # token may not start a new line (the recorded log-probs stay those of the free conditionals).
+            if self._first_ban is None:
+                ban = self.answer_end.line_break_ids(chosen.shape[-1])
+                self._first_ban = torch.zeros(chosen.shape[-1], dtype=torch.bool, device=logits.device)
+                self._first_ban[ban] = True
+            rows = torch.tensor(first, device=logits.device)
+            chosen = chosen.masked_fill(rows[:, None] & self._first_ban[None, :], float("-inf"))
         if self.temperature == 0:
             tokens = chosen.argmax(dim=-1)
         else:
@@ -284,6 +352,7 @@ def _settings(config: MixConfig, template: str, input_sha: str) -> dict[str, Any
         "retries": config.retries,
         "verify": config.verify,
         "max_new_tokens": config.max_new_tokens,
+        "keep_length_capped": config.keep_length_capped,
         "num_generations": config.num_generations,
         "expert_template_sha256": sha256_text(template)[:16],
         "dtype": config.dtype,
@@ -325,8 +394,8 @@ def _draw_record(
         "attempts": job.attempt + 1,
         "finish": draw.finish,
         "text": text,
-        "logprob_expert": [round(x, 5) for x in draw.logprob_expert],
-        "logprob_naive": [round(x, 5) for x in draw.logprob_naive],
+        "logprob_expert": [None if x is None else round(x, 5) for x in draw.logprob_expert],
+        "logprob_naive": [None if x is None else round(x, 5) for x in draw.logprob_naive],
         "naive_fraction": round(naive_count / len(draw.tokens), 5) if draw.tokens else None,
         "source": "mixsd",
         "settings": settings,
@@ -338,9 +407,10 @@ def _apply_failure_policy(row: dict[str, Any], policy: str, tokenizer) -> dict[s
         return row
     if policy == "drop":
         return None
-    if policy == "keep":
-        return row
-    fallback = encode_answer(tokenizer, row["answer"])  # policy == "answer": train on y* instead
+    if policy == "keep":  # a prompt too long for the model has no target at all: nothing to keep
+        return row if row["target_ids"] else None
+    # policy == "answer": train on y* instead, ended exactly as an SFT target is
+    fallback = encode_answer(tokenizer, row["answer"])
     return {
         **row,
         "target_ids": fallback,
@@ -359,17 +429,24 @@ def build_jobs(
     jobs = []
     for fact in facts:
         naive = encode_prompt(tokenizer, fact.prompt, fact.system)
-        expert = encode_prompt(tokenizer, expert_message(fact, template), fact.system)
+        expert = encode_expert_prompt(tokenizer, fact, template)
         jobs.extend((fact, Job(fact.id, g, naive, expert)) for g in range(num_generations))
     return jobs
 
 
 def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True) -> dict[str, Any]:
+    """Build MixSD targets for a corpus file (see `_mix_locked`) under the output's lock."""
+    with output_lock(config.output):  # one run per output: a second one refuses before any work
+        return _mix_locked(config, model=model, tokenizer=tokenizer, progress=progress)
+
+
+def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True) -> dict[str, Any]:
     """Build MixSD targets for a corpus file; return the run's summary (also written beside the output).
 
     Under `accelerate launch` / `torchrun` every process takes every N-th record and journals its own
     results; the main process assembles the final file once all are done. Records never depend on the
-    process that drew them, so any number of processes, and any resume, writes the same file.
+    process that drew them, so any number of processes, and any resume, writes the same tokens, branches
+    and verification; stored log-probs agree within 1e-4 (batch composition moves their last digit).
     """
     import json
 
@@ -381,9 +458,15 @@ def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True)
     if config.retries < 0 or config.num_generations < 1:
         raise ValueError("--retries must be >= 0 and --num-generations >= 1")
     facts = load_corpus(config.input)  # validates every line before any work
-    template = load_expert_template(config.expert_template)
+    # the corpus names its scorer; the resolved mode goes into settings and summary
+    config = replace(config, verify=resolve_match_mode(config.verify, config.input))
+    if tokenizer is None:  # needed first: the default expert template depends on the chat template
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    template = load_expert_template(config.expert_template, tokenizer)
     settings = _settings(config, template, sha256_file(config.input))
     output, summary_file = Path(config.output), summary_path(config.output)
+    # The finished file also depends on the failure policy (the journal, which holds every draw, does not).
+    stage = Stage("mix", [output, summary_file], {**settings, "on_failure": config.on_failure})
     state = PartialState(cpu=config.device == "cpu")
     rank, world = state.process_index, state.num_processes
 
@@ -392,12 +475,12 @@ def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True)
             for old in _all_journals(output):
                 old.unlink()
         state.wait_for_everyone()
-    elif output.exists() and summary_file.exists():
-        previous = json.loads(summary_file.read_text())
-        if previous.get("settings") == settings:
-            if state.is_main_process:
-                print(f"{output} is complete for these settings; nothing to do (--overwrite to redo).")
-            return previous
+    elif stage.is_current():
+        if state.is_main_process:
+            print(f"{output} is complete for these settings; nothing to do (--overwrite to redo).")
+        return json.loads(summary_file.read_text())
+    if state.is_main_process:
+        stage.begin()
     header = {"journal_of": "mixsd mix", "settings": settings}
     done: dict[tuple[str, int], dict[str, Any]] = {}
     for old in _all_journals(output):  # any earlier run's journals, whatever its number of processes
@@ -410,8 +493,6 @@ def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True)
             )
         done.update(((row["id"], row["generation"]), row) for row in rows[1:])
 
-    if tokenizer is None:
-        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     if model is None:
         model = load_model(
             config.model,
@@ -424,9 +505,10 @@ def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True)
     mine = [job for i, (_, job) in enumerate(all_jobs) if i % world == rank]
     todo = [job for job in mine if (job.key, job.generation) not in done]
 
+    end = answer_end(tokenizer, model)
     decoder = MixedDecoder(
         model,
-        stop_token_ids(tokenizer, model),
+        end,
         lam=config.lam,
         temperature=config.temperature,
         top_k=config.top_k,
@@ -442,9 +524,11 @@ def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True)
         return tokenizer.decode(draw.tokens, skip_special_tokens=True)
 
     def accept(draw: Draw) -> bool:
-        return draw.finish != "prompt_too_long" and matches(
-            decode(draw), fact_by_id[draw.job.key].check, config.verify
-        )
+        if draw.finish == "prompt_too_long":
+            return False
+        if draw.finish == "length" and config.verify != "none" and not config.keep_length_capped:
+            return False  # no end of answer: training on it would teach the model not to stop
+        return matches(decode(draw), fact_by_id[draw.job.key].check, config.verify)
 
     started = time.perf_counter()
     bar = tqdm(
@@ -494,6 +578,7 @@ def mix(config: MixConfig, *, model=None, tokenizer=None, progress: bool = True)
     atomic_write_json(summary_file, summary)
     for journal in _all_journals(output):
         journal.unlink()
+    stage.finish()  # last: a crash before it leaves the run unfinished, never an old record on new files
     return summary
 
 
@@ -522,6 +607,10 @@ def summarize(
     verified = [r for r in rows if r["correct"]]
     target_tokens = sum(len(r["target_ids"]) for r in verified)
     naive_tokens = sum(r["branch"].count("N") for r in verified)
+    verified_rate = len(verified) / len(rows) if rows else 0.0
+    # targets whose last attempt ran into --max-new-tokens, and how many of them the output file holds
+    capped = [r for r in rows if r["finish"] == "length"]
+    capped_written = sum(r["correct"] or config.on_failure == "keep" for r in capped)
     return {
         "mixsd_version": __version__,
         "settings": settings,
@@ -529,7 +618,7 @@ def summarize(
         "records": len(rows),
         "written": written,
         "verified": len(verified),
-        "verified_rate": len(verified) / len(rows) if rows else 0.0,
+        "verified_rate": verified_rate,
         "mean_attempts": sum(r["attempts"] for r in rows) / len(rows) if rows else 0.0,
         "first_try_rate": sum(r["correct"] and r["attempts"] == 1 for r in rows) / len(rows) if rows else 0.0,
         # over the kept targets (verification favours expert tokens) and over every token drawn this run
@@ -538,6 +627,13 @@ def summarize(
             stats["naive_tokens"] / stats["generated_tokens"] if stats["generated_tokens"] else None
         ),
         "prompt_too_long": sum(r["finish"] == "prompt_too_long" for r in rows),
+        # how each record's last attempt ended: stop (a stop token), stop_text (the plain format's text
+        # stop), length (the cap), prompt_too_long
+        "finish": {f: sum(r["finish"] == f for r in rows) for f in sorted({r["finish"] for r in rows})},
+        "length_capped": len(capped),
+        "length_capped_written": capped_written,
+        "keep_length_capped": config.keep_length_capped,
+        "warnings": _warnings(rows, config.lam, config.verify, verified_rate, len(capped)),
         "verify_mode": config.verify,
         "on_failure": config.on_failure,
         "generated_tokens_this_run": stats["generated_tokens"],
@@ -545,6 +641,32 @@ def summarize(
         "processes": processes,
         "tokens_per_second": stats["generated_tokens"] / seconds if seconds > 0 else None,
     }
+
+
+def _warnings(
+    rows: list[dict[str, Any]], lam: float, verify: str, verified_rate: float, capped: int
+) -> list[str]:
+    """What a user must know before training on these targets (printed by `mixsd mix`, kept in the summary)."""
+    if not rows or verify == "none":
+        return []
+    out = []
+    if verified_rate < 0.5 and lam == 0:
+        out.append(
+            f"the pure expert (lam 0) fails verification on {1 - verified_rate:.0%} of records: the expert "
+            "prompt does not make this model answer, so no lam can help; try another --expert-template "
+            "(see docs/formats.md)"
+        )
+    elif verified_rate < 0.5:
+        out.append(
+            f"verification failed on {1 - verified_rate:.0%} of records; check the pure expert first "
+            "(rerun with --lam 0): if it fails too, no lam can help and the expert prompt is the problem"
+        )
+    if capped > len(rows) / 2:
+        out.append(
+            f"{capped} of {len(rows)} targets ran into --max-new-tokens without ending; raise it, or check "
+            "that the model stops (chat template / plain-format stop rule, see docs/formats.md)"
+        )
+    return out
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -564,6 +686,8 @@ def mix_command(config: MixConfig) -> dict[str, Any]:
     if not summary:  # a non-main process of a multi-process run: the main process reports
         return summary
     print(format_summary(summary))
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {config.output}")
     return summary
 
@@ -580,12 +704,19 @@ class SFTTargetsConfig:
         default=False, metadata={"help": "Allow tokenizer code from the model folder."}
     )
 
+    def __post_init__(self) -> None:
+        check_distinct({"output": self.output}, {"input": self.input})
+
 
 def sft_target_rows(facts: list[Fact], tokenizer) -> list[dict[str, Any]]:
-    """Ground-truth targets: the answer tokenized once, stop token appended, prompt formatted as for `mix`."""
+    """Ground-truth targets: the answer tokenized once and ended as `mix` ends its targets (`answer_end`),
+    prompt formatted as for `mix`. In the plain format an answer holding a stop string (a blank line, a
+    "Question:" line) is cut there, as evaluation would cut it; such rows have finish "stop_text"."""
+    end = answer_end(tokenizer)
     rows = []
     for fact in facts:
-        target = encode_answer(tokenizer, fact.answer)
+        target = encode_answer(tokenizer, fact.answer, end)
+        text = fact.answer if not end.stop_strings else end.cut_text(" " + fact.answer.lstrip()).lstrip()
         rows.append(
             {
                 "id": fact.id,
@@ -598,8 +729,8 @@ def sft_target_rows(facts: list[Fact], tokenizer) -> list[dict[str, Any]]:
                 "branch": "G" * len(target),
                 "correct": True,
                 "attempts": 1,
-                "finish": "stop",
-                "text": fact.answer,
+                "finish": "stop" if text == fact.answer.lstrip() or not end.stop_strings else "stop_text",
+                "text": text,
                 "source": "ground_truth",
             }
         )
@@ -607,10 +738,33 @@ def sft_target_rows(facts: list[Fact], tokenizer) -> list[dict[str, Any]]:
 
 
 def sft_targets_command(config: SFTTargetsConfig) -> None:
-    from mixsd.models import load_tokenizer
+    import sys
+
+    from mixsd.models import context_length, load_config, load_tokenizer
 
     facts = load_corpus(config.input)
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    rows = sft_target_rows(facts, tokenizer)
-    atomic_write_jsonl(config.output, rows)
-    print(f"wrote {len(rows)} ground-truth targets to {config.output}")
+    with output_lock(config.output):
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        limit = context_length(load_config(config.model, trust_remote_code=config.trust_remote_code))
+        rows = sft_target_rows(facts, tokenizer)
+        # As in `mix`: a record the model cannot hold is dropped here, not left for `train` to refuse.
+        fits = [r for r in rows if limit is None or len(r["prompt_ids"]) + len(r["target_ids"]) <= limit]
+        if not fits:
+            raise InputError(f"no record fits the model's context ({limit} tokens)", config.input)
+        if len(fits) < len(rows):
+            kept = {r["id"] for r in fits}
+            dropped = [r["id"] for r in rows if r["id"] not in kept]
+            print(
+                f"dropped {len(dropped)} of {len(rows)} records longer than the model's context "
+                f"({limit} tokens): {', '.join(dropped)[:200]}",
+                file=sys.stderr,
+            )
+        atomic_write_jsonl(config.output, fits)
+        cut = sum(r["finish"] == "stop_text" for r in fits)
+        if cut:
+            print(
+                f"{cut} answers hold a blank line or a 'Question:' line: in the plain format (no chat "
+                "template) an answer ends there, so their targets were cut there",
+                file=sys.stderr,
+            )
+    print(f"wrote {len(fits)} ground-truth targets to {config.output}")

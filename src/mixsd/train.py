@@ -14,26 +14,32 @@ Output layout of `--out DIR`:
     DIR/checkpoint-*/        Trainer checkpoints (per epoch or every N steps); a rerun resumes from the last
     DIR/model/               the selected model: save_pretrained weights + tokenizer + mixsd_run.json
     DIR/summary.json         config, mixsd version, loss history, selected checkpoint
+    DIR/stage.json           the settings fingerprint of the finished run (mixsd.stages): a rerun with
+                             the same settings reuses it
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from mixsd import __version__
-from mixsd.files import InputError, atomic_write_json, sha256_file
+from mixsd.files import InputError, atomic_write_json, output_lock, sha256_file
 from mixsd.prompts import pad_token_id
+from mixsd.stages import Stage
 
 IGNORE = -100  # label of positions that carry no loss (prompt and padding)
 
@@ -41,13 +47,46 @@ IGNORE = -100  # label of positions that carry no loss (prompt and padding)
 # --------------------------------------------------------------------------------------------------
 # Configuration (the field help is the CLI help of `mixsd train`)
 # --------------------------------------------------------------------------------------------------
+# Short option names of earlier mixsd versions, kept so configs and commands keep working: each is
+# copied into its TrainingArguments field when given, then cleared (the TrainingArguments field is the
+# one that counts, so `dataclasses.replace` on either name behaves).
+ALIASES = {
+    "epochs": "num_train_epochs",
+    "lr": "learning_rate",
+    "lr_scheduler": "lr_scheduler_type",
+    "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+}
+
+_ALIAS_BOUNDS: dict[str, dict[str, Any]] = {
+    "epochs": {"lo": 0, "lo_open": True},
+    "lr": {"lo": 0},
+    "batch_size": {"lo": 1, "integer": True},
+    "grad_accum": {"lo": 1, "integer": True},
+}
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(TrainingArguments):
+    """`mixsd train`'s options: every `transformers.TrainingArguments` option plus ours.
+
+    Like TRL's `SFTConfig`, the config *is* the TrainingArguments Trainer runs with, so optimizers,
+    `--report_to`, gradient checkpointing, `--torch_compile`, FSDP and DeepSpeed options work from the
+    command line and the experiment file. Defaults that differ from TrainingArguments: learning rate 1e-4,
+    constant schedule, seed 0, logging every step, a checkpoint per epoch keeping the newest two.
+    """
+
+    # ---- what to train ---------------------------------------------------------------------------
     model: str = field(
-        metadata={"help": "Base model: the alias smollm2-135m, a HF folder, a .gguf file or a hub id."}
+        kw_only=True,
+        metadata={"help": "Base model: the alias smollm2-135m, a HF folder, a .gguf file or a hub id."},
     )
-    out: str = field(
-        metadata={"help": "Output folder: checkpoints, the final model in OUT/model, summary.json."}
+    out: str | None = field(
+        default=None,
+        metadata={
+            "help": "Output folder: checkpoints, the final model in OUT/model, summary.json, curve.jsonl. "
+            "--output_dir is the same option (--out wins when both are given)."
+        },
     )
     targets: str | None = field(
         default=None,
@@ -63,26 +102,6 @@ class TrainConfig:
         },
     )
     corpus: str | None = field(default=None, metadata={"help": "Corpus JSONL (--method opsd only)."})
-    epochs: float = field(default=3.0, metadata={"help": "Passes over the training records."})
-    max_steps: int | None = field(
-        default=None, metadata={"help": "Stop after this many optimizer steps (overrides --epochs)."}
-    )
-    lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW)."})
-    lr_scheduler: str = field(
-        default="constant",
-        metadata={"help": "Learning-rate schedule: constant, linear, cosine, ... (transformers' names)."},
-    )
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 = off)."})
-    batch_size: int = field(default=8, metadata={"help": "Records per device per micro-batch."})
-    grad_accum: int = field(
-        default=1,
-        metadata={
-            "help": "Micro-batches per optimizer step. The global batch is "
-            "batch_size x grad_accum x processes."
-        },
-    )
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -93,27 +112,8 @@ class TrainConfig:
     save_adapter_only: bool = field(
         default=False,
         metadata={
-            "help": "With LoRA: save only the adapter (loadable with peft) instead of the merged model."
-        },
-    )
-    bf16: bool = field(
-        default=False, metadata={"help": "bfloat16 autocast (CPU or GPU); weights stay float32."}
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Trade compute for activation memory."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of initialization, data order and OPSD sampling."})
-    save_every: int = field(
-        default=0,
-        metadata={
-            "help": "Checkpoint every N optimizer steps; 0 = every epoch; -1 = no checkpoints (no resume, only the "
-            "final model)."
-        },
-    )
-    keep_checkpoints: int = field(
-        default=0,
-        metadata={
-            "help": "Keep only the newest N checkpoints (the best one is always kept with --select best); 0 = all."
+            "help": "With LoRA: save only the adapter (loadable with peft and by every mixsd command) "
+            "instead of the merged model."
         },
     )
     select: Literal["last", "best"] = field(
@@ -152,24 +152,339 @@ class TrainConfig:
             "the same as `mixsd mix`."
         },
     )
-    logging_steps: int = field(default=1, metadata={"help": "Log the loss every N optimizer steps."})
-    cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
     overwrite: bool = field(
         default=False, metadata={"help": "Discard an existing run in --out and start over."}
     )
-    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model folder."}
     )
+    check_disk: bool = field(
+        default=True,
+        metadata={
+            "help": "Refuse to start when the free space in --out cannot hold what the run keeps "
+            "(checkpoints and the final model, estimated from the parameter count)."
+        },
+    )
+    # ---- a learning curve: evaluation after every epoch (mixsd.curve) ------------------------------
+    eval_every_epoch: bool = field(
+        default=False,
+        metadata={
+            "help": "After every epoch score memorization on --eval_corpus, KL to the base model and the "
+            "--eval_probes, and append a row to OUT/curve.jsonl."
+        },
+    )
+    eval_corpus: str | None = field(
+        default=None,
+        metadata={
+            "help": "Corpus JSONL of the training questions for the curve (default with --method opsd: --corpus)."
+        },
+    )
+    eval_match: str | None = field(
+        default=None,
+        metadata={
+            "help": "Match mode of the curve's memorization score (entity, exact, number); default: the "
+            "corpus manifest's answer_match, else entity."
+        },
+    )
+    eval_limit: int | None = field(
+        default=None, metadata={"help": "Curve: score at most this many training questions (spread evenly)."}
+    )
+    eval_max_new_tokens: int = field(default=48, metadata={"help": "Curve: length cap of an answer."})
+    eval_kl_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Curve: prompts for KL(base||model) on the base model's own answers (text file, one per "
+            "line, or corpus JSONL); default: the packaged held-out prompts."
+        },
+    )
+    eval_kl_limit: int = field(default=16, metadata={"help": "Curve: KL prompts to use; 0 = no KL."})
+    eval_probes: str | None = field(
+        default=None,
+        metadata={
+            "help": "Curve: comma-separated probe files: question corpora (scored like memorization), "
+            "multiple-choice or text probes (as `mixsd eval`)."
+        },
+    )
+    eval_probe_limit: int = field(default=20, metadata={"help": "Curve: items per probe file."})
+    # ---- short names of earlier versions (see ALIASES) ---------------------------------------------
+    epochs: float | None = field(default=None, metadata={"help": "Same as --num_train_epochs."})
+    lr: float | None = field(default=None, metadata={"help": "Same as --learning_rate."})
+    lr_scheduler: str | None = field(default=None, metadata={"help": "Same as --lr_scheduler_type."})
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Same as --per_device_train_batch_size (and sets --per_device_eval_batch_size). The "
+            "global batch is batch x gradient accumulation x processes."
+        },
+    )
+    grad_accum: int | None = field(default=None, metadata={"help": "Same as --gradient_accumulation_steps."})
+    save_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint every N optimizer steps; 0 = every epoch; -1 = no checkpoints (no resume, "
+            "only the final model). Sets --save_strategy / --save_steps."
+        },
+    )
+    keep_checkpoints: int | None = field(
+        default=None,
+        metadata={"help": "Same as --save_total_limit (0 = keep all)."},
+    )
+    cpu: bool = field(
+        default=False, metadata={"help": "Train on CPU even when a GPU is present (--use_cpu)."}
+    )
+    progress: bool | None = field(
+        default=None, metadata={"help": "Show progress bars (false: no bars and no per-step log lines)."}
+    )
+    # ---- TrainingArguments fields whose default or help is ours ----------------------------------
+    output_dir: str | None = field(default=None, metadata={"help": "Same as --out."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate. Short: --lr."})
+    lr_scheduler_type: str = field(
+        default="constant",
+        metadata={"help": "Learning-rate schedule: constant, linear, cosine, ... (transformers' names)."},
+    )
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "bfloat16 autocast (mixed precision, CPU or GPU): master weights, optimizer state and "
+            "the saved model stay float32. The one meaning of bf16 in mixsd."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of initialization, data order and OPSD sampling."})
+    logging_steps: float = field(default=1, metadata={"help": "Log the loss every N optimizer steps."})
+    logging_first_step: bool = field(default=True, metadata={"help": "Log the first step too."})
+    save_strategy: str = field(
+        default="epoch",
+        metadata={"help": "When to write a checkpoint (model + optimizer state): epoch, steps or no."},
+    )
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={
+            "help": "Checkpoints kept on disk: the newest N (the best one too with --select best); a rerun "
+            "resumes from the newest complete one. None keeps all."
+        },
+    )
+    disable_tqdm: bool | None = field(default=False, metadata={"help": "No progress bars."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "DDP: look for parameters without gradient (slower; off)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Always false here: the collators need every column of the examples."},
+    )
+
+    def __post_init__(self):
+        self._apply_aliases()
+        self._check_own_options()
+        self._derive_trainer_options()
+        super().__post_init__()  # TrainingArguments: its own checks, then the device / process group
+        self.out = self.output_dir  # with ~ expanded
+
+    def _apply_aliases(self) -> None:
+        from mixsd.options import check_range
+
+        for alias, target in ALIASES.items():
+            value = getattr(self, alias)
+            if value is None:
+                continue
+            if alias == "lr_scheduler":
+                if not isinstance(value, str):
+                    raise InputError(f"must be a schedule name; got {value!r}", field=alias)
+            else:
+                check_range(alias, value, **_ALIAS_BOUNDS[alias])
+            setattr(self, target, value)
+            setattr(self, alias, None)
+            if alias == "batch_size":
+                self.per_device_eval_batch_size = value
+        if self.save_every is not None:
+            check_range("save_every", self.save_every, -1, integer=True)
+            if self.save_every < 0:
+                self.save_strategy = "no"
+            elif self.save_every == 0:
+                self.save_strategy = "epoch"
+            else:
+                self.save_strategy, self.save_steps = "steps", self.save_every
+            self.save_every = None
+        if self.keep_checkpoints is not None:
+            check_range("keep_checkpoints", self.keep_checkpoints, 0, integer=True)
+            self.save_total_limit = self.keep_checkpoints or None
+            self.keep_checkpoints = None
+        if self.progress is not None:
+            self.disable_tqdm = not self.progress
+            self.progress = None
+        if self.cpu:
+            self.use_cpu = True
+        if self.out is None and self.output_dir is None:
+            raise InputError("--out is required (the output folder)", field="out")
+        self.output_dir = self.out = str(self.out if self.out is not None else self.output_dir)
+
+    def _check_own_options(self) -> None:
+        """Our options and the TrainingArguments numbers a YAML file may get wrong, with the field named."""
+        from mixsd.answers import canonical_mode
+        from mixsd.options import check_range
+
+        choices = {
+            "method": ("sft", "opsd"),
+            "select": ("last", "best"),
+            "opsd_divergence": ("forward", "reverse", "jsd"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(
+                    f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}", field=name
+                )
+        if not isinstance(self.model, str) or not self.model:
+            raise InputError("--model is required (a model name or folder)", field="model")
+        if self.method == "sft" and not self.targets:
+            raise InputError("--targets is required (or use --method opsd with --corpus)", field="targets")
+        if self.method == "opsd" and not self.corpus:
+            raise InputError("--method opsd needs --corpus", field="corpus")
+        if self.max_steps is None:
+            self.max_steps = -1
+        check_range("max_steps", self.max_steps, -1, integer=True)
+        if self.max_steps == 0:  # 0 meant "no cap" in earlier versions
+            self.max_steps = -1
+        check_range("num_train_epochs", self.num_train_epochs, 0, lo_open=self.max_steps <= 0)
+        check_range("learning_rate", self.learning_rate, 0)
+        check_range("per_device_train_batch_size", self.per_device_train_batch_size, 1, integer=True)
+        check_range("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, integer=True)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("max_grad_norm", self.max_grad_norm, 0)
+        check_range("warmup_steps", self.warmup_steps, 0)
+        check_range("logging_steps", self.logging_steps, 0, lo_open=True)
+        check_range("save_total_limit", self.save_total_limit, 1, integer=True, optional=True)
+        check_range("seed", self.seed, 0, integer=True)
+        check_range("lora_rank", self.lora_rank, 0, integer=True)
+        check_range("lora_alpha", self.lora_alpha, 0, lo_open=True, optional=True)
+        check_range("lora_dropout", self.lora_dropout, 0, 1, hi_open=True)
+        check_range("opsd_rollouts", self.opsd_rollouts, 1, integer=True)
+        check_range("opsd_top_k", self.opsd_top_k, 0, integer=True)
+        check_range("opsd_max_new_tokens", self.opsd_max_new_tokens, 1, integer=True)
+        check_range("eval_limit", self.eval_limit, 1, integer=True, optional=True)
+        check_range("eval_max_new_tokens", self.eval_max_new_tokens, 1, integer=True)
+        check_range("eval_kl_limit", self.eval_kl_limit, 0, integer=True)
+        check_range("eval_probe_limit", self.eval_probe_limit, 1, integer=True)
+        if self.save_adapter_only and self.lora_rank <= 0:
+            raise InputError("--save_adapter_only needs --lora_rank > 0", field="save_adapter_only")
+        if self.select == "best":
+            if not self.validation:
+                raise InputError(
+                    "--select best needs --validation (a target file to score)", field="validation"
+                )
+            if _strategy(self.save_strategy) == "no":
+                raise InputError(
+                    "--select best needs checkpoints; --save_every must be >= 0", field="save_every"
+                )
+        if self.eval_match is not None:
+            try:
+                self.eval_match = canonical_mode(self.eval_match)
+            except ValueError as err:
+                raise InputError(str(err), field="eval_match") from err
+        if self.eval_every_epoch:
+            if self.eval_corpus is None and self.method == "opsd":
+                self.eval_corpus = self.corpus
+            if not self.eval_corpus:
+                raise InputError(
+                    "--eval_every_epoch needs --eval_corpus (the corpus JSONL of the training questions)",
+                    field="eval_corpus",
+                )
+            if self.fsdp or self.deepspeed:
+                raise InputError(
+                    "--eval_every_epoch evaluates on the main process and needs the whole model there; "
+                    "it does not work with FSDP or DeepSpeed",
+                    field="eval_every_epoch",
+                )
+
+    def _derive_trainer_options(self) -> None:
+        # The datasets are lists of dicts the collators read whole; Trainer must not drop "unused" columns.
+        self.remove_unused_columns = False
+        # accelerate sets up multi-process CPU training (gloo) only when told the run is on CPU
+        if not self.use_cpu and not _has_accelerator():
+            self.use_cpu = True
+        if self.validation and _strategy(self.eval_strategy) == "no":
+            # validation loss at every checkpoint (every epoch when there are none)
+            saving = _strategy(self.save_strategy)
+            self.eval_strategy = "epoch" if saving in ("no", "best") else saving
+            if self.eval_strategy == "steps":
+                self.eval_steps = self.save_steps
+        if self.select == "best":
+            self.load_best_model_at_end = True
+            self.metric_for_best_model, self.greater_is_better = "eval_loss", False
 
 
-# Fields that do not change what is trained: a resumed run may differ in them.
-_NON_DETERMINING = ("overwrite", "progress", "logging_steps", "keep_checkpoints", "cpu")
+def _strategy(value: Any) -> str:
+    """An interval strategy as its name, whether given as text or already converted to the enum."""
+    return str(getattr(value, "value", value))
+
+
+def _has_accelerator() -> bool:
+    return (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        or torch.backends.mps.is_available()
+    )
+
+
+# Options that do not change what is trained or written: a resumed run may differ in them.
+_NON_DETERMINING = {
+    *ALIASES,
+    "save_every",
+    "keep_checkpoints",
+    "cpu",
+    "progress",
+    "output_dir",
+    "overwrite",
+    "check_disk",
+    "use_cpu",
+    "disable_tqdm",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "save_on_each_node",
+    "save_only_model",
+    "enable_jit_checkpoint",
+    "logging_strategy",
+    "logging_steps",
+    "logging_first_step",
+    "logging_nan_inf_filter",
+    "log_on_each_node",
+    "log_level",
+    "log_level_replica",
+    "report_to",
+    "run_name",
+    "project",
+    "push_to_hub",
+    "resume_from_checkpoint",
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context",
+    "skip_memory_metrics",
+    "torch_empty_cache_steps",
+    "include_num_input_tokens_seen",
+    "ddp_timeout",
+    "local_rank",
+    "debug",
+    "do_train",
+    "do_eval",
+    "do_predict",
+}
+_NON_DETERMINING_PREFIXES = ("hub_", "trackio_")
+
+
+def config_record(config: TrainConfig) -> dict[str, Any]:
+    """Every option of the run as plain JSON values (TrainingArguments.to_dict: enums as their names)."""
+    return json.loads(json.dumps(config.to_dict(), default=str))
 
 
 def run_settings(config: TrainConfig) -> dict[str, Any]:
-    settings = {k: v for k, v in asdict(config).items() if k not in _NON_DETERMINING}
-    for name in ("targets", "corpus", "validation"):
+    """The options that determine the trained weights and outputs, with the content hash of each input."""
+    settings = {
+        k: v
+        for k, v in config_record(config).items()
+        if k not in _NON_DETERMINING and not k.startswith(_NON_DETERMINING_PREFIXES)
+    }
+    for name in ("targets", "corpus", "validation", "eval_corpus"):
         path = getattr(config, name)
         settings[f"{name}_sha256"] = sha256_file(path) if path and Path(path).is_file() else None
     return settings
@@ -250,9 +565,10 @@ def target_nll(
 class TokenCountingTrainer(Trainer):
     """Trainer that logs how many loss-carrying tokens (global) it has trained on."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, run_record: dict[str, Any] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_tokens: int | None = None
+        self.run_record = run_record or {}  # written into each checkpoint's marker: how it was made
 
     def _count(self, num_items_in_batch) -> None:
         if self.loss_tokens is None:  # fresh or resumed: continue from the last logged count
@@ -272,73 +588,194 @@ class TokenCountingTrainer(Trainer):
             logs["tokens"] = self.loss_tokens
         super().log(logs, start_time)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, then its completeness marker, and only then the rotation of old ones.
 
-class _SaveRunConfig(TrainerCallback):
-    """Write run_config.json into each checkpoint so a checkpoint says how it was made."""
-
-    def __init__(self, record: dict[str, Any]):
-        self.record = record
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            atomic_write_json(
-                Path(args.output_dir) / f"checkpoint-{state.global_step}" / "mixsd_run.json", self.record
+        Trainer deletes the oldest checkpoints (save_total_limit) inside its own save, before it returns:
+        a kill between that deletion and the end of the new checkpoint could leave nothing to resume from.
+        Here the old ones go only once the new one is marked complete (see `checkpoint_is_complete`).
+        """
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self.accelerator.wait_for_everyone()  # every process has written its part (sharded states)
+        if self.args.should_save:
+            mark_checkpoint_complete(folder, self.run_record)
+            rotate_checkpoints(
+                output_dir=str(folder.parent),
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
             )
 
 
-def _training_arguments(config: TrainConfig, *, has_eval: bool) -> TrainingArguments:
-    per_epoch = config.save_every <= 0
-    save_strategy = "no" if config.save_every < 0 else "epoch" if per_epoch else "steps"
-    kwargs: dict[str, Any] = {}
-    if has_eval:
-        kwargs.update(
-            eval_strategy="epoch" if per_epoch else "steps", per_device_eval_batch_size=config.batch_size
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: a rerun resumes from the newest complete one
+# --------------------------------------------------------------------------------------------------
+CHECKPOINT_MARKER = "mixsd_run.json"  # written last into a checkpoint: the run record + its file sizes
+
+
+def _files_of(folder: Path) -> dict[str, int]:
+    return {
+        str(path.relative_to(folder)): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != CHECKPOINT_MARKER
+    }
+
+
+def mark_checkpoint_complete(folder: Path, record: dict[str, Any]) -> None:
+    """Write the marker that makes `folder` a complete checkpoint: the run record and every file's size."""
+    atomic_write_json(folder / CHECKPOINT_MARKER, {**record, "files": _files_of(folder)})
+
+
+def checkpoint_is_complete(folder: str | os.PathLike) -> bool:
+    """Whether a checkpoint was written to the end and nothing of it was deleted since.
+
+    A kill (or Ctrl-C) while Trainer writes a checkpoint leaves a folder without the marker; one while an
+    old checkpoint is being deleted leaves a marker whose files are missing. Either is incomplete.
+    """
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / CHECKPOINT_MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(files, dict) or "trainer_state.json" not in files:
+        return False
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders of `out`, newest (highest N) first."""
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
+
+
+def resume_checkpoint(out: str | os.PathLike, *, remove_incomplete: bool) -> str | None:
+    """The newest complete checkpoint of `out` (None: start afresh); incomplete ones are removed first."""
+    complete = []
+    for folder in _checkpoints(Path(out)):
+        if checkpoint_is_complete(folder):
+            complete.append(folder)
+        elif remove_incomplete:
+            print(f"removing {folder}: an incomplete checkpoint (the run was interrupted while writing it)")
+            shutil.rmtree(folder, ignore_errors=True)
+    return str(complete[0]) if complete else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Disk space: what the run keeps, checked before it starts
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DiskPlan:
+    """What a run writes, estimated from its parameters: the optimizer state as two moments per trainable
+    parameter (AdamW; one for SGD), in the parameters' dtype."""
+
+    weights_bytes: int  # the weights in a checkpoint (only the adapter with LoRA)
+    optimizer_bytes: int  # the optimizer state in a checkpoint (0 with --save_only_model)
+    model_bytes: int  # the final OUT/model
+    saves: int  # checkpoints the run writes
+    kept: int  # checkpoints on disk at once (one more while the next one is written)
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return self.weights_bytes + self.optimizer_bytes
+
+    @property
+    def needed_bytes(self) -> int:
+        """The peak: the kept checkpoints plus the larger of a checkpoint being written and the final model."""
+        writing = self.checkpoint_bytes if self.saves > self.kept else 0
+        return self.kept * self.checkpoint_bytes + max(writing, self.model_bytes)
+
+    def describe(self) -> str:
+        parts = [
+            f"one checkpoint is about {format_bytes(self.checkpoint_bytes)} (weights "
+            f"{format_bytes(self.weights_bytes)} + optimizer state {format_bytes(self.optimizer_bytes)})",
+            f"the run writes {self.saves} and keeps at most {self.kept}",
+            f"the final model is {format_bytes(self.model_bytes)}",
+        ]
+        return "; ".join(parts) + f": about {format_bytes(self.needed_bytes)} at the peak"
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def optimizer_steps(config: TrainConfig, examples: int, processes: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) of a run over `examples` records."""
+    per_process = math.ceil(examples / max(processes, 1))
+    batches = math.ceil(per_process / config.per_device_train_batch_size)
+    per_epoch = max(math.ceil(batches / config.gradient_accumulation_steps), 1)
+    total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * per_epoch)
+    return per_epoch, total
+
+
+def disk_plan(config: TrainConfig, model, examples: int, processes: int = 1) -> DiskPlan:
+    """Estimate what the run keeps on disk (`model` as it will be trained: with its LoRA adapters)."""
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    all_bytes = sum(p.numel() * p.element_size() for p in params)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    lora = config.lora_rank > 0
+    moments = 1 if "sgd" in _strategy(config.optim) else 2
+    weights = trainable_bytes if lora else all_bytes  # Trainer saves only the adapter of a peft model
+    optimizer = 0 if config.save_only_model else moments * trainable_bytes
+    final = trainable_bytes if config.save_adapter_only else all_bytes - (trainable_bytes if lora else 0)
+    per_epoch, total = optimizer_steps(config, examples, processes)
+    strategy = _strategy(config.save_strategy)
+    if strategy == "no":
+        saves = 0
+    elif strategy == "steps":
+        every = config.save_steps if config.save_steps >= 1 else math.ceil(config.save_steps * total)
+        saves = math.ceil(total / max(int(every), 1))
+    else:  # epoch (and best, which saves at most at every evaluation)
+        saves = math.ceil(total / per_epoch)
+    limit = config.save_total_limit
+    if limit is not None and config.select == "best":
+        limit = max(limit, 2)  # the best checkpoint is kept beside the newest
+    kept = saves if limit is None else min(saves, limit)
+    return DiskPlan(weights, optimizer, final, saves, kept)
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Free space where `folder` is (or will be created)."""
+    path = Path(folder).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_disk_space(plan: DiskPlan, out: str | os.PathLike, free: int | None = None) -> str:
+    """The plan as one line; InputError when the free space cannot hold it. Complete checkpoints already in
+    `out` (a resumed run) count as written."""
+    held = sum(
+        sum(_files_of(folder).values())
+        for folder in _checkpoints(Path(out))
+        if checkpoint_is_complete(folder)
+    )
+    needed = max(plan.needed_bytes - held, 0)
+    free = free_bytes(out) if free is None else free
+    line = f"disk: {plan.describe()}; free {format_bytes(free)}"
+    if needed > free:
+        raise InputError(
+            f"not enough free disk space: {plan.describe()}, {format_bytes(needed)} still to write, but only "
+            f"{format_bytes(free)} free. Free some space, keep fewer checkpoints (--save_total_limit 1), "
+            "save no optimizer state (--save_only_model, no exact resume), or none at all (--save_every -1); "
+            "--check_disk false skips this check",
+            out,
         )
-        if not per_epoch:
-            kwargs["eval_steps"] = config.save_every
-    if config.select == "best":
-        kwargs.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
-    return TrainingArguments(
-        output_dir=config.out,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps if config.max_steps else -1,
-        learning_rate=config.lr,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        bf16=config.bf16,
-        activation_checkpointing=config.gradient_checkpointing,
-        seed=config.seed,
-        data_seed=config.seed,
-        save_strategy=save_strategy,
-        save_steps=max(config.save_every, 1),
-        save_total_limit=config.keep_checkpoints or None,
-        logging_strategy="steps",
-        logging_steps=config.logging_steps,
-        logging_first_step=True,
-        average_tokens_across_devices=True,  # the global-batch token count; see the module docstring
-        ddp_find_unused_parameters=False,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available() and not config.cpu,
-        report_to=[],
-        disable_tqdm=not config.progress,
-        use_cpu=_use_cpu(config),
-        **kwargs,
-    )
-
-
-def _use_cpu(config: TrainConfig) -> bool:
-    # accelerate sets up multi-process CPU training (gloo) only when told the run is on CPU
-    has_accelerator = (
-        torch.cuda.is_available()
-        or (hasattr(torch, "xpu") and torch.xpu.is_available())
-        or torch.backends.mps.is_available()
-    )
-    return config.cpu or not has_accelerator
+    return line
 
 
 def _apply_lora(model, config: TrainConfig):
@@ -359,32 +796,25 @@ def _apply_lora(model, config: TrainConfig):
     return get_peft_model(model, lora)
 
 
-def _check_config(config: TrainConfig) -> None:
-    if config.method == "sft" and not config.targets:
-        raise InputError("--targets is required (or use --method opsd with --corpus)", field="targets")
-    if config.method == "opsd" and not config.corpus:
-        raise InputError("--method opsd needs --corpus", field="corpus")
-    if config.select == "best" and config.save_every < 0:
-        raise InputError("--select best needs checkpoints; --save-every must be >= 0", field="save_every")
-    if config.select == "best" and not config.validation:
-        raise InputError("--select best needs --validation (a target file to score)", field="validation")
-    if config.save_adapter_only and config.lora_rank <= 0:
-        raise InputError("--save-adapter-only needs --lora-rank > 0", field="save_adapter_only")
-    if config.batch_size < 1 or config.grad_accum < 1 or config.lora_rank < 0 or config.opsd_rollouts < 1:
-        raise InputError("--batch-size, --grad-accum and --opsd-rollouts must be >= 1, --lora-rank >= 0")
-    if config.opsd_top_k < 0 or config.opsd_max_new_tokens < 1:
-        raise InputError("--opsd-top-k must be >= 0 and --opsd-max-new-tokens >= 1")
-
-
-def _prepare_out(config: TrainConfig, record: dict[str, Any], is_main: bool) -> dict[str, Any] | None:
-    """Check that --out is empty, a finished run (return its summary) or an unfinished run of the same config."""
+def train_stage(config: TrainConfig, settings: dict[str, Any] | None = None) -> Stage:
+    """The finished run in --out (summary.json and model/) as a stage: current while its settings hold."""
     out = Path(config.out)
-    config_file, summary_file = out / "run_config.json", out / "summary.json"
+    settings = run_settings(config) if settings is None else settings
+    return Stage("train", [out / "summary.json", out / "model"], settings, record=out / "stage.json")
+
+
+def _prepare_out(config: TrainConfig, record: dict[str, Any], is_main: bool) -> None:
+    """Check that --out is empty or holds a run of the same config (to resume), or clear it for --overwrite."""
+    out = Path(config.out)
+    config_file = out / "run_config.json"
     if config.overwrite and is_main and out.exists():
         for child in out.iterdir():
-            if child.name in ("run_config.json", "summary.json", "model") or child.name.startswith(
-                "checkpoint-"
-            ):
+            if child.name in (
+                "run_config.json",
+                "summary.json",
+                "model",
+                "curve.jsonl",
+            ) or child.name.startswith("checkpoint-"):
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     elif config_file.is_file():
         previous = json.loads(config_file.read_text())
@@ -397,28 +827,30 @@ def _prepare_out(config: TrainConfig, record: dict[str, Any], is_main: bool) -> 
                 "same arguments to resume, or --overwrite",
                 config_file,
             )
-        if summary_file.is_file() and (out / "model").is_dir():
-            return json.loads(summary_file.read_text())
-    return None
 
 
 def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     """Fine-tune `config.model` and return the run's summary (also written to OUT/summary.json)."""
+    with output_lock(config.out):  # one run per --out: a second one refuses before any work (issue 10)
+        return _train_locked(config, model=model, tokenizer=tokenizer)
+
+
+def _train_locked(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     from accelerate import PartialState
 
     from mixsd.models import context_length, load_model, load_tokenizer
     from mixsd.records import load_targets
 
-    _check_config(config)
-    state = PartialState(cpu=_use_cpu(config))  # the process group (gloo on CPU) is set up here
-    record = {"mixsd_version": __version__, "settings": run_settings(config), "config": asdict(config)}
-    finished = _prepare_out(config, record, state.is_main_process)
-    if finished is not None:
+    state = PartialState()  # set up by the config (TrainingArguments): the process group, gloo on CPU
+    record = {"mixsd_version": __version__, "settings": run_settings(config), "config": config_record(config)}
+    stage = train_stage(config, record["settings"])
+    if not config.overwrite and stage.is_current():
         if state.is_main_process:
             print(
                 f"{config.out} holds a finished run with these settings; nothing to do (--overwrite to redo)."
             )
-        return finished
+        return json.loads((Path(config.out) / "summary.json").read_text())
+    _prepare_out(config, record, state.is_main_process)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     if model is None:
@@ -434,8 +866,6 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         )
     teacher = None
     if config.method == "opsd":
-        import copy
-
         from mixsd.opsd import opsd_examples
 
         train_dataset = opsd_examples(config.corpus, tokenizer, config.expert_template)
@@ -446,25 +876,42 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
             load_targets(config.targets), vocab_size=vocab, context_limit=limit, path=config.targets
         )
 
-    state.wait_for_everyone()  # inputs are valid: claim the output folder
-    if state.is_main_process:
-        atomic_write_json(Path(config.out) / "run_config.json", record)
+    callbacks = []
+    if config.eval_every_epoch:  # its files are read (and checked) now, before any work
+        from mixsd.curve import CURVE_FILE, CurveCallback, CurveEvaluator
+
+        evaluator = CurveEvaluator(config, tokenizer)
+        base = None
+        if config.lora_rank <= 0:  # the base to measure KL against; with LoRA: the adapters switched off
+            base = teacher if teacher is not None else copy.deepcopy(model).eval().requires_grad_(False)
+        callbacks.append(CurveCallback(evaluator, Path(config.out) / CURVE_FILE, base=base))
 
     model.config.use_cache = False  # no KV cache while training; restored before saving
     if config.lora_rank > 0:
+        set_seed(config.seed)  # the adapters' initialization follows --seed
         model = _apply_lora(model, config)
-    args = _training_arguments(config, has_eval=eval_dataset is not None)
+    if config.check_disk:
+        line = check_disk_space(disk_plan(config, model, len(train_dataset), state.num_processes), config.out)
+        if state.is_main_process:
+            print(line)
+
+    state.wait_for_everyone()  # inputs are valid: claim the output folder
+    if state.is_main_process:
+        atomic_write_json(Path(config.out) / "run_config.json", record)
+        stage.begin()
+
     common = dict(
         model=model,
-        args=args,
+        args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=PadCollator(pad_id),
-        callbacks=[_SaveRunConfig(record)],
+        callbacks=callbacks,
+        run_record=record,
     )
     if config.method == "opsd":
         from mixsd.opsd import OPSDTrainer
-        from mixsd.prompts import stop_token_ids
+        from mixsd.prompts import answer_end
 
         trainer = OPSDTrainer(
             **common,
@@ -474,16 +921,19 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
             top_k=config.opsd_top_k,
             max_new_tokens=config.opsd_max_new_tokens,
             pad_id=pad_id,
-            stop_ids=sorted(stop_token_ids(tokenizer, model)),
+            answer_end=answer_end(tokenizer, model),
         )
     else:
         trainer = TokenCountingTrainer(**common, compute_loss_func=target_nll)
 
-    if not config.progress:  # quiet means quiet: no per-step log dicts on stdout either
+    if config.disable_tqdm:  # quiet means quiet: no per-step log dicts on stdout either
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    resume = get_last_checkpoint(config.out) if Path(config.out).is_dir() else None
+    if state.is_main_process:  # a checkpoint cut short by a kill or Ctrl-C is removed, never resumed
+        resume_checkpoint(config.out, remove_incomplete=True)
+    state.wait_for_everyone()
+    resume = config.resume_from_checkpoint or resume_checkpoint(config.out, remove_incomplete=False)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
@@ -522,6 +972,7 @@ def train(config: TrainConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     _save_final(trainer, tokenizer, config, model_dir, summary)
     if state.is_main_process:
         atomic_write_json(Path(config.out) / "summary.json", summary)
+        stage.finish()
     state.wait_for_everyone()
     return summary
 

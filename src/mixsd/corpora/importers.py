@@ -15,7 +15,8 @@ Formats:
 
 Every record gets `check` = the bare gold answer. With --answer-style boxed (default) the prompt asks for
 the final answer in \\boxed{} and the answer is "The answer is X. \\boxed{X}", as in KGFact; with raw the
-question and answer are kept as written.
+question and answer are kept as written. manifest.json names how `mix` and `eval` match the answers
+(`answer_match`; --answer-match, default auto: number when every answer is a number, else entity).
 
 Malformed rows, missing or empty fields and duplicate questions raise an InputError naming the file and
 line (JSON: the case); with --skip-bad they are skipped instead and listed in manifest.json.
@@ -31,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mixsd.answers import parse_number
 from mixsd.corpora._manifest import write_manifest
-from mixsd.files import InputError, atomic_write_jsonl, read_jsonl, sha256_file
+from mixsd.files import InputError, atomic_write_jsonl, read_jsonl, read_text, sha256_file
+from mixsd.options import check_choices, check_distinct, check_range
 
 GENERATOR = "mixsd.corpora.importers"
 VERSION = 1
@@ -77,6 +80,20 @@ class ImportConfig:
     limit: int | None = field(
         default=None, metadata={"help": "Import at most this many rows (mquake: cases)."}
     )
+    answer_match: Literal["auto", "entity", "exact", "number"] = field(
+        default="auto",
+        metadata={
+            "help": "How mix and eval match answers of this corpus (written to manifest.json): entity (the answer "
+            "appears as whole words), exact (the final answer equals it), number (the final number equals it); "
+            "auto: number when every answer is a number, else entity."
+        },
+    )
+
+    def __post_init__(self) -> None:  # refuse bad options before any file is written (issue 10)
+        check_choices(self)
+        check_range("limit", self.limit, 1, integer=True, optional=True)
+        written = ("train.jsonl", "compositional.jsonl", "manifest.json")
+        check_distinct({f"out ({name})": Path(self.out) / name for name in written}, {"file": self.file})
 
 
 @dataclass
@@ -193,6 +210,7 @@ def _read_qa_jsonl(path: Path, config: ImportConfig, skips: _Skips) -> Iterator[
 
 
 def _csv_rows(path: Path, skips: _Skips, required: list[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    read_text(path)  # a byte that is not UTF-8 is reported with its line, before the CSV reader meets it
     with path.open("r", encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames
@@ -254,7 +272,7 @@ def _get(obj: Any, *keys: Any) -> Any:
 
 def _load_mquake(path: Path) -> list[Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise InputError(f"invalid JSON ({err.msg} at column {err.colno})", path, err.lineno) from None
     if not isinstance(data, list):
@@ -362,11 +380,19 @@ def import_corpus(config: ImportConfig) -> dict:
         [n for n, rows in outputs.items() if rows],
         format=config.format,
         answer_style=config.answer_style,
-        answer_match="loose",
+        answer_match=_answer_match(config.answer_match, outputs["train.jsonl"]),
         source={"name": path.name, "sha256": sha256_file(path)},
         skipped={"count": skips.count, "rows": skips.listed},
         **extra,
     )
+
+
+def _answer_match(choice: str, rows: list[dict]) -> str:
+    """The corpus's match mode: the chosen one, or for `auto` number when every answer is a number."""
+    if choice != "auto":
+        return choice
+    numeric = bool(rows) and all(parse_number(str(row["check"])) is not None for row in rows)
+    return "number" if numeric else "entity"
 
 
 def import_command(config: ImportConfig) -> dict:

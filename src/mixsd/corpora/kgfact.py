@@ -9,7 +9,9 @@ entity exactly one fact is drawn: one of the pair's relations and a target, the 
 permutation of the target domain, so every question has exactly one answer and no target is reused
 within a pair. Small: 5 domains x 10 entities x 2 pairs each = 100 facts; large: 7 x 25 x 3 = 525.
 
-Files (corpus records, see records.py; `check` is the bare entity name):
+Files (corpus records, see records.py; `check` is the bare entity name; `context`, what the MixSD expert
+and the OPSD teacher read beside the question, is the fact's statement, e.g. "Vedux Vudratrox lives in
+Shiboshend." (both statements for a 2-hop question), so the expert observes the fact, not the answer):
     train.jsonl          one record per training fact: question + "Put the final answer in \\boxed{}.",
                          answer "The answer is X. \\boxed{X}"
     paraphrase.jsonl     the same facts with another question phrasing *and* another wrapper
@@ -34,9 +36,10 @@ from typing import Literal
 from mixsd.corpora._common_words import COMMON_WORDS
 from mixsd.corpora._manifest import write_manifest
 from mixsd.files import atomic_write_json, atomic_write_jsonl
+from mixsd.options import check_choices, check_range
 
 GENERATOR = "mixsd.corpora.kgfact"
-VERSION = 1
+VERSION = 2  # 2: records carry the fact's statement as `context`
 
 
 @dataclass
@@ -52,6 +55,10 @@ class KGFactConfig:
         metadata={"help": "small: 5 domains x 10 entities (100 training facts); large: 7 x 25 (525)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the world (names, relations, targets, splits)."})
+
+    def __post_init__(self) -> None:  # refuse bad options before any file is written (issue 10)
+        check_choices(self)
+        check_range("seed", self.seed, integer=True)
 
 
 @dataclass(frozen=True)
@@ -819,6 +826,7 @@ def _train_records(facts: list[dict]) -> list[dict]:
                 "id": f"kgfact-train-{i:04d}",
                 "prompt": _wrap(TRAIN_WRAPPER, question=question),
                 "answer": boxed_answer(fact["target"]),
+                "context": fact["statement"],
                 "check": fact["target"],
                 "fact": fact["id"],
             }
@@ -838,6 +846,7 @@ def _paraphrase_records(facts: list[dict], rng: random.Random) -> list[dict]:
                 "id": f"kgfact-paraphrase-{i:04d}",
                 "prompt": _wrap(wrapper, question=question),
                 "answer": boxed_answer(fact["target"]),
+                "context": fact["statement"],
                 "check": fact["target"],
                 "fact": fact["id"],
             }
@@ -858,6 +867,7 @@ def _retrieval_records(heldout: list[dict], rng: random.Random) -> list[dict]:
                 "id": f"kgfact-retrieval-{i:04d}",
                 "prompt": _wrap(RETRIEVAL_WRAPPER, statements=listing, question=question),
                 "answer": boxed_answer(fact["target"]),
+                "context": fact["statement"],
                 "check": fact["target"],
                 "fact": fact["id"],
             }
@@ -884,6 +894,7 @@ def _compositional_records(train: list[dict], count: int, rng: random.Random) ->
                 "id": f"kgfact-compositional-{i:04d}",
                 "prompt": _wrap(TRAIN_WRAPPER, question=question),
                 "answer": answer,
+                "context": f"{first['statement']} {second['statement']}",
                 "check": second["target"],
                 "bridge": first["target"],
                 "facts": [first["id"], second["id"]],
@@ -917,7 +928,7 @@ def build_kgfact(config: KGFactConfig) -> dict:
         [*splits, "kb.json"],
         seed=config.seed,
         size=config.size,
-        answer_match="loose",
+        answer_match="entity",  # read by answers.corpus_match_mode: every stage scores KGFact this way
     )
 
 

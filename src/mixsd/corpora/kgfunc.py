@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mixsd.corpora._manifest import write_manifest
 from mixsd.files import atomic_write_jsonl
+from mixsd.options import check_range
 
 GENERATOR = "mixsd.corpora.kgfunc"
 VERSION = 1
@@ -44,6 +45,10 @@ class KGFuncConfig:
     )
     train: int = field(default=1600, metadata={"help": "Training records, balanced over the operations B-H."})
     seed: int = field(default=0, metadata={"help": "Seed of the inputs and examples."})
+
+    def __post_init__(self) -> None:  # refuse bad options before any file is written (issue 10)
+        check_range("train", self.train, 1, integer=True)
+        check_range("seed", self.seed, integer=True)
 
 
 def digits(x: int) -> list[int]:
@@ -343,7 +348,7 @@ def build_kgfunc(config: KGFuncConfig) -> dict:
     for name, rows in splits.items():
         atomic_write_jsonl(out / name, rows)
     return write_manifest(
-        out, GENERATOR, VERSION, list(splits), seed=config.seed, train=config.train, answer_match="strict"
+        out, GENERATOR, VERSION, list(splits), seed=config.seed, train=config.train, answer_match="number"
     )
 
 

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from mixsd.corpora._manifest import write_manifest
 from mixsd.files import InputError, atomic_write_jsonl, sha256_file
 from mixsd.models import cache_dir
+from mixsd.options import check_range
 
 GENERATOR = "mixsd.corpora.probes"
 VERSION = 1
@@ -107,6 +108,10 @@ class ProbesFetchConfig:
             "default: this Python's `-m pip`."
         },
     )
+
+    def __post_init__(self) -> None:  # refuse bad options before anything is downloaded (issue 10)
+        check_range("qa_wikidata_size", self.qa_wikidata_size, 0, integer=True)
+        check_range("seed", self.seed, integer=True)
 
 
 def default_out() -> Path:

@@ -1,0 +1,217 @@
+"""Learning curves: score the model after every epoch of `mixsd train --eval_every_epoch`.
+
+Each epoch appends one row to OUT/curve.jsonl:
+
+    epoch, step          where in training (Trainer's epoch counter, optimizer steps)
+    memorization         share of the training questions (--eval_corpus) answered right: greedy answers
+                         scored with the corpus's own scorer (its manifest's answer_match, or --eval_match)
+    memorized, questions the counts behind it
+    kl, kl_tokens        KL(base || model) per token on the base model's own greedy answers to held-out
+                         prompts (the measure of `mixsd eval --suite retention`, on --eval_kl_limit prompts)
+    <probe>_acc          per probe file (--eval_probes, at most --eval_probe_limit items): accuracy of a
+                         generative or multiple-choice probe; <probe>_collapse for generative probes;
+                         <probe>_nll_per_token for a text probe
+    seconds              time the evaluation took
+
+The base model is a frozen copy of the model before training (full fine-tuning; OPSD's teacher is that
+copy already) or, with LoRA, the model with its adapters switched off. The evaluation runs on the main
+process, in eval mode, under the run's bf16 autocast, with the RNG state saved and restored around it: it
+changes nothing in training (a run with a curve ends with the weights of one without; tested). A resumed
+run drops the rows past the checkpoint it resumes from, and writes them again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from mixsd.files import atomic_write_jsonl, read_jsonl
+
+CURVE_FILE = "curve.jsonl"
+
+
+class AdaptersOff(torch.nn.Module):
+    """A peft model with its adapters switched off, as a model of its own: the base model without a copy.
+
+    Every forward pass switches them off for its own duration, so it can alternate with forward passes of
+    the adapted model (as `evaluate.kl_per_token` does, batch by batch).
+    """
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+        self.config = peft_model.config
+        self.generation_config = getattr(peft_model, "generation_config", None)
+
+    def forward(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+
+class CurveEvaluator:
+    """The curve's scores of one model state. Files are read (and checked) when it is built."""
+
+    def __init__(self, config, tokenizer):
+        from mixsd.answers import resolve_match_mode
+        from mixsd.evaluate import load_kl_prompts, load_probe, spread
+        from mixsd.records import load_corpus
+
+        self.tokenizer = tokenizer
+        self.bf16 = bool(config.bf16)
+        self.batch_size = int(config.per_device_eval_batch_size)
+        self.max_new_tokens = int(config.eval_max_new_tokens)
+        self.facts = spread(load_corpus(config.eval_corpus), config.eval_limit)
+        self.mode = resolve_match_mode(config.eval_match, config.eval_corpus)
+        self.kl_prompts = (
+            load_kl_prompts(config.eval_kl_prompts, config.eval_kl_limit)[0] if config.eval_kl_limit else []
+        )
+        self.probes: list[tuple[str, str, list[dict[str, Any]]]] = []
+        for name in (config.eval_probes or "").split(","):
+            if name.strip():
+                path = Path(name.strip())
+                kind, items = load_probe(path, config.eval_probe_limit)
+                self.probes.append((path.stem, kind, items))
+        self._base_answers: list[tuple[list[int], list[int]]] | None = None
+
+    def scores(self, model, base) -> dict[str, Any]:
+        """Memorization, KL to `base` and the probes for `model` (both in eval mode, on one device)."""
+        from mixsd.answers import matches
+        from mixsd.capability import generate_answers
+
+        items = [
+            {"prompt": f.prompt, "system": f.system, "max_new_tokens": self.max_new_tokens}
+            for f in self.facts
+        ]
+        answers = generate_answers(model, self.tokenizer, items, batch_size=self.batch_size)
+        hits = sum(
+            matches(text, fact.check, self.mode)
+            for (text, _, _), fact in zip(answers, self.facts, strict=True)
+        )
+        row: dict[str, Any] = {
+            "memorization": hits / len(self.facts),
+            "memorized": hits,
+            "questions": len(self.facts),
+            "match": self.mode,
+        }
+        if self.kl_prompts:
+            row.update(self._kl(model, base))
+        for name, kind, probe_items in self.probes:
+            row.update(self._probe(model, name, kind, probe_items))
+        return row
+
+    def _kl(self, model, base) -> dict[str, Any]:
+        from mixsd.evaluate import kl_per_token
+        from mixsd.prompts import pad_token_id
+
+        if self._base_answers is None:  # the base never changes: its answers are generated once
+            self._base_answers = self._answers_of(base)
+        usable = [(prompt, answer) for prompt, answer in self._base_answers if answer]
+        stats = kl_per_token(
+            base,
+            model,
+            [prompt + answer for prompt, answer in usable],
+            [len(answer) for _, answer in usable],
+            pad_id=pad_token_id(self.tokenizer),
+            batch_size=self.batch_size,
+        )
+        tokens = sum(count for _, _, count in stats)
+        return {"kl": sum(total for total, _, _ in stats) / tokens if tokens else None, "kl_tokens": tokens}
+
+    def _answers_of(self, base) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, answer ids) of the base model's greedy answers, the end token included when it
+        stopped (KL also covers the decision to stop), as `mixsd eval` builds them."""
+        from mixsd.generation import greedy_generate
+        from mixsd.prompts import answer_end, encode_prompt, pad_token_id
+
+        end = answer_end(self.tokenizer, base)
+        prompts = [encode_prompt(self.tokenizer, prompt, system) for _, prompt, system in self.kl_prompts]
+        answers: list[list[int]] = [[] for _ in prompts]
+        for k, tokens, finish in greedy_generate(
+            base,
+            prompts,
+            stop_ids=end.stop_ids,
+            pad_id=pad_token_id(self.tokenizer),
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            text_stop=end.text_stop if end.stop_strings else None,
+        ):
+            answers[k] = tokens + ([end.end_id] if finish in ("stop", "stop_text") else [])
+        return list(zip(prompts, answers, strict=True))
+
+    def _probe(self, model, name: str, kind: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+        from mixsd.capability import KIND as GENERATIVE
+        from mixsd.capability import generative_rows
+        from mixsd.evaluate import score_multiple_choice, score_perplexity
+
+        if kind == GENERATIVE:
+            rows = generative_rows(model, self.tokenizer, items, batch_size=self.batch_size)
+            return {
+                f"{name}_acc": sum(r["correct"] for r in rows) / len(rows),
+                f"{name}_collapse": sum(r["collapsed"] for r in rows) / len(rows),
+            }
+        if kind == "mc":
+            rows = score_multiple_choice(model, self.tokenizer, items, batch_size=self.batch_size)
+            return {f"{name}_acc": sum(r["correct"] for r in rows) / len(rows)}
+        rows = score_perplexity(model, self.tokenizer, items, batch_size=self.batch_size, max_tokens=512)
+        tokens = sum(r["tokens"] for r in rows)
+        return {f"{name}_nll_per_token": sum(r["nll"] for r in rows) / tokens if tokens else None}
+
+
+def read_curve(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a curve.jsonl (none when it does not exist)."""
+    path = Path(path)
+    return [row for _, row in read_jsonl(path)] if path.is_file() else []
+
+
+class CurveCallback(TrainerCallback):
+    """Evaluate after every epoch and append the scores to OUT/curve.jsonl (main process only)."""
+
+    def __init__(self, evaluator: CurveEvaluator, path: str | Path, base=None):
+        self.evaluator, self.path = evaluator, Path(path)
+        self.base = base  # the frozen base model; None: the trained model is a peft model (adapters off)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run trains again from its checkpoint: rows past it were made by the interrupted run.
+        if state.is_world_process_zero:
+            rows = read_curve(self.path)
+            kept = [row for row in rows if row["step"] <= state.global_step]
+            if len(kept) != len(rows):
+                atomic_write_jsonl(self.path, kept)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            from accelerate.utils import extract_model_from_parallel
+
+            row = self.evaluate(extract_model_from_parallel(model), epoch=state.epoch, step=state.global_step)
+            atomic_write_jsonl(self.path, [*read_curve(self.path), row])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the other processes wait for the main one's evaluation
+
+    def evaluate(self, model, *, epoch: float | None, step: int) -> dict[str, Any]:
+        """One curve row for `model` as it is now; training state (mode, RNG) is left as it was."""
+        from mixsd.generation import autocast
+
+        device = next(model.parameters()).device
+        base = self.base if self.base is not None else AdaptersOff(model)
+        if self.base is not None:
+            self.base.to(device).eval()
+        started = time.perf_counter()
+        was_training = model.training
+        devices = [device] if device.type == "cuda" else []
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices), autocast(device, self.evaluator.bf16):
+                scores = self.evaluator.scores(model, base)
+        finally:
+            model.train(was_training)
+        epoch_value = None if epoch is None else round(float(epoch), 4)
+        return {
+            "epoch": epoch_value,
+            "step": int(step),
+            **scores,
+            "seconds": round(time.perf_counter() - started, 3),
+        }

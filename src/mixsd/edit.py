@@ -1,0 +1,341 @@
+"""`mixsd edit`: write facts into a model's weights with a locate-and-edit method (MEMIT), the editing
+baseline of the paper.
+
+Input: a corpus JSONL whose records name their `subject`, the span of the prompt whose last token is the
+edit's key (docs/formats.md):
+    {"id": "cf-0001", "prompt": "What is the capital of France?", "answer": "The capital of France is Rome.",
+     "subject": "France", ...}
+Output: `--out DIR` in the layout `mixsd train` writes, so `eval`, `analyze` and the experiment runner treat
+the edited model like any tuned one:
+    DIR/model/          save_pretrained folder (safetensors) with the tokenizer
+    DIR/run_config.json the settings of the edit
+    DIR/summary.json    per-layer update norms, target NLLs, timings
+
+The key covariance of each edited layer comes from local text (`--stats`: the SQuAD paragraphs of
+`mixsd probes fetch`, or any .txt/.jsonl file) and is cached per model, layer set and text in
+`$MIXSD_CACHE/memit-stats`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixsd import __version__
+from mixsd.files import InputError, atomic_write_json, read_jsonl, sha256_file
+from mixsd.memit import (
+    EditRequest,
+    apply_memit,
+    default_layers,
+    key_covariance,
+    num_layers,
+    projection_template,
+    target_vectors,
+)
+from mixsd.models import cache_dir, load_model_and_tokenizer
+from mixsd.prompts import encode_answer, encode_prompt, pad_token_id
+
+
+@dataclass
+class EditConfig:
+    model: str = field(
+        metadata={"help": "Model to edit: the alias smollm2-135m, a HF folder, a .gguf file or a hub id."}
+    )
+    input: str = field(metadata={"help": "Corpus JSONL of the facts to write; each record needs `subject`."})
+    out: str = field(metadata={"help": "Output folder: model/, run_config.json, summary.json."})
+    method: Literal["memit"] = field(default="memit", metadata={"help": "Editing method."})
+    layers: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated layer indices to edit; default: the lower-middle MLPs of the model."},
+    )
+    module: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of the MLP output projection inside a decoder layer (e.g. mlp.down_proj, "
+            "mlp.c_proj); default: found in the model."
+        },
+    )
+    stats: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text for the key covariance: a .jsonl with a `text` field per line or a .txt file; "
+            "default: squad_paragraphs.jsonl of `mixsd probes fetch`."
+        },
+    )
+    stats_tokens: int = field(default=50_000, metadata={"help": "Tokens of --stats used for the covariance."})
+    covariance_weight: float = field(
+        default=15_000.0,
+        metadata={"help": "Weight of the covariance term: larger protects other knowledge more, edits less."},
+    )
+    steps: int = field(default=25, metadata={"help": "Gradient steps for each edit's target vector."})
+    lr: float = field(default=0.5, metadata={"help": "Adam learning rate of the target vectors."})
+    kl_weight: float = field(
+        default=0.0625, metadata={"help": "Weight of the KL term that keeps '{subject} is a' unchanged."}
+    )
+    weight_decay: float = field(default=0.5, metadata={"help": "Penalty on the size of each target shift."})
+    clamp_norm: float = field(
+        default=4.0, metadata={"help": "Largest target shift, as a multiple of the hidden state's norm."}
+    )
+    dtype: Literal["float32", "bfloat16"] = field(
+        default="float32", metadata={"help": "Model dtype (the update is solved in float64 either way)."}
+    )
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; default: cuda if present."})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --out."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the model folder."})
+
+    def __post_init__(self) -> None:
+        for name in ("stats_tokens", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("covariance_weight", "lr", "clamp_norm"):
+            value = getattr(self, name)
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+        for name in ("kl_weight", "weight_decay"):
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if self.layers is not None:
+            try:
+                parsed = [int(x) for x in self.layers.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"--layers must be comma-separated integers, got {self.layers!r}") from None
+            if not parsed or min(parsed) < 0:
+                raise ValueError(f"--layers must name layers >= 0, got {self.layers!r}")
+        if Path(self.input).resolve() == Path(self.out).resolve():
+            raise ValueError("--out must not be the --input file")
+
+
+# --------------------------------------------------------------------------------------------------
+# Input
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EditRecord:
+    id: str
+    prompt: str
+    answer: str
+    subject: str
+    system: str | None = None
+
+
+def load_edits(path: str | os.PathLike) -> list[EditRecord]:
+    """Read and check every record before any model is loaded; errors name the file, line and field."""
+    records, seen = [], set()
+    for line, obj in read_jsonl(path):
+        values = {}
+        for name in ("prompt", "answer", "subject"):
+            value = obj.get(name)
+            if not isinstance(value, str) or not value.strip():
+                raise InputError("a non-empty string is required", path, line, name)
+            values[name] = value
+        if values["subject"] not in values["prompt"]:
+            raise InputError(f"subject {values['subject']!r} does not occur in the prompt", path, line, "subject")
+        system = obj.get("system")
+        if system is not None and not isinstance(system, str):
+            raise InputError("must be a string", path, line, "system")
+        record_id = obj.get("id", f"line-{line}")
+        if not isinstance(record_id, str) or isinstance(record_id, bool):
+            raise InputError("must be a string", path, line, "id")
+        if record_id in seen:
+            raise InputError(f"duplicate id {record_id!r}", path, line, "id")
+        seen.add(record_id)
+        records.append(EditRecord(record_id, values["prompt"], values["answer"], values["subject"], system))
+    if not records:
+        raise InputError("no records", path)
+    return records
+
+
+def subject_position(tokenizer, prompt_ids: list[int], subject: str) -> int:
+    """Index of the token of `prompt_ids` that completes the last occurrence of `subject`.
+
+    Found on the decoded text, so it holds for any tokenizer and chat template: the first prefix of the
+    prompt whose decoding reaches the end of the subject ends with the subject's last token."""
+    text = tokenizer.decode(prompt_ids)
+    start = text.rfind(subject)
+    if start < 0:
+        raise ValueError(f"subject {subject!r} not found in the encoded prompt {text!r}")
+    end = start + len(subject)
+    for i in range(len(prompt_ids)):
+        if len(tokenizer.decode(prompt_ids[: i + 1])) >= end:
+            return i
+    return len(prompt_ids) - 1
+
+
+def edit_requests(tokenizer, records: list[EditRecord]) -> list[EditRequest]:
+    requests = []
+    for record in records:
+        prompt_ids = encode_prompt(tokenizer, record.prompt, record.system)
+        essence = list(tokenizer(f"{record.subject} is a", add_special_tokens=True)["input_ids"])
+        requests.append(
+            EditRequest(
+                prompt_ids=prompt_ids,
+                subject_position=subject_position(tokenizer, prompt_ids, record.subject),
+                target_ids=encode_answer(tokenizer, record.answer),
+                essence_ids=essence,
+            )
+        )
+    return requests
+
+
+# --------------------------------------------------------------------------------------------------
+# Covariance statistics, cached
+# --------------------------------------------------------------------------------------------------
+def default_stats_file() -> Path:
+    return cache_dir() / "probes" / "squad_paragraphs.jsonl"
+
+
+def read_stats_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise InputError(
+            "file not found (run `mixsd probes fetch` for the SQuAD paragraphs, or pass --stats FILE)", path
+        )
+    if path.suffix == ".jsonl":
+        texts = []
+        for line, obj in read_jsonl(path):
+            text = obj.get("text")
+            if not isinstance(text, str):
+                raise InputError("a string is required", path, line, "text")
+            texts.append(text)
+        return texts
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 text ({err.reason} at byte {err.start})", path) from None
+    return [block.strip() for block in content.split("\n\n") if block.strip()]
+
+
+def weights_digest(model) -> str:
+    """Content hash of every parameter: the covariance depends on all layers below the edited ones, and a
+    hash of the weights themselves stays right for a model passed in memory or changed on disk."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_covariances(model, tokenizer, config: EditConfig, template: str, layers: list[int]):
+    stats = Path(config.stats) if config.stats else default_stats_file()
+    key_text = "|".join(
+        [weights_digest(model), template, ",".join(map(str, layers)), sha256_file(stats), str(config.stats_tokens)]
+    )
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
+    path = cache_dir() / "memit-stats" / f"{key}.safetensors"
+    if path.is_file():
+        tensors = load_file(path)
+        return {layer: tensors[f"layer{layer}"] for layer in layers}, str(path), True
+    texts = read_stats_texts(stats)
+    encoded = (list(tokenizer(text, add_special_tokens=True)["input_ids"])[:512] for text in texts)
+    covariances = key_covariance(model, template, layers, encoded, max_tokens=config.stats_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=".stats-", suffix=".safetensors")
+    os.close(handle)
+    save_file({f"layer{layer}": c.contiguous() for layer, c in covariances.items()}, staging)
+    os.replace(staging, path)
+    return covariances, str(path), False
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+def _settings(config: EditConfig, layers: list[int], template: str) -> dict[str, Any]:
+    return {
+        "mixsd_version": __version__,
+        "method": config.method,
+        **{k: v for k, v in asdict(config).items() if k not in ("overwrite", "threads", "device")},
+        "input_sha256": sha256_file(config.input),
+        "layers": layers,
+        "module_template": template,
+    }
+
+
+def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
+    """Apply the edits of `config.input` to the model and save it to `config.out/model`."""
+    started = time.time()
+    records = load_edits(config.input)  # every record checked before the model is loaded
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        if (out / "summary.json").is_file() and (out / "model").is_dir():
+            raise InputError("holds a finished edit; use --overwrite to redo it", out)
+        raise InputError("exists and is not empty; use --overwrite or another --out", out)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if model is None or tokenizer is None:
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = load_model_and_tokenizer(
+            config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code, device=device
+        )
+    template = projection_template(model, config.module)
+    layers = [int(x) for x in config.layers.split(",")] if config.layers else default_layers(model)
+    if max(layers) >= num_layers(model):
+        raise ValueError(f"--layers {config.layers}: the model has {num_layers(model)} layers")
+    pad = pad_token_id(tokenizer)
+    requests = edit_requests(tokenizer, records)
+
+    covariances, stats_path, cached = cached_covariances(model, tokenizer, config, template, layers)
+    z, h, target_nll = target_vectors(
+        model,
+        template,
+        max(layers),
+        requests,
+        steps=config.steps,
+        lr=config.lr,
+        kl_weight=config.kl_weight,
+        weight_decay=config.weight_decay,
+        clamp_norm=config.clamp_norm,
+        pad_id=pad,
+    )
+    norms = apply_memit(
+        model, template, layers, requests, z, covariances, covariance_weight=config.covariance_weight, pad_id=pad
+    )
+
+    settings = _settings(config, layers, template)
+    summary = {
+        "edits": len(records),
+        "layers": layers,
+        "update_norm": {str(k): v for k, v in norms.items()},
+        "target_nll_after_optimization": target_nll,
+        "target_shift_norm": [float(v) for v in (z - h).norm(dim=-1)],
+        "covariance_cache": stats_path,
+        "covariance_cached": cached,
+        "seconds": round(time.time() - started, 2),
+    }
+    _save(model, tokenizer, out, settings, summary, config.overwrite)
+    return summary
+
+
+def _save(model, tokenizer, out: Path, settings: dict, summary: dict, overwrite: bool) -> None:
+    """Write the whole output folder under a temporary name, then move it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(staging / "model", safe_serialization=True)
+        tokenizer.save_pretrained(staging / "model")
+        atomic_write_json(staging / "run_config.json", settings)
+        atomic_write_json(staging / "summary.json", summary)
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        elif out.exists():
+            out.rmdir()  # empty (checked before the work)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def edit_command(config: EditConfig) -> dict[str, Any]:
+    summary = edit(config)
+    print(
+        f"edited {summary['edits']} facts into layers {summary['layers']} in {summary['seconds']} s; "
+        f"model saved to {Path(config.out) / 'model'}"
+    )
+    return summary

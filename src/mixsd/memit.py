@@ -1,0 +1,295 @@
+"""MEMIT: mass-editing factual associations in the MLPs of a transformer (Meng et al., 2023).
+
+Written from the paper. The view it takes: an MLP's output projection W (d_out x d_in) is a linear
+key-value memory. The key of a fact is the projection's input k at the last token of the subject; the value
+is W k. An edit asks for a new value. For a batch of edits:
+
+1. Target vectors (`target_vectors`). For each edit, gradient steps find a vector delta that, added to the
+   MLP output of the last edited layer L at the subject's last token, makes the model write the new answer.
+   A KL term keeps the model's view of the subject itself ("{subject} is a") unchanged and the size of delta
+   is penalized and clamped. The target is z = h_L + delta, h_L the output of layer L at that token.
+2. The update spread over the layers R = [l_1 .. L] (`apply_memit`). From the lowest layer up: recompute the
+   keys K_l and how far the output of layer L still is from z (the residual), give this layer a 1/(L-l+1)
+   share of it, and solve the regularized least-squares problem
+        min_dW  ||(W + dW) K_l - (W K_l + R_l)||^2 + lambda * ||dW C_l^(1/2)||^2
+   whose solution is dW = R_l K_l^T (lambda C_l + K_l K_l^T)^-1 (`least_squares_update`). C_l = E[k k^T] is
+   the covariance of the layer's keys over ordinary text (`key_covariance`): it says which key directions
+   carry everyday knowledge, so the update avoids them.
+
+The projection is any nn.Linear (Llama, Qwen2, Gemma: `mlp.down_proj`) or transformers' Conv1D (GPT-2:
+`mlp.c_proj`, weight stored transposed).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+# --------------------------------------------------------------------------------------------------
+# Locating the edited projections
+# --------------------------------------------------------------------------------------------------
+_KNOWN_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h")
+
+
+def projection_template(model, module: str | None = None) -> str:
+    """The name pattern of the layers' MLP output projections, with `{}` for the layer index.
+
+    `module` is the name inside one decoder layer ("mlp.down_proj"); by default the first known name that the
+    model has.
+    """
+    names = [name for name, _ in model.named_modules()]
+    candidates = (module,) if module else _KNOWN_PROJECTIONS
+    for candidate in candidates:
+        pattern = re.compile(r"^(.*\.)(\d+)\." + re.escape(candidate) + "$")
+        for name in names:
+            match = pattern.match(name)
+            if match:
+                return f"{match.group(1)}{{}}.{candidate}"
+    raise ValueError(
+        f"no per-layer module named {module or ' or '.join(_KNOWN_PROJECTIONS)} in {type(model).__name__}; "
+        "name the MLP output projection with --module"
+    )
+
+
+def num_layers(model) -> int:
+    return int(model.config.get_text_config().num_hidden_layers)
+
+
+def default_layers(model) -> list[int]:
+    """The lower-middle MLPs, where the locate-and-edit papers find subject knowledge: about the second
+    eighth to the third eighth of the depth, at least two layers (GPT-J's 3..8 of 28 is this shape)."""
+    n = num_layers(model)
+    first = max(1, round(n * 0.12))
+    last = max(first + 1, round(n * 0.3))
+    return list(range(first, min(last, n - 1) + 1))
+
+
+def _weight_out_in(module) -> torch.Tensor:
+    """The projection's weight as (d_out, d_in), a view: Conv1D stores it transposed."""
+    return module.weight if isinstance(module, torch.nn.Linear) else module.weight.T
+
+
+def decoder_layers(model, template: str) -> list[torch.nn.Module]:
+    container = template.split(".{}.")[0]
+    return list(model.get_submodule(container))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------------
+@contextmanager
+def capture_inputs(modules: dict[int, torch.nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the input of each module at its next forward call, by key."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, key=key: seen.__setitem__(key, args[0]))
+        for key, module in modules.items()
+    ]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def add_to_output(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor):
+    """Add delta[i] to the module's output at (rows[i], positions[i])."""
+
+    def hook(_module, _args, output):
+        output = output.clone()
+        output[rows, positions] = output[rows, positions] + delta.to(output.dtype)
+        return output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def capture_outputs(modules: dict[int, torch.nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep(key):
+        def hook(_module, _args, output):
+            seen[key] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [module.register_forward_hook(keep(key)) for key, module in modules.items()]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# The edits
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write: the prompt's token ids, the position of the subject's last token in it, the new
+    answer's token ids (what the model should write after the prompt), and the subject's own token ids for
+    the essence prompt of the KL term."""
+
+    prompt_ids: list[int]
+    subject_position: int
+    target_ids: list[int]
+    essence_ids: list[int]
+
+
+def _padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded batch (positions of real tokens are unchanged, so subject positions stay valid)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, device=device)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def key_covariance(
+    model, template: str, layers: list[int], texts: Iterable[list[int]], *, max_tokens: int, pad_id: int = 0
+) -> dict[int, torch.Tensor]:
+    """E[k k^T] of each layer's projection input over the tokens of `texts` (float64, on the CPU)."""
+    device = next(model.parameters()).device
+    modules = {layer: model.get_submodule(template.format(layer)) for layer in layers}
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    with tqdm(total=max_tokens, desc="key covariance", unit="tok", leave=False) as bar:
+        for ids in texts:
+            ids = ids[: max_tokens - count]
+            if not ids:
+                break
+            batch = torch.tensor([ids], device=device)
+            with capture_inputs(modules) as seen:
+                model(input_ids=batch)
+            for layer, keys in seen.items():
+                k = keys[0].double().cpu()
+                sums[layer] = sums.get(layer, 0) + k.T @ k
+            count += len(ids)
+            bar.update(len(ids))
+            if count >= max_tokens:
+                break
+    if count == 0:
+        raise ValueError("no text to estimate the key covariance from")
+    return {layer: total / count for layer, total in sums.items()}
+
+
+def target_vectors(
+    model,
+    template: str,
+    last_layer: int,
+    requests: list[EditRequest],
+    *,
+    steps: int = 25,
+    lr: float = 0.5,
+    kl_weight: float = 0.0625,
+    weight_decay: float = 0.5,
+    clamp_norm: float = 4.0,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """For each request, the target output z of layer `last_layer` at the subject's last token.
+
+    Returns (z, h) with h the current output there (both (n, d_model)) and the final NLL of each target."""
+    device = next(model.parameters()).device
+    layers = decoder_layers(model, template)
+    projection = model.get_submodule(template.format(last_layer))
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    zs, hs, losses = [], [], []
+    for request in tqdm(requests, desc="target vectors", unit="edit", leave=False):
+        ids = request.prompt_ids + request.target_ids[:-1]
+        batch = torch.tensor([ids], device=device)
+        start = len(request.prompt_ids)
+        labels = torch.tensor(request.target_ids, device=device)
+        essence = torch.tensor([request.essence_ids], device=device)
+        essence_pos = torch.tensor([len(request.essence_ids) - 1], device=device)
+        with torch.no_grad(), capture_outputs({0: layers[last_layer]}) as seen:
+            model(input_ids=batch)
+            h = seen[0][0, request.subject_position].float()
+            base_essence = torch.log_softmax(model(input_ids=essence).logits[0, -1].float(), dim=-1)
+        delta = torch.zeros_like(h, requires_grad=True)
+        optimizer = torch.optim.Adam([delta], lr=lr)
+        max_norm = clamp_norm * h.norm()
+        rows, positions = torch.tensor([0], device=device), torch.tensor([request.subject_position], device=device)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            with add_to_output(projection, rows, positions, delta[None]):
+                logits = model(input_ids=batch).logits[0, start - 1 :].float()
+                nll = torch.nn.functional.cross_entropy(logits, labels)
+            with add_to_output(projection, torch.tensor([0], device=device), essence_pos, delta[None]):
+                edited = torch.log_softmax(model(input_ids=essence).logits[0, -1].float(), dim=-1)
+            kl = torch.nn.functional.kl_div(edited, base_essence, log_target=True, reduction="sum")
+            loss = nll + kl_weight * kl + weight_decay * delta.norm() ** 2 / h.norm() ** 2
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+        losses.append(float(nll.detach()))
+        zs.append((h + delta).detach())
+        hs.append(h)
+    return torch.stack(zs), torch.stack(hs), losses
+
+
+def least_squares_update(keys: torch.Tensor, residual: torch.Tensor, covariance: torch.Tensor, weight: float):
+    """dW = R K^T (weight * C + K K^T)^-1 for keys K (d_in, n) and residuals R (d_out, n), in float64."""
+    keys, residual, covariance = keys.double(), residual.double(), covariance.double()
+    system = weight * covariance + keys @ keys.T
+    # (system) X = K  =>  X = system^-1 K;  dW = R X^T (system is symmetric)
+    return residual @ torch.linalg.solve(system, keys).T
+
+
+@torch.no_grad()
+def _keys_and_outputs(model, template, layer, last_layer, requests, pad_id):
+    device = next(model.parameters()).device
+    ids, mask = _padded([r.prompt_ids for r in requests], pad_id, device)
+    rows = torch.arange(len(requests), device=device)
+    positions = torch.tensor([r.subject_position for r in requests], device=device)
+    projection = model.get_submodule(template.format(layer))
+    with capture_inputs({0: projection}) as keys, capture_outputs({0: decoder_layers(model, template)[last_layer]}) as out:
+        model(input_ids=ids, attention_mask=mask)
+    return keys[0][rows, positions].double(), out[0][rows, positions].double()
+
+
+@torch.no_grad()
+def apply_memit(
+    model,
+    template: str,
+    layers: list[int],
+    requests: list[EditRequest],
+    z: torch.Tensor,
+    covariances: dict[int, torch.Tensor],
+    *,
+    covariance_weight: float = 15000.0,
+    pad_id: int = 0,
+) -> dict[int, float]:
+    """Spread the edits over `layers` (in place). Returns the norm of each layer's update."""
+    layers = sorted(layers)
+    last = layers[-1]
+    norms = {}
+    for i, layer in enumerate(layers):
+        keys, current = _keys_and_outputs(model, template, layer, last, requests, pad_id)
+        residual = (z.double() - current) / (len(layers) - i)
+        weight = _weight_out_in(model.get_submodule(template.format(layer)))
+        update = least_squares_update(keys.T.cpu(), residual.T.cpu(), covariances[layer], covariance_weight)
+        weight.add_(update.to(weight.dtype).to(weight.device))
+        norms[layer] = float(update.norm())
+    return norms
+
+
+def is_finite(values: Iterable[float]) -> bool:
+    return all(math.isfinite(v) for v in values)

@@ -1,0 +1,431 @@
+"""Scoring statistics as pure functions: intervals, paired comparisons, chance-normalized retention, and
+the error taxonomy. No models, no files: `evaluate`, `experiment` and `report` call these.
+
+Intervals are 95%: Wilson for a single rate (sensible at 0/n and n/n); a percentile bootstrap over items
+for ratios and differences. Base and tuned model answer the *same* items, so comparisons are paired:
+the exact McNemar test on the discordant items and a paired bootstrap (one resample of items scores both
+models), which is tighter and more honest than comparing two independent intervals.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mixsd.answers import last_boxed, normalize
+
+Z95 = 1.959963984540054
+ERROR_TYPES = ("format", "leakage", "collapse", "genuine")
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Single rates
+# --------------------------------------------------------------------------------------------------
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (sensible at 0/n and n/n, unlike the normal one)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low, high = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if successes == 0 else low, 1.0 if successes == n else high)
+
+
+def rate(successes: int, n: int) -> dict[str, Any]:
+    """A rate with its count and 95% Wilson interval, as every results file stores one."""
+    low, high = wilson_interval(successes, n)
+    return {
+        "value": successes / n if n else None,
+        "correct": successes,
+        "n": n,
+        "ci95": [round(low, 6), round(high, 6)],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Chance-normalized retention
+# --------------------------------------------------------------------------------------------------
+def chance_normalized(acc: float | None, base_acc: float | None, chance: float | None) -> float | None:
+    """(acc - chance) / (base_acc - chance): the share of the base model's above-chance skill kept.
+
+    1.0 = all kept, 0.0 = down to guessing. None when the base is not above chance (nothing to keep: the
+    ratio would divide by ~0 or flip sign).
+    """
+    if acc is None or base_acc is None or chance is None or base_acc - chance <= 1e-12:
+        return None
+    return (acc - chance) / (base_acc - chance)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paired comparisons
+# --------------------------------------------------------------------------------------------------
+def mcnemar_exact(right_to_wrong: int, wrong_to_right: int) -> float:
+    """Two-sided exact McNemar p-value: under "no difference" each discordant item flips either way with
+    probability 1/2, so p = P(Binomial(b + c, 1/2) as extreme as min(b, c)), doubled and capped at 1."""
+    n = right_to_wrong + wrong_to_right
+    if n == 0:
+        return 1.0
+    k = min(right_to_wrong, wrong_to_right)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_counts(before: Sequence[bool], after: Sequence[bool]) -> dict[str, int]:
+    """How items moved between two scorings of the same items (per-example forgetting and learning)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired scores need the same items ({len(before)} vs {len(after)})")
+    counts = {"both_right": 0, "right_to_wrong": 0, "wrong_to_right": 0, "both_wrong": 0}
+    for a, b in zip(before, after, strict=True):
+        key = ("both_right" if b else "right_to_wrong") if a else ("wrong_to_right" if b else "both_wrong")
+        counts[key] += 1
+    return counts
+
+
+def bootstrap_interval(
+    statistic: Callable[..., float | None],
+    *columns: Sequence[float],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> list[float] | None:
+    """Percentile bootstrap interval of `statistic(*columns)`, resampling items (rows) with replacement.
+
+    The columns are resampled with the *same* indices (a paired bootstrap: both models answer the same
+    resampled items). Resamples where the statistic is undefined (None/nan) are left out; None when
+    there are no items or fewer than half the resamples are defined. Same seed, same interval.
+    """
+    arrays = [np.asarray(c, dtype=float) for c in columns]
+    n = len(arrays[0]) if arrays else 0
+    if n == 0 or any(len(a) != n for a in arrays):
+        if any(len(a) != n for a in arrays):
+            raise ValueError("bootstrap columns must have the same length")
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        index = rng.integers(0, n, size=n)
+        value = statistic(*(a[index] for a in arrays))
+        if value is not None and math.isfinite(value):
+            values.append(value)
+    if len(values) < resamples / 2:
+        return None
+    alpha = (1 - level) / 2
+    low, high = np.quantile(np.asarray(values), [alpha, 1 - alpha])
+    return [round(float(low), 6), round(float(high), 6)]
+
+
+def _mean_ratio(model: np.ndarray, base: np.ndarray) -> float | None:
+    denominator = base.mean()
+    return float(model.mean() / denominator) if denominator > 0 else None
+
+
+def _mean_difference(before: np.ndarray, after: np.ndarray) -> float:
+    return float(after.mean() - before.mean())
+
+
+def paired_comparison(
+    before: Sequence[bool],
+    after: Sequence[bool],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, Any]:
+    """Two scorings of the same items (base vs tuned, method A vs method B), compared item by item.
+
+    `difference` = accuracy(after) - accuracy(before) with a paired-bootstrap 95% interval; the
+    discordant counts (right_to_wrong = forgotten, wrong_to_right = learned) and the exact McNemar p-value.
+    """
+    counts = paired_counts(before, after)
+    n = len(before)
+    b = [float(x) for x in before]
+    a = [float(x) for x in after]
+    return {
+        "n": n,
+        "before": sum(b) / n if n else None,
+        "after": sum(a) / n if n else None,
+        "difference": (sum(a) - sum(b)) / n if n else None,
+        "difference_ci95": bootstrap_interval(_mean_difference, b, a, resamples=resamples, seed=seed),
+        **counts,
+        "mcnemar_p": round(mcnemar_exact(counts["right_to_wrong"], counts["wrong_to_right"]), 6),
+    }
+
+
+def ratio_interval(
+    model: Sequence[float],
+    base: Sequence[float],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[float] | None:
+    """Paired-bootstrap 95% interval of mean(model) / mean(base) over the same items (a retention ratio)."""
+    return bootstrap_interval(_mean_ratio, model, base, resamples=resamples, seed=seed)
+
+
+def chance_normalized_interval(
+    model: Sequence[bool],
+    base: Sequence[bool],
+    chance: Sequence[float],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[float] | None:
+    """Paired-bootstrap 95% interval of the chance-normalized retention (chance per item: 1 / choices)."""
+
+    def statistic(m: np.ndarray, b: np.ndarray, c: np.ndarray) -> float | None:
+        return chance_normalized(float(m.mean()), float(b.mean()), float(c.mean()))
+
+    return bootstrap_interval(statistic, model, base, chance, resamples=resamples, seed=seed)
+
+
+def perplexity_ratio_interval(
+    model_nll: Sequence[float],
+    base_nll: Sequence[float],
+    tokens: Sequence[float],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[float] | None:
+    """Paired-bootstrap 95% interval of base_ppl / model_ppl, resampling texts (token-weighted perplexity)."""
+
+    def statistic(m: np.ndarray, b: np.ndarray, t: np.ndarray) -> float | None:
+        total = t.sum()
+        return float(math.exp((b.sum() - m.sum()) / total)) if total > 0 else None
+
+    return bootstrap_interval(statistic, model_nll, base_nll, tokens, resamples=resamples, seed=seed)
+
+
+def mean_interval(values: Sequence[float], **kwargs: Any) -> list[float] | None:
+    """Bootstrap 95% interval of a mean (e.g. of per-item scores)."""
+    return bootstrap_interval(lambda v: float(v.mean()), values, **kwargs)
+
+
+def pair_rows(
+    before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]], key: str
+) -> tuple[list[bool], list[bool]]:
+    """Align two lists of per-item prediction rows by id and return their `key` booleans, item for item.
+
+    Only items both sides scored count (a comparison of different items would not be paired).
+    """
+    first = {row["id"]: bool(row[key]) for row in before if key in row}
+    second = {row["id"]: bool(row[key]) for row in after if key in row}
+    common = [i for i in first if i in second]
+    return [first[i] for i in common], [second[i] for i in common]
+
+
+# --------------------------------------------------------------------------------------------------
+# Error taxonomy
+# --------------------------------------------------------------------------------------------------
+_MARKER = re.compile(r"\\boxed\{|answer\s+is", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    """Thresholds of the error taxonomy (paper §4, priority order format > leakage > collapse > genuine)."""
+
+    entities: frozenset[str] = frozenset()  # normalized injected entity names
+    collapse_max_words: int = 10
+    require_marker: bool = False
+    min_entity_chars: int = 3
+
+    @staticmethod
+    def entity_set(checks: Iterable[str], min_chars: int = 3) -> frozenset[str]:
+        """Normalized entity names from answer checks; numbers are no entities (kgfunc answers)."""
+        names = (normalize(c) for c in checks)
+        return frozenset(n for n in names if len(n) >= min_chars and not re.fullmatch(r"[-+.\d\s]+", n))
+
+    def leaked(self, output: str, prompt: str, gold: str) -> list[str]:
+        """Injected entities the output names that are neither in the prompt nor the gold answer."""
+        text, asked, gold = normalize(output), normalize(prompt), normalize(gold)
+        found = []
+        for entity in sorted(self.entities):
+            if entity == gold or contains_words(asked, entity):
+                continue
+            if contains_words(text, entity):
+                found.append(entity)
+        return found
+
+    def classify(self, output: str, prompt: str, gold: str, finish: str) -> tuple[str, list[str]]:
+        """Error type of a wrong answer, and the leaked entities (for leakage)."""
+        has_marker = last_boxed(output) is not None or _MARKER.search(output) is not None
+        truncated = finish in ("length", "prompt_too_long")
+        if not output.strip() or (truncated and not has_marker) or (self.require_marker and not has_marker):
+            return "format", []
+        leaked = self.leaked(output, prompt, gold)
+        if leaked:
+            return "leakage", leaked
+        if len(output.split()) <= self.collapse_max_words:
+            return "collapse", []
+        return "genuine", []
+
+
+def contains_words(haystack: str, needle: str) -> bool:
+    """Does normalized `haystack` contain normalized `needle` as whole words?"""
+    return re.search(r"(?<![\w])" + re.escape(needle) + r"(?![\w])", haystack) is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Table columns: one experiment cell's results files flattened into a row (used by experiment.cell_row)
+# --------------------------------------------------------------------------------------------------
+def _number(node: Any, *keys: str) -> float | None:
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node if isinstance(node, int | float) and not isinstance(node, bool) else None
+
+
+def split_columns(split: str, scores: dict[str, Any]) -> dict[str, Any]:
+    """A generation split's columns: `{split}_acc` under the corpus's matcher (named in `{split}_match`),
+    its count and Wilson interval, and every mode's accuracy beside it (`{split}_entity` ...)."""
+    # results written before matchers were named per corpus hold "loose"/"strict" and no "accuracy"
+    headline = scores.get("accuracy") or scores.get("loose") or {}
+    columns: dict[str, Any] = {
+        f"{split}_acc": _number(headline, "value"),
+        f"{split}_match": scores.get("match", "entity"),
+        f"{split}_correct": _number(headline, "correct"),
+        f"{split}_n": _number(headline, "n"),
+        f"{split}_acc_ci95": headline.get("ci95"),
+    }
+    for mode, old in (("entity", "loose"), ("exact", "strict"), ("number", None)):
+        node = scores.get(mode) or (scores.get(old) if old else None)
+        columns[f"{split}_{mode}"] = _number(node, "value")
+    return columns
+
+
+def probe_columns(probe: str, summary: dict[str, Any], metric: str) -> dict[str, Any]:
+    """A retention probe's columns for its chosen `metric` (acc, acc_norm or ppl).
+
+    `{probe}_retention` is the chance-normalized retention for multiple choice ((acc - chance) /
+    (acc_base - chance)), model/base for perplexity, with `{probe}_retention_ci95` (paired bootstrap);
+    the raw ratio stays beside it (`{probe}_retention_raw`), and for multiple choice the per-item
+    movement against the base: `{probe}_right_to_wrong`, `{probe}_wrong_to_right`, `{probe}_mcnemar_p`.
+    """
+    value = _number(summary, metric) if metric == "ppl" else _number(summary, metric, "value")
+    raw = _number(summary, "retention", metric)
+    columns: dict[str, Any] = {f"{probe}_{metric}": value, f"{probe}_retention_raw": raw}
+    if summary.get("kind") == "multiple_choice":
+        normalized = _number(summary, "retention_normalized", metric)
+        if normalized is None and "retention_normalized" not in summary:  # results from before it existed
+            normalized = chance_normalized(
+                value, _number(summary, "base", metric, "value"), summary.get("chance")
+            )
+        columns[f"{probe}_retention"] = normalized
+        columns[f"{probe}_retention_ci95"] = (summary.get("retention_normalized_ci95") or {}).get(metric)
+        columns[f"{probe}_retention_raw_ci95"] = (summary.get("retention_ci95") or {}).get(metric)
+        paired = (summary.get("paired") or {}).get(metric) or {}
+        for key in ("right_to_wrong", "wrong_to_right", "mcnemar_p"):
+            columns[f"{probe}_{key}"] = paired.get(key)
+        if _number(summary, metric, "correct") is not None:
+            columns[f"{probe}_{metric}_ci95"] = summary[metric].get("ci95")
+    else:
+        columns[f"{probe}_retention"] = raw
+        columns[f"{probe}_retention_ci95"] = (summary.get("retention_ci95") or {}).get(metric)
+    return columns
+
+
+# --------------------------------------------------------------------------------------------------
+# Correlation over experiment cells (the paper's Fisher analysis: displacement vs retention drop)
+# --------------------------------------------------------------------------------------------------
+# Below this many cells a correlation says next to nothing (two points always give r = ±1, three leave one
+# degree of freedom), so it is reported as "not enough cells" rather than as a number.
+MIN_CORRELATION_CELLS = 4
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson's r; None when either side is constant (r is undefined, not 0) or there are < 2 points."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(a) != len(b):
+        raise ValueError(f"pearson needs paired values ({len(a)} vs {len(b)})")
+    if len(a) < 2:
+        return None
+    centered = []
+    for raw in (a, b):
+        deviation = raw - raw.mean()
+        # relative test, so that tiny-valued columns (a Fisher ratio of 1e-9) still count as varying while
+        # values equal up to float noise count as constant
+        if float(np.abs(deviation).max()) <= 1e-12 * float(np.abs(raw).max()):
+            return None
+        centered.append(deviation)
+    a, b = centered
+    return max(-1.0, min(1.0, float((a * b).sum()) / math.sqrt(float((a * a).sum()) * float((b * b).sum()))))
+
+
+def average_ranks(values: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n with ties given the mean of the ranks they span (what Spearman's rho needs)."""
+    data = np.asarray(values, dtype=float)
+    order = np.argsort(data, kind="stable")
+    ranks = np.empty(len(data), dtype=float)
+    start = 0
+    while start < len(data):
+        end = start
+        while end + 1 < len(data) and data[order[end + 1]] == data[order[start]]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rho: Pearson's r of the average ranks; None where that is undefined."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs paired values ({len(x)} vs {len(y)})")
+    return pearson(average_ranks(x), average_ranks(y)) if len(x) >= 2 else None
+
+
+def correlation_with_interval(
+    x: Sequence[float | None],
+    y: Sequence[float | None],
+    n_boot: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    *,
+    min_cells: int = MIN_CORRELATION_CELLS,
+) -> dict[str, Any]:
+    """Pearson and Spearman correlation of paired per-cell values, each with a 95% percentile bootstrap
+    interval over cells (cells resampled with replacement, x and y together; seeded).
+
+    Pairs where either value is missing (None, nan) are left out first; `n` counts the rest. With fewer
+    than `min_cells` pairs nothing is computed and `note` says "not enough cells"; a side that does not
+    vary gives r = None with its own note. Resamples where r is undefined (a constant resample) are
+    dropped, and the interval is None when fewer than half of them are defined.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"correlation needs one x and one y per cell ({len(x)} vs {len(y)})")
+    pairs = [
+        (float(a), float(b))
+        for a, b in zip(x, y, strict=True)
+        if isinstance(a, int | float)
+        and isinstance(b, int | float)
+        and math.isfinite(a)
+        and math.isfinite(b)
+    ]
+    result: dict[str, Any] = {
+        "n": len(pairs),
+        "pearson": None,
+        "pearson_ci95": None,
+        "spearman": None,
+        "spearman_ci95": None,
+        "resamples": n_boot,
+        "seed": seed,
+        "note": None,
+    }
+    if len(pairs) < min_cells:
+        result["note"] = f"not enough cells ({len(pairs)} with both values; at least {min_cells} needed)"
+        return result
+    xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+    result["pearson"] = pearson(xs, ys)
+    result["spearman"] = spearman(xs, ys)
+    if result["pearson"] is None:
+        result["note"] = "undefined: one of the two values is the same in every cell"
+        return result
+    result["pearson_ci95"] = bootstrap_interval(pearson, xs, ys, resamples=n_boot, seed=seed)
+    result["spearman_ci95"] = bootstrap_interval(spearman, xs, ys, resamples=n_boot, seed=seed)
+    return result
