@@ -16,12 +16,22 @@ from mixsd.analyze import (
     diagonal_fisher,
     displacement,
     fisher_displacement,
+    format_nll,
+    high_nll_share,
     parameter_group,
     probe_sequences,
     target_nll,
 )
 from mixsd.cli import main
 from mixsd.files import InputError
+from mixsd.metrics import (
+    analysis_columns,
+    average_ranks,
+    correlation_with_interval,
+    pearson,
+    spearman,
+    wilson_interval,
+)
 
 
 class Out:
@@ -300,3 +310,229 @@ def test_cli_analyze_and_eval_on_a_model_folder(tmp_path, tiny_model_dir, tiny_c
         == 2
     )
     assert "not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's analyses: NLL > 5 share, Fisher columns, correlation with the retention drop over cells
+# ------------------------------------------------------------------------------------------------
+def test_high_nll_share_counted_by_hand_overall_and_per_branch(tmp_path):
+    vocab = 6
+    probs = torch.full((vocab, vocab), 1.0 / vocab, dtype=torch.float64)
+    # after 1: token 2 with .9, 3 with .001 (NLL 6.9 > 5), 4 with .0099 (NLL 4.6 < 5)
+    probs[1] = torch.tensor([0.0, 0.0, 0.9, 0.001, 0.0099, 0.0891])
+    # after 2: 3 with .5, 5 with .002 (NLL 6.2 > 5)
+    probs[2] = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.498, 0.002])
+    model = Bigram((probs + 1e-12).log().float())
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            # 1->3 (6.9, E), 3->4 uniform (1.79, N); 1->4 (4.6, N) is just below the threshold
+            {"id": "a", "prompt_ids": [0, 1], "target_ids": [3, 4], "branch": "EN"},
+            {"id": "b", "prompt_ids": [1], "target_ids": [4], "branch": "N"},
+            # 1->2 (0.1, G), 2->5 (6.2, G)
+            {"id": "c", "prompt_ids": [1], "target_ids": [2, 5], "branch": "GG"},
+        ],
+    )
+    r = target_nll(NLLConfig(model="bigram", targets=str(path)), model=model)
+    high = r["overall"]["high_nll"]
+    assert (high["threshold"], high["count"], high["n"]) == (5.0, 2, 5)
+    assert high["value"] == pytest.approx(2 / 5)
+    low, up = wilson_interval(2, 5)
+    assert high["ci95"] == [pytest.approx(low, abs=1e-6), pytest.approx(up, abs=1e-6)]
+    assert (r["by_branch"]["E"]["high_nll"]["count"], r["by_branch"]["E"]["high_nll"]["n"]) == (1, 1)
+    assert (r["by_branch"]["N"]["high_nll"]["count"], r["by_branch"]["N"]["high_nll"]["n"]) == (0, 2)
+    assert r["by_branch"]["N"]["high_nll"]["ci95"][0] == 0.0  # Wilson at 0/n: lower bound exactly 0
+    assert (r["by_branch"]["G"]["high_nll"]["count"], r["by_branch"]["G"]["high_nll"]["n"]) == (1, 2)
+    assert ">5 [95%]" in format_nll(r) and "2 40.0% [" in format_nll(r)
+    # the paper counts tokens strictly above the threshold
+    assert high_nll_share([5.0, 5.0001, 1.0])["count"] == 1
+    assert high_nll_share([]) == {"threshold": 5.0, "count": 0, "n": 0, "value": None, "ci95": None}
+
+
+def test_high_nll_count_on_a_tiny_llama_matches_a_direct_forward_pass(tmp_path):
+    model = make_tiny_model(40, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)  # sharpen the random model: NLLs spread on both sides of 5
+    generator = random.Random(5)
+    rows = [
+        {
+            "id": str(i),
+            "prompt_ids": [generator.randrange(3, 40) for _ in range(generator.randint(2, 6))],
+            "target_ids": [generator.randrange(3, 40) for _ in range(generator.randint(1, 7))],
+        }
+        for i in range(9)
+    ]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    expected, tokens = 0, 0
+    with torch.no_grad():
+        for row in rows:  # one sequence at a time, no padding: the reference the batched pass must match
+            ids = torch.tensor([row["prompt_ids"] + row["target_ids"]])
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+            start = len(row["prompt_ids"])
+            nll = [-float(logprobs[start - 1 + j, t]) for j, t in enumerate(row["target_ids"])]
+            assert all(abs(v - 5.0) > 1e-3 for v in nll)  # no token on the edge: float noise cannot flip it
+            expected += sum(v > 5.0 for v in nll)
+            tokens += len(nll)
+    assert 0 < expected < tokens  # the test can see both kinds of token
+    r = target_nll(NLLConfig(model="tiny", targets=str(path), batch_size=4), model=model)
+    assert (r["overall"]["high_nll"]["count"], r["overall"]["high_nll"]["n"]) == (expected, tokens)
+    assert r["by_branch"]["?"]["high_nll"]["count"] == expected  # no branch letters: one group "?"
+
+
+def test_analysis_columns_name_the_fisher_ratio_and_raw_displacement():
+    nll = {
+        "overall": {
+            "mean": 1.5,
+            "median": 1.0,
+            "high_nll": {"count": 3, "n": 12, "value": 0.25, "ci95": [0.1, 0.5]},
+        },
+        "by_branch": {"E": {"high_nll": {"value": 0.0}}, "N": {"high_nll": {"value": 0.5}}},
+    }
+    fisher = {
+        "totals": {
+            "displacement": 6.0,
+            "normalized_by_fisher": 0.5,
+            "normalized_by_delta": 2.0,
+            "delta_sq": 3.0,
+        }
+    }
+    columns = analysis_columns(nll, fisher)
+    assert columns["target_nll_above_5"] == 0.25 and columns["target_nll_above_5_ci95"] == [0.1, 0.5]
+    assert (columns["target_nll_above_5_count"], columns["target_nll_above_5_n"]) == (3, 12)
+    assert columns["target_nll_above_5_E"] == 0.0 and columns["target_nll_above_5_N"] == 0.5
+    assert columns["target_nll_above_5_G"] is None
+    assert columns["fisher_ratio"] == 2.0 and columns["delta_norm_sq"] == 3.0
+    assert columns["fisher_displacement"] == 6.0 and columns["fisher_displacement_norm"] == 0.5
+    empty = analysis_columns({}, {})  # analyses not run (base cell): every column present, None
+    assert set(empty) == set(columns) and all(v is None for v in empty.values())
+    # the experiment row carries them under the same names
+    from mixsd.experiment import Cell, cell_row
+
+    row = cell_row(
+        Cell("sft", seed=1), {"eval": {}, "retention": {}}, {"nll": nll, "fisher": fisher}, None, None
+    )
+    assert row["fisher_ratio"] == 2.0 and row["target_nll_above_5"] == 0.25
+
+
+def test_correlation_perfect_none_and_negative_on_hand_made_cells():
+    x = [0.1, 0.4, 0.2, 0.9, 0.5, 0.7]
+    perfect = correlation_with_interval(x, [3 * v + 1 for v in x], 500, 0)
+    assert perfect["n"] == 6 and perfect["note"] is None
+    assert perfect["pearson"] == pytest.approx(1.0) and perfect["spearman"] == pytest.approx(1.0)
+    assert perfect["pearson_ci95"] == [pytest.approx(1.0), pytest.approx(1.0)]
+    # monotone but bent: ranks agree perfectly, values do not lie on a line
+    bent = correlation_with_interval(x, [v**4 for v in x], 500, 0)
+    assert bent["spearman"] == pytest.approx(1.0) and 0.8 < bent["pearson"] < 0.99
+    # symmetric parabola: r is exactly 0 by construction, and the interval straddles it
+    none = correlation_with_interval([-3, -2, -1, 0, 1, 2, 3], [9, 4, 1, 0, 1, 4, 9], 1000, 0)
+    assert none["pearson"] == pytest.approx(0.0, abs=1e-12) and none["spearman"] == pytest.approx(
+        0.0, abs=1e-12
+    )
+    assert none["pearson_ci95"][0] < 0 < none["pearson_ci95"][1]
+    negative = correlation_with_interval(
+        [1, 2, 3, 4, 5, 6, 7, 8], [8.2, 7.1, 5.8, 5.2, 3.9, 3.1, 1.8, 1.2], 1000, 0
+    )
+    assert negative["pearson"] < -0.99 and negative["spearman"] == pytest.approx(-1.0)
+    assert negative["pearson_ci95"][1] < -0.95  # the whole interval is negative
+    # hand-computed r of a small non-trivial case: x = 1,2,3,4 ; y = 1,3,2,5
+    # dx = -1.5,-.5,.5,1.5 ; dy = -1.75,.25,-.75,2.25 ; sum dx dy = 5.5 ; Sxx = 5 ; Syy = 8.75
+    assert pearson([1, 2, 3, 4], [1, 3, 2, 5]) == pytest.approx(5.5 / math.sqrt(5 * 8.75))
+
+
+def test_correlation_too_few_cells_constant_and_missing_values_do_not_crash():
+    few = correlation_with_interval([0.1, 0.2, 0.3], [1.0, 2.0, 3.0], 200, 0)
+    assert few["n"] == 3 and few["pearson"] is None and few["pearson_ci95"] is None
+    assert few["note"].startswith("not enough cells")
+    assert correlation_with_interval([], [], 200, 0)["note"].startswith("not enough cells")
+    constant = correlation_with_interval([1.0] * 5, [1, 2, 3, 4, 5], 200, 0)
+    assert constant["pearson"] is None and "same in every cell" in constant["note"]
+    # cells missing either value (a base cell without Fisher, a cell without retention) are left out
+    gaps = correlation_with_interval([1, 2, None, 3, 4, float("nan"), 5], [2, 4, 9, 6, None, 1, 10], 200, 0)
+    assert gaps["n"] == 4 and gaps["pearson"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one x and one y per cell"):
+        correlation_with_interval([1, 2], [1], 10, 0)
+
+
+def test_correlation_interval_is_seeded_and_ranks_average_ties():
+    x, y = [0.3, 0.1, 0.8, 0.5, 0.9, 0.2, 0.6], [0.2, 0.3, 0.7, 0.2, 0.8, 0.1, 0.4]
+    first = correlation_with_interval(x, y, 300, 7)
+    assert first == correlation_with_interval(x, y, 300, 7)
+    assert first["pearson_ci95"] != correlation_with_interval(x, y, 300, 8)["pearson_ci95"]
+    assert first["pearson_ci95"][0] <= first["pearson"] <= first["pearson_ci95"][1]
+    assert average_ranks([3, 1, 3, 2]).tolist() == [3.5, 1.0, 3.5, 2.0]
+    # Spearman with ties = Pearson of the average ranks: x ranks 1,2,3,4 ; y ranks 1.5,1.5,3,4
+    assert spearman([1, 2, 3, 4], [5, 5, 6, 7]) == pytest.approx(pearson([1, 2, 3, 4], [1.5, 1.5, 3, 4]))
+
+
+def _synthetic_cells(count: int) -> list[dict]:
+    """Tuned cells where the drop follows the Fisher ratio exactly and not the raw displacement."""
+    rows = [
+        {"cell": "base", "group": "base", "method": "base", "lam": None, "seed": 0, "retention_mean": 1.0}
+    ]
+    for i in range(count):
+        ratio = 0.1 * (i + 1)
+        rows.append(
+            {
+                "cell": f"sft-s{i}",
+                "group": "SFT",
+                "method": "sft",
+                "lam": None,
+                "seed": i,
+                "fisher_ratio": ratio,
+                "fisher_displacement_norm": ratio * 2,
+                "delta_norm_sq": [5.0, 1.0, 4.0, 2.0, 3.0, 6.0, 1.5, 4.5][i % 8],
+                "retention_mean": 1 - 0.5 * ratio,
+            }
+        )
+    return rows
+
+
+def test_report_correlations_and_analyses_section_on_synthetic_cells(tmp_path):
+    from mixsd.report import (
+        analyses_markdown,
+        correlation_figure,
+        displacement_correlations,
+        high_nll_table,
+        table_cell,
+    )
+
+    rows = _synthetic_cells(8)
+    result = displacement_correlations(rows, n_boot=300, seed=0)
+    assert result["drop"] == "1 − retention_mean" and result["cells"] == 8  # the base cell is not a point
+    by_column = {m["column"]: m for m in result["measures"]}
+    assert by_column["fisher_ratio"]["pearson"] == pytest.approx(1.0)
+    assert by_column["fisher_ratio"]["paper"] == "+0.56 / +0.82 / +0.57"
+    raw = by_column["delta_norm_sq"]
+    assert raw["pearson"] == pytest.approx(pearson([5.0, 1.0, 4.0, 2.0, 3.0, 6.0, 1.5, 4.5], range(8)))
+    assert by_column["target_nll_above_5"]["note"].startswith("not enough cells")  # no column: n = 0
+
+    # NLL > 5: counts of both seeds pooled per branch, Wilson interval
+    for i, (count, n) in enumerate([(1, 10), (3, 10)]):
+        folder = tmp_path / f"sft-s{i}"
+        folder.mkdir()
+        high = {"count": count, "n": n}
+        (folder / "nll.json").write_text(
+            json.dumps({"overall": {"high_nll": high}, "by_branch": {"G": {"high_nll": high}}})
+        )
+    two = rows[:3]
+    table = high_nll_table(tmp_path, two)
+    low, up = wilson_interval(4, 20)
+    assert table == [["SFT", "2", f"4/20 = 20.0% [{low:.1%}, {up:.1%}]", "-", "-", table[0][2]]]
+
+    md = "\n".join(analyses_markdown(tmp_path, two))
+    assert "NLL > 5 nats" in md and "not enough cells (2 with both values" in md
+    assert "+0.56 / +0.82 / +0.57" in md and "+0.34 / +0.02 / +0.10" in md
+    md = "\n".join(analyses_markdown(tmp_path, rows, result))
+    assert "| Fisher-weighted ratio Σ F·Δθ² / ‖Δθ‖² (`fisher_ratio`) | 8 | +1.00 [+1.000, +1.000]" in md
+    assert correlation_figure(rows, tmp_path / "c.png").stat().st_size > 0
+    assert correlation_figure(rows[:2], tmp_path / "none.png") is None  # one point: no figure
+
+    # the results table pools the token counts of the seeds for the NLL > 5 column's interval
+    members = [
+        {"target_nll_above_5": 0.1, "target_nll_above_5_count": 1, "target_nll_above_5_n": 10},
+        {"target_nll_above_5": 0.3, "target_nll_above_5_count": 3, "target_nll_above_5_n": 10},
+    ]
+    text = table_cell(
+        {"target_nll_above_5": 0.2, "target_nll_above_5_sd": 0.14}, members, "target_nll_above_5"
+    )
+    assert text == f"0.2 [{low:.3g}, {up:.3g}] ± 0.14"

@@ -183,3 +183,39 @@ def test_curve_options_are_checked_before_any_work(tmp_path, files):
     with pytest.raises(InputError, match=r"missing\.jsonl"):
         run(curve_config(tmp_path, files, "bad", eval_probes=str(tmp_path / "missing.jsonl")))
     assert not (tmp_path / "bad" / "run_config.json").exists()
+
+
+_DDP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_curve import curve_config, run
+files = json.loads({files!r})
+run(curve_config(Path({tmp!r}), files, "ddp", batch_size=2, eval_probes=None))
+"""
+
+
+def test_two_gloo_processes_write_the_curve_of_one_process(tmp_path, files):
+    """Only the main process evaluates; the other waits for it, and the rows are those of one process."""
+    import os
+    import subprocess
+    import sys
+
+    single = run(curve_config(tmp_path, files, "single", batch_size=4, eval_probes=None))
+    script = tmp_path / "ddp_curve.py"
+    paths = json.dumps({k: str(v) for k, v in files.items()})
+    script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent), files=paths, tmp=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    port = str(30500 + os.getpid() % 1000)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    result = subprocess.run([*command, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    drop = ("seconds",)
+    ddp = [{k: v for k, v in r.items() if k not in drop} for r in read_curve(tmp_path / "ddp" / CURVE_FILE)]
+    one = [
+        {k: v for k, v in r.items() if k not in drop} for r in read_curve(tmp_path / "single" / CURVE_FILE)
+    ]
+    assert [r["step"] for r in ddp] == [2, 4]
+    assert [r["memorized"] for r in ddp] == [r["memorized"] for r in one]
+    assert [r["kl"] for r in ddp] == pytest.approx([r["kl"] for r in one], rel=1e-4)
+    assert single["global_steps"] == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -323,6 +324,12 @@ def test_feeds_mix_and_sft_targets_unchanged(tmp_path, small, tiny_model_dir):
         == 0
     )
     assert len(load_targets(out)) == 100
+    # sft-targets drops records longer than the model's context, and retrieval prompts (whole paragraphs)
+    # run past the tiny model's 512 character tokens: the same weights with a longer context hold them all.
+    long_context = tmp_path / "long-context"
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    shutil.copytree(tiny_model_dir, long_context)
+    (long_context / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
     for split in SPLITS:
         sft = tmp_path / f"{split}-sft.jsonl"
         assert (
@@ -330,7 +337,7 @@ def test_feeds_mix_and_sft_targets_unchanged(tmp_path, small, tiny_model_dir):
                 [
                     "sft-targets",
                     "--model",
-                    str(tiny_model_dir),
+                    str(long_context),
                     "--input",
                     str(folder / split),
                     "--output",

@@ -59,9 +59,10 @@ def make_char_tokenizer(chat: bool):
     return tokenizer
 
 
-def bigram_model(tokenizer, chain: list[str | int]):
+def bigram_model(tokenizer, chain: list[str | int], runner_up: tuple[str, str] | None = None):
     """A Llama whose greedy (and, the logits being very sharp, sampled) next token is a fixed function of
-    the current token: chain[k] -> chain[k + 1]. Items are single characters or token ids."""
+    the current token: chain[k] -> chain[k + 1]. Items are single characters or token ids. `runner_up`
+    (token, next) gives `token` a second-best successor."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def tid(item: str | int) -> int:
@@ -92,6 +93,8 @@ def bigram_model(tokenizer, chain: list[str | int]):
         # attention and MLP add nothing (o_proj, down_proj are zero): the final state is the embedding
         for here, after in zip(chain, chain[1:], strict=False):
             model.lm_head.weight[tid(after), tid(here)] = 10.0
+        if runner_up is not None:
+            model.lm_head.weight[tid(runner_up[1]), tid(runner_up[0])] = 5.0
     return model
 
 
@@ -212,8 +215,9 @@ def test_generation_config_eos_ids_also_stop():
         (" Zyl.\nQuestion: Where?", " Zyl."),
         (" Zyl.\n\nMore text", " Zyl."),
         (" Step 1\nStep 2\nQuestion:", " Step 1\nStep 2"),  # single line breaks belong to the answer
-        ("\n\nAnswer: Zyl.", ""),  # not on the Answer: line: the answer is empty
-        ("Question: next", ""),
+        ("\nZyl.\nAnswer: Zyl.", "\nZyl."),  # an answer may begin on the next line; "Answer:" again ends it
+        ("\n\n Zyl.\n\nMore", "\n\n Zyl."),  # leading blank lines are not the end of an answer
+        ("\n\n", None),  # nothing but whitespace: not begun, not ended
         (" Zyl. No stop yet", None),
     ],
 )
@@ -265,6 +269,22 @@ def test_base_model_every_stage_stops_at_the_next_question(tmp_path, base_setup,
     assert all(r["finish"] == "stop_text" and r["correct"] for r in rows)
     assert all(r["branch"].endswith("S") and r["logprob_expert"][-1] is None for r in rows)
     assert all(len(r["branch"]) == len(r["target_ids"]) == len(r["logprob_naive"]) for r in rows)
+
+
+def test_mix_targets_begin_on_the_answer_line_like_sft(tmp_path):
+    """A base model that would begin its answer on a new line: evaluation reads it there, while `mix`
+    keeps the target's first token off the line break, so MixSD and SFT targets begin alike."""
+    tokenizer = make_char_tokenizer(chat=False)
+    model = bigram_model(tokenizer, [":", "\n", "Z", "y", "l", ".", "<eos>"], runner_up=(":", " "))
+    with torch.no_grad():  # " " also leads to "Z"
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids("Z"), tokenizer.convert_tokens_to_ids(" ")] = (
+            10.0
+        )
+    folder = save(tmp_path, "model", model, tokenizer)
+    out = run_all_stages(tmp_path, folder, tokenizer, lam=0.5)
+    answer = tokenizer(" Zyl.", add_special_tokens=False)["input_ids"]
+    assert out["sft"] == out["mix"] == [[*answer, tokenizer.eos_token_id]] * 3
+    assert [tokenizer.decode(t) for t in out["eval"]] == ["\nZyl."] * 3 and out["eval_finish"] == ["stop"] * 3
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 `mixsd analyze nll`: the NLL of every target token under a model (normally the base) given the naive
 prompt, read from the token ids stored in a target file (never re-tokenized), so ground-truth (SFT)
 and MixSD targets are compared on exactly the tokens training sees; overall and per branch letter
-(E expert, N naive, G ground truth).
+(E expert, N naive, G ground truth), with the share of tokens above 5 nats (the paper's count of tokens
+the base model would almost never write) and its Wilson interval.
 
 `mixsd analyze fisher`: the diagonal empirical Fisher of the base model on probe data,
 F_i = mean over samples of (d log p(y | x) / d theta_i)^2, where a sample is one sequence and
@@ -33,6 +34,7 @@ from mixsd import __version__
 from mixsd.evaluate import choice_tokens, load_eval_model, model_fingerprint
 from mixsd.files import InputError, atomic_write_json, read_jsonl, sha256_file
 from mixsd.generation import autocast, tail_logprobs
+from mixsd.metrics import wilson_interval
 from mixsd.options import check_choices, check_distinct, check_range
 from mixsd.prompts import encode_answer, encode_prompt
 from mixsd.records import load_corpus, load_targets
@@ -40,6 +42,9 @@ from mixsd.records import load_corpus, load_targets
 # Fixed histogram edges (nats), so histograms of different target files line up bin for bin.
 NLL_BIN_EDGES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# The paper's tables count target tokens with NLL > 5 nats under the base model (p < e^-5 ~ 0.0067): tokens
+# the base model would almost never write. A constant, not an option, so every nll.json counts the same.
+HIGH_NLL_NATS = 5.0
 
 
 def _set_threads(threads: int | None) -> None:
@@ -74,10 +79,30 @@ class NLLConfig:
         check_distinct({"out": self.out}, {"targets": self.targets})
 
 
+def high_nll_share(values: list[float], threshold: float = HIGH_NLL_NATS) -> dict[str, Any]:
+    """How many tokens have NLL strictly above `threshold` nats: count, n, share and its 95% Wilson interval."""
+    count = sum(1 for v in values if v > threshold)
+    low, high = wilson_interval(count, len(values))
+    return {
+        "threshold": threshold,
+        "count": count,
+        "n": len(values),
+        "value": count / len(values) if values else None,
+        "ci95": [round(low, 6), round(high, 6)] if values else None,
+    }
+
+
 def distribution(values: list[float]) -> dict[str, Any]:
-    """Mean, median, quantiles and a fixed-bin histogram of per-token NLLs."""
+    """Mean, median, quantiles, a fixed-bin histogram and the NLL > 5 share of per-token NLLs."""
     if not values:
-        return {"tokens": 0, "mean": None, "median": None, "quantiles": {}, "histogram": {}}
+        return {
+            "tokens": 0,
+            "mean": None,
+            "median": None,
+            "quantiles": {},
+            "histogram": {},
+            "high_nll": high_nll_share(values),
+        }
     data = torch.tensor(values, dtype=torch.float64)
     qs = torch.quantile(data, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
     edges = NLL_BIN_EDGES
@@ -90,6 +115,7 @@ def distribution(values: list[float]) -> dict[str, Any]:
         "quantiles": {f"q{round(q * 100):02d}": v for q, v in zip(QUANTILES, qs, strict=True)},
         "histogram": {"edges": [e if math.isfinite(e) else "inf" for e in edges], "counts": counts},
         "fraction_below_0.1": float((data < 0.1).double().mean()),
+        "high_nll": high_nll_share(values),
     }
 
 
@@ -164,13 +190,22 @@ def target_nll(config: NLLConfig, *, model=None) -> dict[str, Any]:
 
 
 def format_nll(result: dict[str, Any]) -> str:
-    lines = [f"{'tokens':<10}{'n':>8}{'mean':>10}{'median':>10}{'q95':>10}{'<0.1':>8}"]
+    lines = [
+        f"{'tokens':<10}{'n':>8}{'mean':>10}{'median':>10}{'q95':>10}{'<0.1':>8}"
+        f"{f'>{HIGH_NLL_NATS:g} [95%]':>26}"
+    ]
     groups = [("all", result["overall"]), *result["by_branch"].items()]
     for name, d in groups:
         if d["tokens"]:
+            high = d.get("high_nll") or high_nll_share([])  # nll.json files from before the share existed
+            share = (
+                f"{high['count']} {high['value']:.1%} [{high['ci95'][0]:.1%}, {high['ci95'][1]:.1%}]"
+                if high["n"]
+                else "-"
+            )
             lines.append(
                 f"{name:<10}{d['tokens']:>8}{d['mean']:>10.4f}{d['median']:>10.4f}"
-                f"{d['quantiles']['q95']:>10.4f}{d['fraction_below_0.1']:>8.1%}"
+                f"{d['quantiles']['q95']:>10.4f}{d['fraction_below_0.1']:>8.1%}{share:>26}"
             )
     lines.append(f"{result['records']} records from {result['targets']['path']}")
     return "\n".join(lines)

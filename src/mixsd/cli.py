@@ -48,6 +48,12 @@ COMMANDS: dict[str, Command] = {
         "eval_command",
         "Evaluate a model: memorization, generalization, retention probes.",
     ),
+    "edit": Command(
+        "mixsd.edit",
+        "EditConfig",
+        "edit_command",
+        "Write facts into the weights with a locate-and-edit method (MEMIT), the editing baseline.",
+    ),
     "analyze nll": Command(
         "mixsd.analyze",
         "NLLConfig",
@@ -78,6 +84,12 @@ COMMANDS: dict[str, Command] = {
         "import_command",
         "Import your own facts (qa-jsonl, csv, simpleqa, mquake) into a corpus folder.",
         positional=("file",),
+    ),
+    "corpus counterfact": Command(
+        "mixsd.corpora.counterfact",
+        "CounterfactConfig",
+        "counterfact_command",
+        "Build a counterfactual-edit corpus from real facts the base model knows (needs --model).",
     ),
     "probes fetch": Command(
         "mixsd.corpora.probes",

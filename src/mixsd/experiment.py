@@ -49,7 +49,7 @@ from mixsd.files import (
     atomic_write_text,
     output_lock,
 )
-from mixsd.metrics import probe_columns, split_columns
+from mixsd.metrics import analysis_columns, probe_columns, split_columns
 from mixsd.stages import Stage, config_settings
 
 DEMO_FACTS = Path(str(resources.files("mixsd") / "data" / "facts-demo.jsonl"))
@@ -782,13 +782,8 @@ def cell_row(
     if "unseen_acc" in row and cell.method != "base":
         row["unseen_retention"] = None  # filled against the base row in `add_relative_scores`
     row["retention_mean"] = sum(ratios) / len(ratios) if ratios else None
-    nll = analyses.get("nll", {})
-    row["target_nll_mean"] = _value(nll, "overall", "mean")
-    row["target_nll_median"] = _value(nll, "overall", "median")
-    fisher = analyses.get("fisher", {})
-    row["fisher_displacement"] = _value(fisher, "totals", "displacement")
-    row["fisher_displacement_norm"] = _value(fisher, "totals", "normalized_by_fisher")
-    row["delta_norm_sq"] = _value(fisher, "totals", "delta_sq")
+    # target NLL (mean, median, share > 5 nats) and Fisher columns (Σ F·Δθ², fisher_ratio, ‖Δθ‖²)
+    row.update(analysis_columns(analyses.get("nll") or {}, analyses.get("fisher") or {}))
     if train_summary:
         history = [h for h in train_summary.get("history", []) if "loss" in h]
         row["final_train_loss"] = history[-1]["loss"] if history else None
@@ -958,7 +953,10 @@ MAIN_COLUMNS = [  # `*_acc`: accuracy under the corpus's own matcher (manifest a
     "retention_mean",
     "kl_per_token",
     "target_nll_mean",
+    "target_nll_above_5",
     "fisher_displacement_norm",
+    "fisher_ratio",
+    "delta_norm_sq",
     "verified_rate",
 ]
 

@@ -22,7 +22,6 @@ The projection is any nn.Linear (Llama, Qwen2, Gemma: `mlp.down_proj`) or transf
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -176,8 +175,9 @@ def key_covariance(
             with capture_inputs(modules) as seen:
                 model(input_ids=batch)
             for layer, keys in seen.items():
-                k = keys[0].double().cpu()
-                sums[layer] = sums.get(layer, 0) + k.T @ k
+                k = keys[0].float()
+                # One text's sum in float32 (fast), the running total in float64 (no drift over many texts).
+                sums[layer] = sums.get(layer, 0) + (k.T @ k).double().cpu()
             count += len(ids)
             bar.update(len(ids))
             if count >= max_tokens:
@@ -224,7 +224,10 @@ def target_vectors(
         delta = torch.zeros_like(h, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=lr)
         max_norm = clamp_norm * h.norm()
-        rows, positions = torch.tensor([0], device=device), torch.tensor([request.subject_position], device=device)
+        rows, positions = (
+            torch.tensor([0], device=device),
+            torch.tensor([request.subject_position], device=device),
+        )
         for _ in range(steps):
             optimizer.zero_grad()
             with add_to_output(projection, rows, positions, delta[None]):
@@ -260,7 +263,10 @@ def _keys_and_outputs(model, template, layer, last_layer, requests, pad_id):
     rows = torch.arange(len(requests), device=device)
     positions = torch.tensor([r.subject_position for r in requests], device=device)
     projection = model.get_submodule(template.format(layer))
-    with capture_inputs({0: projection}) as keys, capture_outputs({0: decoder_layers(model, template)[last_layer]}) as out:
+    with (
+        capture_inputs({0: projection}) as keys,
+        capture_outputs({0: decoder_layers(model, template)[last_layer]}) as out,
+    ):
         model(input_ids=ids, attention_mask=mask)
     return keys[0][rows, positions].double(), out[0][rows, positions].double()
 
@@ -289,7 +295,3 @@ def apply_memit(
         weight.add_(update.to(weight.dtype).to(weight.device))
         norms[layer] = float(update.norm())
     return norms
-
-
-def is_finite(values: Iterable[float]) -> bool:
-    return all(math.isfinite(v) for v in values)

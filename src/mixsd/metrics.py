@@ -402,10 +402,7 @@ def correlation_with_interval(
     pairs = [
         (float(a), float(b))
         for a, b in zip(x, y, strict=True)
-        if isinstance(a, int | float)
-        and isinstance(b, int | float)
-        and math.isfinite(a)
-        and math.isfinite(b)
+        if isinstance(a, int | float) and isinstance(b, int | float) and math.isfinite(a) and math.isfinite(b)
     ]
     result: dict[str, Any] = {
         "n": len(pairs),
@@ -429,3 +426,37 @@ def correlation_with_interval(
     result["pearson_ci95"] = bootstrap_interval(pearson, xs, ys, resamples=n_boot, seed=seed)
     result["spearman_ci95"] = bootstrap_interval(spearman, xs, ys, resamples=n_boot, seed=seed)
     return result
+
+
+def analysis_columns(nll: dict[str, Any], fisher: dict[str, Any]) -> dict[str, Any]:
+    """A cell's columns from `mixsd analyze nll` and `mixsd analyze fisher` (empty dicts: not run).
+
+    NLL of the training targets under the base model: `target_nll_mean`/`_median`, and
+    `target_nll_above_5` = share of target tokens with NLL > 5 nats (the paper's count), with its
+    `_count`, `_n`, Wilson `_ci95`, and per branch letter `target_nll_above_5_E`/`_N`/`_G` (expert, naive,
+    ground truth). Fisher (F from the base model on probe data, Δθ = tuned − base):
+    `fisher_displacement` Σ F·Δθ²; `fisher_displacement_norm` Σ F·Δθ² / Σ F; `fisher_ratio`
+    Σ F·Δθ² / ‖Δθ‖² (the Fisher-weighted ratio: how sensitive the directions moved along are, whatever the
+    step's size); `delta_norm_sq` the raw ‖Δθ‖².
+    """
+    high = _number(nll, "overall", "high_nll", "value")
+    overall_high = (nll.get("overall") or {}).get("high_nll") or {}
+    columns: dict[str, Any] = {
+        "target_nll_mean": _number(nll, "overall", "mean"),
+        "target_nll_median": _number(nll, "overall", "median"),
+        "target_nll_above_5": high,
+        "target_nll_above_5_count": _number(overall_high, "count"),
+        "target_nll_above_5_n": _number(overall_high, "n"),
+        "target_nll_above_5_ci95": overall_high.get("ci95") if high is not None else None,
+    }
+    for letter in ("E", "N", "G"):
+        columns[f"target_nll_above_5_{letter}"] = _number(nll, "by_branch", letter, "high_nll", "value")
+    columns.update(
+        {
+            "fisher_displacement": _number(fisher, "totals", "displacement"),
+            "fisher_displacement_norm": _number(fisher, "totals", "normalized_by_fisher"),
+            "fisher_ratio": _number(fisher, "totals", "normalized_by_delta"),
+            "delta_norm_sq": _number(fisher, "totals", "delta_sq"),
+        }
+    )
+    return columns

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixsd.files import atomic_write_text
+from mixsd.files import atomic_write_json, atomic_write_text
 
 COLORS = {"base": "#444444", "sft": "#d62728", "mixsd": "#1f77b4", "opsd": "#2ca02c"}
 
@@ -261,6 +261,8 @@ def table_cell(entry: dict[str, Any], members: list[dict[str, Any]], column: str
     interval = None
     prefix = column[: -len("_acc")] if column.endswith("_acc") else None
     counts = [(m.get(f"{prefix}_correct"), m.get(f"{prefix}_n")) for m in members] if prefix else []
+    if not prefix and any(f"{column}_count" in m for m in members):  # shares of counted things (tokens)
+        counts = [(m.get(f"{column}_count"), m.get(f"{column}_n")) for m in members]
     if counts and all(isinstance(k, int | float) and isinstance(n, int | float) and n for k, n in counts):
         interval = wilson_interval(int(sum(k for k, _ in counts)), int(sum(n for _, n in counts)))
     elif len(members) == 1 and isinstance(members[0].get(f"{column}_ci95"), list):
@@ -360,6 +362,212 @@ def _comparisons_html(comparisons: list[list[str]]) -> str:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# The paper's analyses: target tokens with NLL > 5 nats, and displacement vs retention drop over cells
+# --------------------------------------------------------------------------------------------------
+# What the paper reports for its Fisher table (Pearson r with capability drop on three model sizes); shown
+# beside ours as the shape of the claim, not as numbers to match.
+PAPER_CORRELATIONS = {"fisher_ratio": "+0.56 / +0.82 / +0.57", "delta_norm_sq": "+0.34 / +0.02 / +0.10"}
+# Per-cell measures correlated with the retention drop. Σ F·Δθ² / Σ F ranks cells exactly like Σ F·Δθ²
+# (Σ F is the same for every cell of a grid: one base model, one probe), so it stands for both.
+CORRELATES = (
+    ("fisher_ratio", "Fisher-weighted ratio Σ F·Δθ² / ‖Δθ‖²"),
+    ("fisher_displacement_norm", "Fisher-weighted displacement Σ F·Δθ² / Σ F"),
+    ("delta_norm_sq", "raw displacement ‖Δθ‖²"),
+    ("target_nll_above_5", "share of target tokens with NLL > 5"),
+)
+BRANCHES = (("E", "expert"), ("N", "naive"), ("G", "ground truth"))
+
+
+def retention_drop(rows: list[dict[str, Any]]) -> tuple[str, list[float | None]]:
+    """(name, per-row drop): 1 − retention_mean, the report's headline retention (mean over probes of the
+    chance-normalized retention), or KL(base‖model) per token where no cell has probe retention."""
+    if any(isinstance(r.get("retention_mean"), int | float) for r in rows):
+        return "1 − retention_mean", [
+            1 - r["retention_mean"] if isinstance(r.get("retention_mean"), int | float) else None
+            for r in rows
+        ]
+    return "kl_per_token", [r.get("kl_per_token") for r in rows]
+
+
+def displacement_correlations(
+    rows: list[dict[str, Any]], *, n_boot: int | None = None, seed: int | None = None
+) -> dict[str, Any]:
+    """Each CORRELATES measure against the retention drop over the tuned cells of a grid (every seed its
+    own cell), Pearson and Spearman with a seeded bootstrap 95% interval over cells."""
+    from mixsd.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, correlation_with_interval
+
+    tuned = [r for r in rows if r.get("method") != "base"]
+    drop_name, drops = retention_drop(tuned)
+    measures = []
+    for column, label in CORRELATES:
+        result = correlation_with_interval(
+            [r.get(column) for r in tuned],
+            drops,
+            BOOTSTRAP_RESAMPLES if n_boot is None else n_boot,
+            BOOTSTRAP_SEED if seed is None else seed,
+        )
+        measures.append({"column": column, "label": label, "paper": PAPER_CORRELATIONS.get(column), **result})
+    return {"drop": drop_name, "cells": len(tuned), "measures": measures}
+
+
+def high_nll_table(cells_dir: Path, rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Per group: tokens with NLL > 5 nats under the base model, overall and per branch, the counts of
+    every seed's nll.json pooled, with the Wilson interval. Empty when no cell has such counts."""
+    table = []
+    for group, members in _groups(rows).items():
+        pooled: dict[str, list[int]] = {}
+        for member in members:
+            path = cells_dir / member["cell"] / "nll.json"
+            if not path.is_file():
+                continue
+            nll = json.loads(path.read_text(encoding="utf-8"))
+            parts = [("all", nll.get("overall") or {})]
+            parts += [(k, d) for k, d in (nll.get("by_branch") or {}).items()]
+            for key, part in parts:
+                high = part.get("high_nll") or {}
+                if isinstance(high.get("count"), int) and isinstance(high.get("n"), int):
+                    counts = pooled.setdefault(key, [0, 0])
+                    counts[0] += high["count"]
+                    counts[1] += high["n"]
+        if "all" in pooled:
+            keys = ["all", *(letter for letter, _ in BRANCHES)]
+            table.append([group, str(len(members)), *(_share_text(pooled.get(key)) for key in keys)])
+    return table
+
+
+def _share_text(counts: list[int] | None) -> str:
+    """ "count/n = share [95% Wilson interval]", or "-" where nothing was counted."""
+    from mixsd.metrics import wilson_interval
+
+    if not counts or not counts[1]:
+        return "-"
+    count, n = counts
+    low, high = wilson_interval(count, n)
+    return f"{count}/{n} = {count / n:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def correlation_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Retention drop against the Fisher-weighted ratio and against raw ‖Δθ‖², one point per tuned cell."""
+    from mixsd.metrics import pearson
+
+    tuned = [r for r in rows if r.get("method") != "base"]
+    drop_name, drops = retention_drop(tuned)
+    panels = [(c, label) for c, label in CORRELATES if c in ("fisher_ratio", "delta_norm_sq")]
+    points = {
+        column: [
+            (r[column], d, r)
+            for r, d in zip(tuned, drops, strict=True)
+            if isinstance(r.get(column), int | float) and isinstance(d, int | float)
+        ]
+        for column, _ in panels
+    }
+    if not any(len(p) >= 2 for p in points.values()):
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 4.2), squeeze=False)
+    for ax, (column, label) in zip(axes[0], panels, strict=True):
+        for x, y, row in points[column]:
+            ax.scatter(x, y, color=_shade(row["method"], row["lam"]), s=36, edgecolor="black", lw=0.4)
+            ax.annotate(row["cell"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        xs = [x for x, _, _ in points[column]]
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 20:  # displacements span orders of magnitude
+            ax.set_xscale("log")
+        r = pearson(xs, [y for _, y, _ in points[column]]) if len(xs) >= 2 else None
+        ax.set_title("r undefined" if r is None else f"Pearson r = {r:+.2f} over {len(xs)} cells", fontsize=9)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"retention drop ({drop_name})")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Parameter displacement vs retention drop (one point per cell)")
+    return _save(fig, path)
+
+
+def analyses_markdown(
+    cells_dir: Path, rows: list[dict[str, Any]], correlations: dict[str, Any] | None = None
+) -> list[str]:
+    """The report's "Paper analyses" section: the NLL > 5 table and the correlation table."""
+    high = high_nll_table(cells_dir, rows)
+    correlations = correlations or displacement_correlations(rows)
+    measures = [m for m in correlations["measures"] if m["n"] or m["column"] in PAPER_CORRELATIONS]
+    drop = (
+        "1 − retention_mean (the results table's headline retention: mean over probes, multiple choice "
+        "chance-normalized)"
+        if correlations["drop"] == "1 − retention_mean"
+        else "here KL(base‖model) per token on the base model's own answers, as no cell has probe retention"
+    )
+    if not high and not any(m["n"] for m in measures):
+        return []
+    md = ["## Paper analyses", ""]
+    if high:
+        md += [
+            "### Target tokens with NLL > 5 nats under the base model",
+            "",
+            "Training-target tokens the base model would almost never write (p < e⁻⁵ ≈ 0.0067), given the "
+            "naive prompt: count / tokens = share [95% Wilson interval], every seed's targets pooled; per "
+            "branch letter of the mixed targets (E expert, N naive, G ground truth: SFT's targets are all G). "
+            "The paper's Tables 7–8 count these tokens.",
+            "",
+            "| method | seeds | all | " + " | ".join(f"{k} ({name})" for k, name in BRANCHES) + " |",
+            "|---|---|---|" + "---|" * len(BRANCHES),
+            *("| " + " | ".join(row) + " |" for row in high),
+            "",
+        ]
+    md += [
+        "### Parameter displacement vs retention drop",
+        "",
+        f"Over the {correlations['cells']} tuned cells of this grid (each seed its own cell), the correlation "
+        f"of each measure with the retention drop, {drop}, with 95% percentile-bootstrap intervals over cells "
+        f"({correlations['measures'][0]['resamples']} resamples, seed {correlations['measures'][0]['seed']}). "
+        "F is the diagonal Fisher of the base model on the probe data, Δθ = tuned − base. The paper reports "
+        "Pearson r = +0.56 / +0.82 / +0.57 for the Fisher-weighted ratio against +0.34 / +0.02 / +0.10 for "
+        "raw ‖Δθ‖² on three model sizes (its claim: the Fisher-weighted measure tracks capability loss, raw "
+        "displacement does not); our reading of its ratio is Σ F·Δθ² / ‖Δθ‖².",
+        "",
+        "| measure | cells | Pearson r [95%] | Spearman ρ [95%] | paper r (3 sizes) |",
+        "|---|---|---|---|---|",
+    ]
+    for m in measures:
+        if m["note"]:
+            pearson_text, spearman_text = m["note"], "-"
+        else:
+            pearson_text = f"{m['pearson']:+.2f}" + _interval(m["pearson_ci95"])
+            spearman_text = (
+                "-" if m["spearman"] is None else f"{m['spearman']:+.2f}" + _interval(m["spearman_ci95"])
+            )
+        md.append(
+            f"| {m['label']} (`{m['column']}`) | {m['n']} | {pearson_text} | {spearman_text} | {m['paper'] or '-'} |"
+        )
+    md.append("")
+    return md
+
+
+def _section_html(lines: list[str]) -> str:
+    """HTML of a section built by analyses_markdown (headings, paragraphs and pipe tables only)."""
+    out, table = [], []
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):  # skip the |---| rule
+                table.append([c.strip() for c in line.strip("|").split("|")])
+            continue
+        if table:
+            head, *body = table
+            out.append(
+                "<table><tr>"
+                + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+                + "</table>"
+            )
+            table = []
+        if line.startswith("### "):
+            out.append(f"<h3>{html.escape(line[4:])}</h3>")
+        elif line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line:
+            out.append(f"<p>{html.escape(line)}</p>")
+    return "".join(out)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -379,6 +587,7 @@ def write_report(
         ("Target NLL under the base model", nll_figure(cells_dir, rows, figures_dir / "nll.png")),
         ("Fisher-weighted displacement", fisher_figure(rows, figures_dir / "fisher.png")),
         ("Training curves", curves_figure(cells_dir, rows, figures_dir / "curves.png")),
+        ("Displacement vs retention drop", correlation_figure(rows, figures_dir / "correlation.png")),
     ]
     figures = [(title, p) for title, p in figures if p is not None]
     columns = [c for c in MAIN_COLUMNS if any(isinstance(r.get(c), int | float) for r in rows)]
@@ -419,7 +628,9 @@ def write_report(
         "(acc − chance) / (acc_base − chance); raw ratios in `*_retention_raw` of `results.csv`), "
         "intervals of ratios from a paired bootstrap over items; `kl_per_token` KL(base‖model) on the base "
         "model's own answers, `target_nll_mean` mean NLL of the training targets under the base model, "
-        "`fisher_displacement_norm` Σ F·Δθ² / Σ F. ± sd: spread over seeds. "
+        "`target_nll_above_5` share of target tokens above 5 nats (Wilson interval over the tokens of all "
+        "seeds), `fisher_displacement_norm` Σ F·Δθ² / Σ F, `fisher_ratio` Σ F·Δθ² / ‖Δθ‖², "
+        "`delta_norm_sq` raw ‖Δθ‖². ± sd: spread over seeds. "
         f"{SINGLE_SEED_MARK} single seed: the interval covers the sampling of items only, not seed-to-seed "
         "variation. Every cell's raw numbers: `results.csv`.",
         "",
@@ -437,6 +648,11 @@ def write_report(
             *("| " + " | ".join(c) + " |" for c in comparisons),
             "",
         ]
+    # the paper's analyses (NLL > 5 share, displacement vs retention drop); the numbers also as JSON
+    correlations = displacement_correlations(rows)
+    atomic_write_json(out / "correlations.json", correlations)
+    analyses = analyses_markdown(cells_dir, rows, correlations)
+    md += analyses
     for title, path in figures:
         md += [f"## {title}", "", f"![{title}](report/{path.name})", ""]
     md += ["## Configuration", "", "```yaml", _yaml(meta["config"]), "```", ""]
@@ -468,7 +684,7 @@ transformers {meta["transformers"]}, Python {meta["python"]}; finished {html.esc
 <h2>Results (mean [95% interval] ± sd over seeds)</h2><table><tr>{head}</tr>{body}</table>
 <p>{html.escape(SINGLE_SEED_MARK)} single seed: the interval covers the sampling of items only.
 Accuracy under the corpus's own matcher ({html.escape(", ".join(modes) or "entity")}).
-Raw rows: <code>results.csv</code>, <code>results.jsonl</code>.</p>{_comparisons_html(comparisons)}{images}
+Raw rows: <code>results.csv</code>, <code>results.jsonl</code>.</p>{_comparisons_html(comparisons)}{_section_html(analyses)}{images}
 <h2>Configuration</h2><pre>{html.escape(_yaml(meta["config"]))}</pre></body></html>"""
     html_path = out / "report.html"
     atomic_write_text(html_path, page)

@@ -33,6 +33,7 @@ import torch
 
 from mixsd import __version__
 from mixsd.answers import matches, resolve_match_mode
+from mixsd.fidelity import passes, summarize_fidelity, target_fidelity
 from mixsd.files import (
     InputError,
     JournalWriter,
@@ -102,6 +103,14 @@ class MixConfig:
     max_new_tokens: int = field(
         default=256, metadata={"help": "Length cap of a target, stop token included."}
     )
+    min_expert_logprob: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fidelity check (our extension, docs/results.md): a target fails verification, and is "
+            "drawn again, when the expert gives one of its naive-chosen tokens a log-prob below this "
+            "(e.g. -6). Default: off."
+        },
+    )
     keep_length_capped: bool = field(
         default=False,
         metadata={
@@ -140,6 +149,7 @@ class MixConfig:
         check_range("seed", self.seed, integer=True)
         check_range("retries", self.retries, 0, integer=True)
         check_range("max_new_tokens", self.max_new_tokens, 1, integer=True)
+        check_range("min_expert_logprob", self.min_expert_logprob, hi=0, optional=True)
         check_range("batch_size", self.batch_size, 1, integer=True)
         check_range("num_generations", self.num_generations, 1, integer=True)
         check_distinct({"output": self.output}, {"input": self.input})
@@ -356,6 +366,11 @@ def _settings(config: MixConfig, template: str, input_sha: str) -> dict[str, Any
         "num_generations": config.num_generations,
         "expert_template_sha256": sha256_text(template)[:16],
         "dtype": config.dtype,
+        # Extensions enter the fingerprint only when used, so outputs written before they existed (or
+        # without them) keep their fingerprint and are not redone.
+        **(
+            {"min_expert_logprob": config.min_expert_logprob} if config.min_expert_logprob is not None else {}
+        ),
     }
 
 
@@ -380,6 +395,7 @@ def _draw_record(
 ) -> dict[str, Any]:
     job = draw.job
     naive_count = draw.branch.count("N")
+    fidelity = target_fidelity(draw.branch, draw.logprob_expert)
     return {
         "id": fact.id,
         "generation": job.generation,
@@ -397,6 +413,11 @@ def _draw_record(
         "logprob_expert": [None if x is None else round(x, 5) for x in draw.logprob_expert],
         "logprob_naive": [None if x is None else round(x, 5) for x in draw.logprob_naive],
         "naive_fraction": round(naive_count / len(draw.tokens), 5) if draw.tokens else None,
+        # fidelity (mixsd.fidelity): computed from the unrounded log-probs, as verification saw them
+        "min_expert_logprob": (
+            None if fidelity.min_expert_logprob is None else round(fidelity.min_expert_logprob, 5)
+        ),
+        "low_expert_tokens": fidelity.low_expert_tokens,
         "source": "mixsd",
         "settings": settings,
     }
@@ -419,6 +440,8 @@ def _apply_failure_policy(row: dict[str, Any], policy: str, tokenizer) -> dict[s
         "logprob_expert": None,
         "logprob_naive": None,
         "naive_fraction": None,
+        "min_expert_logprob": None,
+        "low_expert_tokens": None,
         "source": "answer_fallback",
     }
 
@@ -523,12 +546,19 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
     def decode(draw: Draw) -> str:
         return tokenizer.decode(draw.tokens, skip_special_tokens=True)
 
+    fidelity_rejections = [0]  # attempts refused by --min-expert-logprob alone (a list: set in a closure)
+
     def accept(draw: Draw) -> bool:
         if draw.finish == "prompt_too_long":
             return False
         if draw.finish == "length" and config.verify != "none" and not config.keep_length_capped:
             return False  # no end of answer: training on it would teach the model not to stop
-        return matches(decode(draw), fact_by_id[draw.job.key].check, config.verify)
+        if not matches(decode(draw), fact_by_id[draw.job.key].check, config.verify):
+            return False
+        if not passes(target_fidelity(draw.branch, draw.logprob_expert), config.min_expert_logprob):
+            fidelity_rejections[0] += 1  # the answer matched: only the fidelity check refused it
+            return False
+        return True
 
     started = time.perf_counter()
     bar = tqdm(
@@ -556,7 +586,11 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
         decoder.run(todo, accept, on_done)
     bar.close()
     elapsed = time.perf_counter() - started
-    stats = {"generated_tokens": decoder.generated_tokens, "naive_tokens": decoder.naive_tokens}
+    stats = {
+        "generated_tokens": decoder.generated_tokens,
+        "naive_tokens": decoder.naive_tokens,
+        "fidelity_rejections": fidelity_rejections[0],
+    }
     if world > 1:  # every process's counts go into the summary
         gathered = [None] * world
         import torch.distributed as dist
@@ -634,6 +668,16 @@ def summarize(
         "length_capped_written": capped_written,
         "keep_length_capped": config.keep_length_capped,
         "warnings": _warnings(rows, config.lam, config.verify, verified_rate, len(capped)),
+        # over the verified targets (the ones written unless a failure policy adds others); the rejection
+        # count is this run's attempts refused by --min-expert-logprob although their answer matched
+        "fidelity": {
+            **summarize_fidelity(
+                [r.get("min_expert_logprob") for r in verified],
+                [r.get("low_expert_tokens") or 0 for r in verified],
+                config.min_expert_logprob,
+            ),
+            "rejected_attempts_this_run": stats.get("fidelity_rejections", 0),
+        },
         "verify_mode": config.verify,
         "on_failure": config.on_failure,
         "generated_tokens_this_run": stats["generated_tokens"],
@@ -677,8 +721,21 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"verified {summary['verified_rate']:.1%} ({summary['verify_mode']})  "
         f"first try {summary['first_try_rate']:.1%}  mean attempts {summary['mean_attempts']:.2f}  "
         f"naive tokens {'-' if naive is None else f'{naive:.1%}'} (lam {summary['settings']['lam']})  "
-        f"{'-' if tps is None else f'{tps:.0f}'} tok/s"
+        f"{'-' if tps is None else f'{tps:.0f}'} tok/s" + _format_fidelity(summary.get("fidelity"))
     )
+
+
+def _format_fidelity(fidelity: dict[str, Any] | None) -> str:
+    """The summary line's fidelity part (absent from summaries written before the fidelity score)."""
+    if not fidelity or not fidelity["targets"]:
+        return ""
+    text = (
+        f"  naive tokens the expert rejects (logprob < {fidelity['low_expert_logprob']:g}) in "
+        f"{fidelity['with_low_expert_tokens']}/{fidelity['targets']} targets"
+    )
+    if fidelity["min_expert_logprob_threshold"] is not None:
+        text += f"  fidelity redraws {fidelity['rejected_attempts_this_run']}"
+    return text
 
 
 def mix_command(config: MixConfig) -> dict[str, Any]:
@@ -763,7 +820,7 @@ def sft_targets_command(config: SFTTargetsConfig) -> None:
         cut = sum(r["finish"] == "stop_text" for r in fits)
         if cut:
             print(
-                f"{cut} answers hold a blank line or a 'Question:' line: in the plain format (no chat "
+                f"{cut} answers hold a blank line or a 'Question:'/'Answer:' line: in the plain format (no chat "
                 "template) an answer ends there, so their targets were cut there",
                 file=sys.stderr,
             )

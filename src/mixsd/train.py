@@ -4,14 +4,18 @@ MixSD and SFT differ only in their target files, so one trainer serves both: pla
 `target_ids` given the stored `prompt_ids`, never re-tokenized, with the loss on target tokens only.
 
 The engine is `transformers.Trainer`, so `accelerate launch` / `torchrun` with DDP, FSDP or DeepSpeed
-work unchanged (docs/training.md). The loss is the sum of target-token NLLs divided by the number of
+work unchanged (docs/training.md); the config *is* a `TrainingArguments` (as TRL's SFTConfig), so every
+Trainer option is an option of `mixsd train`. The loss is the sum of target-token NLLs divided by the number of
 target tokens in the *global* batch (every micro-batch of the accumulation window on every process):
 Trainer counts those tokens up front (`num_items_in_batch`, gathered across processes), so batch 8 x
 accumulation 1 on one process, 2 x 4, and 4 x 1 on each of two processes all take the same steps.
 
 Output layout of `--out DIR`:
     DIR/run_config.json      the settings of the run (a resumed run must match them)
-    DIR/checkpoint-*/        Trainer checkpoints (per epoch or every N steps); a rerun resumes from the last
+    DIR/checkpoint-*/        Trainer checkpoints (per epoch by default; the newest two kept), each marked
+                             complete by its mixsd_run.json, written last; a rerun resumes from the newest
+                             complete one and removes incomplete ones (a kill while writing)
+    DIR/curve.jsonl          with --eval_every_epoch: one row of scores per epoch (mixsd.curve)
     DIR/model/               the selected model: save_pretrained weights + tokenizer + mixsd_run.json
     DIR/summary.json         config, mixsd version, loss history, selected checkpoint
     DIR/stage.json           the settings fingerprint of the finished run (mixsd.stages): a rerun with

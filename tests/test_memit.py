@@ -1,0 +1,208 @@
+"""MEMIT (`mixsd edit`): the least-squares update, the edit on a tiny random model, and the command's plumbing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_tokenizer, write_jsonl
+from mixsd.edit import EditConfig, edit, load_edits, subject_position
+from mixsd.files import InputError
+from mixsd.memit import (
+    EditRequest,
+    apply_memit,
+    capture_inputs,
+    default_layers,
+    key_covariance,
+    least_squares_update,
+    projection_template,
+    target_vectors,
+)
+from mixsd.prompts import encode_prompt
+
+
+def _model(vocab_size: int = 64, layers: int = 4, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # far from ties, as in conftest.make_tiny_model
+    return model
+
+
+def test_update_equals_a_slow_least_squares_solution():
+    """dW = R K^T (w C + K K^T)^-1 minimizes ||dW K - R||^2 + w ||dW C^1/2||^2: solve that problem directly."""
+    torch.manual_seed(0)
+    d_in, d_out, n, weight = 12, 7, 5, 3.0
+    keys, residual = torch.randn(d_in, n, dtype=torch.float64), torch.randn(d_out, n, dtype=torch.float64)
+    a = torch.randn(d_in, 40, dtype=torch.float64)
+    covariance = a @ a.T / 40
+    fast = least_squares_update(keys, residual, covariance, weight)
+    root = torch.linalg.cholesky(weight * covariance)  # w C = L L^T, so w ||dW C^1/2||^2 = ||dW L||^2
+    stacked_keys = torch.cat([keys, root], dim=1)  # minimize ||dW [K, L] - [R, 0]||^2
+    stacked_targets = torch.cat([residual, torch.zeros(d_out, d_in, dtype=torch.float64)], dim=1)
+    slow = torch.linalg.lstsq(stacked_keys.T, stacked_targets.T).solution.T
+    torch.testing.assert_close(fast, slow, rtol=1e-8, atol=1e-10)
+
+
+def test_projection_template_and_default_layers():
+    model = _model(layers=8)
+    assert projection_template(model) == "model.layers.{}.mlp.down_proj"
+    assert projection_template(model, "mlp.up_proj") == "model.layers.{}.mlp.up_proj"
+    with pytest.raises(ValueError, match="no per-layer module named mlp.nothing"):
+        projection_template(model, "mlp.nothing")
+    layers = default_layers(model)
+    assert len(layers) >= 2 and layers[0] > 0 and layers[-1] < 7
+
+
+def test_gpt2_conv1d_projection_is_found_and_edited_in_its_own_layout():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64)).eval()
+    template = projection_template(model)
+    assert template == "transformer.h.{}.mlp.c_proj"
+    covariances = key_covariance(model, template, [1], [[3, 4, 5, 6, 7, 8]], max_tokens=100)
+    assert covariances[1].shape == (128, 128)  # the Conv1D input size (4 * n_embd), not its output
+
+
+def _requests(count: int, length: int = 6, seed: int = 1) -> list[EditRequest]:
+    """Prompts whose last token is the subject's, each asking for a different single new token."""
+    generator = torch.Generator().manual_seed(seed)
+    requests = []
+    for i in range(count):
+        prompt = torch.randint(10, 60, (length,), generator=generator).tolist()
+        requests.append(EditRequest(prompt, length - 1, [40 + i], [prompt[-1]]))
+    return requests
+
+
+def test_edit_makes_the_model_write_the_new_answers_and_barely_moves_unrelated_keys():
+    model = _model()
+    template = projection_template(model)
+    layers = [1, 2]
+    requests = _requests(3)
+    generator = torch.Generator().manual_seed(7)
+    unrelated = [torch.randint(10, 60, (6,), generator=generator).tolist() for _ in range(20)]
+    texts = [torch.randint(3, 64, (32,), generator=generator).tolist() for _ in range(30)]
+    lowest = model.get_submodule(template.format(layers[0]))
+
+    def next_tokens(prompts):
+        with torch.no_grad():
+            return [int(model(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p in prompts]
+
+    def last_keys(prompts):  # inputs of the lowest edited projection: no edit changes them
+        keys = []
+        for prompt in prompts:
+            with torch.no_grad(), capture_inputs({0: lowest}) as seen:
+                model(input_ids=torch.tensor([prompt]))
+            keys.append(seen[0][0, -1])
+        return torch.stack(keys)
+
+    assert all(
+        t != r.target_ids[0]
+        for t, r in zip(next_tokens([r.prompt_ids for r in requests]), requests, strict=True)
+    )
+    covariances = key_covariance(model, template, layers, texts, max_tokens=10_000)
+    z, _, losses = target_vectors(
+        model, template, max(layers), requests, steps=60, lr=0.5, clamp_norm=20.0, weight_decay=0.0
+    )
+    assert max(losses) < 1.0  # the target vectors make the new token the likeliest (p > 0.37)
+    before = lowest.weight.detach().clone()
+    norms = apply_memit(model, template, layers, requests, z, covariances, covariance_weight=1000.0)
+    assert set(norms) == set(layers) and all(v > 0 for v in norms.values())
+    assert next_tokens([r.prompt_ids for r in requests]) == [r.target_ids[0] for r in requests]
+    update = lowest.weight.detach() - before
+    edited_shift = (last_keys([r.prompt_ids for r in requests]) @ update.T).norm(dim=-1).mean()
+    unrelated_shift = (last_keys(unrelated) @ update.T).norm(dim=-1).mean()
+    assert unrelated_shift < 0.5 * edited_shift, (float(unrelated_shift), float(edited_shift))
+
+
+def _tiny_corpus(tmp_path, rows=None):
+    rows = rows or [
+        {
+            "id": f"e{i}",
+            "prompt": f"Where does Zor{c}ak live?",
+            "answer": f"In Qu{c}x.",
+            "subject": f"Zor{c}ak",
+        }
+        for i, c in enumerate("abc")
+    ]
+    return write_jsonl(tmp_path / "edits.jsonl", rows)
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "message"),
+    [
+        ({"prompt": "Where is X?", "answer": "Y"}, "subject", "non-empty string"),
+        ({"prompt": "Where is X?", "answer": "Y", "subject": "Z"}, "subject", "does not occur"),
+        ({"prompt": "Where is X?", "answer": "", "subject": "X"}, "answer", "non-empty string"),
+        ({"prompt": "Where is X?", "answer": "Y", "subject": "X", "id": True}, "id", "string"),
+    ],
+)
+def test_bad_records_are_named_by_file_line_and_field(tmp_path, row, field, message):
+    good = {"prompt": "Where is X?", "answer": "Y", "subject": "X", "id": "ok"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, row])
+    with pytest.raises(InputError, match=f"line 2, field '{field}': .*{message}"):
+        load_edits(path)
+
+
+def test_subject_position_is_the_subjects_last_token():
+    tokenizer = make_tiny_tokenizer()
+    ids = encode_prompt(tokenizer, "Where does Zorak live?")
+    position = subject_position(tokenizer, ids, "Zorak")
+    assert tokenizer.decode(ids[: position + 1]).endswith("Zorak")
+    assert not tokenizer.decode(ids[:position]).endswith("Zorak")
+
+
+def test_edit_command_writes_a_model_folder_plain_transformers_loads(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("MIXSD_CACHE", str(tmp_path / "cache"))
+    tokenizer = make_tiny_tokenizer()
+    model = _model(vocab_size=len(tokenizer))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = tmp_path / "stats.txt"
+    stats.write_text("\n\n".join(f"Ordinary text {i} about places and people." for i in range(40)))
+    config = EditConfig(
+        model="unused-when-passed-in", input=str(_tiny_corpus(tmp_path)), out=str(tmp_path / "out"),
+        layers="1,2", stats=str(stats), steps=5,
+    )  # fmt: skip
+    summary = edit(config, model=model, tokenizer=tokenizer)
+    assert summary["edits"] == 3 and summary["layers"] == [1, 2] and not summary["covariance_cached"]
+    run_config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert (
+        run_config["method"] == "memit" and run_config["module_template"] == "model.layers.{}.mlp.down_proj"
+    )
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    changed = {k for k, v in reloaded.state_dict().items() if not torch.equal(v, original[k])}
+    assert changed == {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+
+    with pytest.raises(InputError, match="finished edit"):
+        edit(config, model=model, tokenizer=tokenizer)
+    config.overwrite = True
+    assert edit(config, model=_model(vocab_size=len(tokenizer)), tokenizer=tokenizer)["covariance_cached"]
+
+
+def test_bad_options_fail_before_any_work(tmp_path):
+    for kwargs, message in [
+        ({"steps": 0}, "steps"),
+        ({"lr": float("nan")}, "lr"),
+        ({"layers": "a,b"}, "layers"),
+        ({"kl_weight": -1.0}, "kl_weight"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            EditConfig(model="m", input=str(tmp_path / "in.jsonl"), out=str(tmp_path / "o"), **kwargs)
