@@ -23,7 +23,8 @@ from mixsd.corpora.capability import (
     parse_counts,
 )
 from mixsd.corpora.kgfact import build_world
-from mixsd.evaluate import EvalConfig, evaluate, load_probe
+from mixsd.corpora.probes import load_probe
+from mixsd.evaluate import EvalConfig, evaluate
 from mixsd.files import InputError
 from mixsd.instructions import (
     CHECKERS,

@@ -10,22 +10,19 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, make_tiny_tokenizer, write_jsonl
-from mixsd.evaluate import (
-    EvalConfig,
-    Taxonomy,
+from mixsd.corpora.probes import load_probe
+from mixsd.evaluate import EvalConfig, evaluate, predictions_path
+from mixsd.files import InputError, dumps
+from mixsd.generation import greedy_generate, tail_logprobs
+from mixsd.metrics import Taxonomy, wilson_interval
+from mixsd.prompts import encode_prompt
+from mixsd.scoring import (
     choice_tokens,
-    evaluate,
     kl_per_token,
-    load_probe,
-    predictions_path,
     retention_ratios,
     score_multiple_choice,
     summarize_probe,
-    wilson_interval,
 )
-from mixsd.files import InputError, dumps
-from mixsd.generation import greedy_generate, tail_logprobs
-from mixsd.prompts import encode_prompt
 
 
 class Out:
@@ -478,15 +475,14 @@ def test_retention_without_probes_or_base_says_what_was_skipped(tmp_path, tiny_m
 def test_lora_adapter_folder_is_merged_for_evaluation(tmp_path, tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
-    from mixsd.evaluate import load_eval_model
-    from mixsd.models import load_model
+    from mixsd.models import load_for_inference, load_model
 
     base = load_model(str(tiny_model_dir))
     peft_model = get_peft_model(
         base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
     peft_model.save_pretrained(tmp_path / "adapter")
-    merged, tokenizer = load_eval_model(str(tmp_path / "adapter"), device="cpu")
+    merged, tokenizer = load_for_inference(str(tmp_path / "adapter"), device="cpu")
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         torch.testing.assert_close(
@@ -547,7 +543,7 @@ def _embedded_end_to_end(tmp_path, kgfact_dir):
 
 
 def test_limit_spreads_over_the_file():
-    from mixsd.evaluate import spread
+    from mixsd.corpora.probes import spread
 
     assert spread(list(range(100)), 4) == [0, 25, 50, 75]
     assert spread(list(range(3)), 10) == [0, 1, 2]

@@ -261,3 +261,119 @@ def test_yaml_number_quirks_are_read_as_numbers(tmp_path, tiny_model_dir):
     mix_settings = plan["targets"][0].description()["settings"]
     assert mix_settings["temperature"] == 1.0 and mix_settings["lam"] == 0.5
     assert "batch_size" not in mix_settings  # speed only: changing it redoes nothing
+
+
+# --------------------------------------------------------------------------------------------------
+# Learning curves and a swept setting chosen by the declared rule (issue 11)
+# --------------------------------------------------------------------------------------------------
+def test_a_swept_grid_with_curves_reports_trajectories_matched_memorization_and_the_choice(
+    tmp_path, tiny_model_dir
+):
+    experiment = tiny_grid(
+        tmp_path,
+        tiny_model_dir,
+        methods=["base", {"sft": {"lr": [1e-2, "5e-2"]}}],
+        train={"epochs": 2, "batch_size": 4, "progress": False, "save_every": -1},
+        curves={"limit": 4, "kl_limit": 2, "max_new_tokens": 4, "capability": True, "probe_limit": 2},
+        select={"memorization": 0.5, "within_epochs": 2},
+    )
+    assert [c.name for c in experiment.cells] == ["base", "sft-lr0.01-s0", "sft-lr0.05-s0"]
+    result = run_experiment(experiment, show_progress=False)
+    out = tmp_path / "run"
+    rows = {r["cell"]: r for r in result["rows"]}
+    assert rows["sft-lr0.05-s0"]["group"] == "SFT lr=0.05" and rows["sft-lr0.05-s0"]["family"] == "SFT"
+    for name, lr in (("sft-lr0.01-s0", 1e-2), ("sft-lr0.05-s0", 5e-2)):
+        summary = json.loads((out / "cells" / name / "train" / "summary.json").read_text())
+        assert summary["config"]["learning_rate"] == lr  # the setting wins over train.lr
+        curve = [
+            json.loads(line) for line in (out / "cells" / name / "train/curve.jsonl").read_text().splitlines()
+        ]
+        assert [r["epoch"] for r in curve] == [1.0, 2.0]
+        assert {"memorization", "kl", "in_context_acc", "instructions_acc", "in_context_n"} <= set(curve[0])
+    # both settings train on one set of targets, made once in the bare cell's folder
+    log = [json.loads(line) for line in (out / "stage-log.jsonl").read_text().splitlines()]
+    assert [(e["cell"], e["action"]) for e in log if e["stage"] == "targets"] == [
+        ("sft-lr0.01-s0", "ran"),
+        ("sft-lr0.05-s0", "reused"),
+    ]
+    assert (out / "cells" / "sft-s0" / "targets.jsonl").is_file()
+    base = json.loads((out / "curve-base.json").read_text())
+    assert base["epoch"] == 0.0 and base["kl"] == pytest.approx(0.0, abs=1e-6)
+    points = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
+    assert [(p["cell"], p["epoch"]) for p in points if p["cell"] == "sft-lr0.01-s0"] == [
+        ("sft-lr0.01-s0", 0.0),
+        ("sft-lr0.01-s0", 1.0),
+        ("sft-lr0.01-s0", 2.0),
+    ]
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert tuning["selection"]["SFT"]["chosen"] in ("lr=0.01", "lr=0.05")
+    assert set(tuning["matched"]) == {"SFT lr=0.01", "SFT lr=0.05"}
+    md = (out / "report.md").read_text()
+    assert "report/trajectories.png" in md and "report/frontier.png" in md
+    assert "## Retention at matched memorization" in md and "at 90% memorization" in md
+    assert "## Tuning: one declared rule" in md and "≥ 50% memorization within 2 epochs" in md
+    assert "Chosen: lr=" in md
+    html = (out / "report.html").read_text()
+    assert "Retention at matched memorization" in html and "Learning trajectories" in html
+
+    # an unchanged rerun redoes nothing, the base curve included
+    since = log_length(out)
+    run_experiment(experiment, show_progress=False)
+    assert set(stage_log(out, since).values()) == {"reused"}
+    assert (None, "curve-base") in stage_log(out, since)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"methods": [{"sft": {"lr": ["fast"]}}]}, r"field 'methods\[0\].lr': expected a number"),
+        ({"methods": [{"sft": {"colour": [1]}}]}, r"field 'methods\[0\].colour': unknown method option"),
+        ({"methods": [{"sft": {"out": "x"}}]}, r"field 'methods\[0\].out'"),
+        ({"methods": ["sft", {"sft": {"seeds": [0]}}]}, r"cell sft-s0 is declared twice"),
+        ({"methods": [{"sft": {"lr": [-1.0]}}]}, r"field 'methods.sft.lr'"),
+        ({"curves": {"colour": 1}}, r"field 'curves.colour'"),
+        ({"curves": {"limit": "many"}}, r"field 'curves.eval_limit'"),
+        ({"train": {"eval_limit": 3}, "curves": True}, r"field 'train.eval_limit': the learning curve"),
+        ({"select": {"memorization": 1.5}}, r"field 'select.memorization'"),
+        ({"select": {"retention_at": "best"}}, r"field 'select.retention_at'"),
+    ],
+)
+def test_sweeps_curves_and_the_rule_are_checked_at_load(tmp_path, tiny_model_dir, change, message):
+    with pytest.raises(InputError, match=message):
+        tiny_grid(tmp_path, tiny_model_dir, **change)
+    assert not (tmp_path / "run").exists()
+
+
+def test_sweep_cells_names_groups_and_settings(tmp_path, tiny_model_dir):
+    experiment = tiny_grid(
+        tmp_path,
+        tiny_model_dir,
+        seeds=[0, 1],
+        methods=[
+            {"sft": {"lr": [3e-5, 1e-4]}},
+            {"sft": {"lora_rank": 16, "lr": [3e-4], "seeds": [0]}},
+            {"mixsd": {"lam": [0.3], "learning_rate": 1e-4, "seeds": [0]}},
+        ],
+        train={"epochs": 1, "lr": 2e-4},
+    )
+    cells = {c.name: c for c in experiment.cells}
+    assert list(cells) == [
+        "sft-lr3e-05-s0",
+        "sft-lr3e-05-s1",
+        "sft-lr0.0001-s0",
+        "sft-lr0.0001-s1",
+        "sft-lora16-lr0.0003-s0",
+        "mixsd-lam0.3-lr0.0001-s0",
+    ]
+    lora = cells["sft-lora16-lr0.0003-s0"]
+    assert lora.group == "SFT LoRA r=16 lr=0.0003" and lora.family == "SFT"
+    assert lora.targets_cell.name == "sft-s0"
+    runner = Runner(experiment)
+    runner.plan(lora)
+    config = runner.train_configs[lora.name]
+    assert config.lora_rank == 16 and config.learning_rate == pytest.approx(3e-4)
+    # `learning_rate` in the entry wins over the train section's `lr` (an alias TrainConfig lets win)
+    runner.plan(cells["mixsd-lam0.3-lr0.0001-s0"])
+    assert runner.train_configs["mixsd-lam0.3-lr0.0001-s0"].learning_rate == pytest.approx(1e-4)
+    plan = runner.plan(cells["sft-lr3e-05-s1"])
+    assert plan["targets"][0].outputs[0] == tmp_path / "run" / "cells" / "sft-s1" / "targets.jsonl"

@@ -86,7 +86,7 @@ def _requests(count: int, length: int = 6, seed: int = 1) -> list[EditRequest]:
     requests = []
     for i in range(count):
         prompt = torch.randint(10, 60, (length,), generator=generator).tolist()
-        requests.append(EditRequest(prompt, length - 1, [40 + i], [prompt[-1]]))
+        requests.append(EditRequest(prompt, length - 1, [40 + i], [prompt[-1]], 0))
     return requests
 
 
@@ -206,3 +206,18 @@ def test_bad_options_fail_before_any_work(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             EditConfig(model="m", input=str(tmp_path / "in.jsonl"), out=str(tmp_path / "o"), **kwargs)
+
+
+def test_batched_target_vectors_equal_one_at_a_time():
+    """Rows of different lengths in one padded batch give the shifts each request gets alone."""
+    model = _model()
+    template = projection_template(model)
+    requests = _requests(2, length=6) + _requests(1, length=9, seed=3)
+    requests[1] = EditRequest(
+        requests[1].prompt_ids, 3, [44, 45], requests[1].prompt_ids[:4], 3
+    )  # subject inside
+    alone = target_vectors(model, template, 2, requests, steps=5, batch_size=1)
+    together = target_vectors(model, template, 2, requests, steps=5, batch_size=3)
+    torch.testing.assert_close(together[0], alone[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(together[1], alone[1], rtol=1e-5, atol=1e-5)
+    assert together[2] == pytest.approx(alone[2], rel=1e-4)

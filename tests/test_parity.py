@@ -275,6 +275,23 @@ def test_mixed_decoder_matches_reference(arch, lam, temperature, monkeypatch):
     assert len({len(d.tokens) for d in ref_attempts.values()}) > 1
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_guarded_mixing_matches_reference(arch, temperature, monkeypatch):
+    """--guard-top-p (our extension): both decoders veto the same naive tokens and emit the same expert ones."""
+    name, model = arch
+    jobs = random_jobs(7, seed=20)
+    settings = dict(
+        lam=0.7, temperature=temperature, top_k=5, seed=7, max_new_tokens=16, max_attempts=2, guard_top_p=0.6
+    )
+    counter = SpliceCounter(monkeypatch, name)
+    fast_attempts, _ = decode(MixedDecoder(model, MIX_STOPS, batch_size=3, **settings), jobs, {"r2"})
+    counter.check()
+    ref_attempts, _ = decode(ReferenceDecoder(model, MIX_STOPS, **settings), jobs, {"r2"})
+    assert_same_draws(fast_attempts, ref_attempts, (name, "guard", temperature))
+    # the guard both let naive tokens through and overruled some (tests/test_fidelity.py checks what it emits)
+    assert set("".join("".join(d.branch) for d in ref_attempts.values())) == {"E", "N", "V"}
+
+
 def uncached_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """One full forward pass of prompt + tokens, no cache, no padding: the log-probs before each token."""
     with torch.no_grad():

@@ -16,18 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_word_model, make_word_tokenizer
+from mixsd.checkpoints import checkpoint_is_complete, resume_checkpoint
 from mixsd.files import InputError
-from mixsd.train import (
-    IGNORE,
-    PadCollator,
-    TrainConfig,
-    checkpoint_is_complete,
-    disk_plan,
-    resume_checkpoint,
-    target_examples,
-    target_nll,
-    train,
-)
+from mixsd.sft import IGNORE, PadCollator, target_examples, target_nll
+from mixsd.train import TrainConfig, disk_plan, train
 
 VOCAB = 96
 
@@ -224,8 +216,7 @@ def test_lora_is_merged_by_default_and_adapter_only_on_request(tmp_path):
 def test_an_adapter_only_folder_loads_with_every_loader(tmp_path):
     from peft import PeftModel
 
-    from mixsd.evaluate import load_eval_model
-    from mixsd.models import load_model, load_tokenizer
+    from mixsd.models import load_for_inference, load_model, load_tokenizer
 
     base = tmp_path / "base"
     tiny_model().save_pretrained(base)
@@ -238,7 +229,7 @@ def test_an_adapter_only_folder_loads_with_every_loader(tmp_path):
     expected = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base), folder
     ).merge_and_unload()
-    for loaded in (load_model(folder), load_eval_model(str(folder), device="cpu")[0]):
+    for loaded in (load_model(folder), load_for_inference(str(folder), device="cpu")[0]):
         assert not any("lora" in name for name, _ in loaded.named_parameters())
         for (name, a), b in zip(loaded.named_parameters(), expected.parameters(), strict=True):
             assert torch.equal(a, b), name

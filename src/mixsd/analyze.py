@@ -31,13 +31,14 @@ from typing import Any, Literal
 import torch
 
 from mixsd import __version__
-from mixsd.evaluate import choice_tokens, load_eval_model, model_fingerprint
 from mixsd.files import InputError, atomic_write_json, read_jsonl, sha256_file
 from mixsd.generation import autocast, tail_logprobs
 from mixsd.metrics import wilson_interval
-from mixsd.options import check_choices, check_distinct, check_range
+from mixsd.models import load_for_inference, model_fingerprint
+from mixsd.options import ModelOptions, check_distinct, check_range
 from mixsd.prompts import encode_answer, encode_prompt
 from mixsd.records import load_corpus, load_targets
+from mixsd.scoring import choice_tokens
 
 # Fixed histogram edges (nats), so histograms of different target files line up bin for bin.
 NLL_BIN_EDGES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
@@ -47,35 +48,22 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 HIGH_NLL_NATS = 5.0
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(max(1, threads))
-
-
 # --------------------------------------------------------------------------------------------------
 # NLL of target tokens
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class NLLConfig:
+class NLLConfig(ModelOptions):
     model: str = field(
         metadata={"help": "Model that scores the targets (normally the base the targets came from)."}
     )
     targets: str = field(metadata={"help": "Target JSONL from `mixsd mix` or `mixsd sft-targets`."})
     out: str | None = field(default=None, metadata={"help": "JSON file for the full statistics (optional)."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
-    bf16: bool = field(default=False, metadata={"help": "Run matmuls in bfloat16 (autocast)."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda ...; default: cuda if present."})
-    threads: int | None = field(
-        default=None,
-        metadata={"help": "CPU threads for torch; 1 is much faster on a machine shared with other jobs."},
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model code from the model folder."}
-    )
+    bf16: bool = field(default=False, metadata={"help": "Deprecated: same as --dtype bfloat16."})
 
     def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)
+        self.check_model_options()
         check_range("batch_size", self.batch_size, 1, integer=True)
-        check_range("threads", self.threads, 1, integer=True, optional=True)
         check_distinct({"out": self.out}, {"targets": self.targets})
 
 
@@ -123,7 +111,7 @@ def target_nll(config: NLLConfig, *, model=None) -> dict[str, Any]:
     """Per-token NLL statistics of a target file under `config.model` (or the given in-process model)."""
     from tqdm.auto import tqdm
 
-    _set_threads(config.threads)
+    config.set_threads()
     rows = load_targets(config.targets)
     for line, row in enumerate(rows, start=1):
         branch = row.get("branch")
@@ -136,17 +124,15 @@ def target_nll(config: NLLConfig, *, model=None) -> dict[str, Any]:
             )
     started = time.perf_counter()
     if model is None:
-        from mixsd.models import default_device
-
-        model, _ = load_eval_model(
-            config.model, device=config.device or default_device(), trust_remote_code=config.trust_remote_code
+        model, _ = load_for_inference(
+            config.model, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
         )
     pad = 0  # padded positions are masked, so any valid token id will do
     sequences = [row["prompt_ids"] + row["target_ids"] for row in rows]
     tails = [len(row["target_ids"]) for row in rows]
     per_row: list[list[float]] = [[] for _ in rows]
     bar = tqdm(total=len(rows), desc="nll", unit="rec")
-    with autocast(next(model.parameters()).device, config.bf16):
+    with autocast(next(model.parameters()).device, config.dtype == "bfloat16"):
         for index, logprobs in tail_logprobs(
             model, sequences, tails, pad_id=pad, batch_size=config.batch_size
         ):
@@ -223,7 +209,7 @@ def nll_command(config: NLLConfig) -> dict[str, Any]:
 # Fisher-weighted displacement
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class FisherConfig:
+class FisherConfig(ModelOptions):
     base: str = field(metadata={"help": "The base model (where the Fisher is measured)."})
     model: str = field(
         metadata={
@@ -249,21 +235,12 @@ class FisherConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the subset and of sampled labels."})
     max_tokens: int = field(default=256, metadata={"help": "Cut each probe sequence to this many tokens."})
     out: str | None = field(default=None, metadata={"help": "JSON file for the results (optional)."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda ...; default: cuda if present."})
-    threads: int | None = field(
-        default=None,
-        metadata={"help": "CPU threads for torch; 1 is much faster on a machine shared with other jobs."},
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model code from the model folder."}
-    )
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        self.check_model_options()
         check_range("samples", self.samples, 1, integer=True)
         check_range("seed", self.seed, integer=True)
         check_range("max_tokens", self.max_tokens, 2, integer=True)
-        check_range("threads", self.threads, 1, integer=True, optional=True)
         check_distinct({"out": self.out}, {"probe": self.probe})
 
 
@@ -281,14 +258,14 @@ def probe_sequences(
         kind = "targets"
         out = [(r["prompt_ids"] + r["target_ids"], len(r["prompt_ids"])) for r in load_targets(path)]
     elif "choices" in keys:
-        from mixsd.evaluate import load_probe
+        from mixsd.corpora.probes import load_probe
 
         kind = "multiple_choice"
         for item in load_probe(path, None)[1]:
             context, cont = choice_tokens(tokenizer, item["query"], item["choices"][item["gold"]])
             out.append((context + cont, len(context)))
     elif "text" in keys and "prompt" not in keys:
-        from mixsd.evaluate import load_probe
+        from mixsd.corpora.probes import load_probe
 
         kind = "text"
         for item in load_probe(path, None)[1]:
@@ -430,12 +407,12 @@ def fisher_displacement(
 
     if config.samples < 1 or config.max_tokens < 2:
         raise InputError("--samples must be >= 1 and --max-tokens >= 2")
-    _set_threads(config.threads)
+    config.set_threads()
     started = time.perf_counter()
     device = config.device or default_device()
     if base_model is None:
-        base_model, loaded_tokenizer = load_eval_model(
-            config.base, device=device, trust_remote_code=config.trust_remote_code
+        base_model, loaded_tokenizer = load_for_inference(
+            config.base, device=device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
         )
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
@@ -447,8 +424,8 @@ def fisher_displacement(
     fisher, used = diagonal_fisher(base_model, sequences, label=config.label, seed=config.seed)
     base_params = {n: p.detach() for n, p in base_model.named_parameters()}
     if tuned_model is None:
-        tuned_model, _ = load_eval_model(
-            config.model, device="cpu", trust_remote_code=config.trust_remote_code
+        tuned_model, _ = load_for_inference(
+            config.model, device="cpu", dtype=config.dtype, trust_remote_code=config.trust_remote_code
         )
     tuned_params = {n: p.detach() for n, p in tuned_model.named_parameters()}
     result = {

@@ -24,7 +24,7 @@ from mixsd.files import InputError
 from mixsd.instructions import check_constraint, is_collapsed, validate_constraint
 from mixsd.metrics import pair_rows, paired_comparison, rate, ratio_interval
 
-KIND = "gen"  # the probe kind evaluate.load_probe gives these files
+KIND = "gen"  # the probe kind corpora.probes.load_probe gives these files
 DEFAULT_MAX_NEW_TOKENS = 64
 ENTITY_MODE = "loose"  # whole-word entity matching (answers.py also calls it "entity")
 

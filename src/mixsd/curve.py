@@ -9,7 +9,8 @@ Each epoch appends one row to OUT/curve.jsonl:
     kl, kl_tokens        KL(base || model) per token on the base model's own greedy answers to held-out
                          prompts (the measure of `mixsd eval --suite retention`, on --eval_kl_limit prompts)
     <probe>_acc          per probe file (--eval_probes, at most --eval_probe_limit items): accuracy of a
-                         generative or multiple-choice probe; <probe>_collapse for generative probes;
+                         generative or multiple-choice probe (<probe>_n: its items); <probe>_collapse
+                         for generative probes;
                          <probe>_nll_per_token for a text probe
     seconds              time the evaluation took
 
@@ -38,7 +39,7 @@ class AdaptersOff(torch.nn.Module):
     """A peft model with its adapters switched off, as a model of its own: the base model without a copy.
 
     Every forward pass switches them off for its own duration, so it can alternate with forward passes of
-    the adapted model (as `evaluate.kl_per_token` does, batch by batch).
+    the adapted model (as `scoring.kl_per_token` does, batch by batch).
     """
 
     def __init__(self, peft_model):
@@ -57,7 +58,7 @@ class CurveEvaluator:
 
     def __init__(self, config, tokenizer):
         from mixsd.answers import resolve_match_mode
-        from mixsd.evaluate import load_kl_prompts, load_probe, spread
+        from mixsd.corpora.probes import load_kl_prompts, load_probe, spread
         from mixsd.records import load_corpus
 
         self.tokenizer = tokenizer
@@ -104,8 +105,8 @@ class CurveEvaluator:
         return row
 
     def _kl(self, model, base) -> dict[str, Any]:
-        from mixsd.evaluate import kl_per_token
         from mixsd.prompts import pad_token_id
+        from mixsd.scoring import kl_per_token
 
         if self._base_answers is None:  # the base never changes: its answers are generated once
             self._base_answers = self._answers_of(base)
@@ -145,17 +146,18 @@ class CurveEvaluator:
     def _probe(self, model, name: str, kind: str, items: list[dict[str, Any]]) -> dict[str, Any]:
         from mixsd.capability import KIND as GENERATIVE
         from mixsd.capability import generative_rows
-        from mixsd.evaluate import score_multiple_choice, score_perplexity
+        from mixsd.scoring import score_multiple_choice, score_perplexity
 
         if kind == GENERATIVE:
             rows = generative_rows(model, self.tokenizer, items, batch_size=self.batch_size)
             return {
                 f"{name}_acc": sum(r["correct"] for r in rows) / len(rows),
                 f"{name}_collapse": sum(r["collapsed"] for r in rows) / len(rows),
+                f"{name}_n": len(rows),  # the items behind the rates (intervals in the report)
             }
         if kind == "mc":
             rows = score_multiple_choice(model, self.tokenizer, items, batch_size=self.batch_size)
-            return {f"{name}_acc": sum(r["correct"] for r in rows) / len(rows)}
+            return {f"{name}_acc": sum(r["correct"] for r in rows) / len(rows), f"{name}_n": len(rows)}
         rows = score_perplexity(model, self.tokenizer, items, batch_size=self.batch_size, max_tokens=512)
         tokens = sum(r["tokens"] for r in rows)
         return {f"{name}_nll_per_token": sum(r["nll"] for r in rows) / tokens if tokens else None}

@@ -42,12 +42,12 @@ from mixsd.memit import (
     target_vectors,
 )
 from mixsd.models import cache_dir, load_model_and_tokenizer
-from mixsd.options import check_choices, check_distinct, check_range
+from mixsd.options import ModelOptions, check_distinct, check_range
 from mixsd.prompts import encode_answer, encode_prompt, pad_token_id
 
 
 @dataclass
-class EditConfig:
+class EditConfig(ModelOptions):
     model: str = field(
         metadata={"help": "Model to edit: the alias smollm2-135m, a HF folder, a .gguf file or a hub id."}
     )
@@ -92,20 +92,16 @@ class EditConfig:
         default=4.0, metadata={"help": "Largest target shift, as a multiple of the hidden state's norm."}
     )
     dtype: Literal["float32", "bfloat16"] = field(
-        default="float32", metadata={"help": "Model dtype (the update is solved in float64 either way)."}
+        default="float32",
+        kw_only=True,
+        metadata={"help": "Model dtype (the update is solved in float64 either way)."},
     )
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; default: cuda if present."})
-    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --out."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model code from the model folder."}
-    )
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        self.check_model_options()
         check_range("stats_tokens", self.stats_tokens, 1, integer=True)
         check_range("steps", self.steps, 1, integer=True)
-        check_range("threads", self.threads, 1, integer=True, optional=True)
         for name in ("covariance_weight", "lr", "clamp_norm"):
             check_range(name, getattr(self, name), 0, lo_open=True)
         for name in ("kl_weight", "weight_decay"):
@@ -190,6 +186,7 @@ def edit_requests(tokenizer, records: list[EditRecord]) -> list[EditRequest]:
                 subject_position=subject_position(tokenizer, prompt_ids, record.subject),
                 target_ids=encode_answer(tokenizer, record.answer),
                 essence_ids=essence,
+                essence_subject_position=subject_position(tokenizer, essence, record.subject),
             )
         )
     return requests
@@ -282,8 +279,7 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         if (out / "summary.json").is_file() and (out / "model").is_dir():
             raise InputError("holds a finished edit; use --overwrite to redo it", out)
         raise InputError("exists and is not empty; use --overwrite or another --out", out)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    config.set_threads()
     if model is None or tokenizer is None:
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = load_model_and_tokenizer(

@@ -26,29 +26,20 @@ and `results.predictions.jsonl` beside it (every prediction). An interrupted run
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from mixsd import __version__
 from mixsd.answers import SCORING_MODES, resolve_match_mode, score_all
 from mixsd.capability import KIND as GENERATIVE_KIND  # generative capability probes (own module)
-from mixsd.capability import (
-    compare_generative,
-    format_generative,
-    generative_rows,
-    is_generative_item,
-    parse_generative_item,
-    summarize_generative,
-)
+from mixsd.capability import format_generative, generative_rows
+from mixsd.corpora.probes import load_kl_prompts, load_probe, spread
 from mixsd.files import (
     InputError,
     JournalWriter,
@@ -57,26 +48,23 @@ from mixsd.files import (
     dumps,
     output_lock,
     read_journal,
-    read_jsonl,
-    read_text,
     sha256_file,
     sha256_text,
 )
-from mixsd.generation import autocast, greedy_generate, tail_logprobs
-from mixsd.metrics import (
-    ERROR_TYPES,
-    Taxonomy,
-    chance_normalized,
-    chance_normalized_interval,
-    paired_comparison,
-    perplexity_ratio_interval,
-    rate,
-    ratio_interval,
-    wilson_interval,
-)
-from mixsd.options import check_choices, check_distinct, check_range
+from mixsd.generation import autocast, greedy_generate
+from mixsd.metrics import ERROR_TYPES, Taxonomy, rate
+from mixsd.models import load_for_inference, model_fingerprint, model_folder
+from mixsd.options import ModelOptions, check_distinct, check_range
 from mixsd.prompts import answer_end, encode_prompt, pad_token_id
 from mixsd.records import Fact, load_corpus
+from mixsd.scoring import (
+    compare_with_base,
+    kl_per_token,
+    retention_ratios,
+    score_multiple_choice,
+    score_perplexity,
+    summarize_probe,
+)
 from mixsd.stages import Stage
 
 Suite = Literal["kgfact", "kgfunc", "qa", "retention"]
@@ -102,7 +90,7 @@ EXPECTED_PROBES = ("general_knowledge", "social_iqa", "qa_wikidata", "squad_para
 # Configuration (the field help is the CLI help of `mixsd eval`)
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class EvalConfig:
+class EvalConfig(ModelOptions):
     model: str = field(
         metadata={
             "help": "Model to evaluate: smollm2-135m, a HF folder, a `mixsd train` output "
@@ -146,22 +134,7 @@ class EvalConfig:
             "help": "Comma-separated splits to evaluate (e.g. train,paraphrase); default: every split of the suite."
         },
     )
-    bf16: bool = field(
-        default=False,
-        metadata={
-            "help": "Run in bfloat16: models loaded in bf16, models passed in-process under bf16 autocast."
-        },
-    )
-    device: str | None = field(
-        default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."}
-    )
-    threads: int | None = field(
-        default=None,
-        metadata={
-            "help": "CPU threads for torch (torch.set_num_threads); 1 is much faster on a machine shared with "
-            "other jobs. Default: torch's choice."
-        },
-    )
+    bf16: bool = field(default=False, metadata={"help": "Deprecated: same as --dtype bfloat16."})
     kl_prompts: str | None = field(
         default=None,
         metadata={
@@ -214,87 +187,17 @@ class EvalConfig:
     overwrite: bool = field(
         default=False, metadata={"help": "Recompute even if results for these settings exist."}
     )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model code from the model folder."}
-    )
 
     def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)
-        check_choices(self)
+        self.check_model_options()
         check_range("batch_size", self.batch_size, 1, integer=True)
         check_range("max_new_tokens", self.max_new_tokens, 1, integer=True, optional=True)
         check_range("limit", self.limit, 1, integer=True, optional=True)
-        check_range("threads", self.threads, 1, integer=True, optional=True)
         check_range("ppl_max_tokens", self.ppl_max_tokens, 2, integer=True)
         check_range("collapse_max_words", self.collapse_max_words, 0, integer=True)
         check_range("min_entity_chars", self.min_entity_chars, 0, integer=True)
         inputs = {"data": self.data, "entities": self.entities, "kl_prompts": self.kl_prompts}
         check_distinct({"out": self.out}, inputs)
-
-
-# --------------------------------------------------------------------------------------------------
-# Models: every way a trained model can come out of `mixsd train`, and a fingerprint to trace it
-# --------------------------------------------------------------------------------------------------
-def model_folder(name: str) -> Path | None:
-    """The local folder behind a model name (None for a hub id); a `mixsd train` output means its model/."""
-    from mixsd.models import resolve_model
-
-    path = Path(name).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        if (path / "adapter_config.json").is_file():
-            return path
-        if (path / "model").is_dir():
-            return path / "model"
-    resolved = Path(resolve_model(name))
-    return resolved if resolved.is_dir() else None
-
-
-def load_eval_model(name: str, *, device=None, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer) for any model name; a LoRA adapter folder is loaded onto its base and merged."""
-    from mixsd.models import default_device, load_model, load_tokenizer
-
-    device = device or default_device()
-    folder = model_folder(name)
-    if (
-        folder is not None
-        and (folder / "adapter_config.json").is_file()
-        and not (folder / "config.json").is_file()
-    ):
-        from peft import PeftModel
-
-        adapter = json.loads((folder / "adapter_config.json").read_text())
-        base_name = adapter.get("base_model_name_or_path")
-        if not base_name:
-            raise InputError(
-                "adapter_config.json names no base_model_name_or_path", folder / "adapter_config.json"
-            )
-        base = load_model(base_name, dtype=dtype, trust_remote_code=trust_remote_code)
-        model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload().to(device).eval()
-        has_tokenizer = (folder / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(
-            str(folder) if has_tokenizer else base_name, trust_remote_code=trust_remote_code
-        )
-        return model, tokenizer
-    target = str(folder) if folder is not None else name
-    model = load_model(target, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
-    return model, load_tokenizer(target, trust_remote_code=trust_remote_code)
-
-
-def model_fingerprint(name: str | None) -> dict[str, Any] | None:
-    """Name, resolved folder and a content hash of its config and weights (hub ids: name only)."""
-    if name is None:
-        return None
-    try:
-        folder = model_folder(name)
-    except (FileNotFoundError, ModuleNotFoundError, OSError):
-        folder = None
-    if folder is None:
-        return {"name": name, "path": None, "sha256": None}
-    digest = hashlib.sha256()
-    patterns = ("config.json", "adapter_config.json", "*.safetensors", "*.bin", "*.gguf")
-    files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
-    for path in files:
-        digest.update(f"{path.name}\x00{sha256_file(path)}\x00".encode())
-    return {"name": name, "path": str(folder), "sha256": digest.hexdigest() if files else None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,218 +231,6 @@ def data_hashes(folder: Path | None, files: Iterable[Path]) -> dict[str, Any]:
     }
 
 
-def spread(items: list, limit: int | None) -> list:
-    """`limit` items taken evenly across the list (every k-th), so a quick run still covers every part of
-    a file that is ordered by topic (SQuAD articles, KGFunc operations); all items when limit is None."""
-    if limit is None or limit >= len(items):
-        return items
-    return [items[i * len(items) // limit] for i in range(limit)]
-
-
-def load_probe(path: Path, limit: int | None) -> tuple[str, list[dict[str, Any]]]:
-    """Read a probe file: ("mc", items) or ("text", items); InputError names the bad line and field."""
-    kind, items, seen = None, [], set()
-    for line, obj in read_jsonl(path):
-        item_kind = (
-            GENERATIVE_KIND
-            if is_generative_item(obj)
-            else "mc"
-            if "choices" in obj
-            else "text"
-            if "text" in obj
-            else None
-        )
-        if item_kind is None:
-            raise InputError(
-                "expected a multiple-choice item (query, choices, gold), a text item (text) or a "
-                "generative item (prompt, check or constraint)",
-                path,
-                line,
-                "choices",
-            )
-        if kind is not None and item_kind != kind:
-            raise InputError(f"mixes {kind} and {item_kind} items", path, line)
-        kind = item_kind
-        item_id = str(obj.get("id", line))
-        if item_id in seen:
-            raise InputError(f"duplicate id '{item_id}'", path, line, "id")
-        seen.add(item_id)
-        if kind == GENERATIVE_KIND:
-            items.append(parse_generative_item(obj, path, line, item_id))
-        elif kind == "mc":
-            query, choices, gold = obj.get("query"), obj.get("choices"), obj.get("gold")
-            if not isinstance(query, str):
-                raise InputError("expected a string", path, line, "query")
-            if (
-                not isinstance(choices, list)
-                or len(choices) < 2
-                or not all(isinstance(c, str) and c.strip() for c in choices)
-            ):
-                raise InputError("expected a list of at least two non-empty strings", path, line, "choices")
-            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-                raise InputError(f"expected an index in [0, {len(choices) - 1}]", path, line, "gold")
-            items.append({"id": item_id, "query": query, "choices": choices, "gold": gold})
-        else:
-            text = obj.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise InputError("expected a non-empty string", path, line, "text")
-            items.append({"id": item_id, "text": text})
-    if kind is None:
-        raise InputError("no records", path)
-    return kind, spread(items, limit)
-
-
-def load_kl_prompts(source: str | None, limit: int | None) -> tuple[list[tuple[str, str, str | None]], str]:
-    """(id, prompt, system) triples for the KL probe and the sha256 of their source."""
-    if source is None:
-        text = resources.files("mixsd").joinpath("data/kl_prompts.txt").read_text(encoding="utf-8")
-        digest = sha256_text(text)
-    else:
-        path = Path(source)
-        digest = sha256_file(path) if path.is_file() else ""
-        if path.suffix == ".jsonl":
-            facts = load_corpus(path)
-            prompts = [(f.id, f.prompt, f.system) for f in facts]
-            return spread(prompts, limit), digest
-        if not path.is_file():
-            raise InputError("file not found", path)
-        text = read_text(path)
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    prompts = [(f"kl{i:03d}", line, None) for i, line in enumerate(lines)]
-    if not prompts:
-        raise InputError("no prompts", source)
-    return spread(prompts, limit), digest
-
-
-# --------------------------------------------------------------------------------------------------
-# Scoring
-# --------------------------------------------------------------------------------------------------
-def _encode_plain(tokenizer, text: str) -> list[int]:
-    """Raw text as the tokenizer encodes it by default (BOS only if the tokenizer adds one itself)."""
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
-
-
-def choice_tokens(tokenizer, query: str, choice: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) of a multiple-choice option, as lm-evaluation-harness splits them.
-
-    The choice continues the query after one space unless either side already has whitespace there;
-    trailing whitespace of the query moves into the continuation; the whole string is tokenized once and
-    cut where the query's own tokens end, so the scored tokens are those the model would really see.
-    """
-    continuation = choice if choice[:1].isspace() or query[-1:].isspace() else " " + choice
-    stripped = query.rstrip()
-    continuation = query[len(stripped) :] + continuation
-    whole = _encode_plain(tokenizer, stripped + continuation)
-    context = _encode_plain(tokenizer, stripped)
-    if not stripped or len(context) >= len(whole):
-        # empty query: condition on the end-of-text token, as the harness does
-        prefix = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_token_id(tokenizer)]
-        cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
-        return (context if stripped else prefix), cont
-    return context, whole[len(context) :]
-
-
-def score_multiple_choice(
-    model,
-    tokenizer,
-    items: list[dict[str, Any]],
-    *,
-    batch_size: int,
-    progress: Callable[[int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Per item: summed log-likelihood of each choice, and which choice acc / acc_norm pick."""
-    sequences, tails, owners = [], [], []
-    for n, item in enumerate(items):
-        for c, choice in enumerate(item["choices"]):
-            context, cont = choice_tokens(tokenizer, item["query"], choice)
-            sequences.append(context + cont)
-            tails.append(len(cont))
-            owners.append((n, c))
-    loglik: list[list[float]] = [[0.0] * len(item["choices"]) for item in items]
-    remaining = [len(item["choices"]) for item in items]
-    for index, logprobs in tail_logprobs(
-        model, sequences, tails, pad_id=pad_token_id(tokenizer), batch_size=batch_size
-    ):
-        n, c = owners[index]
-        loglik[n][c] = float(logprobs.sum())
-        remaining[n] -= 1
-        if remaining[n] == 0 and progress is not None:
-            progress(1)
-    rows = []
-    for item, scores in zip(items, loglik, strict=True):
-        lengths = [len(choice) for choice in item["choices"]]
-        normed = [s / length for s, length in zip(scores, lengths, strict=True)]
-        pred = max(range(len(scores)), key=lambda i: (scores[i], -i))  # first of ties, like numpy argmax
-        pred_norm = max(range(len(normed)), key=lambda i: (normed[i], -i))
-        rows.append(
-            {
-                "id": item["id"],
-                "kind": "mc",
-                "gold": item["gold"],
-                "loglik": [round(s, 5) for s in scores],
-                "char_lengths": lengths,
-                "pred": pred,
-                "pred_norm": pred_norm,
-                "correct": pred == item["gold"],
-                "correct_norm": pred_norm == item["gold"],
-                "n_choices": len(scores),
-            }
-        )
-    return rows
-
-
-def score_perplexity(
-    model,
-    tokenizer,
-    items: list[dict[str, Any]],
-    *,
-    batch_size: int,
-    max_tokens: int,
-    progress: Callable[[int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Per text: summed NLL and the number of predicted tokens (the first token, with no context, is not)."""
-    sequences = [_encode_plain(tokenizer, item["text"])[:max_tokens] for item in items]
-    rows: list[dict[str, Any] | None] = [None] * len(items)
-    usable = [i for i, seq in enumerate(sequences) if len(seq) >= 2]
-    for k, logprobs in tail_logprobs(
-        model,
-        [sequences[i] for i in usable],
-        [len(sequences[i]) - 1 for i in usable],
-        pad_id=pad_token_id(tokenizer),
-        batch_size=batch_size,
-    ):
-        i = usable[k]
-        rows[i] = {
-            "id": items[i]["id"],
-            "kind": "text",
-            "nll": round(-float(logprobs.sum()), 5),
-            "tokens": len(sequences[i]) - 1,
-        }
-        if progress is not None:
-            progress(1)
-    return [
-        row if row is not None else {"id": items[i]["id"], "kind": "text", "nll": 0.0, "tokens": 0}
-        for i, row in enumerate(rows)
-    ]
-
-
-def kl_per_token(
-    base, model, sequences: list[list[int]], tails: list[int], *, pad_id: int, batch_size: int
-) -> list[tuple[float, float, int]]:
-    """Per sequence: (sum, max, count) of KL(base || model) over the next-token distributions at the
-    positions predicting its last `tail` tokens."""
-    out: list[tuple[float, float, int]] = [(0.0, 0.0, 0)] * len(sequences)
-    base_iter = tail_logprobs(base, sequences, tails, pad_id=pad_id, batch_size=batch_size, full=True)
-    model_iter = tail_logprobs(model, sequences, tails, pad_id=pad_id, batch_size=batch_size, full=True)
-    for (i, p_log), (j, q_log) in zip(base_iter, model_iter, strict=True):
-        assert i == j
-        if p_log.shape[-1] != q_log.shape[-1]:
-            raise ValueError(f"base and model vocabularies differ ({p_log.shape[-1]} vs {q_log.shape[-1]})")
-        kl = (p_log.exp() * (p_log - q_log)).sum(dim=-1).clamp_(min=0.0)
-        out[i] = (float(kl.sum()), float(kl.max()), int(kl.numel()))
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Aggregation
 # --------------------------------------------------------------------------------------------------
@@ -564,101 +255,6 @@ def summarize_split(rows: list[dict[str, Any]], match: str, taxonomy_on: str | N
         "finish": dict(Counter(r["finish"] for r in rows)),
         "mean_output_tokens": sum(r["output_tokens"] for r in rows) / n if n else None,
     }
-
-
-def summarize_probe(kind: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    if kind == GENERATIVE_KIND:
-        return summarize_generative(rows)
-    if kind == "mc":
-        n = len(rows)
-        return {
-            "kind": "multiple_choice",
-            "n": n,
-            "acc": rate(sum(r["correct"] for r in rows), n),
-            "acc_norm": rate(sum(r["correct_norm"] for r in rows), n),
-            "chance": sum(1 / r["n_choices"] for r in rows) / n if n else None,
-        }
-    if kind == "text":
-        tokens = sum(r["tokens"] for r in rows)
-        nll = sum(r["nll"] for r in rows)
-        return {
-            "kind": "perplexity",
-            "n": len(rows),
-            "tokens": tokens,
-            "nll_per_token": nll / tokens if tokens else None,
-            "ppl": math.exp(nll / tokens) if tokens else None,
-        }
-    tokens = sum(r["tokens"] for r in rows)
-    return {
-        "kind": "kl",
-        "n": len(rows),
-        "tokens": tokens,
-        "kl_per_token": sum(r["kl_sum"] for r in rows) / tokens if tokens else None,
-        "kl_per_prompt_mean": (
-            sum(r["kl_sum"] / r["tokens"] for r in rows if r["tokens"])
-            / max(1, sum(1 for r in rows if r["tokens"]))
-        ),
-        "kl_max": max((r["kl_max"] for r in rows), default=None),
-    }
-
-
-def retention_ratios(model_summary: dict[str, Any], base_summary: dict[str, Any]) -> dict[str, float | None]:
-    """score(model) / score(base); for perplexity base / model, so 1.0 = unchanged and higher is better."""
-
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
-    if model_summary["kind"] == "multiple_choice":
-        return {
-            metric: ratio(model_summary[metric]["value"], base_summary[metric]["value"])
-            for metric in ("acc", "acc_norm")
-        }
-    if model_summary["kind"] == "perplexity":
-        return {"ppl": ratio(base_summary["ppl"], model_summary["ppl"])}
-    if model_summary["kind"] == "generative":
-        return {"acc": ratio(model_summary["acc"]["value"], base_summary["acc"]["value"])}
-    return {}
-
-
-def compare_with_base(kind: str, model_rows: list[dict[str, Any]], base_rows: list[dict[str, Any]]) -> dict:
-    """Intervals and paired statistics of a probe's retention, from base and model on the same items.
-
-    multiple choice: `retention_ci95` (paired bootstrap of acc / acc_base), `retention_normalized`
-    ((acc - chance) / (acc_base - chance), None when the base is at chance) with its `_ci95`, and `paired`
-    (right->wrong / wrong->right counts, McNemar p, difference with interval) per metric;
-    perplexity: `retention_ci95` of base_ppl / model_ppl, resampling texts.
-    """
-    if kind == GENERATIVE_KIND:
-        return compare_generative(model_rows, base_rows)
-    by_id = {row["id"]: row for row in base_rows}
-    pairs = [(row, by_id[row["id"]]) for row in model_rows if row["id"] in by_id]
-    if kind == "mc":
-        out: dict[str, Any] = {"retention_ci95": {}, "retention_normalized": {}, "paired": {}}
-        out["retention_normalized_ci95"] = {}
-        chance = [1 / m["n_choices"] for m, _ in pairs]
-        for metric, key in (("acc", "correct"), ("acc_norm", "correct_norm")):
-            model = [bool(m[key]) for m, _ in pairs]
-            base = [bool(b[key]) for _, b in pairs]
-            n = len(pairs)
-            out["retention_ci95"][metric] = ratio_interval(model, base)
-            out["retention_normalized"][metric] = (
-                chance_normalized(sum(model) / n, sum(base) / n, sum(chance) / n) if n else None
-            )
-            out["retention_normalized_ci95"][metric] = chance_normalized_interval(model, base, chance)
-            out["paired"][metric] = paired_comparison(base, model)
-        return out
-    if kind == "text":
-        usable = [(m, b) for m, b in pairs if m["tokens"] and m["tokens"] == b["tokens"]]
-        return {
-            "retention_ci95": {
-                "ppl": perplexity_ratio_interval(
-                    [m["nll"] for m, _ in usable],
-                    [b["nll"] for _, b in usable],
-                    [m["tokens"] for m, _ in usable],
-                )
-            }
-        }
-    return {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -694,16 +290,16 @@ class _Runner:
         self.config, self.progress = config, progress
         self._model, self._tokenizer, self._base = model, tokenizer, base_model
         self.device = config.device
-        # models loaded here are stored in bf16 with --bf16 (half the memory traffic per decode step);
-        # models passed in keep their dtype and run under bf16 autocast
-        self.dtype = "bfloat16" if config.bf16 else "float32"
+        # models loaded here are stored in --dtype (bf16: half the memory traffic per decode step);
+        # models passed in keep their dtype and run under autocast to it
+        self.dtype = config.dtype
 
     def model(self):
         if self._model is None:
             from mixsd.models import default_device
 
             self.device = self.device or default_device()
-            self._model, tokenizer = load_eval_model(
+            self._model, tokenizer = load_for_inference(
                 self.config.model,
                 device=self.device,
                 dtype=self.dtype,
@@ -738,7 +334,7 @@ class _Runner:
                 self._base = self.model()
             else:
                 device = next(self.model().parameters()).device
-                self._base, _ = load_eval_model(
+                self._base, _ = load_for_inference(
                     self.config.base,
                     device=device,
                     dtype=self.dtype,
@@ -747,7 +343,7 @@ class _Runner:
         return self._base
 
     def autocast(self, model):
-        return autocast(next(model.parameters()).device, self.config.bf16)
+        return autocast(next(model.parameters()).device, self.dtype == "bfloat16")
 
     def bar(self, total: int, desc: str) -> _Progress:
         return _Progress(total, desc, self.progress)
@@ -924,10 +520,7 @@ def _evaluate_locked(
         raise InputError("--batch-size and --limit must be >= 1")
     if (model is None) != (tokenizer is None) and model is not None:
         raise ValueError("pass the tokenizer together with an in-process model")
-    if config.threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, config.threads))
+    config.set_threads()
     started = time.perf_counter()
     max_new_tokens = config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[config.suite]
     out = Path(config.out)
@@ -1001,7 +594,7 @@ def _evaluate_locked(
         "limit": config.limit,
         "splits": config.splits,
         "max_new_tokens": max_new_tokens,
-        "bf16": config.bf16,
+        "bf16": config.bf16,  # mirrors --dtype (float32 or bfloat16): the key results had before it
         "ppl_max_tokens": config.ppl_max_tokens,
     }
     settings = {
@@ -1288,20 +881,4 @@ def eval_command(config: EvalConfig) -> dict[str, Any]:
     return results
 
 
-__all__ = [
-    "EvalConfig",
-    "Taxonomy",
-    "choice_tokens",
-    "eval_command",
-    "evaluate",
-    "format_results",
-    "kl_per_token",
-    "load_eval_model",
-    "load_probe",
-    "model_fingerprint",
-    "rate",
-    "retention_ratios",
-    "score_multiple_choice",
-    "score_perplexity",
-    "wilson_interval",
-]
+__all__ = ["EvalConfig", "eval_command", "evaluate", "format_results", "predictions_path"]

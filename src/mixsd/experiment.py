@@ -10,6 +10,7 @@ every decision (ran / reused, and what changed) is appended to `OUT/stage-log.js
 
     targets.jsonl   ground truth (sft) or `mixsd mix` (mixsd)          — not for base / opsd
     train/          `mixsd train` output; train/model is the tuned model  — not for base
+                    (with `curves:`, train/curve.jsonl: the scores after every epoch)
     eval.json       `mixsd eval` on the corpus suite (memorization, generalization)
     retention.json  `mixsd eval --suite retention` against the base model
     nll.json        `mixsd analyze nll`: the targets' NLL under the base model
@@ -18,12 +19,15 @@ every decision (ran / reused, and what changed) is appended to `OUT/stage-log.js
 
 Then `OUT/results.jsonl`, `OUT/results.csv` and the report (`OUT/report.md`, `OUT/report.html`) are
 written from every cell whose stages are all current for this config. The config file format is documented in docs/experiments.md.
+
+A method entry may sweep `mixsd train` options (`sft: {lr: [3e-5, 1e-4]}`): each setting is its own cell
+and group; the settings of one method, λ and seed share their targets. The `select` section's rule
+(`mixsd.tuning.SelectionRule`) picks each method's setting in the report, from the learning curves.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import itertools
 import json
 import math
 import platform
@@ -49,19 +53,20 @@ from mixsd.files import (
     atomic_write_text,
     output_lock,
 )
-from mixsd.metrics import analysis_columns, probe_columns, split_columns
+from mixsd.results import (
+    MAIN_COLUMNS,
+    add_relative_scores,
+    aggregate,
+    cell_row,
+    comparison_text,
+    write_table,
+)
 from mixsd.stages import Stage, config_settings
+from mixsd.tuning import SelectionRule
 
 DEMO_FACTS = Path(str(resources.files("mixsd") / "data" / "facts-demo.jsonl"))
 PACKAGED_CONFIGS = Path(str(resources.files("mixsd") / "configs"))
 
-# Which score of each retention probe counts (the notes: social_iqa is read length-normalized).
-RETENTION_METRIC = {
-    "general_knowledge": "acc",
-    "qa_wikidata": "acc",
-    "social_iqa": "acc_norm",
-    "squad_paragraphs": "ppl",
-}
 METHOD_LABELS = {"base": "Base", "sft": "SFT", "mixsd": "MixSD", "opsd": "OPSD"}
 SECTIONS = ("mix", "train", "opsd", "eval", "retention", "analyses")
 
@@ -96,23 +101,63 @@ class DemoConfig:
     config: str | None = field(default=None, metadata={"help": "Another experiment YAML to run as the demo."})
 
 
+# Short names of swept training options in cell names and labels (any other option: its own name).
+SETTING_NAMES = {
+    "lr": "lr",
+    "learning_rate": "lr",
+    "lora_rank": "lora",
+    "epochs": "ep",
+    "num_train_epochs": "ep",
+}
+
+
+def _setting_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value).lower()
+
+
 @dataclass(frozen=True)
 class Cell:
     method: str
     lam: float | None = None
     seed: int = 0
+    # training options of this cell on top of the `train` section: one setting of a sweep, in the
+    # order the method entry lists them, e.g. (("lora_rank", 16), ("lr", 0.003))
+    settings: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
         if self.method == "base":
             return "base"
         lam = f"-lam{self.lam:g}" if self.lam is not None else ""
-        return f"{self.method}{lam}-s{self.seed}"
+        setting = "".join(f"-{SETTING_NAMES.get(k, k)}{_setting_value(v)}" for k, v in self.settings)
+        return f"{self.method}{lam}{setting}-s{self.seed}"
+
+    @property
+    def family(self) -> str:
+        """The method (and λ): the settings of a sweep compete within it under the selection rule."""
+        return METHOD_LABELS[self.method] + (f" λ={self.lam:g}" if self.lam is not None else "")
+
+    @property
+    def setting(self) -> str:
+        """The setting's label ("lr=3e-05", "LoRA r=16 lr=0.003"); empty without one."""
+        parts = []
+        for key, value in self.settings:
+            if key == "lora_rank":
+                parts.append(f"LoRA r={value}" if value else "full")
+            else:
+                parts.append(f"{SETTING_NAMES.get(key, key)}={_setting_value(value)}")
+        return " ".join(parts)
 
     @property
     def group(self) -> str:
         """Cells that differ only by seed share a group (one point on the plots)."""
-        return METHOD_LABELS[self.method] + (f" λ={self.lam:g}" if self.lam is not None else "")
+        return self.family + (f" {self.setting}" if self.settings else "")
+
+    @property
+    def targets_cell(self) -> Cell:
+        """The cell whose folder holds this cell's targets: every setting of one method, λ and seed
+        trains on the same targets, made once (the bare cell without settings)."""
+        return replace(self, settings=())
 
 
 @dataclass
@@ -127,6 +172,10 @@ class Experiment:
     cells: list[Cell]
     sections: dict[str, dict[str, Any]]
     raw: dict[str, Any]
+    # the per-epoch learning curve of every trained cell: the `curves` options (None: no curves)
+    curves: dict[str, Any] | None = None
+    # the rule that picks each method's setting among those it sweeps (the `select` section)
+    select: SelectionRule = field(default_factory=SelectionRule)
 
 
 def load_experiment(path: str | Path, out: str | None = None) -> Experiment:
@@ -142,7 +191,7 @@ def load_experiment(path: str | Path, out: str | None = None) -> Experiment:
         ) from None
     if not isinstance(raw, dict):
         raise InputError("expected a mapping at the top level", path)
-    known = {"name", "model", "out", "corpus", "methods", "seeds", *SECTIONS}
+    known = {"name", "model", "out", "corpus", "methods", "seeds", "curves", "select", *SECTIONS}
     for key in raw:
         if key not in known:
             raise InputError(f"unknown key (expected one of {', '.join(sorted(known))})", path, field=key)
@@ -175,16 +224,110 @@ def load_experiment(path: str | Path, out: str | None = None) -> Experiment:
         cells=cells,
         sections=sections,
         raw=raw,
+        curves=_curves_section(raw.get("curves"), path),
+        select=_select_section(raw.get("select"), path),
     )
     _validate(experiment)
     return experiment
 
 
+# `curves:` options and the `mixsd train` fields the runner sets from them (with eval_every_epoch on and
+# eval_corpus the cell's training questions); `capability: true` adds the offline capability probes.
+CURVE_OPTIONS = {
+    "limit": "eval_limit",
+    "match": "eval_match",
+    "kl_prompts": "eval_kl_prompts",
+    "kl_limit": "eval_kl_limit",
+    "probes": "eval_probes",
+    "probe_limit": "eval_probe_limit",
+    "max_new_tokens": "eval_max_new_tokens",
+}
+CURVE_FIELDS = {"eval_every_epoch", "eval_corpus", *CURVE_OPTIONS.values()}
+# the offline capability probes (`mixsd probes build-capability` without --model) a curve can score
+CAPABILITY_PROBES = ("in_context.jsonl", "instructions.jsonl")
+
+
+def _curves_section(value: Any, path: Path) -> dict[str, Any] | None:
+    """`curves: true` or a mapping of CURVE_OPTIONS (plus `capability`); None when absent or false.
+    Types and ranges are checked when the training configs are built (`Runner.plan`)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError("expected true, false or a mapping of options", path, field="curves")
+    for key in value:
+        if key not in (*CURVE_OPTIONS, "capability"):
+            raise InputError(
+                f"unknown option; expected one of {', '.join(sorted([*CURVE_OPTIONS, 'capability']))}",
+                path,
+                field=f"curves.{key}",
+            )
+    if "capability" in value and not isinstance(value["capability"], bool):
+        raise InputError("expected true or false", path, field="curves.capability")
+    probes = value.get("probes")
+    if isinstance(probes, list):
+        if not all(isinstance(p, str) and p and "," not in p for p in probes):
+            raise InputError("expected a list of probe file paths", path, field="curves.probes")
+        value = {**value, "probes": ",".join(probes)}
+    return dict(value)
+
+
+def _select_section(value: Any, path: Path) -> SelectionRule:
+    """The `select` section as a SelectionRule (every option optional; the defaults when absent)."""
+    if value is None:
+        return SelectionRule()
+    if not isinstance(value, dict):
+        raise InputError("expected a mapping of options", path, field="select")
+    options = {f.name for f in fields(SelectionRule)}
+    for key in value:
+        if key not in options:
+            raise InputError(
+                f"unknown option; expected one of {', '.join(sorted(options))}", path, field=f"select.{key}"
+            )
+    memorization = value.get("memorization", SelectionRule.memorization)
+    if (
+        isinstance(memorization, bool)
+        or not isinstance(memorization, int | float)
+        or not 0 < memorization <= 1
+    ):
+        raise InputError(f"must be in (0, 1]; got {memorization!r}", path, field="select.memorization")
+    epochs = value.get("within_epochs")
+    if epochs is not None and (
+        isinstance(epochs, bool) or not isinstance(epochs, int | float) or epochs <= 0
+    ):
+        raise InputError(f"must be a number > 0 or null; got {epochs!r}", path, field="select.within_epochs")
+    at = value.get("retention_at", SelectionRule.retention_at)
+    if at not in ("matched", "final"):
+        raise InputError(f"expected one of matched, final; got {at!r}", path, field="select.retention_at")
+    seeds = value.get("seeds")
+    if seeds is not None and (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        raise InputError("expected a non-empty list of integers or null", path, field="select.seeds")
+    return SelectionRule(
+        float(memorization),
+        None if epochs is None else float(epochs),
+        at,
+        None if seeds is None else tuple(seeds),
+    )
+
+
 # What the runner sets itself in each stage's config; the file may set every other field.
 RUNNER_SET = {
     "mix": ("mixsd.targets", "MixConfig", {"model", "input", "output", "lam", "seed"}),
-    "train": ("mixsd.train", "TrainConfig", {"model", "out", "targets", "corpus", "method", "seed"}),
-    "opsd": ("mixsd.train", "TrainConfig", {"model", "out", "targets", "corpus", "method", "seed"}),
+    "train": (
+        "mixsd.train",
+        "TrainConfig",
+        {"model", "out", "output_dir", "targets", "corpus", "method", "seed"},
+    ),
+    "opsd": (
+        "mixsd.train",
+        "TrainConfig",
+        {"model", "out", "output_dir", "targets", "corpus", "method", "seed"},
+    ),
     "eval": ("mixsd.evaluate", "EvalConfig", {"model", "suite", "data", "out"}),
     "retention": ("mixsd.evaluate", "EvalConfig", {"model", "suite", "base", "out"}),
 }
@@ -192,10 +335,15 @@ ANALYSES_OPTIONS: dict[str, Any] = {"nll": bool, "fisher": bool, "fisher_samples
 RETENTION_EXTRA: dict[str, Any] = {"data": str, "probes": bool}  # the probe folder; probes: false skips them
 # Fields that change only speed, logging or where a run goes, never what a stage writes: a change to
 # them redoes nothing. (Training's own list is `mixsd.train.run_settings`.)
-MIX_SPEED_ONLY = ("batch_size", "device", "overwrite")
-EVAL_SPEED_ONLY = ("batch_size", "device", "threads", "overwrite", "base_cache")
-NLL_SPEED_ONLY = ("batch_size", "device", "threads")
-FISHER_SPEED_ONLY = ("device", "threads")
+# `dtype` of eval and nll is in their settings as `bf16`, which those configs keep equal to
+# `dtype == "bfloat16"` (`options.ModelOptions`); fisher runs with the default dtype here (no section
+# sets it). Left out, records written before `dtype` existed stay current.
+MIX_SPEED_ONLY = ("batch_size", "device", "threads", "overwrite")
+EVAL_SPEED_ONLY = ("batch_size", "device", "threads", "overwrite", "base_cache", "dtype")
+NLL_SPEED_ONLY = ("batch_size", "device", "threads", "dtype")
+FISHER_SPEED_ONLY = ("device", "threads", "dtype")
+# The capability probes of an experiment are built without a model: how one would be loaded is moot.
+CAPABILITY_SPEED_ONLY = ("batch_size", "device", "threads", "dtype", "trust_remote_code")
 
 
 def _validate(experiment: Experiment) -> None:
@@ -235,11 +383,10 @@ def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
         if method == "base":
             cells.append(Cell("base"))
             continue
-        unknown = set(options) - {"lam", "seeds"}
-        if unknown or (method != "mixsd" and "lam" in options):
+        if method != "mixsd" and "lam" in options:
             raise InputError(
-                f"unknown method options {sorted(unknown or {'lam'})} (mixsd takes lam and seeds; "
-                "the others take seeds)",
+                "unknown method option ['lam'] (mixsd takes lam; every trained method takes seeds and "
+                "training options)",
                 path,
                 field=f"methods[{i}]",
             )
@@ -248,11 +395,55 @@ def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
             raise InputError("expected a list of integers", path, field=f"methods[{i}].seeds")
         lams = options.get("lam", [0.3]) if method == "mixsd" else [None]
         lams = lams if isinstance(lams, list) else [lams]
+        sweeps = _setting_sweeps(
+            {k: v for k, v in options.items() if k not in ("lam", "seeds")}, path, f"methods[{i}]"
+        )
         for lam in lams:
             if lam is not None and not (isinstance(lam, int | float) and 0 <= lam <= 1):
                 raise InputError(f"lam must be in [0, 1], got {lam!r}", path, field=f"methods[{i}].lam")
-            cells.extend(Cell(method, None if lam is None else float(lam), seed) for seed in method_seeds)
+            for setting in sweeps:
+                cells.extend(
+                    Cell(method, None if lam is None else float(lam), seed, setting) for seed in method_seeds
+                )
+    names = [cell.name for cell in cells]
+    for name in names:
+        if names.count(name) > 1:
+            raise InputError(f"cell {name} is declared twice", path, field="methods")
     return cells
+
+
+def _setting_sweeps(options: dict[str, Any], path: Path, where: str) -> list[tuple[tuple[str, Any], ...]]:
+    """The settings a method entry sweeps: every training option it names (a value or a list of values),
+    crossed in the order listed; [()] when it names none. Names and types are checked here (values read
+    as the option's type, so `1e-4` names the same cell as `1.0e-4`), ranges when the configs are built."""
+    if not options:
+        return [()]
+    from mixsd.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    allowed = {f.name for f in fields(TrainConfig) if f.init} - RUNNER_SET["train"][2] - CURVE_FIELDS
+    axes = []
+    for key, values in options.items():
+        if key not in allowed:
+            raise InputError(
+                "unknown method option (a method entry takes lam (mixsd), seeds, and `mixsd train` "
+                "options to sweep, each a value or a list)",
+                path,
+                field=f"{where}.{key}",
+            )
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise InputError("expected a value or a non-empty list", path, field=f"{where}.{key}")
+        coerced = []
+        for value in values:
+            fits, value = _coerce(value, hints.get(key))
+            if not fits or isinstance(value, dict | list):
+                raise InputError(
+                    f"expected {_type_text(hints.get(key))}; got {value!r}", path, field=f"{where}.{key}"
+                )
+            coerced.append(value)
+        axes.append([(key, value) for value in coerced])
+    return [tuple(setting) for setting in itertools.product(*axes)]
 
 
 def _type_text(hint: Any) -> str:
@@ -342,6 +533,18 @@ def _user_files(config: Any, names: tuple[str, ...]) -> list[Path]:
     return [Path(p) for p in paths if isinstance(p, str) and Path(p).is_file()]
 
 
+def _without(sections: list[tuple[str, dict[str, Any]]], keys: set[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The sections without `keys` nor their other spelling (lr / learning_rate ...): a cell's setting
+    must win over the `train` section whichever name either uses (TrainConfig lets an alias win)."""
+    from mixsd.train import ALIASES
+
+    names = set(keys)
+    for alias, target in ALIASES.items():
+        if alias in keys or target in keys:
+            names |= {alias, target}
+    return [(name, {k: v for k, v in options.items() if k not in names}) for name, options in sections]
+
+
 # --------------------------------------------------------------------------------------------------
 # Stages
 # --------------------------------------------------------------------------------------------------
@@ -359,6 +562,8 @@ class Runner:
         self.corpus_dir = self.out / "data" if corpus.get("train_limit") else self.source_dir
         self.probes_dir: Path | None = self._probes(fetch=False)
         self.stage_log = self.out / "stage-log.jsonl"
+        self.capability_stage: Stage | None = self._capability_stage()
+        self.train_configs: dict[str, Any] = {}  # cell name -> its TrainConfig, as planned
 
     def cell_dir(self, cell: Cell) -> Path:
         return self.out / "cells" / cell.name
@@ -431,6 +636,99 @@ class Runner:
             )
             stage.run(lambda discard: self._subset(source, limit), log=self._log(None))
         self.probes_dir = self._probes(fetch=True)
+        if self.capability_stage is not None:
+            from mixsd.corpora.capability import build_capability
+
+            config = self._capability_config()
+            self.capability_stage.run(lambda discard: build_capability(config), log=self._log(None))
+
+    # learning curves, shared by every trained cell
+    def _capability_config(self):
+        from mixsd.corpora.capability import CapabilityConfig
+
+        corpus = self.x.corpus
+        world = {}
+        if corpus.get("generator", "kgfact") == "kgfact":  # in-context facts from the trained world
+            world = {"kgfact_size": corpus.get("size", "small"), "kgfact_seed": corpus.get("seed", 0)}
+        return CapabilityConfig(out=str(self.out / "capability"), **world)
+
+    def _capability_stage(self) -> Stage | None:
+        """OUT/capability: the offline capability probes (no model: in-context facts, instructions)."""
+        if self.x.curves is None or not self.x.curves.get("capability"):
+            return None
+        config = self._capability_config()
+        folder = Path(config.out)
+        return Stage(
+            "capability",
+            [folder / "manifest.json", *(folder / name for name in CAPABILITY_PROBES)],
+            config_settings(config, CAPABILITY_SPEED_ONLY),
+            record=self.out / "stages" / "capability.json",
+        )
+
+    def curve_sections(
+        self, train_file: Path
+    ) -> tuple[dict[str, Any], tuple[str, dict[str, Any]], list[Path]]:
+        """What a trained cell's curve adds to its TrainConfig: the runner's fields, the `curves` section
+        as TrainConfig options, and the files the curve reads (their content is part of the fingerprint)."""
+        curves = self.x.curves or {}
+        options = {CURVE_OPTIONS[key]: value for key, value in curves.items() if key in CURVE_OPTIONS}
+        probes = [p.strip() for p in str(options.get("eval_probes") or "").split(",") if p.strip()]
+        if curves.get("capability"):
+            probes = [str(self.out / "capability" / name) for name in CAPABILITY_PROBES] + probes
+        if probes:
+            options["eval_probes"] = ",".join(probes)
+        files = [Path(p) for p in probes]
+        if isinstance(options.get("eval_kl_prompts"), str):
+            files.append(Path(options["eval_kl_prompts"]))
+        runner_set = {"eval_every_epoch": True, "eval_corpus": str(train_file)}
+        return runner_set, ("curves", options), files
+
+    def curve_base_stage(self) -> tuple[Stage, Callable[[bool], Any]] | None:
+        """OUT/curve-base.json: the curve's scores of the base model, epoch 0 of every trained cell's
+        curve (with the first trained cell's curve settings); None without curves or trained cells."""
+        trained = [cell for cell in self.x.cells if cell.method != "base"]
+        if self.x.curves is None or not trained:
+            return None
+        if trained[0].name not in self.train_configs:
+            self.plan(trained[0])
+        config = self.train_configs[trained[0].name]
+        path = self.out / "curve-base.json"
+        settings = {
+            name: getattr(config, name)
+            for name in ("model", "bf16", *sorted(CURVE_FIELDS - {"eval_every_epoch"}))
+        }
+        files = [Path(config.eval_corpus)]
+        files += [Path(p) for p in (config.eval_probes or "").split(",") if p.strip()]
+        if config.eval_kl_prompts:
+            files.append(Path(config.eval_kl_prompts))
+        stage = Stage(
+            "curve-base",
+            path,
+            settings,
+            inputs=files,
+            upstream=[self.capability_stage] if self.capability_stage else [],
+            record=self.out / "stages" / "curve-base.json",
+        )
+        return stage, lambda discard: self._curve_base(config, path)
+
+    def _curve_base(self, config, path: Path) -> None:
+        from mixsd.curve import CurveCallback, CurveEvaluator
+        from mixsd.models import load_model, load_tokenizer
+
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        model = load_model(config.model, dtype="float32", trust_remote_code=config.trust_remote_code)
+        model.to(config.device)
+        evaluator = CurveEvaluator(config, tokenizer)
+        # the base against itself: KL 0 by definition, measured the same way as every epoch's
+        row = CurveCallback(evaluator, path, base=model).evaluate(model, epoch=0.0, step=0)
+        atomic_write_json(path, row)
+
+    def curve_base_row(self) -> dict[str, Any] | None:
+        """The base model's curve row when current for this config; None otherwise."""
+        planned = self.curve_base_stage()
+        if planned is None or not planned[0].is_current():
+            return None
+        return json.loads((self.out / "curve-base.json").read_text(encoding="utf-8"))
 
     def _subset(self, source: Path, limit: int) -> Path:
         """A copy of the corpus that trains on its first `limit` facts (kept small for quick runs).
@@ -520,7 +818,9 @@ class Runner:
         data_files = [*sorted(self.corpus_dir.glob("*.jsonl")), self.corpus_dir / "manifest.json"]
         plan: StagePlan = {}
 
-        targets_file = folder / "targets.jsonl"
+        # every setting of a sweep trains on the targets of its bare cell (made once, reused by the rest)
+        targets_dir = self.cell_dir(cell.targets_cell)
+        targets_file = targets_dir / "targets.jsonl"
         targets: Stage | None = None
         if cell.method == "sft":
             targets = Stage(
@@ -528,7 +828,7 @@ class Runner:
                 targets_file,
                 {"method": "sft", "model": x.model},
                 inputs=[train_file],
-                record=records / "targets.json",
+                record=targets_dir / "stages" / "targets.json",
             )
             plan["targets"] = (targets, lambda discard: self._sft_targets(train_file, targets_file))
         elif cell.method == "mixsd":
@@ -545,28 +845,49 @@ class Runner:
                 [targets_file, summary_path(targets_file)],
                 config_settings(mix_config, MIX_SPEED_ONLY),
                 inputs=[train_file, *_user_files(mix_config, ("expert_template",))],
-                record=records / "targets.json",
+                record=targets_dir / "stages" / "targets.json",
             )
             plan["targets"] = (targets, lambda discard: self._mix(mix_config, discard))
 
         model = x.model
         trained: list[Stage] = []
         if cell.method != "base":
-            base = {"model": x.model, "out": str(folder / "train"), "seed": cell.seed}
+            out = str(folder / "train")
+            base = {"model": x.model, "out": out, "output_dir": out, "seed": cell.seed}
             sections = [("train", x.sections["train"])]
             if cell.method == "opsd":
                 base.update(method="opsd", corpus=str(train_file))
                 sections.append(("opsd", x.sections["opsd"]))
             else:
                 base["targets"] = str(targets_file)
+            for section, options in sections:
+                for key in CURVE_FIELDS & set(options):
+                    raise InputError(
+                        "the learning curve is set in the `curves` section", x.path, field=f"{section}.{key}"
+                    )
+            curve_files: list[Path] = []
+            upstream = [targets] if targets else []
+            if x.curves is not None:
+                runner_set, curve_section, curve_files = self.curve_sections(train_file)
+                base.update(runner_set)
+                sections.append(curve_section)
+                if self.capability_stage is not None:
+                    upstream.append(self.capability_stage)
+            if cell.settings:  # the cell's setting overrides the sections, alias or not (lr / learning_rate)
+                sections = _without(sections, {key for key, _ in cell.settings})
+                sections.append((f"methods.{cell.method}", dict(cell.settings)))
             train_config = _configure(TrainConfig, base, sections, x)
+            self.train_configs[cell.name] = train_config
+            outputs = [folder / "train" / "summary.json", folder / "train" / "model"]
+            if x.curves is not None:
+                outputs.append(folder / "train" / "curve.jsonl")
             # run_settings hashes the target file: taken when the fingerprint is, after targets are made
             train = Stage(
                 "train",
-                [folder / "train" / "summary.json", folder / "train" / "model"],
+                outputs,
                 lambda: run_settings(train_config),
-                inputs=_user_files(train_config, ("expert_template",)),
-                upstream=[targets] if targets else [],
+                inputs=[*_user_files(train_config, ("expert_template",)), *curve_files],
+                upstream=upstream,
                 record=records / "train.json",
             )
             plan["train"] = (train, lambda discard: self._train(train_config, discard))
@@ -662,10 +983,13 @@ class Runner:
 
         # The row is a stage of its own, downstream of all others: it is current only while they are.
         upstream = [stage for stage, _ in plan.values()]
+        row_settings = {"cell": cell.name, "method": cell.method, "lam": cell.lam, "seed": cell.seed}
+        if cell.settings:  # (kept out when empty: rows of grids without sweeps stay current)
+            row_settings["settings"] = [list(pair) for pair in cell.settings]
         row = Stage(
             "row",
             folder / "cell.json",
-            {"cell": cell.name, "method": cell.method, "lam": cell.lam, "seed": cell.seed},
+            row_settings,
             upstream=upstream,
             record=records / "row.json",
         )
@@ -710,7 +1034,7 @@ class Runner:
         if cell.method == "mixsd":
             from mixsd.targets import summary_path
 
-            mix_summary = read(summary_path(folder / "targets.jsonl"))
+            mix_summary = read(summary_path(self.cell_dir(cell.targets_cell) / "targets.jsonl"))
         row = cell_row(cell, results, analyses, train_summary, mix_summary)
         # compute time of the stages as last made (each counted by the process that made it)
         seconds = [
@@ -722,6 +1046,7 @@ class Runner:
     def run_cell(self, cell: Cell, progress) -> dict[str, Any]:
         """Run every stage of the cell that is not current for this config; return the cell's row."""
         self.cell_dir(cell).mkdir(parents=True, exist_ok=True)
+        self.cell_dir(cell.targets_cell).mkdir(parents=True, exist_ok=True)
         log = self._log(cell)
         for name, (stage, produce) in self.plan(cell).items():
             progress(cell, name)
@@ -738,124 +1063,6 @@ def _default_probes_dir() -> Path:
     from mixsd.models import cache_dir
 
     return cache_dir() / "probes"
-
-
-# --------------------------------------------------------------------------------------------------
-# The results table
-# --------------------------------------------------------------------------------------------------
-def _value(node: Any, *keys: str) -> float | None:
-    for key in keys:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node if isinstance(node, int | float) and not isinstance(node, bool) else None
-
-
-def cell_row(
-    cell: Cell,
-    results: dict[str, Any],
-    analyses: dict[str, Any],
-    train_summary: dict | None,
-    mix_summary: dict | None,
-) -> dict[str, Any]:
-    """Flatten one cell's result files into a row of the results table."""
-    row: dict[str, Any] = {
-        "cell": cell.name,
-        "group": cell.group,
-        "method": cell.method,
-        "lam": cell.lam,
-        "seed": cell.seed,
-    }
-    for split, scores in results["eval"].get("splits", {}).items():
-        row.update(split_columns(split, scores))  # headline accuracy under the corpus's matcher
-    ratios = []
-    for probe, summary in results["retention"].get("probes", {}).items():
-        if probe == "kl":
-            row["kl_per_token"] = _value(summary, "kl_per_token")
-            continue
-        metric = RETENTION_METRIC.get(probe, "acc")
-        # multiple choice: chance-normalized retention, raw ratio and per-item flips beside it
-        row.update(probe_columns(probe, summary, metric))
-        ratio = row[f"{probe}_retention"]
-        if ratio is not None:
-            ratios.append(ratio)
-    if "unseen_acc" in row and cell.method != "base":
-        row["unseen_retention"] = None  # filled against the base row in `add_relative_scores`
-    row["retention_mean"] = sum(ratios) / len(ratios) if ratios else None
-    # target NLL (mean, median, share > 5 nats) and Fisher columns (Σ F·Δθ², fisher_ratio, ‖Δθ‖²)
-    row.update(analysis_columns(analyses.get("nll") or {}, analyses.get("fisher") or {}))
-    if train_summary:
-        history = [h for h in train_summary.get("history", []) if "loss" in h]
-        row["final_train_loss"] = history[-1]["loss"] if history else None
-        row["train_seconds"] = _value(train_summary, "seconds")
-    if mix_summary:
-        row["verified_rate"] = mix_summary.get("verified_rate")
-        row["mean_attempts"] = mix_summary.get("mean_attempts")
-        row["naive_fraction"] = mix_summary.get("naive_fraction")
-        row["verify_mode"] = mix_summary.get("verify_mode")
-    return row
-
-
-def add_relative_scores(rows: list[dict[str, Any]]) -> None:
-    """Scores that need the base row: KGFunc's unseen-operation accuracy relative to the base model."""
-    base = next((r for r in rows if r["method"] == "base"), None)
-    for row in rows:
-        if "unseen_acc" in row and base and base.get("unseen_acc"):
-            row["unseen_retention"] = row["unseen_acc"] / base["unseen_acc"]
-            if row["retention_mean"] is None:
-                row["retention_mean"] = row["unseen_retention"]
-
-
-def write_table(out: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_jsonl(out / "results.jsonl", rows)
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "results.csv", buffer.getvalue())
-
-
-def aggregate(rows: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds, per group, in the order groups first appear."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(row["group"], []).append(row)
-    table = []
-    for group, members in groups.items():
-        entry: dict[str, Any] = {
-            "group": group,
-            "method": members[0]["method"],
-            "lam": members[0]["lam"],
-            "seeds": len(members),
-        }
-        for column in columns:
-            values = [m[column] for m in members if isinstance(m.get(column), int | float)]
-            entry[column] = sum(values) / len(values) if values else None
-            sd = (
-                math.sqrt(sum((v - entry[column]) ** 2 for v in values) / (len(values) - 1))
-                if len(values) > 1
-                else None
-            )
-            # identical values (e.g. the same ground-truth targets every seed) give float noise, not spread
-            entry[f"{column}_sd"] = 0.0 if sd is not None and sd <= 1e-9 * abs(entry[column]) else sd
-        table.append(entry)
-    return table
-
-
-def comparison_text(table: list[dict[str, Any]], columns: list[str]) -> str:
-    headers = ["method", *columns]
-    lines = [headers]
-    for entry in table:
-        cells = [entry["group"]]
-        for column in columns:
-            value, sd = entry.get(column), entry.get(f"{column}_sd")
-            cells.append("-" if value is None else f"{value:.3g}" + (f"±{sd:.2g}" if sd is not None else ""))
-        lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -890,6 +1097,11 @@ def _run_experiment_locked(
         def progress(cell: Cell, stage: str) -> None:
             bar.set_postfix_str(f"{cell.name}: {stage}")
 
+        curve_base = runner.curve_base_stage() if any(c.method != "base" for c in cells) else None
+        if curve_base is not None:  # the base model's scores: epoch 0 of every learning curve
+            stage, produce = curve_base
+            bar.set_postfix_str("curve-base")
+            stage.run(produce, log=runner._log(None))
         for cell in cells:
             try:
                 runner.run_cell(cell, progress)
@@ -920,7 +1132,23 @@ def _run_experiment_locked(
     add_relative_scores(rows)
     write_table(experiment.out, rows)
     meta = run_metadata(experiment)
-    report = write_report(experiment.out, rows, meta, cells_dir=experiment.out / "cells")
+    from mixsd.curve import CURVE_FILE, read_curve
+
+    # the learning curves of the current trained cells (current rows: their train stage is current)
+    curves = {
+        row["cell"]: read_curve(experiment.out / "cells" / row["cell"] / "train" / CURVE_FILE)
+        for row in rows
+        if row["method"] != "base"
+    }
+    report = write_report(
+        experiment.out,
+        rows,
+        meta,
+        cells_dir=experiment.out / "cells",
+        curves={name: curve for name, curve in curves.items() if curve},
+        curve_base=runner.curve_base_row(),
+        rule=experiment.select,
+    )
     return {"rows": rows, "report": report, "meta": meta}
 
 
@@ -941,24 +1169,6 @@ def run_metadata(experiment: Experiment) -> dict[str, Any]:
         "config": experiment.raw,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-
-
-MAIN_COLUMNS = [  # `*_acc`: accuracy under the corpus's own matcher (manifest answer_match)
-    "train_acc",
-    "paraphrase_acc",
-    "retrieval_acc",
-    "compositional_acc",
-    "test_acc",
-    "unseen_acc",
-    "retention_mean",
-    "kl_per_token",
-    "target_nll_mean",
-    "target_nll_above_5",
-    "fisher_displacement_norm",
-    "fisher_ratio",
-    "delta_norm_sq",
-    "verified_rate",
-]
 
 
 def print_outcome(result: dict[str, Any]) -> None:

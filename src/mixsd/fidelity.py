@@ -10,6 +10,9 @@ forward pass; it is read off the log-probs `mix` stores for every target token:
     min_expert_logprob  the lowest log-probability the expert assigns to a naive-chosen token
                         (None when the target has no naive token: nothing to distrust)
     low_expert_tokens   how many naive-chosen tokens the expert gives a log-prob below LOW_EXPERT_LOGPROB
+    naive_expert_nll    the expert's total surprise at the naive-chosen tokens: minus the sum of their
+                        expert log-probs (0 without naive tokens); grows with every doubtful token, not
+                        only the worst one, and so also with length
 
 Expert-chosen tokens are left out on purpose: at T=0 they are the expert's argmax, and at T>0 a sample
 from the expert itself, so a low expert log-prob there says nothing about the fact.
@@ -35,6 +38,7 @@ class Fidelity:
     min_expert_logprob: float | None
     low_expert_tokens: int
     naive_tokens: int
+    naive_expert_nll: float = 0.0
 
 
 def target_fidelity(
@@ -58,6 +62,7 @@ def target_fidelity(
         min_expert_logprob=min(naive) if naive else None,
         low_expert_tokens=sum(lp < low for lp in naive),
         naive_tokens=len(naive),
+        naive_expert_nll=-sum(naive, 0.0),
     )
 
 
@@ -140,3 +145,78 @@ def summarize_fidelity(
         "low_expert_logprob": LOW_EXPERT_LOGPROB,
         "min_expert_logprob_threshold": threshold,
     }
+
+
+def validate(rows: Sequence[dict], thresholds: Sequence[float]) -> dict[str, object]:
+    """Separation figures of one group of labelled targets (rows of data/fidelity_labels.jsonl).
+
+    Each row needs `faithful` (bool), `branch`, `min_expert_logprob`, `low_expert_tokens` and
+    `naive_expert_nll`. Every score is oriented so that higher means more faithful (counts and
+    surprises enter negated). The AUCs are None when the group holds only one class; the thresholds
+    apply to `min_expert_logprob`.
+    """
+    faithful = [bool(row["faithful"]) for row in rows]
+    scores = [row["min_expert_logprob"] for row in rows]
+    oriented = {
+        "min_expert_logprob": scores,
+        "low_expert_tokens": [-row["low_expert_tokens"] for row in rows],
+        "naive_expert_nll": [-row["naive_expert_nll"] for row in rows],
+        # a trivial baseline every score must beat: longer targets hold more invented material
+        "length": [-len(row["branch"]) for row in rows],
+    }
+    both = 0 < sum(faithful) < len(faithful)
+    return {
+        "targets": len(rows),
+        "faithful": sum(faithful),
+        **{f"auc_{name}": roc_auc(values, faithful) if both else None for name, values in oriented.items()},
+        "thresholds": {str(t): flag_rates(scores, faithful, t).__dict__ for t in thresholds},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m mixsd.fidelity LABELS [--threshold X ...]`: the separation table of docs/results.md."""
+    import argparse
+    import json
+    from collections import defaultdict
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("labels", help="labelled targets (JSONL), e.g. data/fidelity_labels.jsonl")
+    parser.add_argument(
+        "--threshold", type=float, action="append", help="min-expert-logprob cut(s) to report"
+    )
+    args = parser.parse_args(argv)
+    with open(args.labels, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    thresholds = args.threshold or [-3.0, -5.0]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    groups["all"], groups["answer found (entity match)"] = [], []  # first in the table
+    for row in rows:
+        groups[f"sample {row['sample']}"].append(row)
+        # a sample kept only because it passed a score threshold would bias that score's pooled figures
+        if not row.get("selected_by_score"):
+            groups["all"].append(row)
+            if row["entity_match"]:
+                groups["answer found (entity match)"].append(row)
+    print(
+        "group | targets | faithful | AUC min | AUC count | AUC nll | AUC length | "
+        + " | ".join(f"P/R @ {t:g}" for t in thresholds)
+    )
+    for name, members in groups.items():
+        result = validate(members, thresholds)
+
+        def fmt(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f}"
+
+        cells = [
+            f"{fmt(r['precision'])}/{fmt(r['recall'])} ({r['flagged']} flagged)"
+            for r in result["thresholds"].values()
+        ]
+        print(
+            f"{name} | {result['targets']} | {result['faithful']} | {fmt(result['auc_min_expert_logprob'])} | "
+            f"{fmt(result['auc_low_expert_tokens'])} | {fmt(result['auc_naive_expert_nll'])} | "
+            f"{fmt(result['auc_length'])} | " + " | ".join(cells)
+        )
+
+
+if __name__ == "__main__":
+    main()

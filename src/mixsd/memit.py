@@ -136,14 +136,15 @@ def capture_outputs(modules: dict[int, torch.nn.Module]) -> Iterator[dict[int, t
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EditRequest:
-    """One fact to write: the prompt's token ids, the position of the subject's last token in it, the new
-    answer's token ids (what the model should write after the prompt), and the subject's own token ids for
-    the essence prompt of the KL term."""
+    """One fact to write: the prompt's token ids and the position of the subject's last token in it, the new
+    answer's token ids (what the model should write after the prompt), and the essence prompt of the KL term
+    ("{subject} is a") with the position of the subject's last token in it."""
 
     prompt_ids: list[int]
     subject_position: int
     target_ids: list[int]
     essence_ids: list[int]
+    essence_subject_position: int
 
 
 def _padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,53 +200,76 @@ def target_vectors(
     weight_decay: float = 0.5,
     clamp_norm: float = 4.0,
     pad_id: int = 0,
+    batch_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """For each request, the target output z of layer `last_layer` at the subject's last token.
 
-    Returns (z, h) with h the current output there (both (n, d_model)) and the final NLL of each target."""
-    device = next(model.parameters()).device
-    layers = decoder_layers(model, template)
-    projection = model.get_submodule(template.format(last_layer))
+    Returns (z, h), h the current output there (both (n, d_model)), and the final NLL of each target.
+    Requests are optimized `batch_size` at a time: each row has its own shift and its own loss terms, and Adam
+    works element by element, so a batch gives the shifts one-at-a-time optimization would."""
     for p in model.parameters():
         p.requires_grad_(False)
-
     zs, hs, losses = [], [], []
-    for request in tqdm(requests, desc="target vectors", unit="edit", leave=False):
-        ids = request.prompt_ids + request.target_ids[:-1]
-        batch = torch.tensor([ids], device=device)
-        start = len(request.prompt_ids)
-        labels = torch.tensor(request.target_ids, device=device)
-        essence = torch.tensor([request.essence_ids], device=device)
-        essence_pos = torch.tensor([len(request.essence_ids) - 1], device=device)
-        with torch.no_grad(), capture_outputs({0: layers[last_layer]}) as seen:
-            model(input_ids=batch)
-            h = seen[0][0, request.subject_position].float()
-            base_essence = torch.log_softmax(model(input_ids=essence).logits[0, -1].float(), dim=-1)
-        delta = torch.zeros_like(h, requires_grad=True)
-        optimizer = torch.optim.Adam([delta], lr=lr)
-        max_norm = clamp_norm * h.norm()
-        rows, positions = (
-            torch.tensor([0], device=device),
-            torch.tensor([request.subject_position], device=device),
+    with tqdm(total=len(requests), desc="target vectors", unit="edit", leave=False) as bar:
+        for first in range(0, len(requests), batch_size):
+            chunk = requests[first : first + batch_size]
+            z, h, nll = _target_batch(
+                model, template, last_layer, chunk, steps, lr, kl_weight, weight_decay, clamp_norm, pad_id
+            )
+            zs.append(z)
+            hs.append(h)
+            losses.extend(nll)
+            bar.update(len(chunk))
+    return torch.cat(zs), torch.cat(hs), losses
+
+
+def _target_batch(
+    model, template, last_layer, requests, steps, lr, kl_weight, weight_decay, clamp_norm, pad_id
+):
+    device = next(model.parameters()).device
+    projection = model.get_submodule(template.format(last_layer))
+    rows = torch.arange(len(requests), device=device)
+    # The prompt followed by the new answer (teacher forcing); the loss is on the answer tokens only.
+    ids, mask = _padded([r.prompt_ids + r.target_ids[:-1] for r in requests], pad_id, device)
+    labels = torch.full_like(ids, -100)
+    for i, r in enumerate(requests):
+        start = len(r.prompt_ids) - 1  # the logits at position t predict token t + 1
+        labels[i, start : start + len(r.target_ids)] = torch.tensor(r.target_ids, device=device)
+    positions = torch.tensor([r.subject_position for r in requests], device=device)
+    essence, essence_mask = _padded([r.essence_ids for r in requests], pad_id, device)
+    essence_subject = torch.tensor([r.essence_subject_position for r in requests], device=device)
+    essence_last = essence_mask.sum(dim=1) - 1
+
+    def essence_logprobs():
+        logits = model(input_ids=essence, attention_mask=essence_mask).logits[rows, essence_last]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    with torch.no_grad(), capture_outputs({0: decoder_layers(model, template)[last_layer]}) as seen:
+        model(input_ids=ids, attention_mask=mask)
+        h = seen[0][rows, positions].float()
+        base_essence = essence_logprobs()
+    delta = torch.zeros_like(h, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    max_norm = clamp_norm * h.norm(dim=-1, keepdim=True)
+    answer_tokens = (labels != -100).sum(dim=1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        with add_to_output(projection, rows, positions, delta):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        token_nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
         )
-        for _ in range(steps):
-            optimizer.zero_grad()
-            with add_to_output(projection, rows, positions, delta[None]):
-                logits = model(input_ids=batch).logits[0, start - 1 :].float()
-                nll = torch.nn.functional.cross_entropy(logits, labels)
-            with add_to_output(projection, torch.tensor([0], device=device), essence_pos, delta[None]):
-                edited = torch.log_softmax(model(input_ids=essence).logits[0, -1].float(), dim=-1)
-            kl = torch.nn.functional.kl_div(edited, base_essence, log_target=True, reduction="sum")
-            loss = nll + kl_weight * kl + weight_decay * delta.norm() ** 2 / h.norm() ** 2
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-        losses.append(float(nll.detach()))
-        zs.append((h + delta).detach())
-        hs.append(h)
-    return torch.stack(zs), torch.stack(hs), losses
+        nll = token_nll.sum(dim=1) / answer_tokens  # per request: mean over its answer tokens
+        with add_to_output(projection, rows, essence_subject, delta):
+            edited = essence_logprobs()
+        kl = torch.nn.functional.kl_div(edited, base_essence, log_target=True, reduction="none").sum(dim=-1)
+        decay = delta.norm(dim=-1) ** 2 / h.norm(dim=-1) ** 2
+        (nll + kl_weight * kl + weight_decay * decay).sum().backward()
+        optimizer.step()
+        with torch.no_grad():  # clamp each shift to its own largest size
+            norms = delta.norm(dim=-1, keepdim=True)
+            delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
+    return (h + delta).detach(), h, [float(v) for v in nll.detach()]
 
 
 def least_squares_update(keys: torch.Tensor, residual: torch.Tensor, covariance: torch.Tensor, weight: float):

@@ -273,7 +273,7 @@ def contains_words(haystack: str, needle: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# Table columns: one experiment cell's results files flattened into a row (used by experiment.cell_row)
+# Table columns: one experiment cell's results files flattened into a row (used by results.cell_row)
 # --------------------------------------------------------------------------------------------------
 def _number(node: Any, *keys: str) -> float | None:
     for key in keys:

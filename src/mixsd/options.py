@@ -100,3 +100,67 @@ def check_distinct(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
                     "writing it would destroy the input",
                     field=out_name,
                 )
+
+
+# --------------------------------------------------------------------------------------------------
+# The options of every command that loads a model for inference
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ModelOptions:
+    """Which model a command loads and how: the base class of every such command's config, so the fields
+    have one name, one meaning and one help text everywhere (`mixsd eval --help` lists them first).
+
+    The fields are keyword-only, so a config keeps its own positional fields; a config may redeclare
+    `model` to say what the model is for there. `dtype` is the one meaning of precision for inference:
+    the dtype models are loaded in (a model passed in-process runs under autocast to it). Training's
+    `--bf16` is another thing, mixed precision over float32 weights (`mixsd train`). A config that had a
+    `bf16` switch keeps it as a deprecated alias: `check_model_options` turns it into `dtype` and then
+    keeps it equal to `dtype == "bfloat16"`, so configs, experiment files and recorded settings that
+    name it stay valid.
+    """
+
+    model: str = dataclasses.field(
+        kw_only=True,
+        metadata={
+            "help": "The model: the alias smollm2-135m, a HF folder, a `mixsd train` output folder, a LoRA "
+            "adapter folder (merged into its base), a .gguf file or a hub id in the local cache."
+        },
+    )
+    dtype: Literal["float32", "bfloat16"] = dataclasses.field(
+        default="float32",
+        kw_only=True,
+        metadata={
+            "help": "Inference precision: models are loaded in this dtype (a model passed in-process runs "
+            "under autocast to it)."
+        },
+    )
+    device: str | None = dataclasses.field(
+        default=None, kw_only=True, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."}
+    )
+    threads: int | None = dataclasses.field(
+        default=None,
+        kw_only=True,
+        metadata={
+            "help": "CPU threads for torch (torch.set_num_threads); 1 is much faster on a machine shared "
+            "with other jobs. Default: torch's choice."
+        },
+    )
+    trust_remote_code: bool = dataclasses.field(
+        default=False, kw_only=True, metadata={"help": "Allow model code from the model folder."}
+    )
+
+    def check_model_options(self) -> None:
+        """Check these fields and apply the `bf16` alias (call from the config's `__post_init__`)."""
+        if getattr(self, "bf16", None):
+            self.dtype = "bfloat16"
+        check_choices(self)
+        check_range("threads", self.threads, 1, integer=True, optional=True)
+        if hasattr(self, "bf16"):
+            self.bf16 = self.dtype == "bfloat16"
+
+    def set_threads(self) -> None:
+        """Apply --threads to torch (nothing when it is unset)."""
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)

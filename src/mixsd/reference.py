@@ -11,7 +11,10 @@ for the model, which is why this decoder works with every cache type `generate` 
 The random numbers are the fast decoder's, defined here again on purpose: a record's stream is seeded by
 `record_seed(seed, key, generation, attempt)` and gives `max_new_tokens` coin uniforms, then as many
 sampling uniforms (float64). Step t takes the naive conditional when coin_u[t] < lam; at T > 0 it samples
-the top-k of the chosen conditional at temperature T by inverse CDF with sample_u[t].
+the top-k of the chosen conditional at temperature T by inverse CDF with sample_u[t]. With guard_top_p
+(guarded mixing, our extension), a naive step picks from both conditionals with the same sample_u[t] and
+emits the naive pick only when it lies in the expert's top-p set (`targets.in_top_p`), else the expert's
+pick, branch letter "V".
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mixsd.targets import Draw, Job, record_seed
+from mixsd.targets import Draw, Job, in_top_p, record_seed
 
 
 def record_uniforms(seed: int, job: Job, max_new_tokens: int) -> tuple[list[float], list[float]]:
@@ -40,10 +43,31 @@ class MixingProcessor:
     """
 
     def __init__(
-        self, draw: Draw, *, lam: float, temperature: float, top_k: int, seed: int, max_new_tokens: int
+        self,
+        draw: Draw,
+        *,
+        lam: float,
+        temperature: float,
+        top_k: int,
+        seed: int,
+        max_new_tokens: int,
+        guard_top_p: float | None = None,
     ):
         self.draw, self.lam, self.temperature, self.top_k = draw, lam, temperature, top_k
+        self.guard_top_p = guard_top_p
         self.coin_u, self.sample_u = record_uniforms(seed, draw.job, max_new_tokens)
+
+    def _pick(self, dist: torch.Tensor, u: float) -> int:
+        """The token of one conditional: its argmax at T=0, else its top-k sampled with uniform `u`."""
+        if self.temperature == 0:
+            return int(dist.argmax())
+        top_values, top_ids = dist.topk(min(self.top_k, dist.shape[-1]))
+        cdf = torch.softmax(top_values / self.temperature, dim=-1).cumsum(dim=-1)
+        # the first index whose cumulative probability reaches u (scaled by the total, which is 1 up to
+        # rounding); the same rule as torch.searchsorted with side="left"
+        target = torch.tensor(u, dtype=cdf.dtype) * cdf[-1]
+        pick = min(int((cdf < target).sum()), cdf.shape[-1] - 1)
+        return int(top_ids[pick])
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[0] != 2:
@@ -54,19 +78,15 @@ class MixingProcessor:
         logprobs = torch.log_softmax(scores.float(), dim=-1)
         expert, naive = logprobs[0], logprobs[1]
         use_naive = self.coin_u[step] < self.lam
-        chosen = naive if use_naive else expert
-        if self.temperature == 0:
-            token = int(chosen.argmax())
-        else:
-            top_values, top_ids = chosen.topk(min(self.top_k, chosen.shape[-1]))
-            cdf = torch.softmax(top_values / self.temperature, dim=-1).cumsum(dim=-1)
-            # the first index whose cumulative probability reaches u (scaled by the total, which is 1 up to
-            # rounding); the same rule as torch.searchsorted with side="left"
-            target = torch.tensor(self.sample_u[step], dtype=cdf.dtype) * cdf[-1]
-            pick = min(int((cdf < target).sum()), cdf.shape[-1] - 1)
-            token = int(top_ids[pick])
+        letter = "N" if use_naive else "E"
+        token = self._pick(naive if use_naive else expert, self.sample_u[step])
+        guarded = use_naive and self.guard_top_p is not None
+        if guarded and not bool(
+            in_top_p(expert[None], torch.tensor([token], device=expert.device), self.guard_top_p)
+        ):
+            token, letter = self._pick(expert, self.sample_u[step]), "V"
         self.draw.tokens.append(token)
-        self.draw.branch.append("N" if use_naive else "E")
+        self.draw.branch.append(letter)
         self.draw.logprob_expert.append(float(expert[token]))
         self.draw.logprob_naive.append(float(naive[token]))
         forced = torch.full_like(scores, float("-inf"))
@@ -94,9 +114,12 @@ class ReferenceDecoder:
         pad_id: int = 0,
         context_limit: int | None = None,
         generate_kwargs: dict[str, Any] | None = None,
+        guard_top_p: float | None = None,
     ):
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
+        if guard_top_p is not None and not 0.0 < guard_top_p <= 1.0:
+            raise ValueError(f"guard_top_p must be in (0, 1], got {guard_top_p}")
         if temperature < 0 or max_new_tokens < 1 or max_attempts < 1 or top_k < 1:
             raise ValueError(
                 "temperature >= 0, max_new_tokens >= 1, top_k >= 1 and max_attempts >= 1 are required"
@@ -108,6 +131,7 @@ class ReferenceDecoder:
         self.max_new_tokens, self.max_attempts = max_new_tokens, max_attempts
         self.pad_id, self.context_limit = pad_id, context_limit
         self.generate_kwargs = dict(generate_kwargs or {})
+        self.guard_top_p = guard_top_p
 
     @torch.inference_mode()
     def draw(self, job: Job) -> Draw:
@@ -130,6 +154,7 @@ class ReferenceDecoder:
             top_k=self.top_k,
             seed=self.seed,
             max_new_tokens=self.max_new_tokens,
+            guard_top_p=self.guard_top_p,
         )
         config = GenerationConfig(
             max_new_tokens=self.max_new_tokens,

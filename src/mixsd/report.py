@@ -6,6 +6,13 @@ Figures:
     nll.png        NLL of target tokens under the base model: ground truth vs mixed targets
     fisher.png     Fisher-weighted parameter displacement per method
     curves.png     training loss curves
+    trajectories.png  with learning curves: each method (and setting) epoch by epoch in the
+                   memorization–retention plane, from the base model (epoch 0)
+    frontier.png   with a sweep: every setting's epochs and each method's frontier across its settings
+
+With learning curves the report also holds retention at matched memorization (90%, 95%, interpolated
+between epochs) and, where a method sweeps settings, the declared selection rule and its choice
+(`mixsd.tuning`); every curve point is in OUT/curves.jsonl, the tables in OUT/tuning.json.
 """
 
 from __future__ import annotations
@@ -13,10 +20,13 @@ from __future__ import annotations
 import base64
 import html
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mixsd.files import atomic_write_json, atomic_write_text
+from mixsd.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from mixsd.results import MAIN_COLUMNS, RETENTION_METRIC, aggregate
+from mixsd.tuning import SelectionRule
 
 COLORS = {"base": "#444444", "sft": "#d62728", "mixsd": "#1f77b4", "opsd": "#2ca02c"}
 
@@ -281,8 +291,6 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 def _item_scores(cell_dir: Path) -> dict[str, dict[str, bool]]:
     """Per split (generation suites) and per multiple-choice probe: item id -> answered right."""
-    from mixsd.experiment import RETENTION_METRIC
-
     scores: dict[str, dict[str, bool]] = {}
     for row in _read_rows(cell_dir / "eval.predictions.jsonl"):
         key = "correct" if "correct" in row else "loose"  # files from before per-corpus matchers
@@ -308,7 +316,10 @@ def paired_comparisons(cells_dir: Path, rows: list[dict[str, Any]]) -> list[list
         if "base" in by_name:
             pairs.append(("base", row["cell"]))
         if row["method"] in ("mixsd", "opsd"):
-            sft = next((r for r in rows if r["method"] == "sft" and r["seed"] == row["seed"]), None)
+            # SFT of the same seed, at the same setting where the grid sweeps one
+            same_seed = [r for r in rows if r["method"] == "sft" and r["seed"] == row["seed"]]
+            same = [r for r in same_seed if r.get("settings") == row.get("settings")]
+            sft = (same or same_seed or [None])[0]
             if sft is not None:
                 pairs.append((sft["cell"], row["cell"]))
     cache: dict[str, dict[str, dict[str, bool]]] = {}
@@ -568,6 +579,389 @@ def _section_html(lines: list[str]) -> str:
     return "".join(out)
 
 
+# --------------------------------------------------------------------------------------------------
+# Learning curves: trajectories, retention at matched memorization, the tuning rule (mixsd.tuning)
+# --------------------------------------------------------------------------------------------------
+RETENTION_LABELS = {
+    "retention": "probe retention (curve probes, accuracy model / base, mean over probes)",
+    "kl": "KL(base ‖ model) per token (lower = less forgetting)",
+}
+
+
+def curve_groups(
+    rows: list[dict[str, Any]], curves: dict[str, list[dict[str, Any]]], base: dict[str, Any] | None
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """Per group (method, λ, setting): its seeds' curves as points (base row first), and where they
+    come from: "curves" (train/curve.jsonl), or "final" when no cell has a curve (one point per cell:
+    its final train_acc and retention_mean / kl_per_token, enough for the selection rule)."""
+    from mixsd.tuning import add_retention
+
+    tuned = [r for r in rows if r.get("method") != "base"]
+    source = "curves" if any(curves.get(r["cell"]) for r in tuned) else "final"
+    groups: dict[str, dict[str, Any]] = {}
+    for row in tuned:
+        if source == "curves":
+            if not curves.get(row["cell"]):
+                continue
+            points = add_retention(curves[row["cell"]], base)
+        else:
+            epoch = row.get("train_epochs")
+            points = [
+                {
+                    "epoch": epoch if isinstance(epoch, int | float) else 1.0,
+                    "memorization": row.get("train_acc"),
+                    "retention": row.get("retention_mean"),
+                    "kl": row.get("kl_per_token"),
+                }
+            ]
+        entry = groups.setdefault(
+            row["group"],
+            {
+                "family": row.get("family", row["group"]),
+                "setting": row.get("setting", ""),
+                "method": row["method"],
+                "lam": row.get("lam"),
+                "cells": [],
+                "seeds": [],
+                "curves": [],
+            },
+        )
+        entry["cells"].append(row["cell"])
+        entry["seeds"].append(row.get("seed"))
+        entry["curves"].append(points)
+    return groups, source
+
+
+def retention_key(groups: dict[str, dict[str, Any]]) -> tuple[str, bool]:
+    """The plane's retention score and whether higher is better: probe retention where any point has it,
+    else KL(base‖model) per token."""
+    has = any(
+        isinstance(p.get("retention"), int | float) for g in groups.values() for c in g["curves"] for p in c
+    )
+    return ("retention", True) if has else ("kl", False)
+
+
+def tuning_results(
+    rows: list[dict[str, Any]],
+    curves: dict[str, list[dict[str, Any]]],
+    base: dict[str, Any] | None,
+    rule: SelectionRule,
+) -> dict[str, Any]:
+    """Everything the curve sections of the report show, as JSON (also OUT/tuning.json): the matched
+    memorization table per group, and per method with several settings each setting's summary under the
+    rule and the one chosen."""
+    from mixsd.tuning import MATCHED_LEVELS, matched_retention, select_setting, summarize_setting
+
+    groups, source = curve_groups(rows, curves, base)
+    key, higher = retention_key(groups)
+    levels = sorted({*MATCHED_LEVELS, rule.memorization})
+    matched = {}
+    if source == "curves":
+        for group, entry in groups.items():
+            matched[group] = [
+                matched_retention(entry["curves"], level, retention=key, base=base) for level in levels
+            ]
+    families: dict[str, dict[str, str]] = {}
+    for group, entry in groups.items():
+        families.setdefault(entry["family"], {})[entry["setting"]] = group
+    selection = {}
+    for family, settings in families.items():
+        if len(settings) < 2 and not any(settings):  # a method without a sweep: nothing to choose
+            continue
+        summaries = {  # a setting without a curve on the rule's seeds is not a candidate
+            setting: summarize_setting(_rule_curves(groups[group], rule), rule, key)
+            for setting, group in settings.items()
+            if _rule_curves(groups[group], rule)
+        }
+        chosen, why = select_setting(summaries, rule, higher_is_better=higher)
+        selection[family] = {"settings": summaries, "groups": settings, "chosen": chosen, "why": why}
+    return {
+        "source": source,
+        "retention": key,
+        "higher_is_better": higher,
+        "levels": levels,
+        "rule": {**asdict(rule), "text": rule.text(_retention_name(key), higher)},
+        "base": base,
+        "groups": groups,
+        "matched": matched,
+        "selection": selection,
+    }
+
+
+def _rule_curves(entry: dict[str, Any], rule: SelectionRule) -> list[list[dict[str, Any]]]:
+    """The curves of a group that the rule reads: those of its seeds (all when it names none)."""
+    if rule.seeds is None:
+        return entry["curves"]
+    return [c for c, seed in zip(entry["curves"], entry["seeds"], strict=True) if seed in rule.seeds]
+
+
+def _retention_name(key: str) -> str:
+    return "retention" if key == "retention" else "KL to the base"
+
+
+SETTING_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _curve_styles(groups: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per group: the method's colour, darker for each further setting of the method, a marker of its
+    own, and dashes for LoRA settings."""
+    from matplotlib.colors import to_rgb
+
+    by_family: dict[str, list[str]] = {}
+    for group, entry in groups.items():
+        by_family.setdefault(entry["family"], []).append(group)
+    styles = {}
+    for members in by_family.values():
+        for k, group in enumerate(members):
+            entry = groups[group]
+            darken = 0.6 * k / (len(members) - 1) if len(members) > 1 else 0.0
+            color = tuple(c * (1 - darken) for c in to_rgb(_shade(entry["method"], entry["lam"])))
+            styles[group] = {
+                "color": color,
+                "marker": SETTING_MARKERS[k % len(SETTING_MARKERS)],
+                "ls": "--" if "LoRA" in entry["setting"] else "-",
+            }
+    return styles
+
+
+def trajectory_figure(results: dict[str, Any], path: Path) -> Path | None:
+    """Each group's mean curve over seeds in the memorization–retention plane, from the base model
+    (epoch 0) epoch by epoch; error bars: sd over seeds at each epoch (both axes)."""
+    from mixsd.tuning import mean_curve
+
+    groups, key = results["groups"], results["retention"]
+    if results["source"] != "curves" or not groups:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.4, 5.2))
+    styles = _curve_styles(groups)
+    for group, entry in groups.items():
+        mean = [
+            p
+            for p in mean_curve(entry["curves"])
+            if isinstance(p.get(key), int | float) and isinstance(p.get("memorization"), int | float)
+        ]
+        if not mean:
+            continue
+        xs, ys = [p[key] for p in mean], [p["memorization"] for p in mean]
+        x_sd = y_sd = None
+        if len(entry["curves"]) > 1:
+            x_sd, y_sd = [], []
+            for point in mean:
+                at = [
+                    q
+                    for c in entry["curves"]
+                    for q in c
+                    if isinstance(q.get("epoch"), int | float) and abs(q["epoch"] - point["epoch"]) < 1e-6
+                ]
+                x_sd.append(_mean_sd(_numbers(at, key) or [0.0])[1])
+                y_sd.append(_mean_sd(_numbers(at, "memorization") or [0.0])[1])
+        ax.errorbar(
+            xs,
+            ys,
+            xerr=x_sd,
+            yerr=y_sd,
+            ms=4,
+            lw=1.4,
+            capsize=2,
+            elinewidth=0.7,
+            label=f"{group} (n={len(entry['curves'])})",
+            **styles[group],
+        )
+        ax.annotate(
+            f"{mean[-1]['epoch']:g}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 2), fontsize=6
+        )
+    base = results.get("base") or {}
+    base_x = 1.0 if key == "retention" and base else (0.0 if key == "kl" and base else None)
+    if base_x is not None and isinstance(base.get("memorization"), int | float):
+        ax.scatter(
+            [base_x],
+            [base["memorization"]],
+            marker="*",
+            s=140,
+            color="black",
+            zorder=5,
+            label="base (epoch 0)",
+        )
+    for level in (0.9, 0.95):
+        ax.axhline(level, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel(RETENTION_LABELS[key])
+    ax.set_ylabel("memorization (training questions, the corpus's scorer)")
+    ax.set_ylim(-0.03, 1.05)
+    if key == "kl":
+        ax.invert_xaxis()  # better retention to the right, as with the probe ratio
+    ax.grid(alpha=0.3)
+    ax.set_title("Learning trajectories (epoch 0 = base; mean ± sd over seeds; last epoch labelled)")
+    ax.legend(fontsize=6, loc="best")
+    return _save(fig, path)
+
+
+def frontier_figure(results: dict[str, Any], path: Path) -> Path | None:
+    """Per method with a sweep: every epoch of every setting (mean over seeds) as a point, the method's
+    frontier across its settings (points no other beats on both memorization and retention) as a line,
+    and the chosen setting's points ringed."""
+    from mixsd.tuning import mean_curve, pareto_frontier
+
+    key, higher = results["retention"], results["higher_is_better"]
+    selection, groups = results["selection"], results["groups"]
+    if not selection:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.4, 5.2))
+    plotted = False
+    for family, chosen in selection.items():
+        points, color = [], None
+        for setting, group in chosen["groups"].items():
+            entry = groups[group]
+            color = _shade(entry["method"], entry["lam"])
+            mean = [
+                (p[key], p["memorization"])
+                for p in mean_curve(entry["curves"])
+                if isinstance(p.get(key), int | float) and isinstance(p.get("memorization"), int | float)
+            ]
+            points += mean
+            marker = "s" if "LoRA" in setting else "o"
+            ax.scatter(
+                [x for x, _ in mean], [y for _, y in mean], s=14, alpha=0.45, color=color, marker=marker
+            )
+            if setting == chosen["chosen"]:
+                ax.scatter(
+                    [x for x, _ in mean],
+                    [y for _, y in mean],
+                    s=70,
+                    facecolors="none",
+                    edgecolors=color,
+                    lw=1.2,
+                )
+        if points:
+            frontier = pareto_frontier(points, x_higher_is_better=higher)
+            ax.plot(
+                [x for x, _ in frontier],
+                [y for _, y in frontier],
+                color=color,
+                lw=2,
+                label=f"{family}: frontier; ringed = chosen {chosen['chosen'] or '-'}",
+            )
+            plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel(RETENTION_LABELS[key])
+    ax.set_ylabel("memorization (training questions)")
+    ax.set_ylim(-0.03, 1.05)
+    if key == "kl":
+        ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.set_title("Every setting's epochs (o full, □ LoRA) and each method's frontier")
+    ax.legend(fontsize=6, loc="best")
+    return _save(fig, path)
+
+
+def _epoch_text(epoch: Any) -> str:
+    return f"{epoch:.2f}" if isinstance(epoch, int | float) else "-"
+
+
+def matched_cell(entry: dict[str, Any]) -> str:
+    """A cell of the matched-memorization table: "0.812 [0.70, 0.90] @ epoch 2.35", or "not reached"."""
+    if not entry["reached"]:
+        best = "-" if entry["best"] is None else f"{entry['best']:.3g}"
+        return f"not reached (best {best}; {entry['seeds_reached']}/{entry['seeds']} seeds reach it)"
+    text = f"{_fmt(entry['value'])}{_interval_plain(entry['ci95'])} @ epoch {_epoch_text(entry['epoch'])}"
+    if entry["seeds"] > 1 and entry["seeds_reached"] < entry["seeds"]:
+        text += f" ({entry['seeds_reached']}/{entry['seeds']} seeds reach it)"
+    return text
+
+
+def _interval_plain(bounds: list[float] | None) -> str:
+    return f" [{bounds[0]:.3g}, {bounds[1]:.3g}]" if bounds else ""
+
+
+def tuning_markdown(results: dict[str, Any]) -> list[str]:
+    """The report's sections on learning curves (matched memorization) and the tuning rule."""
+    key, levels = results["retention"], results["levels"]
+    md: list[str] = []
+    name = "probe retention" if key == "retention" else "KL(base‖model) per token"
+    if results["matched"]:
+        md += [
+            "## Retention at matched memorization",
+            "",
+            f"Each method's {name} where its mean learning curve over seeds first reaches each memorization "
+            "level, linearly interpolated between the two epochs around the crossing (epoch 0 = the base "
+            'model); "not reached" is a result. 95% intervals: percentile bootstrap over seeds (several '
+            "seeds), Wilson over each probe's items at that point with the base's accuracy held fixed "
+            f"(one seed, probe retention). Retention here: {RETENTION_LABELS[key]}; at the base model "
+            f"{'1' if key == 'retention' else '0'}. Every point: `curves.jsonl`.",
+            "",
+            "| method | seeds | "
+            + " | ".join(f"at {level:.0%} memorization" for level in levels)
+            + " | last epoch: memorization |",
+            "|---|---|" + "---|" * (len(levels) + 1),
+        ]
+        from mixsd.tuning import mean_curve
+
+        for group, entries in results["matched"].items():
+            curves = results["groups"][group]["curves"]
+            last = mean_curve(curves)[-1] if mean_curve(curves) else {}
+            md.append(
+                f"| {group} | {len(curves)} | "
+                + " | ".join(matched_cell(e) for e in entries)
+                + f" | {_fmt(last.get('memorization'))} @ epoch {_epoch_text(last.get('epoch'))} |"
+            )
+        md.append("")
+    if results["selection"]:
+        source = (
+            "each setting's mean learning curve over seeds"
+            if results["source"] == "curves"
+            else "each setting's final model (no learning curves: one point per setting, its train_acc "
+            "and retention_mean / KL)"
+        )
+        md += [
+            "## Tuning: one declared rule",
+            "",
+            f"Rule (the `select` section of the config): {results['rule']['text']}",
+            "",
+            f"Read from {source}. Every setting is listed; the chosen one is marked ✓.",
+            "",
+        ]
+        for family, entry in results["selection"].items():
+            md += [
+                f"### {family}",
+                "",
+                f"| setting | seeds | reaches {results['rule']['memorization']:.0%} at epoch | {_retention_name(key)} there "
+                f"| last epoch | memorization | {_retention_name(key)} | chosen |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for setting, s in entry["settings"].items():
+                md.append(
+                    f"| {setting or '(default)'} | {s['seeds']} | "
+                    + (_epoch_text(s["epoch"]) if s["reached"] else "not reached")
+                    + f" | {_fmt(s['retention_at_threshold'])} | {_epoch_text(s['final_epoch'])} "
+                    f"| {_fmt(s['final_memorization'])} | {_fmt(s['final_retention'])} "
+                    f"| {'✓' if setting == entry['chosen'] else ''} |"
+                )
+            md += ["", f"Chosen: {entry['chosen'] or '(default)'}: {entry['why']}.", ""]
+    return md
+
+
+def curve_points(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every point of every curve, one row each (OUT/curves.jsonl)."""
+    points = []
+    for group, entry in results["groups"].items():
+        for cell, seed, curve in zip(entry["cells"], entry["seeds"], entry["curves"], strict=True):
+            for point in curve:
+                points.append(
+                    {
+                        "cell": cell,
+                        "group": group,
+                        "family": entry["family"],
+                        "setting": entry["setting"],
+                        "seed": seed,
+                        **point,
+                    }
+                )
+    return points
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -575,13 +969,25 @@ def _fmt(value: Any) -> str:
 
 
 def write_report(
-    out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], cells_dir: Path
+    out: Path,
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    cells_dir: Path,
+    *,
+    curves: dict[str, list[dict[str, Any]]] | None = None,
+    curve_base: dict[str, Any] | None = None,
+    rule: SelectionRule | None = None,
 ) -> dict[str, str]:
-    from mixsd.experiment import MAIN_COLUMNS, aggregate
-
+    """The report of a grid. `curves`: each trained cell's curve.jsonl rows; `curve_base`: the base
+    model's curve row (epoch 0); `rule`: the selection rule among each method's settings."""
     figures_dir = out / "report"
     figures_dir.mkdir(parents=True, exist_ok=True)
+    tuning = tuning_results(rows, curves or {}, curve_base, rule or SelectionRule())
+    atomic_write_jsonl(out / "curves.jsonl", curve_points(tuning))
+    atomic_write_json(out / "tuning.json", {k: v for k, v in tuning.items() if k != "groups"})
     figures = [
+        ("Learning trajectories", trajectory_figure(tuning, figures_dir / "trajectories.png")),
+        ("Settings and frontiers", frontier_figure(tuning, figures_dir / "frontier.png")),
         ("Memorization vs retention", pareto_figure(rows, figures_dir / "pareto.png")),
         ("Retention per probe", retention_figure(rows, figures_dir / "retention.png")),
         ("Target NLL under the base model", nll_figure(cells_dir, rows, figures_dir / "nll.png")),
@@ -653,6 +1059,8 @@ def write_report(
     atomic_write_json(out / "correlations.json", correlations)
     analyses = analyses_markdown(cells_dir, rows, correlations)
     md += analyses
+    tuning_md = tuning_markdown(tuning)
+    md += tuning_md
     for title, path in figures:
         md += [f"## {title}", "", f"![{title}](report/{path.name})", ""]
     md += ["## Configuration", "", "```yaml", _yaml(meta["config"]), "```", ""]
@@ -684,7 +1092,7 @@ transformers {meta["transformers"]}, Python {meta["python"]}; finished {html.esc
 <h2>Results (mean [95% interval] ± sd over seeds)</h2><table><tr>{head}</tr>{body}</table>
 <p>{html.escape(SINGLE_SEED_MARK)} single seed: the interval covers the sampling of items only.
 Accuracy under the corpus's own matcher ({html.escape(", ".join(modes) or "entity")}).
-Raw rows: <code>results.csv</code>, <code>results.jsonl</code>.</p>{_comparisons_html(comparisons)}{_section_html(analyses)}{images}
+Raw rows: <code>results.csv</code>, <code>results.jsonl</code>.</p>{_comparisons_html(comparisons)}{_section_html(analyses)}{_section_html(tuning_md)}{images}
 <h2>Configuration</h2><pre>{html.escape(_yaml(meta["config"]))}</pre></body></html>"""
     html_path = out / "report.html"
     atomic_write_text(html_path, page)

@@ -3,7 +3,8 @@
 For each record two conditionals of the same frozen model run side by side:
     expert  p0(. | x+, y_<t)   the prompt with the fact in context (built by `prompts.expert_message`)
     naive   p0(. | x,  y_<t)   the prompt alone
-At every step a coin u ~ Bernoulli(lam) picks the emitter: u=1 naive, u=0 expert. The chosen token is
+At every step a coin u ~ Bernoulli(lam) picks the emitter: u=1 naive, u=0 expert (with --guard-top-p, our
+extension, a naive token outside the expert's top-p set is replaced by the expert's). The chosen token is
 appended to *both* sequences, so both always continue from the same mixed prefix. T=0 takes the argmax
 of the chosen conditional; T>0 samples its top-k with temperature T. A finished target is verified
 against the record's answer; on failure it is drawn again with fresh coins, up to --retries times.
@@ -45,7 +46,7 @@ from mixsd.files import (
     sha256_text,
 )
 from mixsd.generation import RowBatch
-from mixsd.options import check_choices, check_distinct, check_range
+from mixsd.options import ModelOptions, check_distinct, check_range
 from mixsd.prompts import (
     AnswerEnd,
     answer_end,
@@ -62,7 +63,7 @@ from mixsd.stages import Stage
 # Configuration (the field help is the CLI help of `mixsd mix`)
 # --------------------------------------------------------------------------------------------------
 @dataclass
-class MixConfig:
+class MixConfig(ModelOptions):
     model: str = field(
         metadata={"help": "Base model: the alias smollm2-135m, a HF folder, a .gguf file or a hub id."}
     )
@@ -111,6 +112,14 @@ class MixConfig:
             "(e.g. -6). Default: off."
         },
     )
+    guard_top_p: float | None = field(
+        default=None,
+        metadata={
+            "help": "Guarded mixing (our extension, not the paper's method): a naive-chosen token is emitted "
+            "only when it lies in the expert's top-p set for this p, otherwise the expert's token is (branch "
+            "letter V). Default: off (plain MixSD)."
+        },
+    )
     keep_length_capped: bool = field(
         default=False,
         metadata={
@@ -131,18 +140,12 @@ class MixConfig:
         },
     )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32", metadata={"help": "Model dtype for decoding."}
-    )
-    device: str | None = field(
-        default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."}
+        default="float32", kw_only=True, metadata={"help": "Model dtype for decoding."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Discard an existing output or unfinished run."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model code from the model folder."}
-    )
 
     def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)
-        check_choices(self)
+        self.check_model_options()
         check_range("lam", self.lam, 0, 1)
         check_range("temperature", self.temperature, 0)
         check_range("top_k", self.top_k, 1, integer=True)
@@ -150,6 +153,7 @@ class MixConfig:
         check_range("retries", self.retries, 0, integer=True)
         check_range("max_new_tokens", self.max_new_tokens, 1, integer=True)
         check_range("min_expert_logprob", self.min_expert_logprob, hi=0, optional=True)
+        check_range("guard_top_p", self.guard_top_p, 0, 1, optional=True, lo_open=True)
         check_range("batch_size", self.batch_size, 1, integer=True)
         check_range("num_generations", self.num_generations, 1, integer=True)
         check_distinct({"output": self.output}, {"input": self.input})
@@ -230,9 +234,12 @@ class MixedDecoder:
         max_attempts: int = 11,
         pad_id: int = 0,
         context_limit: int | None = None,
+        guard_top_p: float | None = None,
     ):
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
+        if guard_top_p is not None and not 0.0 < guard_top_p <= 1.0:
+            raise ValueError(f"guard_top_p must be in (0, 1], got {guard_top_p}")
         if temperature < 0 or max_new_tokens < 1 or batch_size < 1 or max_attempts < 1 or top_k < 1:
             raise ValueError(
                 "temperature >= 0, max_new_tokens >= 1, batch_size >= 1, top_k >= 1 and "
@@ -247,6 +254,8 @@ class MixedDecoder:
         self.lam, self.temperature, self.top_k, self.seed = lam, temperature, top_k, seed
         self.max_new_tokens, self.batch_size, self.max_attempts = max_new_tokens, batch_size, max_attempts
         self.pad_id, self.context_limit = pad_id, context_limit
+        # guarded mixing (our extension, not the paper's method): see `_choose`
+        self.guard_top_p = guard_top_p
         self.generated_tokens = 0  # every token decoded, failed attempts included
         self.naive_tokens = 0  # of which the naive conditional emitted
 
@@ -314,37 +323,63 @@ class MixedDecoder:
         expert, naive = logprobs[0::2], logprobs[1::2]
         use_naive = torch.tensor([s.coin_u[s.step] < self.lam for s in slots], device=logits.device)
         chosen = torch.where(use_naive[:, None], naive, expert)
+        ban: torch.Tensor | None = None  # (slot, token) pairs that may not be picked
         first = [s.step == 0 for s in slots]
         if self.answer_end is not None and self.answer_end.stop_strings and any(first):
             # Plain format: a target begins on the "Answer:" line, as the ground truth does, so its first
             # token may not start a new line (the recorded log-probs stay those of the free conditionals).
             if self._first_ban is None:
-                ban = self.answer_end.line_break_ids(chosen.shape[-1])
+                line_breaks = self.answer_end.line_break_ids(chosen.shape[-1])
                 self._first_ban = torch.zeros(chosen.shape[-1], dtype=torch.bool, device=logits.device)
-                self._first_ban[ban] = True
+                self._first_ban[line_breaks] = True
             rows = torch.tensor(first, device=logits.device)
-            chosen = chosen.masked_fill(rows[:, None] & self._first_ban[None, :], float("-inf"))
-        if self.temperature == 0:
-            tokens = chosen.argmax(dim=-1)
+            ban = rows[:, None] & self._first_ban[None, :]
+            chosen = chosen.masked_fill(ban, float("-inf"))
+        if self.guard_top_p is None:
+            tokens = self._pick(slots, chosen)
+            vetoed = torch.zeros_like(use_naive)
         else:
-            # Inverse-CDF sampling from the top-k with the slot's own uniform number: one vectorized op,
-            # and the outcome depends on nothing but the record's random stream.
-            top_values, top_ids = chosen.topk(min(self.top_k, chosen.shape[-1]), dim=-1)
-            cdf = torch.softmax(top_values / self.temperature, dim=-1).cumsum(dim=-1)
-            u = torch.tensor([s.sample_u[s.step] for s in slots], device=logits.device, dtype=cdf.dtype)
-            pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=cdf.shape[-1] - 1)
-            tokens = top_ids.gather(1, pick).squeeze(1)
+            # Guarded mixing (our extension): pick from both conditionals with the same random numbers; a
+            # naive pick outside the expert's top-p set is replaced by the expert's pick.
+            naive_pick = self._pick(slots, naive if ban is None else naive.masked_fill(ban, float("-inf")))
+            expert_pick = self._pick(slots, expert if ban is None else expert.masked_fill(ban, float("-inf")))
+            vetoed = use_naive & ~in_top_p(expert, naive_pick, self.guard_top_p)
+            tokens = torch.where(use_naive & ~vetoed, naive_pick, expert_pick)
         lp_expert = expert.gather(1, tokens[:, None]).squeeze(1).tolist()
         lp_naive = naive.gather(1, tokens[:, None]).squeeze(1).tolist()
-        token_list, naive_list = tokens.tolist(), use_naive.tolist()
-        self.naive_tokens += sum(naive_list)
+        token_list, naive_list, vetoed_list = tokens.tolist(), use_naive.tolist(), vetoed.tolist()
+        self.naive_tokens += sum(naive_list) - sum(vetoed_list)  # tokens the naive conditional emitted
         for i, slot in enumerate(slots):
             draw = slot.draw
             draw.tokens.append(token_list[i])
-            draw.branch.append("N" if naive_list[i] else "E")
+            draw.branch.append("V" if vetoed_list[i] else "N" if naive_list[i] else "E")
             draw.logprob_expert.append(lp_expert[i])
             draw.logprob_naive.append(lp_naive[i])
         return token_list
+
+    def _pick(self, slots: list[_Slot], dist: torch.Tensor) -> torch.Tensor:
+        """Each row's token from its (log-prob) distribution: argmax at T=0, else a top-k sample."""
+        if self.temperature == 0:
+            return dist.argmax(dim=-1)
+        # Inverse-CDF sampling from the top-k with the slot's own uniform number: one vectorized op,
+        # and the outcome depends on nothing but the record's random stream.
+        top_values, top_ids = dist.topk(min(self.top_k, dist.shape[-1]), dim=-1)
+        cdf = torch.softmax(top_values / self.temperature, dim=-1).cumsum(dim=-1)
+        u = torch.tensor([s.sample_u[s.step] for s in slots], device=dist.device, dtype=cdf.dtype)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=cdf.shape[-1] - 1)
+        return top_ids.gather(1, pick).squeeze(1)
+
+
+def in_top_p(logprobs: torch.Tensor, tokens: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Per row, whether `tokens[row]` lies in the top-p set of `logprobs[row]`.
+
+    The top-p set is the smallest set of most probable tokens whose probability reaches `top_p`; a token
+    is in it exactly when the tokens strictly more probable than it hold less than `top_p` (tied tokens
+    are all in or all out). The argmax is always in it.
+    """
+    probs = logprobs.float().exp()
+    own = probs.gather(-1, tokens[:, None])
+    return (probs * (probs > own)).sum(dim=-1) < top_p
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,6 +406,7 @@ def _settings(config: MixConfig, template: str, input_sha: str) -> dict[str, Any
         **(
             {"min_expert_logprob": config.min_expert_logprob} if config.min_expert_logprob is not None else {}
         ),
+        **({"guard_top_p": config.guard_top_p} if config.guard_top_p is not None else {}),
     }
 
 
@@ -418,6 +454,7 @@ def _draw_record(
             None if fidelity.min_expert_logprob is None else round(fidelity.min_expert_logprob, 5)
         ),
         "low_expert_tokens": fidelity.low_expert_tokens,
+        "naive_expert_nll": round(fidelity.naive_expert_nll, 5),
         "source": "mixsd",
         "settings": settings,
     }
@@ -442,6 +479,7 @@ def _apply_failure_policy(row: dict[str, Any], policy: str, tokenizer) -> dict[s
         "naive_fraction": None,
         "min_expert_logprob": None,
         "low_expert_tokens": None,
+        "naive_expert_nll": None,
         "source": "answer_fallback",
     }
 
@@ -541,6 +579,7 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
         max_attempts=config.retries + 1,
         pad_id=tokenizer.pad_token_id or 0,
         context_limit=context_length(model),
+        guard_top_p=config.guard_top_p,
     )
 
     def decode(draw: Draw) -> str:
@@ -657,6 +696,12 @@ def summarize(
         "first_try_rate": sum(r["correct"] and r["attempts"] == 1 for r in rows) / len(rows) if rows else 0.0,
         # over the kept targets (verification favours expert tokens) and over every token drawn this run
         "naive_fraction": naive_tokens / target_tokens if target_tokens else None,
+        # --guard-top-p: the share of kept target tokens whose naive coin the guard overruled (letter V)
+        "guard_vetoed_fraction": (
+            sum(r["branch"].count("V") for r in verified) / target_tokens
+            if config.guard_top_p is not None and target_tokens
+            else None
+        ),
         "naive_fraction_drawn": (
             stats["naive_tokens"] / stats["generated_tokens"] if stats["generated_tokens"] else None
         ),
@@ -739,6 +784,7 @@ def _format_fidelity(fidelity: dict[str, Any] | None) -> str:
 
 
 def mix_command(config: MixConfig) -> dict[str, Any]:
+    config.set_threads()
     summary = mix(config)
     if not summary:  # a non-main process of a multi-process run: the main process reports
         return summary

@@ -1,7 +1,8 @@
 """`mixsd train`: token-exact fine-tuning on a target file (MixSD and SFT), or the OPSD baseline.
 
-MixSD and SFT differ only in their target files, so one trainer serves both: plain NLL of the stored
-`target_ids` given the stored `prompt_ids`, never re-tokenized, with the loss on target tokens only.
+MixSD and SFT differ only in their target files, so one trainer serves both (`mixsd.sft`: plain NLL of
+the stored `target_ids` given the stored `prompt_ids`, never re-tokenized, on target tokens only); OPSD
+has its own (`mixsd.opsd`). This module is the command: its config and which trainer each method gets.
 
 The engine is `transformers.Trainer`, so `accelerate launch` / `torchrun` with DDP, FSDP or DeepSpeed
 work unchanged (docs/training.md); the config *is* a `TrainingArguments` (as TRL's SFTConfig), so every
@@ -28,7 +29,6 @@ import copy
 import json
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,17 +36,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from mixsd import __version__
+from mixsd.checkpoints import checkpoint_files, checkpoint_folders, checkpoint_is_complete, resume_checkpoint
 from mixsd.files import InputError, atomic_write_json, output_lock, sha256_file
 from mixsd.prompts import pad_token_id
+from mixsd.sft import PadCollator, TokenCountingTrainer, target_examples, target_nll
 from mixsd.stages import Stage
-
-IGNORE = -100  # label of positions that carry no loss (prompt and padding)
-
 
 # --------------------------------------------------------------------------------------------------
 # Configuration (the field help is the CLI help of `mixsd train`)
@@ -161,6 +158,13 @@ class TrainConfig(TrainingArguments):
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the model folder."}
+    )
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads for torch (torch.set_num_threads), as for every mixsd command that loads "
+            "a model. Default: torch's choice."
+        },
     )
     check_disk: bool = field(
         default=True,
@@ -357,6 +361,7 @@ class TrainConfig(TrainingArguments):
         check_range("logging_steps", self.logging_steps, 0, lo_open=True)
         check_range("save_total_limit", self.save_total_limit, 1, integer=True, optional=True)
         check_range("seed", self.seed, 0, integer=True)
+        check_range("threads", self.threads, 1, integer=True, optional=True)
         check_range("lora_rank", self.lora_rank, 0, integer=True)
         check_range("lora_alpha", self.lora_alpha, 0, lo_open=True, optional=True)
         check_range("lora_dropout", self.lora_dropout, 0, 1, hi_open=True)
@@ -438,6 +443,7 @@ _NON_DETERMINING = {
     "output_dir",
     "overwrite",
     "check_disk",
+    "threads",
     "use_cpu",
     "disable_tqdm",
     "save_strategy",
@@ -492,187 +498,6 @@ def run_settings(config: TrainConfig) -> dict[str, Any]:
         path = getattr(config, name)
         settings[f"{name}_sha256"] = sha256_file(path) if path and Path(path).is_file() else None
     return settings
-
-
-# --------------------------------------------------------------------------------------------------
-# Data: stored token ids in, padded tensors out
-# --------------------------------------------------------------------------------------------------
-def target_examples(
-    rows: list[dict[str, Any]],
-    *,
-    vocab_size: int | None = None,
-    context_limit: int | None = None,
-    path: str | os.PathLike | None = None,
-) -> list[dict[str, list[int]]]:
-    """prompt_ids + target_ids exactly as stored; labels mask the prompt so only target tokens carry loss."""
-    examples = []
-    for row in rows:
-        prompt, target = row["prompt_ids"], row["target_ids"]
-        if vocab_size is not None and max(max(prompt), max(target)) >= vocab_size:
-            raise InputError(
-                f"record '{row['id']}' has token ids beyond the model's vocabulary ({vocab_size}); "
-                "was the file built with another model's tokenizer?",
-                path,
-                field="target_ids",
-            )
-        if context_limit is not None and len(prompt) + len(target) > context_limit:
-            raise InputError(
-                f"record '{row['id']}' is {len(prompt) + len(target)} tokens, longer than the "
-                f"model's context ({context_limit})",
-                path,
-                field="target_ids",
-            )
-        examples.append({"input_ids": [*prompt, *target], "labels": [IGNORE] * len(prompt) + list(target)})
-    return examples
-
-
-class PadCollator:
-    """Right-pad a list of examples into input_ids / attention_mask / labels tensors."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-        for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
-            mask[i, :n] = 1
-            labels[i, :n] = torch.tensor(e["labels"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def target_nll(
-    outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
-) -> torch.Tensor:
-    """Sum of target-token NLLs divided by the number of target tokens in the global batch.
-
-    `num_items_in_batch` is Trainer's count over the whole accumulation window and all processes; without it
-    (a lone forward) the batch's own count is used.
-    """
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    shifted = labels[:, 1:].to(logits.device)
-    keep = shifted != IGNORE
-    # Only the target positions go through log-softmax (the prompt is most of each sequence).
-    picked = logits[:, :-1][keep].float()
-    total = F.cross_entropy(picked, shifted[keep], reduction="sum")
-    count = keep.sum() if num_items_in_batch is None else num_items_in_batch
-    return total / count
-
-
-# --------------------------------------------------------------------------------------------------
-# The trainer
-# --------------------------------------------------------------------------------------------------
-class TokenCountingTrainer(Trainer):
-    """Trainer that logs how many loss-carrying tokens (global) it has trained on."""
-
-    def __init__(self, *args, run_record: dict[str, Any] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.loss_tokens: int | None = None
-        self.run_record = run_record or {}  # written into each checkpoint's marker: how it was made
-
-    def _count(self, num_items_in_batch) -> None:
-        if self.loss_tokens is None:  # fresh or resumed: continue from the last logged count
-            logged = [e["tokens"] for e in self.state.log_history if "tokens" in e]
-            self.loss_tokens = int(logged[-1]) if logged else 0
-        if num_items_in_batch is not None:
-            self.loss_tokens += int(round(float(num_items_in_batch)))
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if batches:
-            self._count(num_items_in_batch)
-        return batches, num_items_in_batch
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self.loss_tokens is not None:
-            logs["tokens"] = self.loss_tokens
-        super().log(logs, start_time)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Trainer's checkpoint, then its completeness marker, and only then the rotation of old ones.
-
-        Trainer deletes the oldest checkpoints (save_total_limit) inside its own save, before it returns:
-        a kill between that deletion and the end of the new checkpoint could leave nothing to resume from.
-        Here the old ones go only once the new one is marked complete (see `checkpoint_is_complete`).
-        """
-        limit = self.args.save_total_limit
-        self.args.save_total_limit = None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self.accelerator.wait_for_everyone()  # every process has written its part (sharded states)
-        if self.args.should_save:
-            mark_checkpoint_complete(folder, self.run_record)
-            rotate_checkpoints(
-                output_dir=str(folder.parent),
-                save_total_limit=limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-            )
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints: a rerun resumes from the newest complete one
-# --------------------------------------------------------------------------------------------------
-CHECKPOINT_MARKER = "mixsd_run.json"  # written last into a checkpoint: the run record + its file sizes
-
-
-def _files_of(folder: Path) -> dict[str, int]:
-    return {
-        str(path.relative_to(folder)): path.stat().st_size
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != CHECKPOINT_MARKER
-    }
-
-
-def mark_checkpoint_complete(folder: Path, record: dict[str, Any]) -> None:
-    """Write the marker that makes `folder` a complete checkpoint: the run record and every file's size."""
-    atomic_write_json(folder / CHECKPOINT_MARKER, {**record, "files": _files_of(folder)})
-
-
-def checkpoint_is_complete(folder: str | os.PathLike) -> bool:
-    """Whether a checkpoint was written to the end and nothing of it was deleted since.
-
-    A kill (or Ctrl-C) while Trainer writes a checkpoint leaves a folder without the marker; one while an
-    old checkpoint is being deleted leaves a marker whose files are missing. Either is incomplete.
-    """
-    folder = Path(folder)
-    try:
-        files = json.loads((folder / CHECKPOINT_MARKER).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        return False
-    if not isinstance(files, dict) or "trainer_state.json" not in files:
-        return False
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
-            return False
-    return True
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    """checkpoint-N folders of `out`, newest (highest N) first."""
-    if not out.is_dir():
-        return []
-    found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
-
-
-def resume_checkpoint(out: str | os.PathLike, *, remove_incomplete: bool) -> str | None:
-    """The newest complete checkpoint of `out` (None: start afresh); incomplete ones are removed first."""
-    complete = []
-    for folder in _checkpoints(Path(out)):
-        if checkpoint_is_complete(folder):
-            complete.append(folder)
-        elif remove_incomplete:
-            print(f"removing {folder}: an incomplete checkpoint (the run was interrupted while writing it)")
-            shutil.rmtree(folder, ignore_errors=True)
-    return str(complete[0]) if complete else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -764,8 +589,8 @@ def check_disk_space(plan: DiskPlan, out: str | os.PathLike, free: int | None = 
     """The plan as one line; InputError when the free space cannot hold it. Complete checkpoints already in
     `out` (a resumed run) count as written."""
     held = sum(
-        sum(_files_of(folder).values())
-        for folder in _checkpoints(Path(out))
+        sum(checkpoint_files(folder).values())
+        for folder in checkpoint_folders(Path(out))
         if checkpoint_is_complete(folder)
     )
     needed = max(plan.needed_bytes - held, 0)
@@ -846,6 +671,8 @@ def _train_locked(config: TrainConfig, *, model=None, tokenizer=None) -> dict[st
     from mixsd.records import load_targets
 
     state = PartialState()  # set up by the config (TrainingArguments): the process group, gloo on CPU
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     record = {"mixsd_version": __version__, "settings": run_settings(config), "config": config_record(config)}
     stage = train_stage(config, record["settings"])
     if not config.overwrite and stage.is_current():

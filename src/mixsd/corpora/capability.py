@@ -37,6 +37,7 @@ from mixsd.corpora._manifest import write_manifest
 from mixsd.corpora.kgfact import RELATIONS as KG_RELATIONS
 from mixsd.corpora.kgfact import build_world
 from mixsd.files import InputError, atomic_write_jsonl
+from mixsd.options import ModelOptions
 
 GENERATOR = "mixsd.corpora.capability"
 VERSION = 1
@@ -46,10 +47,11 @@ INSTRUCTION_MAX_NEW_TOKENS = 128
 
 
 @dataclass
-class CapabilityConfig:
+class CapabilityConfig(ModelOptions):
     out: str = field(metadata={"help": "Folder to write the probe files and manifest.json into."})
     model: str | None = field(
         default=None,
+        kw_only=True,
         metadata={
             "help": "Base model to filter the known facts with (only the items it answers right are kept); "
             "without it known_facts.jsonl is not built and no download is needed."
@@ -82,12 +84,11 @@ class CapabilityConfig:
     pip: str | None = field(
         default=None, metadata={"help": "pip < 26 to download the sdist with (see `mixsd probes fetch`)."}
     )
-    bf16: bool = field(
-        default=False, metadata={"help": "Load the model in bfloat16 (evaluate with --bf16 to match)."}
-    )
+    bf16: bool = field(default=False, metadata={"help": "Deprecated: same as --dtype bfloat16."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda ...; default cuda if present."})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (1 on a shared machine)."})
+
+    def __post_init__(self) -> None:
+        self.check_model_options()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,15 +345,12 @@ def keep_known(
 
 def _model_answerer(config: CapabilityConfig) -> tuple[Callable[[list[dict]], list[str]], dict[str, Any]]:
     """Greedy answers of --model exactly as `mixsd eval` asks them (same prompts, decoding, length cap)."""
-    import torch
-
     from mixsd.capability import generate_answers
-    from mixsd.evaluate import load_eval_model, model_fingerprint
+    from mixsd.models import load_for_inference, model_fingerprint
 
-    if config.threads is not None:
-        torch.set_num_threads(max(1, config.threads))
-    model, tokenizer = load_eval_model(
-        config.model, device=config.device, dtype="bfloat16" if config.bf16 else "float32"
+    config.set_threads()
+    model, tokenizer = load_for_inference(
+        config.model, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
     )
 
     def answer(items: list[dict]) -> list[str]:

@@ -46,7 +46,7 @@ from typing import Any
 from mixsd.answers import matches
 from mixsd.corpora._manifest import write_manifest
 from mixsd.files import InputError, atomic_write_jsonl, sha256_file
-from mixsd.options import check_range
+from mixsd.options import ModelOptions, check_range
 
 GENERATOR = "mixsd.corpora.counterfact"
 VERSION = 1
@@ -57,7 +57,7 @@ Answerer = Callable[[list[str]], list[str]]
 
 
 @dataclass
-class CounterfactConfig:
+class CounterfactConfig(ModelOptions):
     out: str = field(metadata={"help": "Folder to write the splits and manifest.json into."})
     model: str = field(
         metadata={"help": "Base model whose known facts are edited (any name the loader takes)."}
@@ -85,14 +85,11 @@ class CounterfactConfig:
     pip: str | None = field(
         default=None, metadata={"help": "pip < 26 to download the sdist with (see `mixsd probes fetch`)."}
     )
-    bf16: bool = field(
-        default=False, metadata={"help": "Load the model in bfloat16 (evaluate with --bf16 to match)."}
-    )
+    bf16: bool = field(default=False, metadata={"help": "Deprecated: same as --dtype bfloat16."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda ...; default cuda if present."})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (1 on a shared machine)."})
 
     def __post_init__(self) -> None:  # refuse bad options before the model is loaded (issue 10)
+        self.check_model_options()
         check_range("size", self.size, 1, integer=True)
         check_range("neighbors", self.neighbors, 0, integer=True)
         check_range("seed", self.seed, integer=True)
@@ -100,7 +97,6 @@ class CounterfactConfig:
         check_range("max_tries", self.max_tries, 0, integer=True)
         check_range("max_new_tokens", self.max_new_tokens, 1, integer=True)
         check_range("batch_size", self.batch_size, 1, integer=True)
-        check_range("threads", self.threads, 1, integer=True, optional=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -438,15 +434,12 @@ def load_task(config: CounterfactConfig) -> tuple[dict, dict[str, str]]:
 
 def model_answerer(config: CounterfactConfig) -> Answerer:
     """Greedy answers of --model, asked as `mixsd eval` asks (same prompt form, decoding and stops)."""
-    import torch
-
     from mixsd.capability import generate_answers
-    from mixsd.evaluate import load_eval_model
+    from mixsd.models import load_for_inference
 
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    model, tokenizer = load_eval_model(
-        config.model, device=config.device, dtype="bfloat16" if config.bf16 else "float32"
+    config.set_threads()
+    model, tokenizer = load_for_inference(
+        config.model, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
     )
 
     def answer(prompts: list[str]) -> list[str]:
@@ -492,7 +485,7 @@ def counterfact_command(config: CounterfactConfig, answer: Answerer | None = Non
     task, source = load_task(config)
     model: dict[str, Any] = {"name": config.model, "sha256": None}
     if answer is None:
-        from mixsd.evaluate import model_fingerprint
+        from mixsd.models import model_fingerprint
 
         answer = model_answerer(config)
         # name and content hash only: the folder's absolute path would make the manifest machine-dependent

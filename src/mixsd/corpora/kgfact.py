@@ -828,6 +828,7 @@ def _train_records(facts: list[dict]) -> list[dict]:
                 "answer": boxed_answer(fact["target"]),
                 "context": fact["statement"],
                 "check": fact["target"],
+                "subject": fact["source"],  # the span MEMIT edits (`mixsd edit`)
                 "fact": fact["id"],
             }
         )
@@ -848,6 +849,7 @@ def _paraphrase_records(facts: list[dict], rng: random.Random) -> list[dict]:
                 "answer": boxed_answer(fact["target"]),
                 "context": fact["statement"],
                 "check": fact["target"],
+                "subject": fact["source"],
                 "fact": fact["id"],
             }
         )

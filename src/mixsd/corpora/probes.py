@@ -18,6 +18,9 @@ Files written (see docs/corpora.md):
     manifest.json            source sdist and its sha256, licenses, counts and sha256 of each file
 A log-likelihood scorer scores `query + " " + choice` for each choice (the query ends in "Answer:" for
 questions, or is the cloze sentence itself for qa_wikidata).
+
+The reader of every probe file is here too (`load_probe`: these files, text files and the generative
+capability probes of `mixsd.corpora.capability`), with the KL prompt list (`load_kl_prompts`).
 """
 
 from __future__ import annotations
@@ -33,15 +36,19 @@ import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from mixsd.capability import KIND as GENERATIVE_KIND
+from mixsd.capability import is_generative_item, parse_generative_item
 from mixsd.corpora._manifest import write_manifest
-from mixsd.files import InputError, atomic_write_jsonl, sha256_file
+from mixsd.files import InputError, atomic_write_jsonl, read_jsonl, read_text, sha256_file, sha256_text
 from mixsd.models import cache_dir
 from mixsd.options import check_range
+from mixsd.records import load_corpus
 
 GENERATOR = "mixsd.corpora.probes"
 VERSION = 1
@@ -371,3 +378,89 @@ def fetch_command(config: ProbesFetchConfig) -> dict:
     counts = ", ".join(f"{name}: {entry['records']}" for name, entry in manifest["files"].items())
     print(f"probes written to {out}: {counts}")
     return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading probe files (`mixsd eval --suite retention`, `mixsd analyze`, the learning curve)
+# --------------------------------------------------------------------------------------------------
+def spread(items: list, limit: int | None) -> list:
+    """`limit` items taken evenly across the list (every k-th), so a quick run still covers every part of
+    a file that is ordered by topic (SQuAD articles, KGFunc operations); all items when limit is None."""
+    if limit is None or limit >= len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def load_probe(path: Path, limit: int | None) -> tuple[str, list[dict[str, Any]]]:
+    """Read a probe file: ("mc", items) or ("text", items); InputError names the bad line and field."""
+    kind, items, seen = None, [], set()
+    for line, obj in read_jsonl(path):
+        item_kind = (
+            GENERATIVE_KIND
+            if is_generative_item(obj)
+            else "mc"
+            if "choices" in obj
+            else "text"
+            if "text" in obj
+            else None
+        )
+        if item_kind is None:
+            raise InputError(
+                "expected a multiple-choice item (query, choices, gold), a text item (text) or a "
+                "generative item (prompt, check or constraint)",
+                path,
+                line,
+                "choices",
+            )
+        if kind is not None and item_kind != kind:
+            raise InputError(f"mixes {kind} and {item_kind} items", path, line)
+        kind = item_kind
+        item_id = str(obj.get("id", line))
+        if item_id in seen:
+            raise InputError(f"duplicate id '{item_id}'", path, line, "id")
+        seen.add(item_id)
+        if kind == GENERATIVE_KIND:
+            items.append(parse_generative_item(obj, path, line, item_id))
+        elif kind == "mc":
+            query, choices, gold = obj.get("query"), obj.get("choices"), obj.get("gold")
+            if not isinstance(query, str):
+                raise InputError("expected a string", path, line, "query")
+            if (
+                not isinstance(choices, list)
+                or len(choices) < 2
+                or not all(isinstance(c, str) and c.strip() for c in choices)
+            ):
+                raise InputError("expected a list of at least two non-empty strings", path, line, "choices")
+            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+                raise InputError(f"expected an index in [0, {len(choices) - 1}]", path, line, "gold")
+            items.append({"id": item_id, "query": query, "choices": choices, "gold": gold})
+        else:
+            text = obj.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise InputError("expected a non-empty string", path, line, "text")
+            items.append({"id": item_id, "text": text})
+    if kind is None:
+        raise InputError("no records", path)
+    return kind, spread(items, limit)
+
+
+def load_kl_prompts(source: str | None, limit: int | None) -> tuple[list[tuple[str, str, str | None]], str]:
+    """(id, prompt, system) triples for the KL probe and the sha256 of their source."""
+    if source is None:
+        text = resources.files("mixsd").joinpath("data/kl_prompts.txt").read_text(encoding="utf-8")
+        digest = sha256_text(text)
+    else:
+        path = Path(source)
+        digest = sha256_file(path) if path.is_file() else ""
+        if path.suffix == ".jsonl":
+            facts = load_corpus(path)
+            prompts = [(f.id, f.prompt, f.system) for f in facts]
+            return spread(prompts, limit), digest
+        if not path.is_file():
+            raise InputError("file not found", path)
+        text = read_text(path)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    prompts = [(f"kl{i:03d}", line, None) for i, line in enumerate(lines)]
+    if not prompts:
+        raise InputError("no prompts", source)
+    return spread(prompts, limit), digest
