@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from conftest import make_word_model, make_word_tokenizer
-from mixsd.targets import Draw, Job, MixConfig, MixedDecoder, mix, summary_path
+from mixsd.decoder import Draw, Job, MixedDecoder
+from mixsd.targets import MixConfig, mix, summary_path
 
 DEVICE = os.environ.get("MIXSD_GPU_TESTS_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 

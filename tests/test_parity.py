@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from mixsd import generation
+from mixsd.decoder import Draw, Job, MixedDecoder
 from mixsd.generation import RowBatch, greedy_generate
 from mixsd.reference import ReferenceDecoder, record_uniforms
-from mixsd.targets import Draw, Job, MixedDecoder
 
 VOCAB = 128
 PAD, BOS = 0, 1

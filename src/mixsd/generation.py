@@ -95,7 +95,7 @@ class RowBatch:
 
     Rows of different lengths share one DynamicCache, left-padded and masked; `logits` holds each row's
     next-token logits. `rows` carries the caller's label of each row. Used by `greedy_generate` and by
-    the MixSD decoder (`targets.MixedDecoder`), whose records own two rows each.
+    the MixSD decoder (`decoder.MixedDecoder`), whose records own two rows each.
     """
 
     def __init__(self, model, pad_id: int):

@@ -6,14 +6,14 @@ the record's coin, picks the token from the conditional the coin names, and forc
 (every other logit is set to -inf), so both rows always continue from the same mixed prefix. Everything
 else (cache, attention masks, position ids, sliding windows, static caches) is whatever `generate` does
 for the model, which is why this decoder works with every cache type `generate` supports and why the fast
-`targets.MixedDecoder`, with its own spliced batch cache, is tested against it (tests/test_parity.py).
+`decoder.MixedDecoder`, with its own spliced batch cache, is tested against it (tests/test_parity.py).
 
 The random numbers are the fast decoder's, defined here again on purpose: a record's stream is seeded by
 `record_seed(seed, key, generation, attempt)` and gives `max_new_tokens` coin uniforms, then as many
 sampling uniforms (float64). Step t takes the naive conditional when coin_u[t] < lam; at T > 0 it samples
 the top-k of the chosen conditional at temperature T by inverse CDF with sample_u[t]. With guard_top_p
 (guarded mixing, our extension), a naive step picks from both conditionals with the same sample_u[t] and
-emits the naive pick only when it lies in the expert's top-p set (`targets.in_top_p`), else the expert's
+emits the naive pick only when it lies in the expert's top-p set (`decoder.in_top_p`), else the expert's
 pick, branch letter "V".
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mixsd.targets import Draw, Job, in_top_p, record_seed
+from mixsd.decoder import Draw, Job, in_top_p, record_seed
 
 
 def record_uniforms(seed: int, job: Job, max_new_tokens: int) -> tuple[list[float], list[float]]:
@@ -95,7 +95,7 @@ class MixingProcessor:
 
 
 class ReferenceDecoder:
-    """Same constructor arguments, `run` contract and output as `targets.MixedDecoder`, one record at a time.
+    """Same constructor arguments, `run` contract and output as `decoder.MixedDecoder`, one record at a time.
 
     `generate_kwargs` go to every `model.generate` call, e.g. {"cache_implementation": "static"}.
     """
