@@ -16,8 +16,10 @@ from mixsd.metrics import (
     paired_comparison,
     paired_counts,
     perplexity_ratio_interval,
+    probe_columns,
     rate,
     ratio_interval,
+    well_above_chance,
     wilson_interval,
 )
 
@@ -183,3 +185,27 @@ def test_paired_comparisons_count_flips_per_split_and_probe(tmp_path):
     assert unseen[6].startswith("0.6 [")  # unseen retention 0.3 / 0.5 with its bootstrap interval
     probe = table[("base → sft-s0", "social_iqa (acc_norm)")]  # the probe's chosen metric decides
     assert probe[7:9] == ["0", "1"]
+
+
+def test_a_probe_is_a_headline_retention_probe_only_when_its_base_is_well_above_chance():
+    assert well_above_chance(22, 40, 0.147)  # general_knowledge: 0.55 vs chance 0.15
+    assert not well_above_chance(14, 40, 1 / 3)  # social_iqa length-normalized: 0.35 vs chance 0.33
+    assert not well_above_chance(0, 0, 0.25)
+
+    def summary(base_correct: int, model_correct: int, n: int = 40, chance: float = 1 / 3) -> dict:
+        return {
+            "kind": "multiple_choice",
+            "chance": chance,
+            "acc": {"value": model_correct / n, "correct": model_correct, "n": n, "ci95": [0, 1]},
+            "base": {"acc": {"value": base_correct / n, "correct": base_correct, "n": n}},
+            "retention": {"acc": model_correct / base_correct},
+            "retention_normalized": {"acc": chance_normalized(model_correct / n, base_correct / n, chance)},
+        }
+
+    near_chance = probe_columns("social_iqa", summary(14, 16), "acc")
+    assert near_chance["social_iqa_retention"] is None  # would be (0.4 - 1/3) / (0.35 - 1/3) = 4.0
+    assert near_chance["social_iqa_base_above_chance"] is False
+    assert near_chance["social_iqa_retention_raw"] == pytest.approx(16 / 14)
+    competent = probe_columns("qa_wikidata", summary(30, 27, chance=0.25), "acc")
+    assert competent["qa_wikidata_retention"] == pytest.approx((27 / 40 - 0.25) / (30 / 40 - 0.25))
+    assert competent["qa_wikidata_base_above_chance"] is True

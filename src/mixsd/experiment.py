@@ -64,6 +64,11 @@ from mixsd.results import (
 from mixsd.stages import Stage, config_settings
 from mixsd.tuning import SelectionRule
 
+# Bumped when the way a row is built from the cell's files changes, so rows (cheap: no model) are rebuilt
+# while every stage they read from stays current. 2: retention headline only on probes whose base model is
+# well above chance (metrics.well_above_chance).
+ROW_VERSION = "row2"
+
 DEMO_FACTS = Path(str(resources.files("mixsd") / "data" / "facts-demo.jsonl"))
 PACKAGED_CONFIGS = Path(str(resources.files("mixsd") / "configs"))
 
@@ -992,6 +997,7 @@ class Runner:
             row_settings,
             upstream=upstream,
             record=records / "row.json",
+            version=f"{__version__}+{ROW_VERSION}",
         )
         plan["row"] = (row, lambda discard: self._write_row(cell, plan))
         return plan

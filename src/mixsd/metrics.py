@@ -54,6 +54,15 @@ def rate(successes: int, n: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Chance-normalized retention
 # --------------------------------------------------------------------------------------------------
+def well_above_chance(correct: int, n: int, chance: float) -> bool:
+    """Whether a base model's accuracy is well above chance: its whole 95% Wilson interval lies above it.
+
+    Retention is only a headline figure on such probes (issue 11): when the base model is near chance,
+    (acc - chance) / (acc_base - chance) divides by noise (0.35 vs chance 0.33 turns a 2-item change into
+    a retention of 2 or -1). The raw figures stay in the results either way."""
+    return n > 0 and wilson_interval(correct, n)[0] > chance
+
+
 def chance_normalized(acc: float | None, base_acc: float | None, chance: float | None) -> float | None:
     """(acc - chance) / (base_acc - chance): the share of the base model's above-chance skill kept.
 
@@ -318,6 +327,12 @@ def probe_columns(probe: str, summary: dict[str, Any], metric: str) -> dict[str,
             normalized = chance_normalized(
                 value, _number(summary, "base", metric, "value"), summary.get("chance")
             )
+        base = (summary.get("base") or {}).get(metric) or {}
+        if isinstance(base.get("correct"), int) and isinstance(base.get("n"), int) and summary.get("chance"):
+            above = well_above_chance(base["correct"], base["n"], summary["chance"])
+            columns[f"{probe}_base_above_chance"] = above
+            if not above:  # not a headline probe: raw figures only (see well_above_chance)
+                normalized = None
         columns[f"{probe}_retention"] = normalized
         columns[f"{probe}_retention_ci95"] = (summary.get("retention_normalized_ci95") or {}).get(metric)
         columns[f"{probe}_retention_raw_ci95"] = (summary.get("retention_ci95") or {}).get(metric)

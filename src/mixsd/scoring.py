@@ -27,6 +27,7 @@ from mixsd.metrics import (
     perplexity_ratio_interval,
     rate,
     ratio_interval,
+    well_above_chance,
 )
 from mixsd.prompts import pad_token_id
 
@@ -239,7 +240,9 @@ def compare_with_base(kind: str, model_rows: list[dict[str, Any]], base_rows: li
             n = len(pairs)
             out["retention_ci95"][metric] = ratio_interval(model, base)
             out["retention_normalized"][metric] = (
-                chance_normalized(sum(model) / n, sum(base) / n, sum(chance) / n) if n else None
+                chance_normalized(sum(model) / n, sum(base) / n, sum(chance) / n)
+                if n and well_above_chance(sum(base), n, sum(chance) / n)
+                else None
             )
             out["retention_normalized_ci95"][metric] = chance_normalized_interval(model, base, chance)
             out["paired"][metric] = paired_comparison(base, model)
