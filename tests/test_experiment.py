@@ -377,3 +377,22 @@ def test_sweep_cells_names_groups_and_settings(tmp_path, tiny_model_dir):
     assert runner.train_configs["mixsd-lam0.3-lr0.0001-s0"].learning_rate == pytest.approx(1e-4)
     plan = runner.plan(cells["sft-lr3e-05-s1"])
     assert plan["targets"][0].outputs[0] == tmp_path / "run" / "cells" / "sft-s1" / "targets.jsonl"
+
+
+def test_memit_is_a_method_of_the_grid(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MIXSD_CACHE", str(tmp_path / "cache"))
+    stats = tmp_path / "stats.txt"
+    stats.write_text("\n\n".join(f"Ordinary text {i} about places and people." for i in range(30)))
+    memit = {"layers": "0", "steps": 2, "stats": str(stats), "stats_tokens": 300}
+    experiment = tiny_grid(tmp_path, tiny_model_dir, methods=["base", "memit"], memit=memit)
+    assert [c.name for c in experiment.cells] == ["base", "memit-s0"]
+    rows = {r["cell"]: r for r in run_experiment(experiment, show_progress=False)["rows"]}
+    cell = tmp_path / "run" / "cells" / "memit-s0"
+    assert json.loads((cell / "train" / "run_config.json").read_text())["method"] == "memit"
+    assert rows["memit-s0"]["train_acc"] is not None and rows["memit-s0"]["fisher_displacement"] >= 0
+    assert not (cell / "nll.json").exists()  # no targets: nothing for the NLL analysis
+
+    with pytest.raises(InputError, match=r"field 'memit.steps'"):
+        tiny_grid(tmp_path, tiny_model_dir, methods=["base", "memit"], memit={"steps": 0})
+    with pytest.raises(InputError, match="memit takes only seeds"):
+        tiny_grid(tmp_path, tiny_model_dir, methods=["base", {"memit": {"lr": 1.0}}])

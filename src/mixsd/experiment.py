@@ -72,8 +72,8 @@ ROW_VERSION = "row2"
 DEMO_FACTS = Path(str(resources.files("mixsd") / "data" / "facts-demo.jsonl"))
 PACKAGED_CONFIGS = Path(str(resources.files("mixsd") / "configs"))
 
-METHOD_LABELS = {"base": "Base", "sft": "SFT", "mixsd": "MixSD", "opsd": "OPSD"}
-SECTIONS = ("mix", "train", "opsd", "eval", "retention", "analyses")
+METHOD_LABELS = {"base": "Base", "sft": "SFT", "mixsd": "MixSD", "opsd": "OPSD", "memit": "MEMIT"}
+SECTIONS = ("mix", "train", "opsd", "memit", "eval", "retention", "analyses")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,6 +333,7 @@ RUNNER_SET = {
         "TrainConfig",
         {"model", "out", "output_dir", "targets", "corpus", "method", "seed"},
     ),
+    "memit": ("mixsd.edit", "EditConfig", {"model", "input", "out", "overwrite"}),
     "eval": ("mixsd.evaluate", "EvalConfig", {"model", "suite", "data", "out"}),
     "retention": ("mixsd.evaluate", "EvalConfig", {"model", "suite", "base", "out"}),
 }
@@ -344,6 +345,7 @@ RETENTION_EXTRA: dict[str, Any] = {"data": str, "probes": bool}  # the probe fol
 # `dtype == "bfloat16"` (`options.ModelOptions`); fisher runs with the default dtype here (no section
 # sets it). Left out, records written before `dtype` existed stay current.
 MIX_SPEED_ONLY = ("batch_size", "device", "threads", "overwrite")
+EDIT_SPEED_ONLY = ("device", "threads", "overwrite")
 EVAL_SPEED_ONLY = ("batch_size", "device", "threads", "overwrite", "base_cache", "dtype")
 NLL_SPEED_ONLY = ("batch_size", "device", "threads", "dtype")
 FISHER_SPEED_ONLY = ("device", "threads", "dtype")
@@ -383,7 +385,9 @@ def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
             method = entry
         if method not in METHOD_LABELS or not isinstance(options, dict):
             raise InputError(
-                f"unknown method {method!r} (expected base, sft, mixsd or opsd)", path, field=f"methods[{i}]"
+                f"unknown method {method!r} (expected base, sft, mixsd, opsd or memit)",
+                path,
+                field=f"methods[{i}]",
             )
         if method == "base":
             cells.append(Cell("base"))
@@ -392,6 +396,12 @@ def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
             raise InputError(
                 "unknown method option ['lam'] (mixsd takes lam; every trained method takes seeds and "
                 "training options)",
+                path,
+                field=f"methods[{i}]",
+            )
+        if method == "memit" and set(options) - {"seeds"}:
+            raise InputError(
+                "memit takes only seeds here; its options go in the `memit` section",
                 path,
                 field=f"methods[{i}]",
             )
@@ -856,7 +866,23 @@ class Runner:
 
         model = x.model
         trained: list[Stage] = []
-        if cell.method != "base":
+        if cell.method == "memit":  # an edit instead of training, written in train/ like a trained model
+            from mixsd.edit import EditConfig, edit
+
+            out = folder / "train"
+            edit_base = {"model": x.model, "input": str(train_file), "out": str(out), "overwrite": True}
+            edit_config = _configure(EditConfig, edit_base, [("memit", x.sections["memit"])], x)
+            edit_stage = Stage(
+                "train",
+                [out / "summary.json", out / "model"],
+                config_settings(edit_config, EDIT_SPEED_ONLY),
+                inputs=[train_file, *_user_files(edit_config, ("stats",))],
+                record=records / "train.json",
+            )
+            plan["train"] = (edit_stage, lambda discard: edit(edit_config))
+            model = str(out / "model")
+            trained = [edit_stage]
+        elif cell.method != "base":
             out = str(folder / "train")
             base = {"model": x.model, "out": out, "output_dir": out, "seed": cell.seed}
             sections = [("train", x.sections["train"])]
