@@ -39,6 +39,9 @@ import mixsd.files as files
 
 point, count, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
 args = sys.argv[4:]
+# Ctrl-C as a terminal delivers it, also when the test runs in a background job, whose children inherit
+# SIGINT ignored (POSIX, without job control): Python then installs no KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 calls = 0
 
 def die():
