@@ -396,3 +396,58 @@ def test_memit_is_a_method_of_the_grid(tmp_path, tiny_model_dir, monkeypatch):
         tiny_grid(tmp_path, tiny_model_dir, methods=["base", "memit"], memit={"steps": 0})
     with pytest.raises(InputError, match="memit takes only seeds"):
         tiny_grid(tmp_path, tiny_model_dir, methods=["base", {"memit": {"lr": 1.0}}])
+
+
+HOLD_LOCKS = """
+import sys, time
+from contextlib import ExitStack
+from pathlib import Path
+from mixsd.files import output_lock
+cell, targets, release_targets_after = sys.argv[1], sys.argv[2], float(sys.argv[3])
+with ExitStack() as held:
+    held.enter_context(output_lock(cell))
+    with output_lock(targets):
+        print("ready", flush=True)
+        time.sleep(release_targets_after)
+    while not Path(cell + ".done").exists():
+        time.sleep(0.05)
+"""
+
+
+def test_two_workers_share_one_folder(tmp_path, tiny_model_dir):
+    """Another worker (a process holding a cell's lock, and for a moment a sweep's shared targets) makes
+    this one skip that cell and wait for the targets; the report leaves the unfinished cell out, and the
+    next run does only that cell."""
+    import subprocess
+    import sys
+    import time
+
+    experiment = tiny_grid(tmp_path, tiny_model_dir)
+    out = tmp_path / "run"
+    cells = out / "cells"
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            HOLD_LOCKS,
+            str(cells / "sft-s0"),
+            str(cells / "mixsd-lam0.5-s0" / "targets.jsonl"),
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout.readline().strip() == "ready"
+        started = time.monotonic()
+        result = run_experiment(experiment, show_progress=False)
+        assert time.monotonic() - started > 1.5  # waited for the targets' holder
+        assert [r["cell"] for r in result["rows"]] == ["base", "mixsd-lam0.5-s0"]
+        assert not (cells / "sft-s0" / "cell.json").exists()
+    finally:
+        (cells / "sft-s0.done").touch()
+        worker.wait(timeout=30)
+    since = log_length(out)
+    result = run_experiment(experiment, show_progress=False)
+    assert [r["cell"] for r in result["rows"]] == ["base", "sft-s0", "mixsd-lam0.5-s0"]
+    assert {cell for (cell, _), action in stage_log(out, since).items() if action == "ran"} == {"sft-s0"}

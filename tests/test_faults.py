@@ -564,3 +564,13 @@ def test_mix_keep_never_writes_a_record_without_a_target(tmp_path, short_context
     assert [r["id"] for r in load_targets(output)] == ["short"]  # load_targets refuses an empty target
     summary = json.loads(output.with_name("mix.summary.json").read_text())
     assert summary["prompt_too_long"] == 1
+
+
+def test_an_unknown_option_is_one_usage_line_not_a_traceback(capsys):
+    from mixsd.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["experiment", "--config", "grid.yaml", "--dry-run"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --dry-run" in err and "Traceback" not in err

@@ -165,9 +165,11 @@ def run_command(name: str, args: list[str]):
     module = importlib.import_module(command.module)
     config_cls = getattr(module, command.config)
     parser = HfArgumentParser(config_cls, prog=f"mixsd {name}", description=command.summary)
-    (config,) = parser.parse_args_into_dataclasses(
-        _positional_to_options(command, args), look_for_args_file=False
+    config, unknown = parser.parse_args_into_dataclasses(
+        _positional_to_options(command, args), look_for_args_file=False, return_remaining_strings=True
     )
+    if unknown:  # argparse's own message and status 2, not HfArgumentParser's traceback
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return getattr(module, command.function)(config)
 
 

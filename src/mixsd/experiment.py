@@ -48,6 +48,7 @@ from mixsd import __version__
 from mixsd.files import (
     InputError,
     JournalWriter,
+    LockHeld,
     atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
@@ -1082,7 +1083,11 @@ class Runner:
         log = self._log(cell)
         for name, (stage, produce) in self.plan(cell).items():
             progress(cell, name)
-            stage.run(produce, log=log)
+            if name == "targets":  # the settings of a sweep share these: one worker makes them, the rest wait
+                with output_lock(stage.outputs[0], wait=True):
+                    stage.run(produce, log=log)
+            else:
+                stage.run(produce, log=log)
         return json.loads((self.cell_dir(cell) / "cell.json").read_text(encoding="utf-8"))
 
     def current_row(self, cell: Cell) -> dict[str, Any] | None:
@@ -1103,40 +1108,42 @@ def _default_probes_dir() -> Path:
 def run_experiment(
     experiment: Experiment, *, only: str | None = None, report_only: bool = False, show_progress: bool = True
 ) -> dict[str, Any]:
-    """Run (or resume) every cell and write the report, under the lock of the output folder (issue 10)."""
-    with output_lock(experiment.out):  # one run per folder: a second one refuses before any work
-        return _run_experiment_locked(
-            experiment, only=only, report_only=report_only, show_progress=show_progress
-        )
+    """Run (or resume) every cell and write the report.
 
-
-def _run_experiment_locked(
-    experiment: Experiment, *, only: str | None = None, report_only: bool = False, show_progress: bool = True
-) -> dict[str, Any]:
+    Several workers may share one folder (the same command started twice, on other cores or machines
+    with a shared disk): the shared data is made under the folder's lock, which the others wait for;
+    each cell runs under its own lock, and a worker skips the cells another one holds. Whichever worker
+    finishes last writes the report with every finished cell.
+    """
     from tqdm.auto import tqdm
 
-    from mixsd.report import write_report
-
     runner = Runner(experiment)
-    experiment.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(experiment.out / "experiment.yaml", yaml.safe_dump(experiment.raw, sort_keys=False))
     wanted = [text.strip() for text in only.split(",")] if only else None
     cells = [c for c in experiment.cells if wanted is None or any(text in c.name for text in wanted)]
     if not report_only:
-        runner.prepare_data()
+        with output_lock(experiment.out, wait=True):  # shared data: made once, other workers wait
+            experiment.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(
+                experiment.out / "experiment.yaml", yaml.safe_dump(experiment.raw, sort_keys=False)
+            )
+            runner.prepare_data()
+            curve_base = runner.curve_base_stage() if any(c.method != "base" for c in cells) else None
+            if curve_base is not None:  # the base model's scores: epoch 0 of every learning curve
+                stage, produce = curve_base
+                stage.run(produce, log=runner._log(None))
         bar = tqdm(total=len(cells), desc=experiment.name, unit="cell", disable=not show_progress)
 
         def progress(cell: Cell, stage: str) -> None:
             bar.set_postfix_str(f"{cell.name}: {stage}")
 
-        curve_base = runner.curve_base_stage() if any(c.method != "base" for c in cells) else None
-        if curve_base is not None:  # the base model's scores: epoch 0 of every learning curve
-            stage, produce = curve_base
-            bar.set_postfix_str("curve-base")
-            stage.run(produce, log=runner._log(None))
         for cell in cells:
             try:
-                runner.run_cell(cell, progress)
+                with output_lock(runner.cell_dir(cell)):
+                    runner.run_cell(cell, progress)
+            except LockHeld as held:
+                print(
+                    f"\n{cell.name}: skipped, another worker is running it ({held.holder})", file=sys.stderr
+                )
             except InputError:
                 bar.close()
                 raise
@@ -1147,6 +1154,14 @@ def _run_experiment_locked(
                 ) from err
             bar.update(1)
         bar.close()
+    with output_lock(experiment.out, wait=True):
+        return _write_results(experiment, runner)
+
+
+def _write_results(experiment: Experiment, runner: Runner) -> dict[str, Any]:
+    """The table and report from the cells whose every stage is current for this config."""
+    from mixsd.report import write_report
+
     # Only rows whose every stage is current for this config: a cell not rerun (--only, --report-only)
     # after its settings changed is left out, never shown with old numbers.
     rows, out_of_date = [], []

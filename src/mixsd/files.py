@@ -43,6 +43,14 @@ class InputError(ValueError):
         self.path, self.line, self.field = path, line, field
 
 
+class LockHeld(InputError):
+    """Another live run holds an output's lock; `holder` describes it (pid, host, start, command)."""
+
+    def __init__(self, message: str, path: str | os.PathLike, holder: str):
+        super().__init__(message, path)
+        self.holder = holder
+
+
 def read_jsonl(
     path: str | os.PathLike, on_error: Callable[[str, int], None] | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -235,8 +243,9 @@ def _lock_holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def output_lock(output: str | os.PathLike) -> Iterator[Path]:
-    """Hold the output's lock for the duration of the block; refuse at once if another run holds it.
+def output_lock(output: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]:
+    """Hold the output's lock for the duration of the block; refuse at once if another run holds it
+    (raise LockHeld), or with `wait`, wait for it to let go (shared inputs several workers need).
 
     The lock is an advisory `flock` on `<output>.lock`, which records the holder's pid, host, start time
     and command. The kernel drops a flock when its process dies, however it dies, so a lock file left by
@@ -266,20 +275,26 @@ def output_lock(output: str | os.PathLike) -> Iterator[Path]:
     created = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
     fd = -1
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
         while True:
+            # (again on each try: a holder we waited for removes the folders its own lock created)
+            lock.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _lock_holder(fd)
-                os.close(fd)
-                fd = -1
-                raise InputError(
-                    f"another run is writing this output ({holder}); wait for it to finish or choose "
-                    f"another output (its lock file is {lock})",
-                    output,
-                ) from None
+                if wait:
+                    print(f"waiting for another run to finish {output} ({holder})", file=sys.stderr)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                else:
+                    os.close(fd)
+                    fd = -1
+                    raise LockHeld(
+                        f"another run is writing this output ({holder}); wait for it to finish or "
+                        f"choose another output (its lock file is {lock})",
+                        output,
+                        holder,
+                    ) from None
             # Between our open and our flock the previous holder may have released and deleted the
             # file, and a third run created a new one: a lock on the deleted file guards nothing.
             try:
