@@ -7,7 +7,14 @@ import json
 import pytest
 import yaml
 
-from mixsd.experiment import Experiment, Runner, aggregate, load_experiment, run_experiment
+from mixsd.experiment import (
+    Experiment,
+    Runner,
+    aggregate,
+    grid_status,
+    load_experiment,
+    run_experiment,
+)
 from mixsd.files import InputError
 
 
@@ -439,11 +446,14 @@ def test_two_workers_share_one_folder(tmp_path, tiny_model_dir):
     )
     try:
         assert worker.stdout.readline().strip() == "ready"
+        states = {s["cell"]: s["state"] for s in grid_status(experiment)}
+        assert states["base"] == "not started" and states["sft-s0"].startswith("running: pid ")
         started = time.monotonic()
         result = run_experiment(experiment, show_progress=False)
         assert time.monotonic() - started > 1.5  # waited for the targets' holder
         assert [r["cell"] for r in result["rows"]] == ["base", "mixsd-lam0.5-s0"]
         assert not (cells / "sft-s0" / "cell.json").exists()
+        assert [s["state"] for s in grid_status(experiment, only="base,mixsd")] == ["done", "done"]
     finally:
         (cells / "sft-s0.done").touch()
         worker.wait(timeout=30)

@@ -52,6 +52,7 @@ from mixsd.files import (
     atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
+    live_lock_holder,
     output_lock,
 )
 from mixsd.results import (
@@ -92,6 +93,13 @@ class ExperimentConfig:
     )
     report_only: bool = field(
         default=False, metadata={"help": "Rebuild table and report from finished cells."}
+    )
+    status: bool = field(
+        default=False,
+        metadata={
+            "help": "Print each cell's state (done, running and by whom, partly done, out of date, not "
+            "started) and exit; loads no model."
+        },
     )
     threads: int | None = field(
         default=None,
@@ -1090,6 +1098,26 @@ class Runner:
                 stage.run(produce, log=log)
         return json.loads((self.cell_dir(cell) / "cell.json").read_text(encoding="utf-8"))
 
+    def cell_state(self, cell: Cell) -> dict[str, Any]:
+        """Where the cell stands, from its stage records and lock (no model is loaded)."""
+        plan = self.plan(cell)
+        current = [name for name, (stage, _) in plan.items() if stage.is_current()]
+        to_do = [name for name in plan if name not in current]
+        # targets shared with other settings of a sweep do not make this cell started
+        started = [name for name in current if name != "targets" or cell.targets_cell == cell]
+        holder = live_lock_holder(self.cell_dir(cell))
+        if holder:
+            state = f"running: {holder}"
+        elif not to_do:
+            state = "done"
+        elif (self.cell_dir(cell) / "cell.json").is_file():
+            state = f"out of date for this config (to redo: {', '.join(to_do)})"
+        elif started:
+            state = f"partly done (to do: {', '.join(to_do)})"
+        else:
+            state = "not started"
+        return {"cell": cell.name, "state": state, "stages": f"{len(current)}/{len(plan)}"}
+
     def current_row(self, cell: Cell) -> dict[str, Any] | None:
         """The cell's row when every stage of it is current for this config; None otherwise."""
         row, _ = self.plan(cell)["row"]
@@ -1226,12 +1254,35 @@ def print_outcome(result: dict[str, Any]) -> None:
     print(f"\nreport: {result['report']['html']}\n        {result['report']['markdown']}")
 
 
+def grid_status(experiment: Experiment, only: str | None = None) -> list[dict[str, Any]]:
+    """Each selected cell's state: see Runner.cell_state."""
+    runner = Runner(experiment)
+    wanted = [text.strip() for text in only.split(",")] if only else None
+    return [
+        runner.cell_state(cell)
+        for cell in experiment.cells
+        if wanted is None or any(text in cell.name for text in wanted)
+    ]
+
+
+def print_status(experiment: Experiment, only: str | None = None) -> dict[str, Any]:
+    states = grid_status(experiment, only)
+    width = max(len(s["cell"]) for s in states)
+    for s in states:
+        print(f"{s['cell']:<{width}}  {s['stages']:>5}  {s['state']}")
+    done = sum(s["state"] == "done" for s in states)
+    print(f"{done} of {len(states)} cells done ({experiment.out})")
+    return {"cells": states}
+
+
 def experiment_command(config: ExperimentConfig) -> dict[str, Any]:
     if config.threads:
         import torch
 
         torch.set_num_threads(config.threads)
     experiment = load_experiment(config.config, config.out)
+    if config.status:
+        return print_status(experiment, only=config.only)
     result = run_experiment(experiment, only=config.only, report_only=config.report_only)
     print_outcome(result)
     return result

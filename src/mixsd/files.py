@@ -242,6 +242,27 @@ def _lock_holder(fd: int) -> str:
         return "details not yet written"
 
 
+def live_lock_holder(output: str | os.PathLike) -> str | None:
+    """Who holds the output's lock now (pid, host, start, command), or None when no live run does."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(lock_path(output), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _lock_holder(fd)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def output_lock(output: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]:
     """Hold the output's lock for the duration of the block; refuse at once if another run holds it
