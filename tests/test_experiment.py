@@ -461,3 +461,40 @@ def test_two_workers_share_one_folder(tmp_path, tiny_model_dir):
     result = run_experiment(experiment, show_progress=False)
     assert [r["cell"] for r in result["rows"]] == ["base", "sft-s0", "mixsd-lam0.5-s0"]
     assert {cell for (cell, _), action in stage_log(out, since).items() if action == "ran"} == {"sft-s0"}
+
+
+def test_known_facts_join_the_retention_probes(tmp_path, tiny_model_dir, monkeypatch):
+    """retention.known_facts: the base model filters the known facts once (OUT/known-facts), they join the
+    probe files (OUT/retention-probes), every cell is scored on them, and a rerun reuses it all."""
+    import mixsd.corpora.capability as capability
+    from test_capability import _sdist
+
+    sdist = _sdist(tmp_path / "bigbench-1.0.0.tar.gz")
+    build = capability.build_capability
+    filtered = []
+
+    def build_with_answers(config, answer=None):  # the tiny random model knows nothing: answer for it
+        filtered.append(config.model)
+        config.sdist = str(sdist)
+        return build(config, answer=lambda items: ["Paris" for _ in items])
+
+    monkeypatch.setattr(capability, "build_capability", build_with_answers)
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "manifest.json").write_text("{}")
+    retention = {"limit": 4, "max_new_tokens": 8, "data": str(probes), "known_facts": True}
+    experiment = tiny_grid(tmp_path, tiny_model_dir, methods=["base", "sft"], retention=retention)
+    result = run_experiment(experiment, show_progress=False)
+    out = tmp_path / "run"
+    assert filtered == [str(tiny_model_dir)]
+    assert (out / "retention-probes" / "known_facts.jsonl").read_bytes() == (
+        out / "known-facts" / "known_facts.jsonl"
+    ).read_bytes()
+    for name in ("base", "sft-s0"):
+        scored = json.loads((out / "cells" / name / "retention.json").read_text())
+        assert scored["probes"]["known_facts"]["n"] == 1
+    rows = {r["cell"]: r for r in result["rows"]}
+    assert "known_facts_acc" in rows["sft-s0"]
+    since = log_length(out)
+    run_experiment(experiment, show_progress=False)
+    assert set(stage_log(out, since).values()) == {"reused"} and filtered == [str(tiny_model_dir)]

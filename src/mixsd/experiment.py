@@ -49,6 +49,7 @@ from mixsd.files import (
     InputError,
     JournalWriter,
     LockHeld,
+    atomic_copy,
     atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
@@ -63,7 +64,7 @@ from mixsd.results import (
     comparison_text,
     write_table,
 )
-from mixsd.stages import Stage, config_settings
+from mixsd.stages import Stage, config_settings, file_hash
 from mixsd.tuning import SelectionRule
 
 # Bumped when the way a row is built from the cell's files changes, so rows (cheap: no model) are rebuilt
@@ -347,7 +348,10 @@ RUNNER_SET = {
     "retention": ("mixsd.evaluate", "EvalConfig", {"model", "suite", "base", "out"}),
 }
 ANALYSES_OPTIONS: dict[str, Any] = {"nll": bool, "fisher": bool, "fisher_samples": int, "fisher_probe": str}
-RETENTION_EXTRA: dict[str, Any] = {"data": str, "probes": bool}  # the probe folder; probes: false skips them
+# data: the probe folder; probes: false skips them; known_facts: add the everyday facts the base model
+# answers right (built by running it once, OUT/known-facts) to the probes, so that every fact a trained
+# model gets wrong is a loss
+RETENTION_EXTRA: dict[str, Any] = {"data": str, "probes": bool, "known_facts": bool}
 # Fields that change only speed, logging or where a run goes, never what a stage writes: a change to
 # them redoes nothing. (Training's own list is `mixsd.train.run_settings`.)
 # `dtype` of eval and nll is in their settings as `bf16`, which those configs keep equal to
@@ -585,6 +589,8 @@ class Runner:
         # train_limit: the cells train and evaluate on a cut copy in OUT/data
         self.corpus_dir = self.out / "data" if corpus.get("train_limit") else self.source_dir
         self.probes_dir: Path | None = self._probes(fetch=False)
+        if self.probes_dir is not None and self.x.sections["retention"].get("known_facts"):
+            self.probes_dir = self.known_facts_dir  # made by prepare_data
         self.stage_log = self.out / "stage-log.jsonl"
         self.capability_stage: Stage | None = self._capability_stage()
         self.train_configs: dict[str, Any] = {}  # cell name -> its TrainConfig, as planned
@@ -660,11 +666,41 @@ class Runner:
             )
             stage.run(lambda discard: self._subset(source, limit), log=self._log(None))
         self.probes_dir = self._probes(fetch=True)
+        if self.probes_dir is not None and self.x.sections["retention"].get("known_facts"):
+            self.probes_dir = self._with_known_facts(self.probes_dir)
         if self.capability_stage is not None:
             from mixsd.corpora.capability import build_capability
 
             config = self._capability_config()
             self.capability_stage.run(lambda discard: build_capability(config), log=self._log(None))
+
+    def _with_known_facts(self, probes: Path) -> Path:
+        """OUT/retention-probes: the probe files plus known_facts.jsonl, filtered by the base model."""
+        from mixsd.corpora.capability import CapabilityConfig, build_capability
+
+        dtype = "bfloat16" if self.x.sections["retention"].get("bf16") else "float32"
+        config = CapabilityConfig(out=str(self.out / "known-facts"), model=self.x.model, dtype=dtype)
+        built = Path(config.out) / "known_facts.jsonl"
+        Stage(
+            "known-facts",
+            [built, Path(config.out) / "manifest.json"],
+            config_settings(config, ("batch_size", "device", "threads", "out")),
+            inputs=[probes / "manifest.json"],
+            record=self.out / "stages" / "known-facts.json",
+        ).run(lambda discard: build_capability(config), log=self._log(None))
+        if not built.is_file():  # the base model answered none: nothing to add
+            return probes
+        combined = self.known_facts_dir
+        combined.mkdir(parents=True, exist_ok=True)
+        for source in [*sorted(probes.glob("*.jsonl")), probes / "manifest.json", built]:
+            target = combined / source.name
+            if file_hash(target) != file_hash(source):  # unchanged copies keep the retention stages current
+                atomic_copy(source, target)
+        return combined
+
+    @property
+    def known_facts_dir(self) -> Path:
+        return self.out / "retention-probes"
 
     # learning curves, shared by every trained cell
     def _capability_config(self):
