@@ -590,7 +590,7 @@ class Runner:
         self.corpus_dir = self.out / "data" if corpus.get("train_limit") else self.source_dir
         self.probes_dir: Path | None = self._probes(fetch=False)
         if self.probes_dir is not None and self.x.sections["retention"].get("known_facts"):
-            self.probes_dir = self.known_facts_dir  # made by prepare_data
+            self.probes_dir = self.retention_probes_dir  # made by prepare_data
         self.stage_log = self.out / "stage-log.jsonl"
         self.capability_stage: Stage | None = self._capability_stage()
         self.train_configs: dict[str, Any] = {}  # cell name -> its TrainConfig, as planned
@@ -690,7 +690,7 @@ class Runner:
         ).run(lambda discard: build_capability(config), log=self._log(None))
         if not built.is_file():  # the base model answered none: nothing to add
             return probes
-        combined = self.known_facts_dir
+        combined = self.retention_probes_dir
         combined.mkdir(parents=True, exist_ok=True)
         for source in [*sorted(probes.glob("*.jsonl")), probes / "manifest.json", built]:
             target = combined / source.name
@@ -699,7 +699,7 @@ class Runner:
         return combined
 
     @property
-    def known_facts_dir(self) -> Path:
+    def retention_probes_dir(self) -> Path:
         return self.out / "retention-probes"
 
     # learning curves, shared by every trained cell
@@ -1169,6 +1169,12 @@ def _default_probes_dir() -> Path:
 # --------------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------------
+def selected_cells(experiment: Experiment, only: str | None) -> list[Cell]:
+    """The cells `--only` selects: those whose name contains one of its comma-separated texts (all without it)."""
+    wanted = [text.strip() for text in only.split(",") if text.strip()] if only else None
+    return [c for c in experiment.cells if wanted is None or any(text in c.name for text in wanted)]
+
+
 def run_experiment(
     experiment: Experiment, *, only: str | None = None, report_only: bool = False, show_progress: bool = True
 ) -> dict[str, Any]:
@@ -1182,8 +1188,7 @@ def run_experiment(
     from tqdm.auto import tqdm
 
     runner = Runner(experiment)
-    wanted = [text.strip() for text in only.split(",")] if only else None
-    cells = [c for c in experiment.cells if wanted is None or any(text in c.name for text in wanted)]
+    cells = selected_cells(experiment, only)
     if not report_only:
         with output_lock(experiment.out, wait=True):  # shared data: made once, other workers wait
             experiment.out.mkdir(parents=True, exist_ok=True)
@@ -1293,12 +1298,7 @@ def print_outcome(result: dict[str, Any]) -> None:
 def grid_status(experiment: Experiment, only: str | None = None) -> list[dict[str, Any]]:
     """Each selected cell's state: see Runner.cell_state."""
     runner = Runner(experiment)
-    wanted = [text.strip() for text in only.split(",")] if only else None
-    return [
-        runner.cell_state(cell)
-        for cell in experiment.cells
-        if wanted is None or any(text in cell.name for text in wanted)
-    ]
+    return [runner.cell_state(cell) for cell in selected_cells(experiment, only)]
 
 
 def print_status(experiment: Experiment, only: str | None = None) -> dict[str, Any]:
