@@ -219,10 +219,11 @@ def test_tuning_results_from_rows_and_curves():
             ]
     results = tuning_results(rows, curves, base, SelectionRule(memorization=0.95))
     assert results["source"] == "curves" and results["retention"] == "retention"
-    assert results["levels"] == [0.9, 0.95]
+    assert results["levels"] == [0.5, 0.7, 0.9, 0.95]
     # SFT lr=0.001 at 95%: between epoch 1 (0.5, 0.9) and 2 (1.0, 0.8): weight 0.9 -> 0.81
-    (at90, at95) = results["matched"]["SFT lr=0.001"]
+    (at50, _, at90, at95) = results["matched"]["SFT lr=0.001"]
     assert at95["value"] == pytest.approx(0.9 - 0.9 * 0.1) and at95["epoch"] == pytest.approx(1.9)
+    assert at50["epoch"] == pytest.approx(1.0)  # reached exactly at a logged epoch: no interpolation
     assert at90["value"] == pytest.approx(0.9 - 0.8 * 0.1) and at90["interval"] == "bootstrap over seeds"
     assert results["selection"]["SFT"]["chosen"] == "lr=0.001"
     md = "\n".join(tuning_markdown(results))

@@ -25,7 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-MATCHED_LEVELS = (0.9, 0.95)
+# the 90% and 95%, and two lower levels: small models at a CPU budget often reach only those, and a
+# comparison at a level both methods reach says more than two "not reached"
+MATCHED_LEVELS = (0.5, 0.7, 0.9, 0.95)
 EPOCH_TOLERANCE = 1e-6  # epochs are logged rounded to 4 decimals
 
 Point = dict[str, Any]
