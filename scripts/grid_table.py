@@ -18,15 +18,24 @@ from pathlib import Path
 from typing import Any
 
 
+def parse(text: str, path: Path, line: int | None = None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"{path}, line {line}" if line else str(path)
+        raise SystemExit(f"grid_table: {where}: not valid JSON ({error.msg})") from None
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    return parse(path.read_text(), path) if path.exists() else None
 
 
 def read_curve(cell: Path) -> list[dict[str, Any]]:
     path = cell / "train" / "curve.jsonl"
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [parse(text, path, number) for number, text in enumerate(lines, 1) if text.strip()]
 
 
 def count(point: dict[str, Any], probe: str, field: str = "acc") -> str:
@@ -93,6 +102,10 @@ def main() -> None:
     parser.add_argument("--cells", default="*", help="comma-separated glob patterns of cell names")
     parser.add_argument("--curve", metavar="CELL", help="print every epoch of this cell instead")
     args = parser.parse_args()
+    if not (args.grid / "cells").is_dir():
+        parser.error(f"{args.grid}: not an experiment folder (no cells/ in it)")
+    if args.curve and not (args.grid / "cells" / args.curve).is_dir():
+        parser.error(f"{args.grid}: no cell named {args.curve!r} (see cells/)")
     if args.curve:
         base = read_json(args.grid / "curve-base.json")
         header = ["epoch", "memorized", "in-context", "collapse (ctx / instr)", "instructions", "KL"]

@@ -76,3 +76,16 @@ def test_missing_files_show_a_dash(tmp_path: Path):
     spec.loader.exec_module(module)
     (tmp_path / "cell.json").write_text("{}")
     assert module.cell_row(tmp_path)[1:] == ["-", "-", "-", "- / -", "-", "-", "-"]
+
+
+def test_bad_input_names_the_file_and_line(grid: Path):
+    def fails(*args: str) -> str:
+        result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        return result.stderr
+
+    assert "not an experiment folder" in fails(str(grid / "nowhere"))
+    assert "no cell named 'missing'" in fails(str(grid), "--curve", "missing")
+    curve = grid / "cells" / "sft-s0" / "train" / "curve.jsonl"
+    curve.write_text(curve.read_text() + "{oops\n")
+    assert f"{curve}, line 3: not valid JSON" in fails(str(grid))
