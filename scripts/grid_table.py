@@ -17,25 +17,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-def parse(text: str, path: Path, line: int | None = None) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        where = f"{path}, line {line}" if line else str(path)
-        raise SystemExit(f"grid_table: {where}: not valid JSON ({error.msg})") from None
+from mixsd.curve import read_curve
+from mixsd.files import InputError
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    return parse(path.read_text(), path) if path.exists() else None
-
-
-def read_curve(cell: Path) -> list[dict[str, Any]]:
-    path = cell / "train" / "curve.jsonl"
     if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    return [parse(text, path, number) for number, text in enumerate(lines, 1) if text.strip()]
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"invalid JSON ({error.msg})", path, error.lineno) from None
+
+
+def read_cell_curve(cell: Path) -> list[dict[str, Any]]:
+    return read_curve(cell / "train" / "curve.jsonl")
 
 
 def count(point: dict[str, Any], probe: str, field: str = "acc") -> str:
@@ -61,7 +57,7 @@ def known_facts_lost(retention: dict[str, Any] | None) -> str:
 
 
 def cell_row(cell: Path) -> list[str]:
-    curve = read_curve(cell)
+    curve = read_cell_curve(cell)
     last = curve[-1] if curve else {}
     kl = last.get("kl")
     return [
@@ -77,7 +73,7 @@ def cell_row(cell: Path) -> list[str]:
 
 
 def curve_rows(cell: Path, base: dict[str, Any] | None) -> list[list[str]]:
-    points = ([{"epoch": 0, **base}] if base else []) + read_curve(cell)
+    points = ([{"epoch": 0, **base}] if base else []) + read_cell_curve(cell)
     return [
         [
             f"{p['epoch']:g}",
@@ -97,6 +93,13 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def main() -> None:
+    try:
+        tables()
+    except InputError as error:  # a damaged file: its name and line, one line
+        raise SystemExit(f"grid_table: {error}") from None
+
+
+def tables() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("grid", type=Path, help="the experiment's output folder")
     parser.add_argument("--cells", default="*", help="comma-separated glob patterns of cell names")

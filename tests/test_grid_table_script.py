@@ -88,4 +88,6 @@ def test_bad_input_names_the_file_and_line(grid: Path):
     assert "no cell named 'missing'" in fails(str(grid), "--curve", "missing")
     curve = grid / "cells" / "sft-s0" / "train" / "curve.jsonl"
     curve.write_text(curve.read_text() + "{oops\n")
-    assert f"{curve}, line 3: not valid JSON" in fails(str(grid))
+    assert f"{curve}, line 3: invalid JSON" in fails(str(grid))
+    (grid / "cells" / "mixsd-lam0.3-s0" / "eval.json").write_text('{"splits":\n  oops}')
+    assert "eval.json, line 2: invalid JSON" in fails(str(grid), "--cells", "mixsd-*")
