@@ -106,6 +106,12 @@ def test_a_two_epoch_run_writes_two_rows_of_scores(tmp_path, files):
         assert all(0 <= row[key] <= 1 for key in rates), row
         assert row["questions"] == FACTS and row["memorization"] == row["memorized"] / FACTS
         assert row["kl"] > 0 and row["kl_tokens"] > 0 and row["match"] == "entity"
+        # per-item outcomes, one character per item, agree with the rates they make up
+        items = row["items"]
+        assert len(items["memorization"]) == FACTS and items["memorization"].count("1") == row["memorized"]
+        assert items["known"].count("1") == round(row["known_acc"] * 3)
+        assert items["known_collapse"].count("1") == round(row["known_collapse"] * 3)
+        assert len(items["choice"]) == 4 and items["choice"].count("1") == round(row["choice_acc"] * 4)
     # the last row scores the model that was saved, as plain transformers sees it
     assert rows[-1]["memorized"] == answered(Path(summary["model_dir"]), files["corpus"])
     assert rows[-1]["memorized"] > 0
@@ -119,6 +125,12 @@ def test_a_two_epoch_run_writes_two_rows_of_scores(tmp_path, files):
         load_file(Path(plain["model_dir"]) / "model.safetensors"),
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_n_epochs_scores_those_epochs_and_the_last(tmp_path, files):
+    run(curve_config(tmp_path, files, "every", epochs=5, eval_every_epochs=2, eval_probes=None))
+    rows = read_curve(tmp_path / "every" / CURVE_FILE)
+    assert [r["epoch"] for r in rows] == [2.0, 4.0, 5.0]
 
 
 def test_a_resumed_run_rewrites_the_rows_past_its_checkpoint(tmp_path, files):

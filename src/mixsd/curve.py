@@ -12,7 +12,12 @@ Each epoch appends one row to OUT/curve.jsonl:
                          generative or multiple-choice probe (<probe>_n: its items); <probe>_collapse
                          for generative probes;
                          <probe>_nll_per_token for a text probe
+    items                per item, in file order: "1" right / "0" wrong, one character per item, for
+                         the memorization questions and each accuracy probe (<probe>_collapse: "1" for
+                         an answer in the injected targets' shape), so that intervals can resample items
     seconds              time the evaluation took
+
+With --eval_every_epochs N only every N-th epoch is scored (and always the last one).
 
 The base model is a frozen copy of the model before training (full fine-tuning; OPSD's teacher is that
 copy already) or, with LoRA, the model with its adapters switched off. The evaluation runs on the main
@@ -88,20 +93,24 @@ class CurveEvaluator:
             for f in self.facts
         ]
         answers = generate_answers(model, self.tokenizer, items, batch_size=self.batch_size)
-        hits = sum(
+        hits = [
             matches(text, fact.check, self.mode)
             for (text, _, _), fact in zip(answers, self.facts, strict=True)
-        )
+        ]
         row: dict[str, Any] = {
-            "memorization": hits / len(self.facts),
-            "memorized": hits,
+            "memorization": sum(hits) / len(self.facts),
+            "memorized": sum(hits),
             "questions": len(self.facts),
             "match": self.mode,
         }
+        items = {"memorization": bits(hits)}
         if self.kl_prompts:
             row.update(self._kl(model, base))
         for name, kind, probe_items in self.probes:
-            row.update(self._probe(model, name, kind, probe_items))
+            scores, per_item = self._probe(model, name, kind, probe_items)
+            row.update(scores)
+            items.update(per_item)
+        row["items"] = items
         return row
 
     def _kl(self, model, base) -> dict[str, Any]:
@@ -143,24 +152,35 @@ class CurveEvaluator:
             answers[k] = tokens + ([end.end_id] if finish in ("stop", "stop_text") else [])
         return list(zip(prompts, answers, strict=True))
 
-    def _probe(self, model, name: str, kind: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def _probe(
+        self, model, name: str, kind: str, items: list[dict[str, Any]]
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """A probe's scores for the row, and its per-item bits for the row's `items`."""
         from mixsd.capability import KIND as GENERATIVE
         from mixsd.capability import generative_rows
         from mixsd.scoring import score_multiple_choice, score_perplexity
 
         if kind == GENERATIVE:
             rows = generative_rows(model, self.tokenizer, items, batch_size=self.batch_size)
-            return {
-                f"{name}_acc": sum(r["correct"] for r in rows) / len(rows),
-                f"{name}_collapse": sum(r["collapsed"] for r in rows) / len(rows),
+            correct, collapsed = [r["correct"] for r in rows], [r["collapsed"] for r in rows]
+            scores = {
+                f"{name}_acc": sum(correct) / len(rows),
+                f"{name}_collapse": sum(collapsed) / len(rows),
                 f"{name}_n": len(rows),  # the items behind the rates (intervals in the report)
             }
+            return scores, {name: bits(correct), f"{name}_collapse": bits(collapsed)}
         if kind == "mc":
             rows = score_multiple_choice(model, self.tokenizer, items, batch_size=self.batch_size)
-            return {f"{name}_acc": sum(r["correct"] for r in rows) / len(rows), f"{name}_n": len(rows)}
+            correct = [r["correct"] for r in rows]
+            return {f"{name}_acc": sum(correct) / len(rows), f"{name}_n": len(rows)}, {name: bits(correct)}
         rows = score_perplexity(model, self.tokenizer, items, batch_size=self.batch_size, max_tokens=512)
         tokens = sum(r["tokens"] for r in rows)
-        return {f"{name}_nll_per_token": sum(r["nll"] for r in rows) / tokens if tokens else None}
+        return {f"{name}_nll_per_token": sum(r["nll"] for r in rows) / tokens if tokens else None}, {}
+
+
+def bits(flags: list[bool]) -> str:
+    """Per-item outcomes as a compact string: "1" for true, "0" for false, in item order."""
+    return "".join("1" if flag else "0" for flag in flags)
 
 
 def read_curve(path: str | Path) -> list[dict[str, Any]]:
@@ -172,9 +192,10 @@ def read_curve(path: str | Path) -> list[dict[str, Any]]:
 class CurveCallback(TrainerCallback):
     """Evaluate after every epoch and append the scores to OUT/curve.jsonl (main process only)."""
 
-    def __init__(self, evaluator: CurveEvaluator, path: str | Path, base=None):
+    def __init__(self, evaluator: CurveEvaluator, path: str | Path, base=None, every: int = 1):
         self.evaluator, self.path = evaluator, Path(path)
         self.base = base  # the frozen base model; None: the trained model is a peft model (adapters off)
+        self.every = every  # score every `every`-th epoch, and always the last
 
     def on_train_begin(self, args, state, control, **kwargs):
         # A resumed run trains again from its checkpoint: rows past it were made by the interrupted run.
@@ -185,6 +206,10 @@ class CurveCallback(TrainerCallback):
                 atomic_write_jsonl(self.path, kept)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        epoch = round(float(state.epoch or 0))
+        last = state.max_steps > 0 and state.global_step >= state.max_steps
+        if epoch % self.every and not last:
+            return
         if state.is_world_process_zero:
             from accelerate.utils import extract_model_from_parallel
 

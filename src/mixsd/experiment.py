@@ -256,14 +256,19 @@ CURVE_OPTIONS = {
     "probes": "eval_probes",
     "probe_limit": "eval_probe_limit",
     "max_new_tokens": "eval_max_new_tokens",
+    "every": "eval_every_epochs",
 }
 CURVE_FIELDS = {"eval_every_epoch", "eval_corpus", *CURVE_OPTIONS.values()}
+# capability: the offline capability probes; known_facts: the retention's known-facts probe (needs
+# `retention: {known_facts: true}`), so that retention at matched memorization counts lost facts
+CURVE_SWITCHES = ("capability", "known_facts")
 # the offline capability probes (`mixsd probes build-capability` without --model) a curve can score
 CAPABILITY_PROBES = ("in_context.jsonl", "instructions.jsonl")
 
 
 def _curves_section(value: Any, path: Path) -> dict[str, Any] | None:
-    """`curves: true` or a mapping of CURVE_OPTIONS (plus `capability`); None when absent or false.
+    """`curves: true` or a mapping of CURVE_OPTIONS (plus the switches `capability` and `known_facts`);
+    None when absent or false.
     Types and ranges are checked when the training configs are built (`Runner.plan`)."""
     if value is None or value is False:
         return None
@@ -272,14 +277,15 @@ def _curves_section(value: Any, path: Path) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise InputError("expected true, false or a mapping of options", path, field="curves")
     for key in value:
-        if key not in (*CURVE_OPTIONS, "capability"):
+        if key not in (*CURVE_OPTIONS, *CURVE_SWITCHES):
             raise InputError(
-                f"unknown option; expected one of {', '.join(sorted([*CURVE_OPTIONS, 'capability']))}",
+                f"unknown option; expected one of {', '.join(sorted([*CURVE_OPTIONS, *CURVE_SWITCHES]))}",
                 path,
                 field=f"curves.{key}",
             )
-    if "capability" in value and not isinstance(value["capability"], bool):
-        raise InputError("expected true or false", path, field="curves.capability")
+    for switch in CURVE_SWITCHES:
+        if switch in value and not isinstance(value[switch], bool):
+            raise InputError("expected true or false", path, field=f"curves.{switch}")
     probes = value.get("probes")
     if isinstance(probes, list):
         if not all(isinstance(p, str) and p and "," not in p for p in probes):
@@ -383,6 +389,14 @@ def _validate(experiment: Experiment) -> None:
     for key, kind in RETENTION_EXTRA.items():
         if key in experiment.sections["retention"]:
             _typed(experiment.sections["retention"][key], kind, experiment, f"retention.{key}")
+    if (experiment.curves or {}).get("known_facts") and not experiment.sections["retention"].get(
+        "known_facts"
+    ):
+        raise InputError(
+            "needs `retention: {known_facts: true}` (the curve scores the retention's known-facts probe)",
+            experiment.path,
+            field="curves.known_facts",
+        )
     for cell in experiment.cells:
         runner.plan(cell)
 
@@ -735,6 +749,8 @@ class Runner:
         probes = [p.strip() for p in str(options.get("eval_probes") or "").split(",") if p.strip()]
         if curves.get("capability"):
             probes = [str(self.out / "capability" / name) for name in CAPABILITY_PROBES] + probes
+        if curves.get("known_facts"):
+            probes.append(str(self.retention_probes_dir / "known_facts.jsonl"))
         if probes:
             options["eval_probes"] = ",".join(probes)
         files = [Path(p) for p in probes]

@@ -214,6 +214,9 @@ class TrainConfig(TrainingArguments):
         },
     )
     eval_probe_limit: int = field(default=20, metadata={"help": "Curve: items per probe file."})
+    eval_every_epochs: int = field(
+        default=1, metadata={"help": "Curve: score every N-th epoch only (the last epoch always)."}
+    )
     # ---- short names of earlier versions (see ALIASES) ---------------------------------------------
     epochs: float | None = field(default=None, metadata={"help": "Same as --num_train_epochs."})
     lr: float | None = field(default=None, metadata={"help": "Same as --learning_rate."})
@@ -372,6 +375,7 @@ class TrainConfig(TrainingArguments):
         check_range("eval_max_new_tokens", self.eval_max_new_tokens, 1, integer=True)
         check_range("eval_kl_limit", self.eval_kl_limit, 0, integer=True)
         check_range("eval_probe_limit", self.eval_probe_limit, 1, integer=True)
+        check_range("eval_every_epochs", self.eval_every_epochs, 1, integer=True)
         if self.save_adapter_only and self.lora_rank <= 0:
             raise InputError("--save_adapter_only needs --lora_rank > 0", field="save_adapter_only")
         if self.select == "best":
@@ -715,7 +719,9 @@ def _train_locked(config: TrainConfig, *, model=None, tokenizer=None) -> dict[st
         base = None
         if config.lora_rank <= 0:  # the base to measure KL against; with LoRA: the adapters switched off
             base = teacher if teacher is not None else copy.deepcopy(model).eval().requires_grad_(False)
-        callbacks.append(CurveCallback(evaluator, Path(config.out) / CURVE_FILE, base=base))
+        callbacks.append(
+            CurveCallback(evaluator, Path(config.out) / CURVE_FILE, base=base, every=config.eval_every_epochs)
+        )
 
     model.config.use_cache = False  # no KV cache while training; restored before saving
     if config.lora_rank > 0:
