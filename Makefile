@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mixsd-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean results results-check results-collect
 
 setup: $(STAMP)
 
@@ -26,6 +26,17 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+
+# docs/results.md's generated tables from the committed grids under results/ (scripts/results.py)
+results: setup
+	$(PY) scripts/results.py render
+
+results-check: setup
+	$(PY) scripts/results.py render --check
+
+# copy a finished grid's small result files into results/: make results-collect GRID=runs/kgfact-20ep
+results-collect: setup
+	$(PY) scripts/results.py collect $(GRID)
 
 bench: setup
 	$(PY) benchmarks/bench_mix.py

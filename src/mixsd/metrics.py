@@ -475,3 +475,68 @@ def analysis_columns(nll: dict[str, Any], fisher: dict[str, Any]) -> dict[str, A
         }
     )
     return columns
+
+
+# --------------------------------------------------------------------------------------------------
+# Item-and-seed intervals: the hierarchical bootstrap
+# --------------------------------------------------------------------------------------------------
+SeedItems = dict[str, Sequence[float]]  # one seed's per-item scores, by probe (same items in every seed)
+
+
+def hierarchical_bootstrap(
+    seeds: Sequence[SeedItems],
+    other: Sequence[SeedItems] | None = None,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> dict[str, Any] | None:
+    """A score averaged over probes, over seeds and over items, with its percentile interval from a
+    two-level bootstrap: resample the seeds, then the items within each probe (issue 19: an interval over
+    seeds alone, with the same items reused, understates the noise of small probes).
+
+    `seeds`: one dict per seed, probe -> per-item scores (0/1 or any number), the same items in the same
+    order in every seed. With `other` (a second method's seeds on the same items) the statistic is the
+    difference seeds − other, and the item resample is shared by both (paired over items); each method's
+    seeds are resampled on their own. Probes missing from any seed (or empty) are left out.
+    Returns {"value", "ci95", "seeds", "other_seeds", "items": {probe: n}} or None when nothing is shared.
+    """
+    groups = [list(seeds)] + ([list(other)] if other is not None else [])
+    if any(not g for g in groups):
+        return None
+    probes = [p for p in groups[0][0] if all(len(s.get(p, ())) for g in groups for s in g)]
+    sizes = {p: len(groups[0][0][p]) for p in probes}
+    if any(len(s[p]) != sizes[p] for g in groups for s in g for p in probes):
+        raise ValueError("every seed must score the same items of each probe")
+    if not probes:
+        return None
+    # per group and probe a (seeds x items) array
+    arrays = [{p: np.array([s[p] for s in g], dtype=float) for p in probes} for g in groups]
+    rng = np.random.default_rng(seed)
+    seed_draws = [rng.integers(0, len(g), size=(resamples, len(g))) for g in groups]
+    item_draws = {p: rng.integers(0, n, size=(resamples, n)) for p, n in sizes.items()}
+
+    def group_means(index: int) -> tuple[float, np.ndarray]:
+        """The group's statistic on the data as it is, and on every resample."""
+        point, draws = [], []
+        for p in probes:
+            data = arrays[index][p]  # seeds x items
+            point.append(data.mean())
+            per_seed = data[:, item_draws[p]].mean(axis=2)  # seeds x resamples: items resampled
+            chosen = np.take_along_axis(per_seed.T, seed_draws[index], axis=1)  # resamples x seeds drawn
+            draws.append(chosen.mean(axis=1))
+        return float(np.mean(point)), np.mean(draws, axis=0)
+
+    value, values = group_means(0)
+    if other is not None:
+        other_value, other_values = group_means(1)
+        value, values = value - other_value, values - other_values
+    alpha = (1 - level) / 2
+    low, high = np.quantile(values, [alpha, 1 - alpha])
+    return {
+        "value": round(value, 6),
+        "ci95": [round(float(low), 6), round(float(high), 6)],
+        "seeds": len(groups[0]),
+        "other_seeds": len(groups[1]) if other is not None else None,
+        "items": sizes,
+    }

@@ -1,0 +1,324 @@
+"""The committed results and the tables of docs/results.md, kept in step.
+
+    python scripts/results.py collect runs/kgfact-20ep      # copy a grid's small result files to results/<name>/
+    python scripts/results.py render                         # summaries + every generated table (make results)
+    python scripts/results.py render --check                 # exit 1 if a table differs (make results-check)
+
+`collect` copies what a grid folder holds except weights and checkpoints (the config as run, the results
+table, per cell the curve, eval, retention, NLL and Fisher files, targets and per-item predictions) and
+writes PROVENANCE.json (source folder, the commit it ran from, when). `render` computes each committed
+grid's summary (`mixsd.grid_summary`, written as results/<name>/summary.json) and rewrites every block of
+docs/results.md between
+
+    <!-- results GRID TABLE -->
+    ...
+    <!-- /results -->
+
+with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mixsd.files import InputError, atomic_write_json, atomic_write_text
+from mixsd.grid_summary import LEVELS, PRIMARY, SUMMARY_FILE, read_grid, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+DOC = ROOT / "docs" / "results.md"
+BLOCK = re.compile(r"(<!-- results (\S+) (\S+) -->\n)(.*?)(<!-- /results -->)", re.S)
+# what `collect` leaves behind: weights, checkpoints, journals, locks, the copied corpus and probes
+SKIPPED_PARTS = {"model", "checkpoints", "stages", "corpus", "data", "retention-probes", "report"}
+SKIPPED_SUFFIXES = {".safetensors", ".bin", ".pt", ".gguf", ".journal", ".lock", ".png", ".html"}
+MAX_FILE_BYTES = 8 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# collect
+# --------------------------------------------------------------------------------------------------
+def kept(relative: Path) -> bool:
+    parts = set(relative.parts[:-1])
+    if parts & SKIPPED_PARTS or any(p.startswith("checkpoint-") for p in relative.parts):
+        return False
+    return relative.suffix not in SKIPPED_SUFFIXES and not relative.name.endswith(".journal")
+
+
+def collect(source: Path, name: str | None = None, results: Path = RESULTS) -> Path:
+    """Copy the small result files of the grid folder `source` to results/<name>/ (replacing it)."""
+    config = source / "experiment.yaml"
+    if not config.is_file():
+        raise InputError("no experiment.yaml: not a grid folder written by `mixsd experiment`", source)
+    import yaml
+
+    name = name or (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("name") or source.name
+    target = results / name
+    staging = target.with_name(f".{name}.collecting")
+    shutil.rmtree(staging, ignore_errors=True)
+    copied, skipped_large = [], []
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if not path.is_file() or not kept(relative):
+            continue
+        if path.stat().st_size > MAX_FILE_BYTES:
+            skipped_large.append(str(relative))
+            continue
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, staging / relative)
+        copied.append(str(relative))
+    commit = subprocess.run(
+        ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    atomic_write_json(
+        staging / "PROVENANCE.json",
+        {
+            "source": str(source.resolve()),
+            "commit": commit or None,
+            "collected": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "files": len(copied),
+            "left_out_over_8_MiB": skipped_large,
+        },
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    print(f"collected {len(copied)} files into {target}", file=sys.stderr)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------------
+def num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def interval(ci: list[float] | None, digits: int = 3) -> str:
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else ""
+
+
+def estimate(boot: dict[str, Any] | None) -> str:
+    """A hierarchical-bootstrap estimate as "value [95% CI]"."""
+    return f"{boot['value']:.3f} {interval(boot['ci95'])}" if boot else "–"
+
+
+def per_seed(values: list[Any], digits: int = 2) -> str:
+    return ", ".join(
+        num(v, digits) if isinstance(v, float) else ("not reached" if v is None else str(v)) for v in values
+    )
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def cells_table(summary: dict[str, Any]) -> str:
+    rows = []
+    for c in summary["cells"]:
+        rows.append(
+            [
+                c["cell"],
+                num(c["seed"]),
+                f"{num(c['train_acc'], 2)} {interval(c['train_acc_ci95'], 2)}",
+                num(c["paraphrase_acc"], 2),
+                num(c["kl_per_token"]),
+                num(c["known_facts_acc"], 2),
+                f"{num(c['target_nll_above_5'], 3)} {interval(c['target_nll_above_5_ci95'])}",
+                num(c["verified_rate"], 2),
+            ]
+        )
+    header = [
+        "cell",
+        "seed",
+        "memorization (final eval) [Wilson 95% CI]",
+        "paraphrase",
+        "KL/token",
+        "known facts acc",
+        "target tokens > 5 nats [Wilson 95% CI]",
+        "verified",
+    ]
+    return table(header, rows)
+
+
+def groups_table(summary: dict[str, Any]) -> str:
+    rows = []
+    for name, g in summary["groups"].items():
+        rows.append(
+            [
+                name,
+                str(len(g["seeds"])),
+                per_seed(g["final_epoch"], 0),
+                per_seed(g["final_memorization"]),
+                estimate(g["final_memorization_ci"]),
+                per_seed(g["first_epoch"]["0.9"], 0),
+                per_seed(g["first_epoch"]["0.95"], 0),
+                per_seed(g["final_primary"]),
+            ]
+        )
+    header = [
+        "group",
+        "seeds",
+        "last epoch",
+        "memorization per seed (curve, last epoch)",
+        "memorization [95% CI, items × seeds]",
+        "first epoch ≥ 90% (per seed)",
+        "first epoch ≥ 95% (per seed)",
+        f"{PRIMARY} at the last epoch (per seed)",
+    ]
+    return table(header, rows)
+
+
+def matched_table(summary: dict[str, Any]) -> str:
+    probes = list(summary["probes"])
+    rows = []
+    for name, g in summary["groups"].items():
+        for level in LEVELS:
+            m = g["matched"][f"{level:g}"]
+            if "primary" not in m:
+                rows.append(
+                    [name, f"{level:.0%}", f"{m['seeds_reached']}/{m['seeds']}", "not reached by every seed"]
+                    + [""] * (len(probes) + 2)
+                )
+                continue
+            lost = sum(f["right_to_wrong"] for f in m["flips"])
+            gained = sum(f["wrong_to_right"] for f in m["flips"])
+            rows.append(
+                [name, f"{level:.0%}", f"{m['seeds_reached']}/{m['seeds']}", estimate(m["primary"])]
+                + [estimate(m["per_probe"][p]) for p in probes]
+                + [f"{lost} / {gained}", per_seed(m["kl"])]
+            )
+    header = ["group", "level", "seeds reached", f"{PRIMARY} [95% CI]"]
+    header += [f"{p} kept [95% CI]" for p in probes] + ["1→0 / 0→1 (all seeds)", "KL/token per seed"]
+    return table(header, rows)
+
+
+def choice_table(summary: dict[str, Any]) -> str:
+    rows = []
+    for family, choice in summary["choices"].items():
+        candidates = "; ".join(
+            f"{name}: {'epoch ' + num(c['epoch'], 0) + ', ' + PRIMARY + ' ' + num(c['primary']) if c['reached'] else 'not reached, final ' + num(c['final_memorization'], 2)}"
+            for name, c in choice["candidates"].items()
+        )
+        rows.append([family, choice["chosen"], choice["why"], candidates])
+    return table(
+        ["method", "chosen setting", "why (the declared rule)", "every setting on the rule's seeds"], rows
+    )
+
+
+def compare_table(summary: dict[str, Any]) -> str:
+    rows = []
+    for pair, levels in summary["comparisons"].items():
+        for level, boot in levels.items():
+            rows.append(
+                [pair, f"{float(level):.0%}", estimate(boot), f"{boot['seeds']} vs {boot['other_seeds']}"]
+            )
+    if not rows:
+        return "No pair of groups has every seed at a common matched level yet.\n"
+    return table(["pair", "matched level", f"difference in {PRIMARY} [95% CI, paired items]", "seeds"], rows)
+
+
+TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "cells": cells_table,
+    "groups": groups_table,
+    "matched": matched_table,
+    "choice": choice_table,
+    "compare": compare_table,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# render / check
+# --------------------------------------------------------------------------------------------------
+def summaries(results: Path, write: bool) -> dict[str, dict[str, Any]]:
+    """Every committed grid's summary, recomputed from its files (and written beside them with `write`)."""
+    out = {}
+    folders = (
+        sorted(p for p in results.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if results.is_dir()
+        else []
+    )
+    for folder in folders:
+        summary = json.loads(json.dumps(summarize(read_grid(folder))))  # as it reads back from JSON
+        if write:
+            atomic_write_json(folder / SUMMARY_FILE, summary)
+        out[folder.name] = summary
+    return out
+
+
+def rendered(text: str, grids: dict[str, dict[str, Any]], doc: Path) -> str:
+    def block(match: re.Match) -> str:
+        grid, name = match.group(2), match.group(3)
+        line = text.count("\n", 0, match.start()) + 1
+        if grid not in grids:
+            raise InputError(f"no committed grid results/{grid}", doc, line)
+        if name not in TABLES:
+            raise InputError(f"unknown table {name!r}; expected one of {', '.join(TABLES)}", doc, line)
+        return match.group(1) + TABLES[name](grids[grid]) + match.group(5)
+
+    return BLOCK.sub(block, text)
+
+
+def render(check: bool, doc: Path = DOC, results: Path = RESULTS) -> int:
+    """Rewrite the generated tables of `doc` from `results` (check: change nothing, 1 if out of date)."""
+    text = doc.read_text(encoding="utf-8")
+    grids = summaries(results, write=not check)
+    new = rendered(text, grids, doc)
+    if check:
+        stale = [
+            f"{m.group(2)} {m.group(3)}"
+            for m, n in zip(BLOCK.finditer(text), BLOCK.finditer(new), strict=True)
+            if m.group(4) != n.group(4)
+        ]
+        for folder, summary in grids.items():
+            committed = results / folder / SUMMARY_FILE
+            if not committed.is_file() or json.loads(committed.read_text(encoding="utf-8")) != summary:
+                stale.append(f"results/{folder}/{SUMMARY_FILE}")
+        if stale:
+            print(
+                f"{doc.name} is out of date with results/: {', '.join(stale)}; run `make results`",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{doc.name}: {len(BLOCK.findall(text))} generated tables match results/", file=sys.stderr)
+        return 0
+    if new != text:
+        atomic_write_text(doc, new)
+    print(f"rendered {len(BLOCK.findall(text))} tables into {doc.name}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect", help="copy a grid folder's small result files to results/<name>/")
+    c.add_argument("source", type=Path)
+    c.add_argument("--name", default=None, help="folder name under results/ (default: the config's name)")
+    r = sub.add_parser("render", help="regenerate the summaries and docs/results.md's tables")
+    r.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything is out of date")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "collect":
+            collect(args.source, args.name)
+            return 0
+        return render(args.check)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""What a grid's result files say, computed without a model: the summary the tables of docs/results.md
+are drawn from (`scripts/results.py`), written as JSON beside the files it reads.
+
+It reads the folder `mixsd experiment` writes, or its committed copy under results/<grid>/ (the same files
+without weights):
+
+    experiment.yaml                 the config as run (its `select` rule)
+    results.jsonl                   one row per finished cell (mixsd.results)
+    curve-base.json                 the base model's curve row: epoch 0 of every curve
+    cells/<cell>/train/curve.jsonl  the learning curve, with per-item outcomes (`items`, mixsd.curve)
+
+Declared before the 20-epoch runs of issue 19, and applied to every grid alike:
+- Memorization: the share of the training questions answered right (the corpus's own matcher), from the
+  curve's per-item outcomes.
+- Matched memorization: the first *scored* epoch at which a seed's memorization reaches the level; no
+  interpolation, because items are scored only at scored epochs. A seed that never reaches it is counted
+  as "not reached"; a group is compared at a level only when all its seeds reach it.
+- The primary retention metric: on the generative probes of the curve (in-context facts, instructions,
+  known facts), the share of the items the base model answers right that the model still answers right
+  (gains are not counted: retention is capped at the base), averaged over the probes. Secondary: KL to
+  the base model and the per-item flips right→wrong (1→0) and wrong→right (0→1).
+- Intervals: a hierarchical percentile bootstrap (`metrics.hierarchical_bootstrap`): seeds resampled,
+  then items within each probe; between two methods the item resample is shared (paired items).
+- The rule that picks each method's setting: on the rule's seeds (`select.seeds`), among the settings
+  whose curve reaches `select.memorization` within `select.within_epochs`, the one with the highest
+  primary retention at that epoch; if none reaches it, the highest final memorization ("not reached"
+  is then written beside the choice).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mixsd.files import InputError, read_jsonl
+from mixsd.metrics import hierarchical_bootstrap, wilson_interval
+
+SUMMARY_FILE = "summary.json"
+LEVELS = (0.9, 0.95)
+PRIMARY = "primary retention"
+RULE_DEFAULTS = {"memorization": 0.95, "within_epochs": None, "seeds": None}
+# the columns of each cell's row (mixsd.results) the per-cell table shows
+CELL_COLUMNS = (
+    "cell",
+    "group",
+    "method",
+    "lam",
+    "setting",
+    "seed",
+    "train_acc",
+    "train_acc_ci95",
+    "paraphrase_acc",
+    "kl_per_token",
+    "known_facts_acc",
+    "target_nll_above_5",
+    "target_nll_above_5_ci95",
+    "verified_rate",
+    "train_seconds",
+)
+
+Point = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a grid folder
+# --------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(f"not valid JSON: {error.msg}", path, error.lineno) from None
+
+
+def read_grid(folder: str | Path) -> dict[str, Any]:
+    """The files of a grid folder this module reads: config, rows, base row and curves."""
+    folder = Path(folder)
+    for required in ("experiment.yaml", "results.jsonl"):
+        if not (folder / required).is_file():
+            raise InputError(f"no {required} here: not a grid folder", folder)
+    config = yaml.safe_load((folder / "experiment.yaml").read_text(encoding="utf-8")) or {}
+    rows = [row for _, row in read_jsonl(folder / "results.jsonl")]
+    base_file = folder / "curve-base.json"
+    curves = {}
+    for row in rows:
+        curve_file = folder / "cells" / row["cell"] / "train" / "curve.jsonl"
+        if curve_file.is_file():
+            curves[row["cell"]] = [point for _, point in read_jsonl(curve_file)]
+    return {
+        "name": config.get("name", folder.name),
+        "config": config,
+        "rows": rows,
+        "base": _read_json(base_file) if base_file.is_file() else None,
+        "curves": curves,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-item scores at a point of a curve
+# --------------------------------------------------------------------------------------------------
+def generative_probes(base: Point) -> list[str]:
+    """The curve's generative probes: those with per-item collapse flags beside their outcomes."""
+    items = base.get("items") or {}
+    return [name for name in items if name != "memorization" and f"{name}_collapse" in items]
+
+
+def _flags(text: str) -> list[int]:
+    return [1 if c == "1" else 0 for c in text]
+
+
+def kept_items(point: Point, base: Point, probes: list[str]) -> dict[str, list[int]]:
+    """Per probe, for each item the base answers right: 1 if `point` still answers it right."""
+    kept = {}
+    for probe in probes:
+        before, after = _flags(base["items"][probe]), _flags(point["items"][probe])
+        if len(before) != len(after):
+            raise ValueError(f"{probe}: the base and the model scored different items")
+        kept[probe] = [a for b, a in zip(before, after, strict=True) if b]
+    return kept
+
+
+def flips(point: Point, base: Point, probes: list[str]) -> dict[str, int]:
+    """Items turned right→wrong (1→0) and wrong→right (0→1) against the base, over the probes."""
+    lost = gained = 0
+    for probe in probes:
+        for b, a in zip(_flags(base["items"][probe]), _flags(point["items"][probe]), strict=True):
+            lost += b and not a
+            gained += a and not b
+    return {"right_to_wrong": lost, "wrong_to_right": gained}
+
+
+def primary(point: Point, base: Point, probes: list[str]) -> float | None:
+    """The primary retention metric of one curve point (mean over probes of base-right items kept)."""
+    shares = [sum(k) / len(k) for k in kept_items(point, base, probes).values() if k]
+    return sum(shares) / len(shares) if shares else None
+
+
+def first_at(curve: list[Point], level: float, within: float | None = None) -> Point | None:
+    """The first scored point whose memorization reaches `level` (within `within` epochs), or None."""
+    for point in curve:
+        if within is not None and (point.get("epoch") or 0) > within + 1e-6:
+            break
+        if (point.get("memorization") or 0) >= level - 1e-9:
+            return point
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The summary
+# --------------------------------------------------------------------------------------------------
+def _groups(grid: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Trained cells with a curve, by group (method, λ and setting), seeds in order."""
+    groups: dict[str, dict[str, Any]] = {}
+    for row in sorted(grid["rows"], key=lambda r: (r["group"], r["seed"])):
+        if row["cell"] not in grid["curves"]:
+            continue
+        entry = groups.setdefault(
+            row["group"],
+            {
+                "family": row.get("family", row["group"]),
+                "method": row["method"],
+                "lam": row.get("lam"),
+                "setting": row.get("setting", ""),
+                "cells": [],
+                "seeds": [],
+            },
+        )
+        entry["cells"].append(row["cell"])
+        entry["seeds"].append(row["seed"])
+    return groups
+
+
+def _memorization_items(point: Point) -> dict[str, list[int]]:
+    return {"memorization": _flags(point["items"]["memorization"])}
+
+
+def summarize_group(grid: dict[str, Any], entry: dict[str, Any], probes: list[str]) -> dict[str, Any]:
+    """One group's memorization, epochs to each level and matched retention, over its seeds."""
+    base = grid["base"]
+    curves = [grid["curves"][cell] for cell in entry["cells"]]
+    finals = [curve[-1] for curve in curves]
+    memorized = sum(p["memorized"] for p in finals)
+    questions = sum(p["questions"] for p in finals)
+    out: dict[str, Any] = {
+        **{k: entry[k] for k in ("family", "method", "lam", "setting", "cells", "seeds")},
+        "final_epoch": [p.get("epoch") for p in finals],
+        "final_memorization": [p["memorization"] for p in finals],
+        "final_memorization_pooled": {
+            "value": memorized / questions if questions else None,
+            "wilson95": list(wilson_interval(memorized, questions)) if questions else None,
+        },
+        "final_memorization_ci": hierarchical_bootstrap([_memorization_items(p) for p in finals]),
+        "final_kl": [p.get("kl") for p in finals],
+        "final_primary": [primary(p, base, probes) for p in finals],
+        "first_epoch": {
+            f"{level:g}": [(p or {}).get("epoch") for p in (first_at(c, level) for c in curves)]
+            for level in LEVELS
+        },
+        "matched": {},
+    }
+    for level in LEVELS:
+        points = [first_at(curve, level) for curve in curves]
+        reached = [p for p in points if p is not None]
+        matched: dict[str, Any] = {"seeds_reached": len(reached), "seeds": len(curves)}
+        if reached and len(reached) == len(curves):
+            kept = [kept_items(p, base, probes) for p in reached]
+            matched.update(
+                epochs=[p.get("epoch") for p in reached],
+                primary=hierarchical_bootstrap(kept),
+                per_probe={
+                    probe: hierarchical_bootstrap([{probe: k[probe]} for k in kept]) for probe in probes
+                },
+                flips=[flips(p, base, probes) for p in reached],
+                kl=[p.get("kl") for p in reached],
+            )
+        out["matched"][f"{level:g}"] = matched
+    return out
+
+
+def choose_settings(
+    grid: dict[str, Any], groups: dict[str, dict[str, Any]], probes: list[str]
+) -> dict[str, dict[str, Any]]:
+    """The declared rule's choice per family (method and λ) over its settings (see the module's doc)."""
+    rule = {**RULE_DEFAULTS, **(grid["config"].get("select") or {})}
+    level, within, rule_seeds = float(rule["memorization"]), rule["within_epochs"], rule["seeds"]
+    families: dict[str, list[str]] = defaultdict(list)
+    for name, entry in groups.items():
+        if entry["setting"]:
+            families[entry["family"]].append(name)
+    choices = {}
+    for family, names in families.items():
+        candidates = {}
+        for name in names:
+            entry = groups[name]
+            cells = [
+                c
+                for c, s in zip(entry["cells"], entry["seeds"], strict=True)
+                if rule_seeds is None or s in rule_seeds
+            ]
+            if not cells:
+                continue
+            curve = grid["curves"][cells[0]]
+            point = first_at(curve, level, within)
+            candidates[name] = {
+                "reached": point is not None,
+                "epoch": point.get("epoch") if point else None,
+                "primary": primary(point, grid["base"], probes) if point else None,
+                "final_memorization": curve[-1]["memorization"],
+            }
+        reaching = [n for n in candidates if candidates[n]["reached"]]
+        if reaching:
+            chosen = max(reaching, key=lambda n: (candidates[n]["primary"] or 0, -names.index(n)))
+            why = f"first reaches {level:.0%} at epoch {candidates[chosen]['epoch']:g} with the highest {PRIMARY} there"
+        elif candidates:
+            chosen = max(candidates, key=lambda n: (candidates[n]["final_memorization"], -names.index(n)))
+            why = f"no setting reaches {level:.0%}: the highest final memorization"
+        else:
+            continue
+        choices[family] = {"chosen": chosen, "why": why, "candidates": candidates, "rule": rule}
+    return choices
+
+
+def summarize(grid: dict[str, Any]) -> dict[str, Any]:
+    """The whole summary of a grid (JSON-ready)."""
+    if grid["base"] is None or "items" not in grid["base"]:
+        raise InputError(
+            "no curve-base.json with per-item outcomes: the grid ran without curves", grid["name"]
+        )
+    probes = generative_probes(grid["base"])
+    groups = _groups(grid)
+    summaries = {name: summarize_group(grid, entry, probes) for name, entry in groups.items()}
+    base_items = {p: _flags(grid["base"]["items"][p]) for p in probes}
+    comparisons = {}
+    sft = [n for n, g in summaries.items() if g["method"] == "sft"]
+    for name, group in summaries.items():
+        if group["method"] == "sft":
+            continue
+        for other in sft:
+            for level in LEVELS:
+                key = f"{level:g}"
+                a, b = group["matched"][key], summaries[other]["matched"][key]
+                if "primary" not in a or "primary" not in b:
+                    continue
+                kept_a = [kept_items(p, grid["base"], probes) for p in _reached(grid, group, level)]
+                kept_b = [
+                    kept_items(p, grid["base"], probes) for p in _reached(grid, summaries[other], level)
+                ]
+                comparisons.setdefault(f"{name} vs {other}", {})[key] = hierarchical_bootstrap(kept_a, kept_b)
+    return {
+        "grid": grid["name"],
+        "probes": {p: {"items": len(v), "base_right": sum(v)} for p, v in base_items.items()},
+        "base_memorization": grid["base"].get("memorization"),
+        "groups": summaries,
+        "choices": choose_settings(grid, groups, probes),
+        "comparisons": comparisons,
+        "cells": [{k: row.get(k) for k in CELL_COLUMNS} for row in grid["rows"]],
+    }
+
+
+def _reached(grid: dict[str, Any], group: dict[str, Any], level: float) -> list[Point]:
+    return [first_at(grid["curves"][cell], level) for cell in group["cells"]]
+
+
+def write_summary(folder: str | Path) -> Path:
+    """Compute the summary of a grid folder and write it there (summary.json); returns its path."""
+    from mixsd.files import atomic_write_json
+
+    folder = Path(folder)
+    path = folder / SUMMARY_FILE
+    atomic_write_json(path, summarize(read_grid(folder)))
+    return path

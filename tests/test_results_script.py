@@ -1,0 +1,168 @@
+"""Committed results: mixsd.grid_summary computes what docs/results.md's tables show from a grid's files,
+scripts/results.py collects a grid, renders the tables and checks them (`make results-check`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixsd.grid_summary import first_at, kept_items, primary, read_grid, summarize
+from mixsd.metrics import hierarchical_bootstrap
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "results.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("results_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def point(epoch: int, memo: str, facts: str, known: str) -> dict:
+    """A curve row: per-item outcomes of 4 training questions and two generative probes."""
+    return {
+        "epoch": float(epoch),
+        "step": epoch * 2,
+        "memorization": memo.count("1") / len(memo),
+        "memorized": memo.count("1"),
+        "questions": len(memo),
+        "kl": 0.1 * epoch,
+        "items": {
+            "memorization": memo,
+            "facts": facts,
+            "facts_collapse": "0" * len(facts),
+            "known": known,
+            "known_collapse": "0" * len(known),
+        },
+    }
+
+
+BASE = point(0, "0000", "1110", "11")
+
+
+def write_grid(folder: Path, cells: dict[str, tuple[dict, list[dict]]], select: dict | None = None) -> Path:
+    folder.mkdir(parents=True)
+    config = {"name": folder.name, "select": select or {"memorization": 0.75, "seeds": [0]}}
+    (folder / "experiment.yaml").write_text(yaml.safe_dump(config))
+    (folder / "curve-base.json").write_text(json.dumps(BASE))
+    rows = [{"cell": "base", "group": "base", "method": "base", "seed": 0}]
+    for name, (row, curve) in cells.items():
+        rows.append({"cell": name, **row})
+        train = folder / "cells" / name / "train"
+        train.mkdir(parents=True)
+        (train / "curve.jsonl").write_text("".join(json.dumps(p) + "\n" for p in curve))
+        (train / "model").mkdir()
+        (train / "model" / "model.safetensors").write_bytes(b"weights")
+        (folder / "cells" / name / "eval.json").write_text("{}")
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def sft(seed: int, lr: str, curve: list[dict]) -> tuple[dict, list[dict]]:
+    row = {"group": f"SFT lr={lr}", "family": "SFT", "setting": f"lr={lr}", "method": "sft", "seed": seed}
+    return row, curve
+
+
+def mixsd(seed: int, curve: list[dict]) -> tuple[dict, list[dict]]:
+    row = {"group": "MixSD λ=0.3 lr=1e-4", "family": "MixSD λ=0.3", "setting": "lr=1e-4"}
+    return {**row, "method": "mixsd", "lam": 0.3, "seed": seed}, curve
+
+
+@pytest.fixture()
+def grid(tmp_path: Path) -> Path:
+    # SFT at lr 1e-4 reaches 75% at epoch 2 keeping 1 of 3 base-right facts and 1 of 2 known facts;
+    # SFT at lr 3e-5 reaches it at epoch 4 keeping everything; MixSD reaches 100% at epoch 4 keeping more
+    return write_grid(
+        tmp_path / "toy",
+        {
+            "sft-lr1e-4-s0": sft(0, "1e-4", [point(2, "1110", "1000", "10"), point(4, "1111", "0000", "00")]),
+            "sft-lr3e-5-s0": sft(0, "3e-5", [point(2, "1000", "1110", "11"), point(4, "1110", "1110", "11")]),
+            "sft-lr1e-4-s1": sft(1, "1e-4", [point(2, "1111", "0100", "01"), point(4, "1111", "0000", "00")]),
+            "mixsd-s0": mixsd(0, [point(2, "1100", "1111", "11"), point(4, "1111", "1101", "11")]),
+            "mixsd-s1": mixsd(1, [point(2, "1110", "1100", "11"), point(4, "1111", "1100", "11")]),
+        },
+    )
+
+
+def test_primary_retention_counts_base_right_items_kept():
+    after = point(2, "1110", "1001", "10")  # facts: base-right items 0,1,2 -> kept 1,0,0; the gain at 3 ignored
+    assert kept_items(after, BASE, ["facts", "known"]) == {"facts": [1, 0, 0], "known": [1, 0]}
+    assert primary(after, BASE, ["facts", "known"]) == pytest.approx((1 / 3 + 1 / 2) / 2)
+    curve = [point(2, "1000", "1", "1"), point(4, "1110", "1", "1"), point(6, "1111", "1", "1")]
+    assert first_at(curve, 0.75)["epoch"] == 4.0 and first_at(curve, 0.75, within=3) is None
+    assert first_at(curve, 1.0)["epoch"] == 6.0
+
+
+def test_hierarchical_bootstrap_widens_with_fewer_items_and_pairs_items():
+    few = [{"p": [1, 0, 1, 0]}, {"p": [1, 1, 0, 0]}]
+    many = [{"p": [1, 0, 1, 0] * 10}, {"p": [1, 1, 0, 0] * 10}]
+    a, b = hierarchical_bootstrap(few), hierarchical_bootstrap(many)
+    assert a["value"] == b["value"] == 0.5
+    assert a["ci95"][1] - a["ci95"][0] > b["ci95"][1] - b["ci95"][0]
+    # the same items in both methods: a paired difference of identical seeds is exactly zero every time
+    same = hierarchical_bootstrap(many, many)
+    assert same["value"] == 0 and same["ci95"][0] <= 0 <= same["ci95"][1]
+    shifted = hierarchical_bootstrap([{"p": [1] * 40}] * 2, many)
+    assert shifted["value"] == 0.5 and shifted["ci95"][0] > 0
+    with pytest.raises(ValueError, match="same items"):
+        hierarchical_bootstrap([{"p": [1, 0]}, {"p": [1]}])
+
+
+def test_summary_of_a_grid(grid):
+    summary = summarize(read_grid(grid))
+    assert summary["probes"] == {"facts": {"items": 4, "base_right": 3}, "known": {"items": 2, "base_right": 2}}
+    sft_fast = summary["groups"]["SFT lr=1e-4"]
+    assert sft_fast["seeds"] == [0, 1] and sft_fast["first_epoch"]["0.9"] == [4.0, 2.0]
+    matched = sft_fast["matched"]["0.9"]
+    # seed 0 at epoch 4 keeps nothing; seed 1 at epoch 2 keeps fact 1 of 3 and known 1 of 2
+    assert matched["primary"]["value"] == pytest.approx(((0 + 1 / 3) / 2 + (0 + 1 / 2) / 2) / 2, abs=1e-6)
+    assert matched["flips"] == [
+        {"right_to_wrong": 5, "wrong_to_right": 0},
+        {"right_to_wrong": 3, "wrong_to_right": 0},
+    ]
+    assert summary["groups"]["SFT lr=3e-5"]["matched"]["0.9"] == {"seeds_reached": 0, "seeds": 1}
+    # the rule (75% on seed 0): both SFT settings reach it; lr 3e-5 keeps more there
+    choice = summary["choices"]["SFT"]
+    assert choice["chosen"] == "SFT lr=3e-5" and choice["candidates"]["SFT lr=1e-4"]["epoch"] == 2.0
+    assert "highest primary retention" in choice["why"]
+    compared = summary["comparisons"]["MixSD λ=0.3 lr=1e-4 vs SFT lr=1e-4"]
+    assert set(compared) == {"0.9", "0.95"}  # SFT lr=3e-5 never reaches 90%: no comparison with it
+    mixsd_kept = ((2 / 3 + 2 / 3) / 2 + 1) / 2
+    assert compared["0.9"]["value"] == pytest.approx(mixsd_kept - matched["primary"]["value"], abs=1e-5)
+
+
+def test_collect_render_and_check(grid, tmp_path):
+    script = load_script()
+    results = tmp_path / "results"
+    target = script.collect(grid, results=results)
+    assert (target / "cells" / "mixsd-s0" / "train" / "curve.jsonl").is_file()
+    assert not (target / "cells" / "mixsd-s0" / "train" / "model").exists()  # no weights
+    assert json.loads((target / "PROVENANCE.json").read_text())["files"] > 0
+    doc = tmp_path / "results.md"
+    doc.write_text("Intro.\n<!-- results toy groups -->\nstale\n<!-- /results -->\nEnd.\n")
+    assert script.render(True, doc, results) == 1  # stale table, no summary yet
+    assert script.render(False, doc, results) == 0
+    text = doc.read_text()
+    assert "stale" not in text and "| SFT lr=1e-4 | 2 |" in text and text.endswith("<!-- /results -->\nEnd.\n")
+    assert (target / "summary.json").is_file()
+    assert script.render(True, doc, results) == 0
+    doc.write_text(text.replace("| SFT lr=1e-4 | 2 |", "| SFT lr=1e-4 | 3 |"))  # a hand-typed figure
+    assert script.render(True, doc, results) == 1
+    doc.write_text("<!-- results toy nosuch -->\n<!-- /results -->\n")
+    with pytest.raises(Exception, match="unknown table 'nosuch'"):
+        script.render(True, doc, results)
+
+
+def test_make_results_check_passes_on_the_committed_results():
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "render", "--check"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
