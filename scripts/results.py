@@ -14,7 +14,7 @@ docs/results.md between
     ...
     <!-- /results -->
 
-with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare.
+with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare, fisher.
 """
 
 from __future__ import annotations
@@ -231,12 +231,42 @@ def compare_table(summary: dict[str, Any]) -> str:
     return table(["pair", "matched level", f"difference in {PRIMARY} [95% CI, paired items]", "seeds"], rows)
 
 
+def correlation(entry: dict[str, Any]) -> str:
+    if entry["r"] is None:
+        return entry["note"] or "–"
+    return f"{entry['r']:+.2f} {interval(entry['ci95'], 2)}"
+
+
+def fisher_table(summary: dict[str, Any]) -> str:
+    rows = []
+    for measure in summary["fisher"]["measures"].values():
+        raw, partial = measure["raw"], measure["partial"]
+        rows.append(
+            [
+                measure["label"],
+                correlation(raw),
+                correlation(partial),
+                ", ".join(measure["controls"]),
+                f"{raw['n']} cells, {raw['clusters']} settings",
+            ]
+        )
+    header = [
+        "displacement measure",
+        "r with the retention drop [95% CI, cluster bootstrap]",
+        "partial r [95% CI]",
+        "held fixed",
+        "cells",
+    ]
+    return table(header, rows)
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "cells": cells_table,
     "groups": groups_table,
     "matched": matched_table,
     "choice": choice_table,
     "compare": compare_table,
+    "fisher": fisher_table,
 }
 
 

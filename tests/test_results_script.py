@@ -68,12 +68,21 @@ def write_grid(folder: Path, cells: dict[str, tuple[dict, list[dict]]], select: 
 
 def sft(seed: int, lr: str, curve: list[dict]) -> tuple[dict, list[dict]]:
     row = {"group": f"SFT lr={lr}", "family": "SFT", "setting": f"lr={lr}", "method": "sft", "seed": seed}
-    return row, curve
+    displacement = {"fisher_ratio": 0.1 * (seed + 1), "delta_norm_sq": float(lr[-1]) + seed}
+    return {**row, "settings": {"lr": float(lr)}, **displacement}, curve
 
 
 def mixsd(seed: int, curve: list[dict]) -> tuple[dict, list[dict]]:
     row = {"group": "MixSD λ=0.3 lr=1e-4", "family": "MixSD λ=0.3", "setting": "lr=1e-4"}
-    return {**row, "method": "mixsd", "lam": 0.3, "seed": seed}, curve
+    displacement = {"fisher_ratio": 0.05 * (seed + 1), "delta_norm_sq": 2.0 + seed}
+    return {
+        **row,
+        "settings": {"lr": 1e-4},
+        "method": "mixsd",
+        "lam": 0.3,
+        "seed": seed,
+        **displacement,
+    }, curve
 
 
 @pytest.fixture()
@@ -93,7 +102,9 @@ def grid(tmp_path: Path) -> Path:
 
 
 def test_primary_retention_counts_base_right_items_kept():
-    after = point(2, "1110", "1001", "10")  # facts: base-right items 0,1,2 -> kept 1,0,0; the gain at 3 ignored
+    after = point(
+        2, "1110", "1001", "10"
+    )  # facts: base-right items 0,1,2 -> kept 1,0,0; the gain at 3 ignored
     assert kept_items(after, BASE, ["facts", "known"]) == {"facts": [1, 0, 0], "known": [1, 0]}
     assert primary(after, BASE, ["facts", "known"]) == pytest.approx((1 / 3 + 1 / 2) / 2)
     curve = [point(2, "1000", "1", "1"), point(4, "1110", "1", "1"), point(6, "1111", "1", "1")]
@@ -118,7 +129,10 @@ def test_hierarchical_bootstrap_widens_with_fewer_items_and_pairs_items():
 
 def test_summary_of_a_grid(grid):
     summary = summarize(read_grid(grid))
-    assert summary["probes"] == {"facts": {"items": 4, "base_right": 3}, "known": {"items": 2, "base_right": 2}}
+    assert summary["probes"] == {
+        "facts": {"items": 4, "base_right": 3},
+        "known": {"items": 2, "base_right": 2},
+    }
     sft_fast = summary["groups"]["SFT lr=1e-4"]
     assert sft_fast["seeds"] == [0, 1] and sft_fast["first_epoch"]["0.9"] == [4.0, 2.0]
     matched = sft_fast["matched"]["0.9"]
@@ -139,6 +153,19 @@ def test_summary_of_a_grid(grid):
     assert compared["0.9"]["value"] == pytest.approx(mixsd_kept - matched["primary"]["value"], abs=1e-5)
 
 
+def test_fisher_correlations_are_raw_and_partial_with_clusters_by_setting(grid):
+    fisher = summarize(read_grid(grid))["fisher"]
+    assert [c["cell"] for c in fisher["cells"]] == [
+        "sft-lr1e-4-s0", "sft-lr3e-5-s0", "sft-lr1e-4-s1", "mixsd-s0", "mixsd-s1"
+    ]  # fmt: skip
+    # drop = 1 - primary retention at the last epoch: SFT lr 1e-4 seed 0 keeps nothing
+    assert fisher["cells"][0]["drop"] == 1.0 and fisher["cells"][1]["drop"] == 0.0
+    ratio = fisher["measures"]["fisher_ratio"]
+    assert ratio["raw"]["n"] == 5 and ratio["raw"]["clusters"] == 3 and ratio["controls"] == ["log10 lr"]
+    assert ratio["partial"]["r"] is not None
+    assert fisher["measures"]["fisher_displacement_norm"]["raw"]["note"].startswith("not enough cells")
+
+
 def test_collect_render_and_check(grid, tmp_path):
     script = load_script()
     results = tmp_path / "results"
@@ -151,7 +178,9 @@ def test_collect_render_and_check(grid, tmp_path):
     assert script.render(True, doc, results) == 1  # stale table, no summary yet
     assert script.render(False, doc, results) == 0
     text = doc.read_text()
-    assert "stale" not in text and "| SFT lr=1e-4 | 2 |" in text and text.endswith("<!-- /results -->\nEnd.\n")
+    assert (
+        "stale" not in text and "| SFT lr=1e-4 | 2 |" in text and text.endswith("<!-- /results -->\nEnd.\n")
+    )
     assert (target / "summary.json").is_file()
     assert script.render(True, doc, results) == 0
     doc.write_text(text.replace("| SFT lr=1e-4 | 2 |", "| SFT lr=1e-4 | 3 |"))  # a hand-typed figure

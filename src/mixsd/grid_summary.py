@@ -21,6 +21,11 @@ Declared before the 20-epoch runs of issue 19, and applied to every grid alike:
   the base model and the per-item flips right→wrong (1→0) and wrong→right (0→1).
 - Intervals: a hierarchical percentile bootstrap (`metrics.hierarchical_bootstrap`): seeds resampled,
   then items within each probe; between two methods the item resample is shared (paired items).
+- Fisher (the paper's third claim): over the trained cells, the correlation of each displacement measure
+  (the Fisher-weighted ratio Σ F·Δθ²/‖Δθ‖², Σ F·Δθ²/Σ F and raw ‖Δθ‖²; F from the base model on SQuAD
+  paragraphs, data apart from the drop measure) with the drop of the primary retention metric at the last
+  epoch (1 − it): raw, and partial with log10(lr) and LoRA-vs-full held fixed; intervals from a cluster
+  bootstrap over settings (a setting's seeds are not independent draws).
 - The rule that picks each method's setting: on the rule's seeds (`select.seeds`), among the settings
   whose curve reaches `select.memorization` within `select.within_epochs`, the one with the highest
   primary retention at that epoch; if none reaches it, the highest final memorization ("not reached"
@@ -30,6 +35,7 @@ Declared before the 20-epoch runs of issue 19, and applied to every grid alike:
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -37,7 +43,7 @@ from typing import Any
 import yaml
 
 from mixsd.files import InputError, read_jsonl
-from mixsd.metrics import hierarchical_bootstrap, wilson_interval
+from mixsd.metrics import cluster_bootstrap_correlation, hierarchical_bootstrap, wilson_interval
 
 SUMMARY_FILE = "summary.json"
 LEVELS = (0.9, 0.95)
@@ -263,6 +269,55 @@ def choose_settings(
     return choices
 
 
+FISHER_MEASURES = {
+    "fisher_ratio": "Σ F·Δθ² / ‖Δθ‖² (the paper's ratio, our reading)",
+    "fisher_displacement_norm": "Σ F·Δθ² / Σ F",
+    "delta_norm_sq": "raw ‖Δθ‖²",
+}
+
+
+def fisher_correlations(grid: dict[str, Any], probes: list[str]) -> dict[str, Any]:
+    """Each displacement measure against the retention drop over the trained cells (see the module doc)."""
+    train = grid["config"].get("train") or {}
+    cells = []
+    for row in grid["rows"]:
+        curve = grid["curves"].get(row["cell"])
+        if not curve:
+            continue
+        settings = row.get("settings") or {}
+        lr = settings.get("lr", settings.get("learning_rate", train.get("lr", train.get("learning_rate"))))
+        kept = primary(curve[-1], grid["base"], probes)
+        cells.append(
+            {
+                "cell": row["cell"],
+                "setting": row["group"],
+                "drop": None if kept is None else 1 - kept,
+                "log10_lr": math.log10(lr) if isinstance(lr, int | float) and lr > 0 else None,
+                "lora": 1.0 if (settings.get("lora_rank") or train.get("lora_rank") or 0) > 0 else 0.0,
+                **{m: row.get(m) for m in FISHER_MEASURES},
+            }
+        )
+    out: dict[str, Any] = {"cells": cells, "measures": {}}
+    for measure, label in FISHER_MEASURES.items():
+        usable = [c for c in cells if _finite(c[measure]) and _finite(c["drop"]) and _finite(c["log10_lr"])]
+        x, y = [c[measure] for c in usable], [c["drop"] for c in usable]
+        clusters = [c["setting"] for c in usable]
+        covariates = [[c["log10_lr"] for c in usable]]
+        if len({c["lora"] for c in usable}) > 1:
+            covariates.append([c["lora"] for c in usable])
+        out["measures"][measure] = {
+            "label": label,
+            "raw": cluster_bootstrap_correlation(x, y, clusters),
+            "partial": cluster_bootstrap_correlation(x, y, clusters, covariates),
+            "controls": ["log10 lr"] + (["LoRA"] if len(covariates) > 1 else []),
+        }
+    return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def summarize(grid: dict[str, Any]) -> dict[str, Any]:
     """The whole summary of a grid (JSON-ready)."""
     if grid["base"] is None or "items" not in grid["base"]:
@@ -296,6 +351,7 @@ def summarize(grid: dict[str, Any]) -> dict[str, Any]:
         "groups": summaries,
         "choices": choose_settings(grid, groups, probes),
         "comparisons": comparisons,
+        "fisher": fisher_correlations(grid, probes),
         "cells": [{k: row.get(k) for k in CELL_COLUMNS} for row in grid["rows"]],
     }
 

@@ -217,6 +217,18 @@ def mean_interval(values: Sequence[float], **kwargs: Any) -> list[float] | None:
     return bootstrap_interval(lambda v: float(v.mean()), values, **kwargs)
 
 
+def squad_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """SQuAD's scores of a split from per-item `squad_em`, `squad_f1`, `contained` (answers.squad_scores):
+    exact match and contained as rates with Wilson intervals, F1 as a mean with a bootstrap interval."""
+    n = len(rows)
+    f1 = [float(r["squad_f1"]) for r in rows]
+    return {
+        "em": rate(sum(bool(r["squad_em"]) for r in rows), n),
+        "f1": {"value": sum(f1) / n if n else None, "n": n, "ci95": mean_interval(f1) if n else None},
+        "contained": rate(sum(bool(r["contained"]) for r in rows), n),
+    }
+
+
 def pair_rows(
     before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]], key: str
 ) -> tuple[list[bool], list[bool]]:
@@ -307,6 +319,9 @@ def split_columns(split: str, scores: dict[str, Any]) -> dict[str, Any]:
     for mode, old in (("entity", "loose"), ("exact", "strict"), ("number", None)):
         node = scores.get(mode) or (scores.get(old) if old else None)
         columns[f"{split}_{mode}"] = _number(node, "value")
+    if "squad" in scores:  # qa suite: SQuAD's exact match and F1, and the answer-contained rate
+        for key in ("em", "f1", "contained"):
+            columns[f"{split}_squad_{key}"] = _number(scores["squad"], key, "value")
     return columns
 
 
@@ -540,3 +555,62 @@ def hierarchical_bootstrap(
         "other_seeds": len(groups[1]) if other is not None else None,
         "items": sizes,
     }
+
+
+def partial_correlation(
+    x: Sequence[float], y: Sequence[float], covariates: Sequence[Sequence[float]]
+) -> float | None:
+    """Pearson correlation of x and y after removing from each what a linear fit on the covariates
+    (columns, plus an intercept) explains: the association left once those are held fixed."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    design = np.column_stack([np.ones(len(xs)), *[np.asarray(c, dtype=float) for c in covariates]])
+    if len(xs) <= np.linalg.matrix_rank(design) + 1:
+        return None  # no degrees of freedom left for a correlation
+    fit = np.linalg.lstsq(design, np.column_stack([xs, ys]), rcond=None)[0]
+    residuals = np.column_stack([xs, ys]) - design @ fit
+    return pearson(residuals[:, 0].tolist(), residuals[:, 1].tolist())
+
+
+def cluster_bootstrap_correlation(
+    x: Sequence[float],
+    y: Sequence[float],
+    clusters: Sequence[str],
+    covariates: Sequence[Sequence[float]] = (),
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    min_cells: int = MIN_CORRELATION_CELLS,
+) -> dict[str, Any]:
+    """A (partial, with covariates) Pearson correlation over cells with a percentile interval from a
+    cluster bootstrap: whole clusters (e.g. the seeds of one setting) are resampled, since cells of one
+    setting are not independent draws. Resamples where r is undefined are dropped; no interval when fewer
+    than half are defined."""
+    n = len(x)
+    result: dict[str, Any] = {"n": n, "clusters": len(set(clusters)), "r": None, "ci95": None, "note": None}
+    if n < min_cells:
+        result["note"] = f"not enough cells ({n}; at least {min_cells} needed)"
+        return result
+    columns = [np.asarray(c, dtype=float) for c in covariates]
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    result["r"] = partial_correlation(xs, ys, columns) if columns else pearson(xs.tolist(), ys.tolist())
+    if result["r"] is None:
+        result["note"] = "undefined (a value does not vary, or too few cells for the covariates)"
+        return result
+    names = sorted(set(clusters))
+    members = {name: [i for i, c in enumerate(clusters) if c == name] for name in names}
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        index = [i for k in rng.integers(0, len(names), size=len(names)) for i in members[names[k]]]
+        r = (
+            partial_correlation(xs[index], ys[index], [c[index] for c in columns])
+            if columns
+            else pearson(xs[index].tolist(), ys[index].tolist())
+        )
+        if r is not None and math.isfinite(r):
+            values.append(r)
+    if len(values) >= resamples / 2:
+        low, high = np.quantile(np.asarray(values), [0.025, 0.975])
+        result["ci95"] = [round(float(low), 4), round(float(high), 4)]
+    result["r"] = round(float(result["r"]), 4)
+    return result
