@@ -14,7 +14,7 @@ docs/results.md between
     ...
     <!-- /results -->
 
-with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare, fisher.
+with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare, fisher, verdicts.
 """
 
 from __future__ import annotations
@@ -260,6 +260,24 @@ def fisher_table(summary: dict[str, Any]) -> str:
     return table(header, rows)
 
 
+def verdicts_table(summary: dict[str, Any]) -> str:
+    from mixsd.grid_summary import CLAIMS
+
+    rows = [
+        [
+            CLAIMS[v["claim"]],
+            f"**{v['verdict']}**",
+            v["figure"],
+            estimate(v["boot"]) if v["boot"] else "",
+            v["seeds"],
+        ]
+        for v in summary["verdicts"]
+    ]
+    return table(
+        ["claim (paper's abstract)", "verdict (declared rule)", "figure", "value [95% CI]", "seeds"], rows
+    )
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "cells": cells_table,
     "groups": groups_table,
@@ -267,6 +285,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "choice": choice_table,
     "compare": compare_table,
     "fisher": fisher_table,
+    "verdicts": verdicts_table,
 }
 
 

@@ -195,3 +195,13 @@ def test_make_results_check_passes_on_the_committed_results():
         [sys.executable, str(SCRIPT), "render", "--check"], capture_output=True, text=True, cwd=ROOT
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_verdicts_follow_the_declared_rules(grid):
+    verdicts = {v["claim"]: v for v in summarize(read_grid(grid))["verdicts"]}
+    # MixSD (2 seeds, both reach 95%): holds, but fewer than 3 seeds
+    assert verdicts["memorization"]["verdict"] == "cannot tell yet (2 seeds; provisional: holds)"
+    # the rule chose SFT lr=3e-5 (75% rule), which never reaches 90%: no common level
+    assert verdicts["retention"]["verdict"].startswith("cannot tell yet (1 seed; provisional: cannot tell")
+    assert verdicts["fisher"]["verdict"].startswith(("holds", "does not hold", "cannot tell"))
+    assert "nll" not in verdicts  # no NLL counts in the toy rows
