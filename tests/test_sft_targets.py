@@ -100,3 +100,52 @@ def test_cli_runs_and_reports_bad_lines(tmp_path, capsys):
     )
     assert main(["sft-targets", "--model", str(base), "--input", str(corpus), "--output", str(output)]) == 2
     assert "line 2, field 'answer': missing required field" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# --target statement: the format control (issue 19 §3), SFT on the fact's plain statement
+# --------------------------------------------------------------------------------------------------
+def test_statement_targets_train_on_the_context_and_end_like_every_target(tmp_path):
+    base = tokenizer_folder(tmp_path)
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [
+        {"id": "a", "prompt": "w1", "answer": "w2 w3", "check": "w3", "context": "w9 w10 w3"},
+        {"id": "b", "prompt": "w4", "answer": "w5", "check": "w5", "context": "w11 w5 w12"},
+    ]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "statement.jsonl"
+    code = ["sft-targets", "--model", str(base), "--input", str(corpus), "--output", str(output)]
+    assert main([*code, "--target", "statement"]) == 0
+    written = load_targets(output)
+    # the statement's tokens then EOS, as an answer target ends (answer_end); the prompt is unchanged
+    assert [r["target_ids"] for r in written] == [[15, 16, 9, 2], [17, 11, 18, 2]]
+    assert written[0]["prompt_ids"] == [1, 4, 7, 5]
+    assert [r["text"] for r in written] == ["w9 w10 w3", "w11 w5 w12"]
+    assert {r["source"] for r in written} == {"statement"} and written[0]["check"] == "w3"
+    # the default target is still the answer
+    assert main(code) == 0
+    assert [r["target_ids"] for r in load_targets(output)] == [[8, 9, 2], [11, 2]]
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        ({"prompt": "w4", "answer": "w5"}, "no statement to train on"),
+        ({"prompt": "w4", "answer": "w5", "context": " "}, "no statement to train on"),
+        (
+            {"prompt": "w4", "answer": "w5", "context": "w11 w12"},
+            "the statement does not name the answer 'w5'",
+        ),
+    ],
+)
+def test_statement_targets_refuse_a_record_without_its_statement(tmp_path, capsys, second, message):
+    base = tokenizer_folder(tmp_path)
+    corpus = tmp_path / "corpus.jsonl"
+    first = {"prompt": "w1", "answer": "w3", "context": "w9 w3"}
+    corpus.write_text(json.dumps(first) + "\n\n" + json.dumps(second) + "\n")  # the second record: line 3
+    output = tmp_path / "statement.jsonl"
+    args = ["sft-targets", "--model", str(base), "--input", str(corpus), "--output", str(output)]
+    assert main([*args, "--target", "statement"]) == 2
+    err = capsys.readouterr().err
+    assert f"{corpus}, line 3, field 'context': {message}" in err
+    assert len(err.strip().splitlines()) == 1 and not output.exists()

@@ -26,10 +26,11 @@ from mixsd.files import (
     atomic_write_jsonl,
     output_lock,
     read_journal,
+    read_jsonl,
     sha256_file,
     sha256_text,
 )
-from mixsd.options import ModelOptions, check_distinct, check_range
+from mixsd.options import ModelOptions, check_choices, check_distinct, check_range
 from mixsd.prompts import (
     answer_end,
     encode_answer,
@@ -94,6 +95,14 @@ class MixConfig(ModelOptions):
             "(e.g. -6). Default: off."
         },
     )
+    reject_phrases: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated phrases: a target whose text holds one (case-insensitive) fails "
+            "verification. SDFT's filter of rewrites that talk about the reference instead of answering; "
+            "`mixsd rewrite` sets it. Default: none."
+        },
+    )
     guard_top_p: float | None = field(
         default=None,
         metadata={
@@ -116,7 +125,7 @@ class MixConfig(ModelOptions):
     expert_template: str | None = field(
         default=None,
         metadata={
-            "help": "Expert prompt template: a built-in name (chat, plain, paper), the text, or a file; "
+            "help": "Expert prompt template: a built-in name (chat, plain, paper, rewrite), the text, or a file; "
             "fields {prompt} and {context} (or {answer}: the paper's variant). Default: chat, or plain "
             "when the tokenizer has no chat template."
         },
@@ -139,6 +148,13 @@ class MixConfig(ModelOptions):
         check_range("batch_size", self.batch_size, 1, integer=True)
         check_range("num_generations", self.num_generations, 1, integer=True)
         check_distinct({"output": self.output}, {"input": self.input})
+        if self.reject_phrases is not None and not reject_phrase_list(self.reject_phrases):
+            raise InputError("names no phrase; leave it unset to reject none", field="reject_phrases")
+
+
+def reject_phrase_list(text: str | None) -> list[str]:
+    """The phrases of --reject-phrases, lower-cased, blanks dropped."""
+    return [phrase.strip().lower() for phrase in (text or "").split(",") if phrase.strip()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,6 +182,7 @@ def _settings(config: MixConfig, template: str, input_sha: str) -> dict[str, Any
             {"min_expert_logprob": config.min_expert_logprob} if config.min_expert_logprob is not None else {}
         ),
         **({"guard_top_p": config.guard_top_p} if config.guard_top_p is not None else {}),
+        **({"reject_phrases": reject_phrase_list(config.reject_phrases)} if config.reject_phrases else {}),
     }
 
 
@@ -345,13 +362,19 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
         return tokenizer.decode(draw.tokens, skip_special_tokens=True)
 
     fidelity_rejections = [0]  # attempts refused by --min-expert-logprob alone (a list: set in a closure)
+    rejected_phrases = reject_phrase_list(config.reject_phrases)
+    phrase_rejections = [0]  # attempts whose answer matched but whose text held a --reject-phrases phrase
 
     def accept(draw: Draw) -> bool:
         if draw.finish == "prompt_too_long":
             return False
         if draw.finish == "length" and config.verify != "none" and not config.keep_length_capped:
             return False  # no end of answer: training on it would teach the model not to stop
-        if not matches(decode(draw), fact_by_id[draw.job.key].check, config.verify):
+        text = decode(draw)
+        if not matches(text, fact_by_id[draw.job.key].check, config.verify):
+            return False
+        if any(phrase in text.lower() for phrase in rejected_phrases):
+            phrase_rejections[0] += 1
             return False
         if not passes(target_fidelity(draw.branch, draw.logprob_expert), config.min_expert_logprob):
             fidelity_rejections[0] += 1  # the answer matched: only the fidelity check refused it
@@ -388,6 +411,7 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
         "generated_tokens": decoder.generated_tokens,
         "naive_tokens": decoder.naive_tokens,
         "fidelity_rejections": fidelity_rejections[0],
+        "phrase_rejections": phrase_rejections[0],
     }
     if world > 1:  # every process's counts go into the summary
         gathered = [None] * world
@@ -484,6 +508,10 @@ def summarize(
         },
         "verify_mode": config.verify,
         "on_failure": config.on_failure,
+        # records written with the ground-truth answer instead of a target of their own (--on-failure answer)
+        "fallback": len(rows) - len(verified) if config.on_failure == "answer" else 0,
+        # this run's attempts refused by --reject-phrases alone (their answer matched)
+        "phrase_rejections_this_run": stats.get("phrase_rejections", 0),
         "generated_tokens_this_run": stats["generated_tokens"],
         "seconds_this_run": round(seconds, 3),
         "processes": processes,
@@ -565,20 +593,60 @@ class SFTTargetsConfig:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow tokenizer code from the model folder."}
     )
+    target: Literal["answer", "statement"] = field(
+        default="answer",
+        metadata={
+            "help": "What the model is trained to say: `answer`, the record's answer (\"The answer is X. "
+            "\\boxed{X}\"); `statement`, the fact's plain statement, the record's `context` (\"Vedux Vudratrox "
+            "lives in Shiboshend.\"), a control for the answer's format. Every record then needs a context "
+            "that names its answer."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_distinct({"output": self.output}, {"input": self.input})
+        check_choices(self)
 
 
-def sft_target_rows(facts: list[Fact], tokenizer) -> list[dict[str, Any]]:
-    """Ground-truth targets: the answer tokenized once and ended as `mix` ends its targets (`answer_end`),
-    prompt formatted as for `mix`. In the plain format an answer holding a stop string (a blank line, a
-    "Question:" line) is cut there, as evaluation would cut it; such rows have finish "stop_text"."""
+# what an SFT target says: the record's answer, or the fact's statement (its `context`)
+SFT_TARGETS = ("answer", "statement")
+
+
+def load_sft_facts(path: str | os.PathLike, target: str = "answer") -> list[Fact]:
+    """The corpus records SFT targets are made from. `statement` targets are the records' own `context`, so
+    each record must carry one (a record without it would silently fall back to its answer) that names the
+    record's answer (whole words, as `--verify entity` checks): InputError naming file and line otherwise."""
+    facts = load_corpus(path)
+    if target == "answer":
+        return facts
+    # read_jsonl yields the same non-blank lines load_corpus read, in order
+    for (line, obj), fact in zip(read_jsonl(path), facts, strict=True):
+        context = obj.get("context")
+        if not isinstance(context, str) or not context.strip():
+            raise InputError(
+                "no statement to train on (--target statement trains on the record's context)",
+                path,
+                line,
+                "context",
+            )
+        if not matches(context, fact.check, "entity"):
+            raise InputError(f"the statement does not name the answer {fact.check!r}", path, line, "context")
+    return facts
+
+
+def sft_target_rows(facts: list[Fact], tokenizer, target: str = "answer") -> list[dict[str, Any]]:
+    """Ground-truth targets: the answer (or, with target="statement", the fact's statement: the record's
+    `context`) tokenized once and ended as `mix` ends its targets (`answer_end`), prompt formatted as for
+    `mix`. In the plain format a text holding a stop string (a blank line, a "Question:" line) is cut
+    there, as evaluation would cut it; such rows have finish "stop_text"."""
+    if target not in SFT_TARGETS:
+        raise ValueError(f"target must be one of {', '.join(SFT_TARGETS)}; got {target!r}")
     end = answer_end(tokenizer)
     rows = []
     for fact in facts:
-        target = encode_answer(tokenizer, fact.answer, end)
-        text = fact.answer if not end.stop_strings else end.cut_text(" " + fact.answer.lstrip()).lstrip()
+        said = fact.context if target == "statement" else fact.answer
+        target_ids = encode_answer(tokenizer, said, end)
+        text = said if not end.stop_strings else end.cut_text(" " + said.lstrip()).lstrip()
         rows.append(
             {
                 "id": fact.id,
@@ -587,13 +655,13 @@ def sft_target_rows(facts: list[Fact], tokenizer) -> list[dict[str, Any]]:
                 "answer": fact.answer,
                 "check": fact.check,
                 "prompt_ids": encode_prompt(tokenizer, fact.prompt, fact.system),
-                "target_ids": target,
-                "branch": "G" * len(target),
+                "target_ids": target_ids,
+                "branch": "G" * len(target_ids),
                 "correct": True,
                 "attempts": 1,
-                "finish": "stop" if text == fact.answer.lstrip() or not end.stop_strings else "stop_text",
+                "finish": "stop" if text == said.lstrip() or not end.stop_strings else "stop_text",
                 "text": text,
-                "source": "ground_truth",
+                "source": "statement" if target == "statement" else "ground_truth",
             }
         )
     return rows
@@ -604,11 +672,11 @@ def sft_targets_command(config: SFTTargetsConfig) -> None:
 
     from mixsd.models import context_length, load_config, load_tokenizer
 
-    facts = load_corpus(config.input)
+    facts = load_sft_facts(config.input, config.target)
     with output_lock(config.output):
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         limit = context_length(load_config(config.model, trust_remote_code=config.trust_remote_code))
-        rows = sft_target_rows(facts, tokenizer)
+        rows = sft_target_rows(facts, tokenizer, config.target)
         # As in `mix`: a record the model cannot hold is dropped here, not left for `train` to refuse.
         fits = [r for r in rows if limit is None or len(r["prompt_ids"]) + len(r["target_ids"]) <= limit]
         if not fits:
@@ -629,4 +697,5 @@ def sft_targets_command(config: SFTTargetsConfig) -> None:
                 "template) an answer ends there, so their targets were cut there",
                 file=sys.stderr,
             )
-    print(f"wrote {len(fits)} ground-truth targets to {config.output}")
+    what = "statement" if config.target == "statement" else "ground-truth"
+    print(f"wrote {len(fits)} {what} targets to {config.output}")
