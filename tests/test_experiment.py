@@ -498,3 +498,32 @@ def test_known_facts_join_the_retention_probes(tmp_path, tiny_model_dir, monkeyp
     since = log_length(out)
     run_experiment(experiment, show_progress=False)
     assert set(stage_log(out, since).values()) == {"reused"} and filtered == [str(tiny_model_dir)]
+
+
+def test_rewrite_is_a_method_of_the_grid(tmp_path, tiny_model_dir):
+    """The self-rewrite baseline (SDFT): `mixsd rewrite` targets (greedy, the same for every seed), then the
+    stages of any trained method; its row carries the verification counts, and the report pairs MixSD with it."""
+    rewrite = {"max_new_tokens": 8, "verify": "none"}
+    methods = ["base", "sft", "rewrite", {"mixsd": {"lam": [0.5]}}]
+    experiment = tiny_grid(tmp_path, tiny_model_dir, methods=methods, rewrite=rewrite, seeds=[0, 1])
+    assert [c.name for c in experiment.cells if c.method == "rewrite"] == ["rewrite-s0", "rewrite-s1"]
+    only = [c for c in experiment.cells if c.name in ("base", "sft-s0", "rewrite-s0", "mixsd-lam0.5-s0")]
+    experiment.cells = only
+    rows = {r["cell"]: r for r in run_experiment(experiment, show_progress=False)["rows"]}
+    cell = tmp_path / "run" / "cells" / "rewrite-s0"
+    stages = ("targets.jsonl", "train/summary.json", "eval.json", "retention.json", "nll.json", "fisher.json")
+    for stage in stages:
+        assert (cell / stage).exists(), stage
+    summary = json.loads((cell / "targets.summary.json").read_text())
+    assert summary["config"]["lam"] == 0.0 and summary["config"]["expert_template"] == "rewrite"
+    assert summary["config"]["max_new_tokens"] == 8
+    assert rows["rewrite-s0"]["group"] == "Self-rewrite" and rows["rewrite-s0"]["verified_rate"] == 1.0
+    assert rows["rewrite-s0"]["target_nll_mean"] > 0 and rows["rewrite-s0"]["train_acc"] is not None
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| sft-s0 → rewrite-s0 |" in report and "| rewrite-s0 → mixsd-lam0.5-s0 |" in report
+
+    with pytest.raises(InputError, match=r"field 'rewrite.lam'"):
+        tiny_grid(tmp_path, tiny_model_dir, methods=["rewrite"], rewrite={"lam": 0.3})
+    with pytest.raises(InputError, match=r"field 'rewrite.expert_template'"):
+        bad = {"expert_template": "{prompt} {context}"}
+        tiny_grid(tmp_path, tiny_model_dir, methods=["rewrite"], rewrite=bad)

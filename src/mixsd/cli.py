@@ -36,6 +36,12 @@ COMMANDS: dict[str, Command] = {
         "sft_targets_command",
         "Write ground-truth (SFT baseline) targets in the same format as `mix`.",
     ),
+    "rewrite": Command(
+        "mixsd.rewrite",
+        "RewriteConfig",
+        "rewrite_command",
+        "Self-rewrite baseline (SDFT) targets: the model rewrites each answer in its own words, verified.",
+    ),
     "train": Command(
         "mixsd.train",
         "TrainConfig",
@@ -85,6 +91,13 @@ COMMANDS: dict[str, Command] = {
         "Import your own facts (qa-jsonl, csv, simpleqa, mquake) into a corpus folder.",
         positional=("file",),
     ),
+    "corpus documents": Command(
+        "mixsd.corpora.documents",
+        "DocumentsConfig",
+        "documents_command",
+        "Documents in: passages, model-written question/answer pairs, a corpus folder (--squad N: SQuAD).",
+        positional=("inputs",),
+    ),
     "corpus counterfact": Command(
         "mixsd.corpora.counterfact",
         "CounterfactConfig",
@@ -102,6 +115,13 @@ COMMANDS: dict[str, Command] = {
         "CapabilityConfig",
         "capability_command",
         "Build generative capability probes (in-context facts, instructions, known facts with --model).",
+    ),
+    "probes export-lm-eval": Command(
+        "mixsd.lmeval",
+        "LmEvalExportConfig",
+        "export_command",
+        "Write the probes as lm-evaluation-harness tasks (YAML + local data) for `lm_eval --include_path`.",
+        positional=("out",),
     ),
     "experiment": Command(
         "mixsd.experiment",

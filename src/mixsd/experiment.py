@@ -8,7 +8,7 @@ current ones, so an interrupted experiment resumes where it stopped, and a chang
 the stages it affects and everything downstream of them. The records are in `OUT/cells/<cell>/stages/`;
 every decision (ran / reused, and what changed) is appended to `OUT/stage-log.jsonl`:
 
-    targets.jsonl   ground truth (sft) or `mixsd mix` (mixsd)          — not for base / opsd
+    targets.jsonl   ground truth (sft), `mixsd mix` (mixsd) or `mixsd rewrite` (rewrite) — not for base / opsd / cpt
     train/          `mixsd train` output; train/model is the tuned model  — not for base
                     (with `curves:`, train/curve.jsonl: the scores after every epoch)
     eval.json       `mixsd eval` on the corpus suite (memorization, generalization)
@@ -75,8 +75,16 @@ ROW_VERSION = "row2"
 DEMO_FACTS = Path(str(resources.files("mixsd") / "data" / "facts-demo.jsonl"))
 PACKAGED_CONFIGS = Path(str(resources.files("mixsd") / "configs"))
 
-METHOD_LABELS = {"base": "Base", "sft": "SFT", "mixsd": "MixSD", "opsd": "OPSD", "memit": "MEMIT"}
-SECTIONS = ("mix", "train", "opsd", "memit", "eval", "retention", "analyses")
+METHOD_LABELS = {
+    "base": "Base",
+    "sft": "SFT",
+    "mixsd": "MixSD",
+    "opsd": "OPSD",
+    "memit": "MEMIT",
+    "rewrite": "Self-rewrite",
+    "cpt": "CPT",
+}
+SECTIONS = ("mix", "rewrite", "train", "opsd", "memit", "eval", "retention", "analyses")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,6 +358,7 @@ RUNNER_SET = {
         {"model", "out", "output_dir", "targets", "corpus", "method", "seed"},
     ),
     "memit": ("mixsd.edit", "EditConfig", {"model", "input", "out", "overwrite"}),
+    "rewrite": ("mixsd.rewrite", "RewriteConfig", {"model", "input", "output"}),
     "eval": ("mixsd.evaluate", "EvalConfig", {"model", "suite", "data", "out"}),
     "retention": ("mixsd.evaluate", "EvalConfig", {"model", "suite", "base", "out"}),
 }
@@ -412,7 +421,7 @@ def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
             method = entry
         if method not in METHOD_LABELS or not isinstance(options, dict):
             raise InputError(
-                f"unknown method {method!r} (expected base, sft, mixsd, opsd or memit)",
+                f"unknown method {method!r} (expected base, sft, mixsd, opsd, memit, rewrite or cpt)",
                 path,
                 field=f"methods[{i}]",
             )
@@ -880,6 +889,13 @@ class Runner:
                 return self.corpus_dir / name
         return self.corpus_dir / "train.jsonl"
 
+    def cpt_text_file(self, train_file: Path) -> Path:
+        """What a cpt cell trains on: a documents corpus's passages, else the training records' contexts."""
+        from mixsd.corpora.documents import PASSAGES_FILE
+
+        passages = self.source_dir / PASSAGES_FILE
+        return passages if passages.is_file() else train_file
+
     # one cell: its stages, each with what it reads, what it depends on and how it is made
     def plan(self, cell: Cell) -> StagePlan:
         """The cell's stages in run order, each with its producer. Building it checks every config."""
@@ -924,6 +940,19 @@ class Runner:
                 record=targets_dir / "stages" / "targets.json",
             )
             plan["targets"] = (targets, lambda discard: self._mix(mix_config, discard))
+        elif cell.method == "rewrite":  # the self-rewrite baseline (SDFT): greedy, so the same for every seed
+            from mixsd.rewrite import RewriteConfig
+
+            rewrite_base = {"model": x.model, "input": str(train_file), "output": str(targets_file)}
+            rewrite_config = _configure(RewriteConfig, rewrite_base, [("rewrite", x.sections["rewrite"])], x)
+            targets = Stage(
+                "targets",
+                [targets_file, summary_path(targets_file)],
+                config_settings(rewrite_config, MIX_SPEED_ONLY),
+                inputs=[train_file, *_user_files(rewrite_config, ("expert_template",))],
+                record=targets_dir / "stages" / "targets.json",
+            )
+            plan["targets"] = (targets, lambda discard: self._rewrite(rewrite_config, discard))
 
         model = x.model
         trained: list[Stage] = []
@@ -950,6 +979,8 @@ class Runner:
             if cell.method == "opsd":
                 base.update(method="opsd", corpus=str(train_file))
                 sections.append(("opsd", x.sections["opsd"]))
+            elif cell.method == "cpt":  # continued pre-training on the passages (else the records' contexts)
+                base.update(method="cpt", corpus=str(self.cpt_text_file(train_file)))
             else:
                 base["targets"] = str(targets_file)
             for section, options in sections:
@@ -1103,6 +1134,11 @@ class Runner:
 
         mix(replace(config, overwrite=discard))
 
+    def _rewrite(self, config, discard: bool) -> None:
+        from mixsd.rewrite import rewrite
+
+        rewrite(replace(config, overwrite=discard))
+
     def _train(self, config, discard: bool) -> None:
         from mixsd.train import train
 
@@ -1124,7 +1160,7 @@ class Runner:
         analyses = {name: read(folder / f"{name}.json") for name in ("nll", "fisher") if name in plan}
         train_summary = read(folder / "train" / "summary.json") if "train" in plan else None
         mix_summary = None
-        if cell.method == "mixsd":
+        if cell.method in ("mixsd", "rewrite"):  # both write `mix`'s summary beside their targets
             from mixsd.targets import summary_path
 
             mix_summary = read(summary_path(self.cell_dir(cell.targets_cell) / "targets.jsonl"))

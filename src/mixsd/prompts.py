@@ -43,10 +43,21 @@ PAPER_EXPERT_TEMPLATE = (
     "This question is from a new knowledge base. Here is the answer to this question: {answer}\n"
     "Now answer the question within \\boxed{}."
 )
+# The self-rewrite baseline (SDFT, Yang et al. 2024; `mixsd rewrite`): the model is shown the question and
+# the ground-truth answer and asked to rewrite it in its own words. Our wording of SDFT's instruction
+# ("Below are an instruction that describes a task along with a reference answer. Using the reference
+# answer as a guide, write your own response.").
+REWRITE_EXPERT_TEMPLATE = (
+    "Below is a question along with a reference answer. Using the reference answer as a guide, write "
+    "your own response to the question.\n\n"
+    "Question: {prompt}\n\n"
+    "Reference answer: {answer}"
+)
 EXPERT_TEMPLATES = {
     "chat": DEFAULT_EXPERT_TEMPLATE,
     "plain": PLAIN_EXPERT_TEMPLATE,
     "paper": PAPER_EXPERT_TEMPLATE,
+    "rewrite": REWRITE_EXPERT_TEMPLATE,
 }
 # Where an answer ends in the plain format: a blank line, or a line that starts the next question.
 PLAIN_STOP_STRINGS = ("\n\n", "\nQuestion:", "\nAnswer:")
@@ -54,7 +65,7 @@ _PLAIN_PROMPT_END = "Answer:"
 
 
 def load_expert_template(text_or_file: str | None, tokenizer=None) -> str:
-    """The expert template: `--expert-template` names a built-in (chat, plain, paper), holds the template
+    """The expert template: `--expert-template` names a built-in (chat, plain, paper, rewrite), holds the template
     itself, or is the path of a file holding it. Unset: `chat` for a tokenizer with a chat template,
     `plain` for one without (a base model); `chat` when no tokenizer is given."""
     if text_or_file is None:

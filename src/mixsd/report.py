@@ -28,7 +28,14 @@ from mixsd.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from mixsd.results import MAIN_COLUMNS, RETENTION_METRIC, aggregate
 from mixsd.tuning import SelectionRule
 
-COLORS = {"base": "#444444", "sft": "#d62728", "mixsd": "#1f77b4", "opsd": "#2ca02c", "rewrite": "#9467bd"}
+COLORS = {
+    "base": "#444444",
+    "sft": "#d62728",
+    "mixsd": "#1f77b4",
+    "opsd": "#2ca02c",
+    "rewrite": "#9467bd",
+    "cpt": "#ff7f0e",
+}
 
 
 def _plt():
