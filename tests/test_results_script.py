@@ -205,3 +205,31 @@ def test_verdicts_follow_the_declared_rules(grid):
     assert verdicts["retention"]["verdict"].startswith("cannot tell yet (1 seed; provisional: cannot tell")
     assert verdicts["fisher"]["verdict"].startswith(("holds", "does not hold", "cannot tell"))
     assert "nll" not in verdicts  # no NLL counts in the toy rows
+
+
+def test_mixsd_is_compared_with_the_self_rewrite_baseline_under_the_retention_rule(tmp_path):
+    """With the self-rewrite baseline (SDFT) in the grid, MixSD's chosen setting is compared with it on the
+    same matched-memorization footing as with SFT, and the verdicts table gets its row."""
+
+    def rewrite(seed: int, curve: list[dict]) -> tuple[dict, list[dict]]:
+        row = {"group": "Self-rewrite", "family": "Self-rewrite", "method": "rewrite", "seed": seed}
+        return {**row, "fisher_ratio": 0.2, "delta_norm_sq": 1.0 + seed}, curve
+
+    keeps_all = [point(2, "1100", "1111", "11"), point(4, "1111", "1111", "11")]
+    keeps_none = [point(2, "1111", "0000", "00"), point(4, "1111", "0000", "00")]
+    cells = {f"mixsd-s{s}": mixsd(s, keeps_all) for s in range(3)}
+    cells |= {f"rewrite-s{s}": rewrite(s, keeps_none) for s in range(3)}
+    cells |= {f"sft-lr1e-4-s{s}": sft(s, "1e-4", keeps_none) for s in range(3)}
+    summary = summarize(read_grid(write_grid(tmp_path / "toy", cells)))
+    mixsd_group = "MixSD λ=0.3 lr=1e-4"
+    assert set(summary["comparisons"]) == {
+        f"{mixsd_group} vs SFT lr=1e-4",
+        f"{mixsd_group} vs Self-rewrite",
+        "Self-rewrite vs SFT lr=1e-4",
+    }
+    verdicts = {v["claim"]: v for v in summary["verdicts"]}
+    assert verdicts["retention_rewrite"]["verdict"] == "holds"
+    assert verdicts["retention_rewrite"]["figure"] == f"{mixsd_group} − Self-rewrite at 95%"
+    assert verdicts["retention_rewrite"]["seeds"] == "3 vs 3"
+    assert verdicts["retention"]["verdict"] == "holds"
+    assert "than the self-rewrite baseline (SDFT" in load_script().verdicts_table(summary)
