@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mixsd import __version__
-from mixsd.answers import SCORING_MODES, resolve_match_mode, score_all
+from mixsd.answers import SCORING_MODES, resolve_match_mode, score_all, squad_scores
 from mixsd.capability import KIND as GENERATIVE_KIND  # generative capability probes (own module)
 from mixsd.capability import format_generative, generative_rows
 from mixsd.corpora.probes import load_kl_prompts, load_probe, spread
@@ -48,11 +48,14 @@ from mixsd.files import (
     dumps,
     output_lock,
     read_journal,
+    read_jsonl,
     sha256_file,
     sha256_text,
 )
 from mixsd.generation import autocast, greedy_generate
-from mixsd.metrics import ERROR_TYPES, Taxonomy, rate
+from mixsd.lmeval import evaluate_tasks, format_task, plan_settings, prepare
+from mixsd.lmeval import parse_tasks as parse_lm_eval_tasks
+from mixsd.metrics import ERROR_TYPES, Taxonomy, rate, squad_summary
 from mixsd.models import load_for_inference, model_fingerprint, model_folder
 from mixsd.options import ModelOptions, check_distinct, check_range
 from mixsd.prompts import answer_end, encode_prompt, pad_token_id
@@ -187,6 +190,31 @@ class EvalConfig(ModelOptions):
     overwrite: bool = field(
         default=False, metadata={"help": "Recompute even if results for these settings exist."}
     )
+    # lm-evaluation-harness tasks as retention probes (mixsd.lmeval); omit_default: results recorded before
+    # these options existed stay current while they are unset
+    lm_eval_tasks: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated lm-evaluation-harness tasks (or groups, tags) run in-process on the "
+            "model and --base with identical settings (retention suite; needs `pip install "
+            "'mixsd[lm-eval]'`); their data must be local when offline.",
+            "omit_default": True,
+        },
+    )
+    lm_eval_include: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of extra lm-eval task YAMLs (e.g. from `mixsd probes export-lm-eval`).",
+            "omit_default": True,
+        },
+    )
+    lm_eval_num_fewshot: int | None = field(
+        default=None,
+        metadata={
+            "help": "Few-shot examples for every lm-eval task; default: each task's own.",
+            "omit_default": True,
+        },
+    )
 
     def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)
         self.check_model_options()
@@ -196,7 +224,20 @@ class EvalConfig(ModelOptions):
         check_range("ppl_max_tokens", self.ppl_max_tokens, 2, integer=True)
         check_range("collapse_max_words", self.collapse_max_words, 0, integer=True)
         check_range("min_entity_chars", self.min_entity_chars, 0, integer=True)
+        check_range("lm_eval_num_fewshot", self.lm_eval_num_fewshot, 0, integer=True, optional=True)
+        if self.lm_eval_tasks is not None:
+            parse_lm_eval_tasks(self.lm_eval_tasks)
+            if self.suite != "retention":
+                raise InputError(
+                    "lm-eval tasks are retention probes: use --suite retention", field="lm_eval_tasks"
+                )
+        elif self.lm_eval_include is not None or self.lm_eval_num_fewshot is not None:
+            raise InputError(
+                "needs --lm-eval-tasks",
+                field="lm_eval_include" if self.lm_eval_include else "lm_eval_num_fewshot",
+            )
         inputs = {"data": self.data, "entities": self.entities, "kl_prompts": self.kl_prompts}
+        inputs["lm_eval_include"] = self.lm_eval_include
         check_distinct({"out": self.out}, inputs)
 
 
@@ -229,6 +270,17 @@ def data_hashes(folder: Path | None, files: Iterable[Path]) -> dict[str, Any]:
         "manifest_sha256": sha256_file(manifest) if manifest is not None and manifest.is_file() else None,
         "files": {p.name: sha256_file(p) for p in sorted(set(files))},
     }
+
+
+def gold_answers(path: Path) -> dict[str, list[str]]:
+    """Every accepted answer of the records that list them (`answers`, e.g. SQuAD's crowd answers), by id;
+    records without the field are scored against their `check` alone."""
+    golds = {}
+    for _, obj in read_jsonl(path):
+        answers = obj.get("answers")
+        if isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers):
+            golds[str(obj.get("id"))] = answers
+    return golds
 
 
 # --------------------------------------------------------------------------------------------------
@@ -597,6 +649,10 @@ def _evaluate_locked(
         "bf16": config.bf16,  # mirrors --dtype (float32 or bfloat16): the key results had before it
         "ppl_max_tokens": config.ppl_max_tokens,
     }
+    if config.lm_eval_tasks:  # only then: the settings of results without lm-eval keep their fingerprint
+        determines["lm_eval"] = plan_settings(
+            config.lm_eval_tasks, config.lm_eval_include, config.lm_eval_num_fewshot, config.limit
+        )
     settings = {
         **determines,
         "match": config.match,
@@ -615,6 +671,17 @@ def _evaluate_locked(
     if not config.overwrite and not in_process and stage.is_current():
         print(f"{out} is up to date for these settings; nothing to do (--overwrite to redo).")
         return json.loads(out.read_text(encoding="utf-8"))
+    # task names and their data are checked here, before any model loads
+    lm_eval_plan = (
+        prepare(
+            config.lm_eval_tasks,
+            config.lm_eval_include,
+            num_fewshot=config.lm_eval_num_fewshot,
+            limit=config.limit,
+        )
+        if config.lm_eval_tasks
+        else None
+    )
     stage.begin()
 
     journal = _journal_path(out)
@@ -646,6 +713,10 @@ def _evaluate_locked(
                 config, runner, probes, kl_prompts, max_new_tokens, rows, write, skipped, determines
             )
 
+    if lm_eval_plan is not None:
+        lm_eval = _run_lm_eval(config, runner, lm_eval_plan, determines)
+        result["_predictions"] += lm_eval.pop("_predictions")
+        result.update(lm_eval)
     predictions = result.pop("_predictions")
     atomic_write_jsonl(predictions_path(out), predictions)
     results = {
@@ -702,6 +773,7 @@ def _run_generation(
         # the corpus names its scorer (manifest answer_match); --match overrides it
         mode = modes[split] = resolve_match_mode(config.match, path)
         wrong_by = resolve_match_mode(config.taxonomy_on, None) if config.taxonomy_on else mode
+        golds = gold_answers(path) if config.suite == "qa" else None
         split_rows = []
         for fact in facts:
             row = dict(rows[("model", split, fact.id)])
@@ -709,6 +781,9 @@ def _run_generation(
                 row.pop(old, None)
             row.update(score_all(row["output"], fact.check))
             row["correct"] = row[mode] if mode in SCORING_MODES else True
+            if golds is not None:  # SQuAD's scores against every gold answer (a record's `answers`)
+                scores = squad_scores(row["output"], golds.get(fact.id) or [fact.check])
+                row.update(squad_em=scores["em"], squad_f1=scores["f1"], contained=scores["contained"])
             row["error"], row["leaked"] = None, []
             if not (row[wrong_by] if wrong_by in SCORING_MODES else True):
                 row["error"], row["leaked"] = taxonomy.classify(
@@ -721,6 +796,8 @@ def _run_generation(
             "file": path.name,
             **summarize_split(split_rows, mode, wrong_by),
         }
+        if golds is not None:
+            splits[split]["squad"] = squad_summary(split_rows)
     return {
         "match": modes,
         "splits": splits,
@@ -813,6 +890,32 @@ def _run_retention(
     }
 
 
+def _run_lm_eval(config: EvalConfig, runner: _Runner, plan, determines: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's tasks on the model and its base (mixsd.lmeval); the base's output cached like its probes."""
+    has_base = config.base is not None or runner._base is not None
+    same = runner._base is runner._model if runner._base is not None else config.base == config.model
+    cache = None
+    if has_base and not same and config.base_cache and (determines["base"] or {}).get("sha256"):
+        key = {
+            "base": determines["base"]["sha256"],
+            "lm_eval": determines["lm_eval"],
+            "batch_size": config.batch_size,  # padding moves the last digits of the log-likelihoods
+            "bf16": config.bf16,
+            "version": 1,
+        }
+        cache = _base_cache_file(key).with_suffix(".lm-eval.json")
+    return evaluate_tasks(
+        plan,
+        model=runner.model,
+        tokenizer=runner.tokenizer(),
+        base=runner.base if has_base else None,
+        base_is_model=same,
+        batch_size=config.batch_size,
+        autocast=runner.autocast,
+        base_cache=cache,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # `mixsd eval`
 # --------------------------------------------------------------------------------------------------
@@ -864,6 +967,7 @@ def format_results(results: dict[str, Any]) -> str:
             else:
                 text = f"KL(base||model) {p['kl_per_token']:.5f} nats/token over {p['tokens']} tokens"
             lines.append(f"{name:<18}n={p['n']:<5} {text}")
+    lines += [format_task(name, summary) for name, summary in results.get("lm_eval", {}).items()]
     for s in results.get("skipped", []):
         lines.append(f"skipped {s['split']}: {s['reason']}")
     lines.append(f"{results['seconds']:.1f} s")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mixsd.files import atomic_write_jsonl, atomic_write_text
+from mixsd.lmeval import lm_eval_columns
 from mixsd.metrics import analysis_columns, probe_columns, split_columns
 
 # Which score of each retention probe counts (the notes: social_iqa is read length-normalized).
@@ -102,6 +103,11 @@ def cell_row(
         ratio = row[f"{probe}_retention"]
         if ratio is not None:
             ratios.append(ratio)
+    # lm-evaluation-harness tasks run by the retention eval (`--lm-eval-tasks`): the same columns, by task
+    for task, summary in results["retention"].get("lm_eval", {}).items():
+        row.update(lm_eval_columns(task, summary))
+        if summary.get("retention") is not None:
+            ratios.append(summary["retention"])
     if "unseen_acc" in row and cell.method != "base":
         row["unseen_retention"] = None  # filled against the base row in `add_relative_scores`
     row["retention_mean"] = sum(ratios) / len(ratios) if ratios else None

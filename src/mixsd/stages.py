@@ -25,7 +25,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -61,9 +61,16 @@ def file_hash(path: str | os.PathLike) -> str | None:
 
 
 def config_settings(config: Any, ignore: Iterable[str] = ()) -> dict[str, Any]:
-    """A config dataclass as settings, without the fields that do not change its output."""
+    """A config dataclass as settings, without the fields that do not change its output.
+
+    A field whose metadata has `"omit_default": True` is left out while it holds its default: an option
+    added after results were recorded then keeps those results current until someone uses it."""
     values = asdict(config) if is_dataclass(config) else dict(config)
     skip = set(ignore)
+    if is_dataclass(config):
+        skip |= {
+            f.name for f in fields(config) if f.metadata.get("omit_default") and values[f.name] == f.default
+        }
     return {key: value for key, value in values.items() if key not in skip}
 
 
