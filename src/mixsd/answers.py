@@ -239,3 +239,47 @@ def resolve_match_mode(explicit: str | None, corpus: str | Path | None) -> str:
     if explicit is not None:
         return canonical_mode(explicit)
     return (corpus_match_mode(corpus) if corpus is not None else None) or DEFAULT_MODE
+
+
+# --------------------------------------------------------------------------------------------------
+# SQuAD's scores (Rajpurkar et al., 2016; its official evaluate-v1.1.py): exact match and token F1 of
+# the final answer, the maximum over the gold answers
+# --------------------------------------------------------------------------------------------------
+_SQUAD_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")  # Python's string.punctuation
+
+
+def squad_normalize(text: str) -> str:
+    """SQuAD's normalization, exactly: lower case, drop ASCII punctuation, the articles a/an/the, squash
+    whitespace. (Unlike `normalize` it keeps accents and removes hyphens and decimal points, as SQuAD does.)"""
+    text = "".join(c for c in text.lower() if c not in _SQUAD_PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_exact(prediction: str, gold: str) -> bool:
+    return squad_normalize(prediction) == squad_normalize(gold)
+
+
+def squad_f1(prediction: str, gold: str) -> float:
+    """Harmonic mean of token precision and recall between the normalized texts (bag of tokens)."""
+    from collections import Counter
+
+    predicted, wanted = squad_normalize(prediction).split(), squad_normalize(gold).split()
+    common = sum((Counter(predicted) & Counter(wanted)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(wanted)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(text: str, golds: list[str]) -> dict[str, float | bool]:
+    """A generated answer scored as SQuAD scores it: `em` and `f1` of its final answer (`extract_answer`:
+    last \\boxed{}, else what follows "answer is", else its last line), each the maximum over `golds`; and
+    `contained`, whether any gold answer appears in the whole text as whole words (`entity_match`), the
+    lenient rate for free-form answers."""
+    answer = extract_answer(text)
+    return {
+        "em": any(squad_exact(answer, gold) for gold in golds),
+        "f1": max((squad_f1(answer, gold) for gold in golds), default=0.0),
+        "contained": any(entity_match(text, gold) for gold in golds),
+    }

@@ -146,19 +146,27 @@ class Cell:
     # training options of this cell on top of the `train` section: one setting of a sweep, in the
     # order the method entry lists them, e.g. (("lora_rank", 16), ("lr", 0.003))
     settings: tuple[tuple[str, Any], ...] = ()
+    # what this cell's targets are made with, where the method entry differs from the default: sft's
+    # `target` (("target", "statement")), mixsd's `mix` options on top of the `mix` section
+    # (("retries", 30), ("on_failure", "drop")); in the entry's order
+    target_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
         if self.method == "base":
             return "base"
         lam = f"-lam{self.lam:g}" if self.lam is not None else ""
+        target = "".join(f"-{_target_option_name(k, v)}" for k, v in self.target_options)
         setting = "".join(f"-{SETTING_NAMES.get(k, k)}{_setting_value(v)}" for k, v in self.settings)
-        return f"{self.method}{lam}{setting}-s{self.seed}"
+        return f"{self.method}{lam}{target}{setting}-s{self.seed}"
 
     @property
     def family(self) -> str:
-        """The method (and λ): the settings of a sweep compete within it under the selection rule."""
-        return METHOD_LABELS[self.method] + (f" λ={self.lam:g}" if self.lam is not None else "")
+        """The method (and λ, and its target options): the settings of a sweep compete within it under the
+        selection rule. Other targets are another family ("SFT statement", "MixSD λ=0.3 on_failure=drop")."""
+        lam = f" λ={self.lam:g}" if self.lam is not None else ""
+        target = "".join(f" {_target_option_label(k, v)}" for k, v in self.target_options)
+        return METHOD_LABELS[self.method] + lam + target
 
     @property
     def setting(self) -> str:
@@ -178,9 +186,38 @@ class Cell:
 
     @property
     def targets_cell(self) -> Cell:
-        """The cell whose folder holds this cell's targets: every setting of one method, λ and seed
-        trains on the same targets, made once (the bare cell without settings)."""
+        """The cell whose folder holds this cell's targets: every setting of one method, λ, target options
+        and seed trains on the same targets, made once (the bare cell without settings)."""
         return replace(self, settings=())
+
+
+# Target options in cell names and family labels: those named here show their value only
+# ("sft-statement", "mixsd-lam0.3-drop"); every other one its name without underscores, then its value
+# ("verifynone", "retries30"). An expert template that is no single word (a file, the text itself) is named
+# by its file's stem or the text's hash.
+TARGET_OPTION_VALUE_ONLY = {"target", "on_failure", "expert_template"}
+TARGET_OPTION_LABELS = {"target": "", "expert_template": "template"}
+
+
+def _target_option_value(key: str, value: Any) -> str:
+    if key == "expert_template" and isinstance(value, str) and not value.isalnum():
+        from mixsd.files import sha256_text
+
+        path = Path(value)
+        return (
+            f"file-{path.stem}" if len(value) < 4096 and path.is_file() else f"text{sha256_text(value)[:8]}"
+        )
+    return _setting_value(value)
+
+
+def _target_option_name(key: str, value: Any) -> str:
+    prefix = "" if key in TARGET_OPTION_VALUE_ONLY else key.replace("_", "")
+    return prefix + _target_option_value(key, value)
+
+
+def _target_option_label(key: str, value: Any) -> str:
+    label = TARGET_OPTION_LABELS.get(key, key)
+    return f"{label}={_target_option_value(key, value)}" if label else _target_option_value(key, value)
 
 
 @dataclass
@@ -230,7 +267,9 @@ def load_experiment(path: str | Path, out: str | None = None) -> Experiment:
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise InputError("expected a non-empty list of integers", path, field="seeds")
-    cells = _cells(raw.get("methods") or ["base", "sft", {"mixsd": {"lam": [0.3]}}], seeds, path)
+    cells = _cells(
+        raw.get("methods") or ["base", "sft", {"mixsd": {"lam": [0.3]}}], seeds, path, raw.get("mix") or {}
+    )
     sections = {}
     for name in SECTIONS:
         value = raw.get(name) or {}
@@ -410,7 +449,9 @@ def _validate(experiment: Experiment) -> None:
         runner.plan(cell)
 
 
-def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
+def _cells(methods: list[Any], seeds: list[int], path: Path, mix_section: Any = None) -> list[Cell]:
+    """The grid's cells from its method entries. `mix_section`: the file's `mix` section, which a mixsd
+    entry's target options are compared with (only those that differ name the cell)."""
     cells: list[Cell] = []
     for i, entry in enumerate(methods):
         options: dict[str, Any] = {}
@@ -446,21 +487,88 @@ def _cells(methods: list[Any], seeds: list[int], path: Path) -> list[Cell]:
             raise InputError("expected a list of integers", path, field=f"methods[{i}].seeds")
         lams = options.get("lam", [0.3]) if method == "mixsd" else [None]
         lams = lams if isinstance(lams, list) else [lams]
+        target_keys = _target_option_keys(method)
+        targets = _target_sweeps(
+            method,
+            {k: v for k, v in options.items() if k in target_keys},
+            mix_section if isinstance(mix_section, dict) else {},
+            path,
+            f"methods[{i}]",
+        )
         sweeps = _setting_sweeps(
-            {k: v for k, v in options.items() if k not in ("lam", "seeds")}, path, f"methods[{i}]"
+            {k: v for k, v in options.items() if k not in ("lam", "seeds", *target_keys)},
+            path,
+            f"methods[{i}]",
         )
         for lam in lams:
             if lam is not None and not (isinstance(lam, int | float) and 0 <= lam <= 1):
                 raise InputError(f"lam must be in [0, 1], got {lam!r}", path, field=f"methods[{i}].lam")
-            for setting in sweeps:
-                cells.extend(
-                    Cell(method, None if lam is None else float(lam), seed, setting) for seed in method_seeds
-                )
+            for target in targets:
+                for setting in sweeps:
+                    cells.extend(
+                        Cell(method, None if lam is None else float(lam), seed, setting, target)
+                        for seed in method_seeds
+                    )
     names = [cell.name for cell in cells]
     for name in names:
         if names.count(name) > 1:
             raise InputError(f"cell {name} is declared twice", path, field="methods")
     return cells
+
+
+def _target_option_keys(method: str) -> set[str]:
+    """What a method entry may say about its targets: sft's `target`; for mixsd every `mix` option that
+    decides what the targets are (not the runner's fields, nor those of speed or loading)."""
+    if method == "sft":
+        return {"target"}
+    if method == "mixsd":
+        from mixsd.targets import MixConfig
+
+        names = {f.name for f in fields(MixConfig) if f.init}
+        return names - RUNNER_SET["mix"][2] - set(MIX_SPEED_ONLY) - {"trust_remote_code"}
+    return set()
+
+
+def _target_sweeps(
+    method: str, options: dict[str, Any], mix_section: dict[str, Any], path: Path, where: str
+) -> list[tuple[tuple[str, Any], ...]]:
+    """The target options a method entry sweeps (each a value or a list, crossed in the order listed), each
+    kept only where it differs from what the cell would get without it (sft: target answer; mixsd: the
+    `mix` section, else MixConfig's default), so an entry that repeats the section names the same cells.
+    Types are checked here, ranges when the targets' config is built."""
+    if not options:
+        return [()]
+    if method == "sft":
+        from mixsd.targets import SFT_TARGETS
+
+        hints: dict[str, Any] = {"target": Literal[SFT_TARGETS]}  # type: ignore[valid-type]
+        defaults: dict[str, Any] = {"target": "answer"}
+    else:
+        from mixsd.targets import MixConfig
+
+        hints = typing.get_type_hints(MixConfig)
+        defaults = {f.name: f.default for f in fields(MixConfig) if f.init}
+        for key, value in mix_section.items():
+            if key in options:
+                fits, coerced = _coerce(value, hints.get(key))
+                defaults[key] = coerced if fits else value
+    axes = []
+    for key, values in options.items():
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise InputError("expected a value or a non-empty list", path, field=f"{where}.{key}")
+        axis = []
+        for value in values:
+            fits, coerced = _coerce(value, hints.get(key))
+            if not fits or isinstance(coerced, dict | list):
+                raise InputError(
+                    f"expected {_type_text(hints.get(key))}; got {value!r}", path, field=f"{where}.{key}"
+                )
+            axis.append(None if coerced == defaults.get(key) else (key, coerced))
+        axes.append(axis)
+    return [
+        tuple(pair for pair in combination if pair is not None) for combination in itertools.product(*axes)
+    ]
 
 
 def _setting_sweeps(options: dict[str, Any], path: Path, where: str) -> list[tuple[tuple[str, Any], ...]]:
@@ -477,8 +585,8 @@ def _setting_sweeps(options: dict[str, Any], path: Path, where: str) -> list[tup
     for key, values in options.items():
         if key not in allowed:
             raise InputError(
-                "unknown method option (a method entry takes lam (mixsd), seeds, and `mixsd train` "
-                "options to sweep, each a value or a list)",
+                "unknown method option (a method entry takes seeds, `mixsd train` options to sweep, each "
+                "a value or a list, and target options: sft's target, mixsd's lam and `mix` options)",
                 path,
                 field=f"{where}.{key}",
             )
@@ -915,14 +1023,20 @@ class Runner:
         targets_file = targets_dir / "targets.jsonl"
         targets: Stage | None = None
         if cell.method == "sft":
+            sft_target = dict(cell.target_options).get("target", "answer")
             targets = Stage(
                 "targets",
                 targets_file,
-                {"method": "sft", "model": x.model},
+                # `target` only when it is not the answer: answer targets made before the option existed
+                # stay current
+                {"method": "sft", "model": x.model, **dict(cell.target_options)},
                 inputs=[train_file],
                 record=targets_dir / "stages" / "targets.json",
             )
-            plan["targets"] = (targets, lambda discard: self._sft_targets(train_file, targets_file))
+            plan["targets"] = (
+                targets,
+                lambda discard: self._sft_targets(train_file, targets_file, sft_target),
+            )
         elif cell.method == "mixsd":
             base = {
                 "model": x.model,
@@ -931,7 +1045,10 @@ class Runner:
                 "lam": cell.lam,
                 "seed": cell.seed,
             }
-            mix_config = _configure(MixConfig, base, [("mix", x.sections["mix"])], x)
+            mix_sections = [("mix", x.sections["mix"])]
+            if cell.target_options:  # the entry's own mix options win over the section's
+                mix_sections.append((f"methods.{cell.method}", dict(cell.target_options)))
+            mix_config = _configure(MixConfig, base, mix_sections, x)
             targets = Stage(
                 "targets",
                 [targets_file, summary_path(targets_file)],
@@ -1109,6 +1226,8 @@ class Runner:
         row_settings = {"cell": cell.name, "method": cell.method, "lam": cell.lam, "seed": cell.seed}
         if cell.settings:  # (kept out when empty: rows of grids without sweeps stay current)
             row_settings["settings"] = [list(pair) for pair in cell.settings]
+        if cell.target_options:  # (likewise)
+            row_settings["target_options"] = [list(pair) for pair in cell.target_options]
         row = Stage(
             "row",
             folder / "cell.json",
@@ -1120,14 +1239,12 @@ class Runner:
         plan["row"] = (row, lambda discard: self._write_row(cell, plan))
         return plan
 
-    def _sft_targets(self, train_file: Path, targets_file: Path) -> None:
+    def _sft_targets(self, train_file: Path, targets_file: Path, target: str = "answer") -> None:
         from mixsd.models import load_tokenizer
-        from mixsd.records import load_corpus
-        from mixsd.targets import sft_target_rows
+        from mixsd.targets import load_sft_facts, sft_target_rows
 
-        atomic_write_jsonl(
-            targets_file, sft_target_rows(load_corpus(train_file), load_tokenizer(self.x.model))
-        )
+        facts = load_sft_facts(train_file, target)  # refuses a record without its statement, no model loaded
+        atomic_write_jsonl(targets_file, sft_target_rows(facts, load_tokenizer(self.x.model), target))
 
     def _mix(self, config, discard: bool) -> None:
         from mixsd.targets import mix
@@ -1165,6 +1282,8 @@ class Runner:
 
             mix_summary = read(summary_path(self.cell_dir(cell.targets_cell) / "targets.jsonl"))
         row = cell_row(cell, results, analyses, train_summary, mix_summary)
+        if cell.target_options:  # what the cell's targets were made with, beside its name and family
+            row.update(family=cell.family, target_options=dict(cell.target_options))
         # compute time of the stages as last made (each counted by the process that made it)
         seconds = [
             (stage.recorded() or {}).get("seconds") for name, (stage, _) in plan.items() if name != "row"

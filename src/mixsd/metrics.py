@@ -23,6 +23,9 @@ Z95 = 1.959963984540054
 ERROR_TYPES = ("format", "leakage", "collapse", "genuine")
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
+# The paper's tables count target tokens with NLL > 5 nats under the base model (p < e^-5 ~ 0.0067): tokens
+# the base model would almost never write. A constant, not an option, so every nll.json counts the same.
+HIGH_NLL_NATS = 5.0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Output layout of `--out DIR`:
                              complete by its mixsd_run.json, written last; a rerun resumes from the newest
                              complete one and removes incomplete ones (a kill while writing)
     DIR/curve.jsonl          with --eval_every_epoch: one row of scores per epoch (mixsd.curve)
+    DIR/opsd-diagnostics.jsonl  --method opsd: one row before training and one per epoch (mixsd.opsd)
     DIR/model/               the selected model: save_pretrained weights + tokenizer + mixsd_run.json
     DIR/summary.json         config, mixsd version, loss history, selected checkpoint
     DIR/stage.json           the settings fingerprint of the finished run (mixsd.stages): a rerun with
@@ -95,14 +96,21 @@ class TrainConfig(TrainingArguments):
             "help": "Target JSONL from `mixsd mix` or `mixsd sft-targets` (required unless --method opsd)."
         },
     )
-    method: Literal["sft", "opsd"] = field(
+    method: Literal["sft", "opsd", "cpt"] = field(
         default="sft",
         metadata={
             "help": "sft: NLL on the stored targets (serves MixSD and SFT targets alike); opsd: on-policy "
-            "self-distillation from the base model given the expert prompt (needs --corpus)."
+            "self-distillation from the base model given the expert prompt (needs --corpus); cpt: continued "
+            "pre-training, next-token NLL on the passages' text (needs --corpus)."
         },
     )
-    corpus: str | None = field(default=None, metadata={"help": "Corpus JSONL (--method opsd only)."})
+    corpus: str | None = field(
+        default=None,
+        metadata={
+            "help": "--method opsd: corpus JSONL; --method cpt: passages JSONL (`text` per line, e.g. a "
+            "documents corpus's documents/passages.jsonl) or corpus JSONL (its distinct `context` texts)."
+        },
+    )
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -131,7 +139,7 @@ class TrainConfig(TrainingArguments):
         },
     )
     opsd_rollouts: int = field(
-        default=4, metadata={"help": "OPSD: answers the student samples per prompt (T=1)."}
+        default=8, metadata={"help": "OPSD: answers the student samples per prompt (T=1; the paper: 8)."}
     )
     opsd_divergence: Literal["forward", "reverse", "jsd"] = field(
         default="forward",
@@ -334,7 +342,7 @@ class TrainConfig(TrainingArguments):
         from mixsd.options import check_range
 
         choices = {
-            "method": ("sft", "opsd"),
+            "method": ("sft", "opsd", "cpt"),
             "select": ("last", "best"),
             "opsd_divergence": ("forward", "reverse", "jsd"),
         }
@@ -346,9 +354,11 @@ class TrainConfig(TrainingArguments):
         if not isinstance(self.model, str) or not self.model:
             raise InputError("--model is required (a model name or folder)", field="model")
         if self.method == "sft" and not self.targets:
-            raise InputError("--targets is required (or use --method opsd with --corpus)", field="targets")
-        if self.method == "opsd" and not self.corpus:
-            raise InputError("--method opsd needs --corpus", field="corpus")
+            raise InputError(
+                "--targets is required (or use --method opsd or cpt with --corpus)", field="targets"
+            )
+        if self.method in ("opsd", "cpt") and not self.corpus:
+            raise InputError(f"--method {self.method} needs --corpus", field="corpus")
         if self.max_steps is None:
             self.max_steps = -1
         check_range("max_steps", self.max_steps, -1, integer=True)
@@ -647,6 +657,7 @@ def _prepare_out(config: TrainConfig, record: dict[str, Any], is_main: bool) -> 
                 "summary.json",
                 "model",
                 "curve.jsonl",
+                "opsd-diagnostics.jsonl",
             ) or child.name.startswith("checkpoint-"):
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     elif config_file.is_file():
@@ -702,10 +713,17 @@ def _train_locked(config: TrainConfig, *, model=None, tokenizer=None) -> dict[st
     teacher = None
     if config.method == "opsd":
         from mixsd.opsd import opsd_examples
+        from mixsd.prompts import answer_end
 
-        train_dataset = opsd_examples(config.corpus, tokenizer, config.expert_template)
+        train_dataset = opsd_examples(
+            config.corpus, tokenizer, config.expert_template, answer_end(tokenizer, model)
+        )
         if config.lora_rank <= 0:  # full fine-tuning: keep a frozen copy of the base model as the teacher
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    elif config.method == "cpt":  # continued pre-training: the passages' own tokens (mixsd.cpt)
+        from mixsd.cpt import cpt_examples
+
+        train_dataset = cpt_examples(config.corpus, tokenizer, context_limit=limit)
     else:
         train_dataset = target_examples(
             load_targets(config.targets), vocab_size=vocab, context_limit=limit, path=config.targets
@@ -747,7 +765,8 @@ def _train_locked(config: TrainConfig, *, model=None, tokenizer=None) -> dict[st
         run_record=record,
     )
     if config.method == "opsd":
-        from mixsd.opsd import OPSDTrainer
+        from mixsd.answers import resolve_match_mode
+        from mixsd.opsd import DIAGNOSTICS_FILE, OPSDTrainer
         from mixsd.prompts import answer_end
 
         trainer = OPSDTrainer(
@@ -759,6 +778,9 @@ def _train_locked(config: TrainConfig, *, model=None, tokenizer=None) -> dict[st
             max_new_tokens=config.opsd_max_new_tokens,
             pad_id=pad_id,
             answer_end=answer_end(tokenizer, model),
+            tokenizer=tokenizer,
+            match_mode=resolve_match_mode(config.eval_match, config.corpus),
+            diagnostics_file=Path(config.out) / DIAGNOSTICS_FILE,
         )
     else:
         trainer = TokenCountingTrainer(**common, compute_loss_func=target_nll)
