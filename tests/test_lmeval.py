@@ -14,6 +14,7 @@ from mixsd.corpora.probes import load_probe
 from mixsd.evaluate import EvalConfig, evaluate, format_results, predictions_path
 from mixsd.files import InputError
 from mixsd.lmeval import EXPORT_METRIC, LmEvalExportConfig, export_lm_eval, mc_context, prepare
+from mixsd.report import _item_scores, lm_eval_markdown
 from mixsd.results import RETENTION_METRIC, cell_row
 from mixsd.scoring import choice_tokens
 
@@ -214,6 +215,14 @@ def test_eval_lm_eval_tasks_join_retention(tmp_path, probe_dir, models):
     assert row["lm_eval_mixsd_toy_mc_acc"] == task["metrics"]["acc,none"]["value"]
     assert row["lm_eval_mixsd_toy_mc_right_to_wrong"] == task["paired"]["right_to_wrong"]
     assert row["lm_eval_mixsd_toy_mc_retention"] == task["retention"]
+
+    # the report: the task's section and its items in the paired comparisons between cells (the eval's
+    # files are named as in an experiment cell's folder)
+    scores = _item_scores(tmp_path)
+    harness_items, probe_items = scores["lm_eval:mixsd_toy_mc (acc)"], scores["toy_mc (acc)"]
+    assert list(harness_items.values()) == list(probe_items.values())  # same items, same order, same outcomes
+    table = lm_eval_markdown([row])
+    assert any(line.startswith("| g | 1 | mixsd_toy_mc | acc,none | ") for line in table)
 
     # the base's harness output is cached: a second model against the same base reuses it
     assert Path(results["lm_eval_base_cache"]).is_file()

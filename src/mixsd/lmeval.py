@@ -639,6 +639,43 @@ def lm_eval_columns(task: str, summary: dict[str, Any]) -> dict[str, Any]:
     return columns
 
 
+def item_outcomes(summaries: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, dict[str, bool]]:
+    """Per reported task, from a predictions file's rows of the model: item -> right under the task's
+    headline metric (binary metrics only), keyed "lm_eval:TASK (METRIC)" for the report's paired
+    comparisons between cells."""
+    outcomes: dict[str, dict[str, bool]] = {}
+    for task, summary in summaries.items():
+        metric = summary.get("metric")
+        if not metric:
+            continue
+        name, _, filter_key = metric.partition(",")
+        leaves = set(summary.get("leaves") or [task])
+        items = {
+            f"{row['split']}:{row['doc_id']}": row[name] == 1.0
+            for row in rows
+            if row.get("who") == "model"
+            and row.get("kind") == "lm_eval"
+            and row["split"].removeprefix("lm_eval:") in leaves
+            and row.get("filter") == filter_key
+            and row.get(name) in (0.0, 1.0)
+        }
+        if items:
+            outcomes[f"lm_eval:{task} ({name})"] = items
+    return outcomes
+
+
+def table_tasks(rows: list[dict[str, Any]]) -> list[str]:
+    """The lm-eval tasks that have columns in a results table, in order of first appearance."""
+    tasks: list[str] = []
+    for row in rows:
+        for key in row:
+            if key.startswith("lm_eval_") and key.endswith("_metric"):
+                task = key[len("lm_eval_") : -len("_metric")]
+                if task not in tasks:
+                    tasks.append(task)
+    return tasks
+
+
 __all__ = [
     "LmEvalExportConfig",
     "LmEvalPlan",

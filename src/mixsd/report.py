@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mixsd.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from mixsd.lmeval import item_outcomes, table_tasks
 from mixsd.results import MAIN_COLUMNS, RETENTION_METRIC, aggregate
 from mixsd.tuning import SelectionRule
 
@@ -308,7 +309,61 @@ def _item_scores(cell_dir: Path) -> dict[str, dict[str, bool]]:
             metric = RETENTION_METRIC.get(row["split"], "acc")
             key = "correct_norm" if metric == "acc_norm" else "correct"
             scores.setdefault(f"{row['split']} ({metric})", {})[row["id"]] = bool(row[key])
+    retention = cell_dir / "retention.json"
+    if retention.is_file():  # lm-evaluation-harness tasks (mixsd.lmeval), under their headline metric
+        summaries = json.loads(retention.read_text(encoding="utf-8")).get("lm_eval") or {}
+        if summaries:
+            rows = _read_rows(cell_dir / "retention.predictions.jsonl")
+            scores.update(item_outcomes(summaries, rows))
     return scores
+
+
+LM_EVAL_HEADERS = [
+    "method",
+    "seeds",
+    "task",
+    "metric",
+    "model",
+    "base",
+    "retention",
+    "raw ratio",
+    "right→wrong",
+    "wrong→right",
+]
+
+
+def lm_eval_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The report's section on lm-evaluation-harness tasks (`mixsd eval --lm-eval-tasks`): per method and
+    task the headline metric of model and base, the retention and the per-item movement, over seeds."""
+    tasks = table_tasks(rows)
+    if not tasks:
+        return []
+    groups = _groups(rows)
+    md = [
+        "## Retention through lm-evaluation-harness",
+        "",
+        "Tasks run by lm-eval in-process on each model and its base with identical settings "
+        "(`retention: {lm_eval_tasks: ...}`). retention: for multiple-choice tasks (acc − chance) / "
+        "(acc_base − chance), `-` when the base is not above chance; else model / base (the raw ratio "
+        "beside it); right→wrong / wrong→right: items of lm-eval's logged samples, model against base.",
+        "",
+        "| " + " | ".join(LM_EVAL_HEADERS) + " |",
+        "|" + "---|" * len(LM_EVAL_HEADERS),
+    ]
+    for task in tasks:
+        prefix = f"lm_eval_{task}"
+        metric = next((r[f"{prefix}_metric"] for r in rows if r.get(f"{prefix}_metric")), None)
+        value = f"{prefix}_{(metric or 'score').split(',')[0]}"
+        columns = [value, *(f"{prefix}_{k}" for k in ("base", "retention", "retention_raw"))]
+        columns += [f"{prefix}_right_to_wrong", f"{prefix}_wrong_to_right"]
+        for entry in aggregate(rows, columns):
+            if all(entry[c] is None for c in columns):
+                continue
+            cells = [table_cell(entry, groups[entry["group"]], c) for c in columns]
+            md.append(
+                f"| {entry['group']} | {entry['seeds']} | {task} | {metric} | " + " | ".join(cells) + " |"
+            )
+    return [*md, ""]
 
 
 def paired_comparisons(cells_dir: Path, rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -1051,6 +1106,8 @@ def write_report(
         "variation. Every cell's raw numbers: `results.csv`.",
         "",
     ]
+    lm_eval_md = lm_eval_markdown(rows)
+    md += lm_eval_md
     if comparisons:
         md += [
             "## Paired comparisons (same items)",
@@ -1102,7 +1159,7 @@ transformers {meta["transformers"]}, Python {meta["python"]}; finished {html.esc
 <h2>Results (mean [95% interval] ± sd over seeds)</h2><table><tr>{head}</tr>{body}</table>
 <p>{html.escape(SINGLE_SEED_MARK)} single seed: the interval covers the sampling of items only.
 Accuracy under the corpus's own matcher ({html.escape(", ".join(modes) or "entity")}).
-Raw rows: <code>results.csv</code>, <code>results.jsonl</code>.</p>{_comparisons_html(comparisons)}{_section_html(analyses)}{_section_html(tuning_md)}{images}
+Raw rows: <code>results.csv</code>, <code>results.jsonl</code>.</p>{_section_html(lm_eval_md)}{_comparisons_html(comparisons)}{_section_html(analyses)}{_section_html(tuning_md)}{images}
 <h2>Configuration</h2><pre>{html.escape(_yaml(meta["config"]))}</pre></body></html>"""
     html_path = out / "report.html"
     atomic_write_text(html_path, page)
