@@ -92,14 +92,14 @@ def models(tmp_path_factory):
     return SimpleNamespace(tokenizer=tokenizer, **folders)
 
 
-def _run_harness(folder: Path, include: Path, task: str) -> dict:
+def _run_harness(folder: Path, include: Path, tasks: list[str]) -> dict:
     """lm-eval as a user runs it on a model folder: HFLM loads it, the export is an include path."""
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=str(folder), device="cpu", batch_size=4)
     manager = TaskManager(include_path=str(include), include_defaults=False)
-    return lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True)
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, log_samples=True)
 
 
 def test_mc_context_reproduces_mixsd_split(models):
@@ -125,7 +125,8 @@ def test_export_scores_equal_mixsd_eval(tmp_path, probe_dir, models):
     assert set(manifest["tasks"]) == {"mixsd_toy_mc", "mixsd_toy_text"}
     assert manifest["skipped"][0]["file"] == "toy_gen.jsonl"
 
-    harness = _run_harness(models.model, out, "mixsd_toy_mc")
+    harness = _run_harness(models.model, out, ["mixsd_toy_mc", "mixsd_toy_text"])
+    assert harness["results"]["mixsd_toy_text"]["word_perplexity,none"] > 1  # the text task runs too
     samples = sorted(harness["samples"]["mixsd_toy_mc"], key=lambda s: s["doc_id"])
 
     results = evaluate(

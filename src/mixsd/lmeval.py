@@ -167,12 +167,9 @@ def _task_yaml(task: str, data_file: Path, kind: str, metric: str | None) -> str
         config.update(output_type="loglikelihood_rolling", doc_to_text="", doc_to_target="text")
     config.update(
         num_fewshot=0,
+        # perplexities keep the harness's own aggregations (weighted by words / bytes)
         metric_list=[
-            {
-                "metric": m,
-                "aggregation": "mean" if kind == "mc" else m,
-                "higher_is_better": kind == "mc",
-            }
+            {"metric": m, "aggregation": "mean", "higher_is_better": True} if kind == "mc" else {"metric": m}
             for m in metrics
         ],
         metadata={"version": float(VERSION), "mixsd_metric": metric or metrics[0]},
