@@ -33,7 +33,7 @@ import torch
 from mixsd import __version__
 from mixsd.files import InputError, atomic_write_json, read_jsonl, sha256_file
 from mixsd.generation import autocast, tail_logprobs
-from mixsd.metrics import wilson_interval
+from mixsd.metrics import HIGH_NLL_NATS, wilson_interval
 from mixsd.models import load_for_inference, model_fingerprint
 from mixsd.options import ModelOptions, check_distinct, check_range
 from mixsd.prompts import encode_answer, encode_prompt
@@ -43,9 +43,6 @@ from mixsd.scoring import choice_tokens
 # Fixed histogram edges (nats), so histograms of different target files line up bin for bin.
 NLL_BIN_EDGES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-# The paper's tables count target tokens with NLL > 5 nats under the base model (p < e^-5 ~ 0.0067): tokens
-# the base model would almost never write. A constant, not an option, so every nll.json counts the same.
-HIGH_NLL_NATS = 5.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,7 +152,11 @@ def target_nll(config: NLLConfig, *, model=None) -> dict[str, Any]:
                 "tokens": len(nlls),
                 "mean_nll": sum(nlls) / len(nlls),
                 "sum_nll": sum(nlls),
+                # tokens above HIGH_NLL_NATS: with `correct` and `source`, the high-NLL share of a subset
+                # (verified targets, per token or per target: mixsd.target_accounting)
+                "high_nll_tokens": sum(value > HIGH_NLL_NATS for value in nlls),
                 "correct": row.get("correct"),
+                "source": row.get("source"),
             }
         )
     result = {
