@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from mixsd import __version__
 from mixsd.answers import SCORING_MODES, resolve_match_mode, score_all, squad_scores
@@ -190,30 +190,32 @@ class EvalConfig(ModelOptions):
     overwrite: bool = field(
         default=False, metadata={"help": "Recompute even if results for these settings exist."}
     )
-    # lm-evaluation-harness tasks as retention probes (mixsd.lmeval); omit_default: results recorded before
-    # these options existed stay current while they are unset
+    # lm-evaluation-harness tasks as retention probes (mixsd.lmeval); OMIT_WHILE_DEFAULT: results recorded
+    # before these options existed stay current while they are unset (stages.config_settings)
     lm_eval_tasks: str | None = field(
         default=None,
         metadata={
             "help": "Comma-separated lm-evaluation-harness tasks (or groups, tags) run in-process on the "
             "model and --base with identical settings (retention suite; needs `pip install "
             "'mixsd[lm-eval]'`); their data must be local when offline.",
-            "omit_default": True,
         },
     )
     lm_eval_include: str | None = field(
         default=None,
         metadata={
             "help": "Folder of extra lm-eval task YAMLs (e.g. from `mixsd probes export-lm-eval`).",
-            "omit_default": True,
         },
     )
     lm_eval_num_fewshot: int | None = field(
         default=None,
         metadata={
             "help": "Few-shot examples for every lm-eval task; default: each task's own.",
-            "omit_default": True,
         },
+    )
+    OMIT_WHILE_DEFAULT: ClassVar[tuple[str, ...]] = (
+        "lm_eval_tasks",
+        "lm_eval_include",
+        "lm_eval_num_fewshot",
     )
 
     def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)

@@ -63,14 +63,14 @@ def file_hash(path: str | os.PathLike) -> str | None:
 def config_settings(config: Any, ignore: Iterable[str] = ()) -> dict[str, Any]:
     """A config dataclass as settings, without the fields that do not change its output.
 
-    A field whose metadata has `"omit_default": True` is left out while it holds its default: an option
-    added after results were recorded then keeps those results current until someone uses it."""
+    The fields a config class names in `OMIT_WHILE_DEFAULT` (a class attribute, not a field) are left out
+    while they hold their default: an option added after results were recorded then keeps those results
+    current until someone uses it. (Not field metadata: HfArgumentParser passes that to argparse.)"""
     values = asdict(config) if is_dataclass(config) else dict(config)
     skip = set(ignore)
     if is_dataclass(config):
-        skip |= {
-            f.name for f in fields(config) if f.metadata.get("omit_default") and values[f.name] == f.default
-        }
+        omit = set(getattr(config, "OMIT_WHILE_DEFAULT", ()))
+        skip |= {f.name for f in fields(config) if f.name in omit and values[f.name] == f.default}
     return {key: value for key, value in values.items() if key not in skip}
 
 
