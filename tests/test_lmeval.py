@@ -269,3 +269,24 @@ def test_load_probe_reads_exported_data(tmp_path, probe_dir):
     kind, items = load_probe(out / "mixsd_toy_mc.jsonl", None)
     assert kind == "mc" and len(items) == 3
     assert [i["query"] for i in items] == [i["query"] for i in load_probe(probe_dir / "toy_mc.jsonl", 3)[1]]
+
+
+def test_cli(tmp_path, probe_dir, capsys):
+    """Both commands through `mixsd`: the export (OUT positional), and eval's options parsed, with
+    one-line errors (status 2) for an existing export folder and lm-eval tasks outside the retention suite."""
+    from mixsd.cli import main
+
+    out = tmp_path / "export"
+    assert main(["probes", "export-lm-eval", str(out), "--probes", str(probe_dir)]) == 0
+    assert "lm_eval --model hf" in capsys.readouterr().out
+    assert (out / "mixsd_toy_mc.yaml").is_file()
+    assert main(["probes", "export-lm-eval", str(out), "--probes", str(probe_dir)]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("export: already exists; choose a new folder (the export never overwrites)")
+    )
+    args = ["eval", "--model", "m", "--suite", "qa", "--out", str(tmp_path / "r.json")]
+    assert main([*args, "--lm-eval-tasks", "mixsd_toy_mc", "--lm-eval-include", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "field 'lm_eval_tasks': lm-eval tasks are retention probes" in err
