@@ -254,6 +254,14 @@ def test_lm_eval_errors_name_the_task_before_any_model_loads(tmp_path):
         EvalConfig(model=missing_model, suite="retention", out="x.json", lm_eval_include=str(include))
     with pytest.raises(InputError, match="not a folder"):
         prepare("far_away", str(tmp_path / "nowhere"))
+    # a task that would execute the model's output is refused too (its data is local here)
+    data = write_jsonl(tmp_path / "code.jsonl", [{"q": "def f():", "a": "  return 1"}])
+    (include / "code.yaml").write_text(
+        f"task: runs_code\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\nunsafe_code: true\n"
+    )
+    with pytest.raises(InputError, match="lm-eval task 'runs_code' executes the model's generated code"):
+        prepare("runs_code", str(include))
 
 
 def test_unknown_task_name_is_refused(tmp_path):

@@ -363,6 +363,13 @@ def prepare(
                 "export-lm-eval`, or the Hugging Face datasets cache)",
                 field="lm_eval_tasks",
             ) from None
+        unsafe = sorted(leaf for leaf, task in loaded["tasks"].items() if getattr(task, "UNSAFE_CODE", False))
+        if unsafe:  # lm-eval would refuse them only after the model ran; mixsd never executes model output
+            raise InputError(
+                f"lm-eval task '{name}' executes the model's generated code ({', '.join(unsafe[:3])}); "
+                "mixsd does not run such tasks: run them with lm_eval --confirm_run_unsafe_code yourself",
+                field="lm_eval_tasks",
+            )
         leaves[name] = sorted(loaded["tasks"])
         for leaf, task in loaded["tasks"].items():
             metadata = getattr(task.config, "metadata", None) or {}
