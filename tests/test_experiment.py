@@ -337,9 +337,9 @@ def test_a_swept_grid_with_curves_reports_trajectories_matched_memorization_and_
         ({"methods": [{"sft": {"colour": [1]}}]}, r"field 'methods\[0\].colour': unknown method option"),
         ({"methods": [{"sft": {"out": "x"}}]}, r"field 'methods\[0\].out'"),
         ({"methods": ["sft", {"sft": {"seeds": [0]}}]}, r"cell sft-s0 is declared twice"),
-        ({"methods": [{"sft": {"lr": [-1.0]}}]}, r"field 'methods.sft.lr'"),
+        ({"methods": [{"sft": {"lr": [-1.0]}}]}, r"field 'methods\[0\].lr'"),  # as the file writes it
         ({"curves": {"colour": 1}}, r"field 'curves.colour'"),
-        ({"curves": {"limit": "many"}}, r"field 'curves.eval_limit'"),
+        ({"curves": {"limit": "many"}}, r"field 'curves.limit'"),
         ({"train": {"eval_limit": 3}, "curves": True}, r"field 'train.eval_limit': the learning curve"),
         ({"select": {"memorization": 1.5}}, r"field 'select.memorization'"),
         ({"select": {"retention_at": "best"}}, r"field 'select.retention_at'"),

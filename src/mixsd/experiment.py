@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import platform
+import re
 import shlex
 import sys
 import time
@@ -49,12 +50,15 @@ from mixsd.files import (
     InputError,
     JournalWriter,
     LockHeld,
+    YamlDocument,
     atomic_copy,
     atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
     live_lock_holder,
     output_lock,
+    read_yaml,
+    require_input_file,
 )
 from mixsd.results import (
     MAIN_COLUMNS,
@@ -239,16 +243,49 @@ class Experiment:
 
 
 def load_experiment(path: str | Path, out: str | None = None) -> Experiment:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("experiment file not found", path)
+    """The experiment file, read strictly (a duplicated key is refused) and checked whole; every error
+    names the file, the line and the key as the file writes it."""
+    document = read_yaml(require_input_file(path, "experiment file not found"))
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise InputError(
-            f"invalid YAML: {getattr(err, 'problem', err)}", path, mark.line + 1 if mark else None
-        ) from None
+        return _experiment(document.path, document.data, out)
+    except InputError as err:
+        raise _as_written(err, document) from None
+
+
+def _as_written(err: InputError, document: YamlDocument) -> InputError:
+    """`err` about `document` with the field spelt as in the file and its line. The checks name some
+    fields by what they become (`curves.eval_limit` for `curves: {limit}`, `methods.sft.lr` for a swept
+    option, `train.learning_rate` for `lr`): each is turned back into the key the file writes."""
+    if err.line is not None or err.field is None or err.path is None or Path(err.path) != document.path:
+        return err
+    key_path: list[str | int] = [
+        int(part[1:-1]) if part.startswith("[") else part
+        for part in re.findall(r"\[\d+\]|[^.\[\]]+", err.field)
+    ]
+    data = document.data if isinstance(document.data, dict) else {}
+    if key_path[:1] == ["curves"] and len(key_path) > 1:
+        key_path[1] = {field: option for option, field in CURVE_OPTIONS.items()}.get(key_path[1], key_path[1])
+    elif key_path[:1] == ["methods"] and len(key_path) > 2 and isinstance(key_path[1], str):
+        entries = data.get("methods") if isinstance(data.get("methods"), list) else []
+        for index, entry in enumerate(entries):  # the first entry of that method that names the option
+            options = entry.get(key_path[1]) if isinstance(entry, dict) else None
+            if isinstance(options, dict) and key_path[2] in options:
+                key_path[1:2] = [index]
+                break
+    if tuple(key_path) not in document.lines and len(key_path) > 1:
+        from mixsd.train import ALIASES
+
+        spellings = {target: alias for alias, target in ALIASES.items()}
+        spellings.update(ALIASES)
+        other = (*key_path[:-1], spellings.get(key_path[-1]))
+        if other in document.lines:
+            key_path = list(other)
+    field_name = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in key_path)
+    return InputError(err.message, err.path, document.line(tuple(key_path)), field_name.lstrip("."))
+
+
+def _experiment(path: Path, raw: Any, out: str | None) -> Experiment:
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise InputError("expected a mapping at the top level", path)
     known = {"name", "model", "out", "corpus", "methods", "seeds", "curves", "select", *SECTIONS}
@@ -267,6 +304,10 @@ def load_experiment(path: str | Path, out: str | None = None) -> Experiment:
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise InputError("expected a non-empty list of integers", path, field="seeds")
+    if not isinstance(raw.get("methods") or [], list):  # a bare `methods: sft` is no list of letters
+        raise InputError(
+            "expected a list of methods (- base, - sft, - mixsd: {lam: 0.3} ...)", path, field="methods"
+        )
     cells = _cells(
         raw.get("methods") or ["base", "sft", {"mixsd": {"lam": [0.3]}}], seeds, path, raw.get("mix") or {}
     )
@@ -422,6 +463,10 @@ CAPABILITY_SPEED_ONLY = ("batch_size", "device", "threads", "dtype", "trust_remo
 
 def _validate(experiment: Experiment) -> None:
     """Build every config of every cell now, so a bad value fails at load, before any work is done."""
+    # (the runner reads `retention.data` when it is made: its type first)
+    for key, kind in RETENTION_EXTRA.items():
+        if key in experiment.sections["retention"]:
+            _typed(experiment.sections["retention"][key], kind, experiment, f"retention.{key}")
     runner = Runner(experiment)
     runner.corpus_config()
     for key, kind in ANALYSES_OPTIONS.items():
@@ -434,9 +479,6 @@ def _validate(experiment: Experiment) -> None:
                 experiment.path,
                 field=f"analyses.{key}",
             )
-    for key, kind in RETENTION_EXTRA.items():
-        if key in experiment.sections["retention"]:
-            _typed(experiment.sections["retention"][key], kind, experiment, f"retention.{key}")
     if (experiment.curves or {}).get("known_facts") and not experiment.sections["retention"].get(
         "known_facts"
     ):

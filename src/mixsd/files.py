@@ -7,11 +7,14 @@ and writes its final output through `atomic_write_*` (so a reader never sees hal
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -42,6 +45,7 @@ class InputError(ValueError):
             where.append(f"field '{field}'")
         super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
         self.path, self.line, self.field = path, line, field
+        self.message = message  # without the file, line and field (to re-raise it with more of them)
 
 
 class LockHeld(InputError):
@@ -52,6 +56,49 @@ class LockHeld(InputError):
         self.holder = holder
 
 
+def input_file_problem(path: str | os.PathLike) -> str | None:
+    """What keeps `path` from being read as an input file, in words ("is a folder, not a file", "is a
+    symbolic link loop" ...), or None when it is a regular file. Every "file not found" check asks this,
+    so a folder or a broken link is never reported as missing."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if err.errno == errno.ENOTDIR:
+            return "not found (a part of the path is a file, not a folder)"
+        if err.errno in (errno.EACCES, errno.EPERM):
+            return f"cannot be read ({err.strerror}: check the permissions of its folders)"
+        return "file not found" if err.errno == errno.ENOENT else f"cannot be read ({err.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    return None
+
+
+def require_input_file(path: str | os.PathLike, missing: str = "file not found") -> Path:
+    """`path` as a Path when it is a readable regular file, else InputError naming it and the problem
+    (`missing` replaces the plain "file not found", e.g. to say what creates the file)."""
+    problem = input_file_problem(path)
+    if problem is not None:
+        raise InputError(missing if problem == "file not found" else problem, path)
+    return Path(path)
+
+
+def read_input_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of an input file; any failure is an InputError that names the file as an input (so a
+    permission problem is never taken for an output's)."""
+    require_input_file(path)
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read this input ({err.strerror or err})", path) from None
+
+
 def read_jsonl(
     path: str | os.PathLike, on_error: Callable[[str, int], None] | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -60,10 +107,12 @@ def read_jsonl(
     A line that is not a JSON object raises InputError, or, when `on_error` is given, is reported to
     `on_error(message, line)` and skipped (importers use this for --skip-bad).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found", path)
-    with path.open("rb") as handle:
+    path = require_input_file(path)
+    try:
+        handle = path.open("rb")
+    except OSError as err:
+        raise InputError(f"cannot read this input ({err.strerror or err})", path) from None
+    with handle:
         # Bytes in, decoded line by line: a non-UTF-8 byte is then reported with its line, not as a bare
         # UnicodeDecodeError from somewhere inside the file. A BOM on the first line is tolerated.
         for line_no, raw in enumerate(handle, start=1):
@@ -94,13 +143,95 @@ def read_jsonl(
 
 def read_text(path: str | os.PathLike) -> str:
     """A whole UTF-8 text file (a BOM is dropped); a byte that is not UTF-8 raises InputError with its line."""
-    raw = Path(path).read_bytes()
+    raw = read_input_bytes(path)
     raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise InputError(f"not UTF-8 text (byte 0x{raw[err.start]:02x})", path, line) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class YamlDocument:
+    """A YAML file read strictly: its data (plain dicts, lists and scalars) and the line of every key.
+
+    `lines` maps a key path, ("methods", 0, "mixsd", "lam"), to the 1-based line where that key (or list
+    item) is written; `line` finds it for a path or, for a value the file does not spell out, the line
+    of its nearest written parent."""
+
+    path: Path
+    data: Any
+    lines: dict[tuple[str | int, ...], int]
+
+    def line(self, key_path: tuple[str | int, ...]) -> int | None:
+        for end in range(len(key_path), 0, -1):
+            if key_path[:end] in self.lines:
+                return self.lines[key_path[:end]]
+        return None
+
+
+def read_yaml(path: str | os.PathLike) -> YamlDocument:
+    """Read a YAML file strictly: a key written twice in one mapping is an InputError naming the key as
+    written and both lines (PyYAML would keep the last silently), and so is invalid YAML or text that is
+    not UTF-8. Only plain data is built (yaml.SafeLoader: no tags that run code)."""
+    import yaml
+
+    path = Path(path)
+    text = read_text(path)
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # `<<: *defaults` is meant to be overridden
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # an unhashable key: SafeLoader reports it below
+                        continue
+                    if first is not None:
+                        raise InputError(
+                            f"key '{key_node.value}' is written twice in one mapping (first on line "
+                            f"{first}); YAML would silently keep only the last",
+                            path,
+                            key_node.start_mark.line + 1,
+                        )
+                    seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    loader = StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+        lines: dict[tuple[str | int, ...], int] = {}
+        _record_lines(loader, node, (), lines)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise InputError(
+            f"invalid YAML: {getattr(err, 'problem', None) or err}", path, mark.line + 1 if mark else None
+        ) from None
+    finally:
+        loader.dispose()
+    return YamlDocument(path, data, lines)
+
+
+def _record_lines(loader: Any, node: Any, key_path: tuple[str | int, ...], lines: dict) -> None:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            lines[(*key_path, key)] = key_node.start_mark.line + 1
+            _record_lines(loader, value_node, (*key_path, key), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*key_path, index)] = item.start_mark.line + 1
+            _record_lines(loader, item, (*key_path, index), lines)
 
 
 def dumps(obj: Any) -> str:
