@@ -123,6 +123,12 @@ COMMANDS: dict[str, Command] = {
         "Write the probes as lm-evaluation-harness tasks (YAML + local data) for `lm_eval --include_path`.",
         positional=("out",),
     ),
+    "export trl": Command(
+        "mixsd.export",
+        "ExportTRLConfig",
+        "export_trl_command",
+        "Targets (or a corpus) as the datasets TRL's SFTTrainer (or self-distillation trainers) read.",
+    ),
     "experiment": Command(
         "mixsd.experiment",
         "ExperimentConfig",

@@ -416,6 +416,14 @@ class TrainConfig(TrainingArguments):
                     "it does not work with FSDP or DeepSpeed",
                     field="eval_every_epoch",
                 )
+        if _fsdp_requested(self) and (self.use_cpu or not _has_accelerator()):
+            # accelerate switches to FSDP only for GPU-like devices; on CPU it keeps plain DDP without a word
+            # (measured with accelerate 1.16: DistributedType.MULTI_CPU, unsharded parameters)
+            raise InputError(
+                "FSDP runs only on GPUs (or other accelerators): on CPU accelerate would train with plain DDP "
+                "instead; for several CPU processes use torchrun (DDP), see docs/training.md",
+                field="fsdp",
+            )
 
     def _derive_trainer_options(self) -> None:
         # The datasets are lists of dicts the collators read whole; Trainer must not drop "unused" columns.
@@ -437,6 +445,11 @@ class TrainConfig(TrainingArguments):
 def _strategy(value: Any) -> str:
     """An interval strategy as its name, whether given as text or already converted to the enum."""
     return str(getattr(value, "value", value))
+
+
+def _fsdp_requested(config: TrainingArguments) -> bool:
+    """FSDP asked for, by `--fsdp` or by an accelerate config (`accelerate launch` sets the variable)."""
+    return bool(config.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _has_accelerator() -> bool:
