@@ -156,8 +156,11 @@ def trl_text_tokens(tokenizer, prompt: str | list, completion: str | list) -> tu
 
 
 def _plain_text(tokenizer, ids: list[int]) -> str:
-    """Prompt text of the plain format without the leading BOS, which TRL's tokenizer call adds itself."""
-    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+    """Plain-format prompt text for TRL, which tokenizes text with the tokenizer's own call: the leading
+    BOS is left out when that call adds one itself (Llama-style tokenizers), else kept as text."""
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and list(tokenizer(text="a")["input_ids"][:1]) == [bos]
+    if adds_bos and ids and ids[0] == bos:
         ids = ids[1:]
     return tokenizer.decode(ids, skip_special_tokens=False)
 
