@@ -7,6 +7,8 @@ HfArgumentParser) and a function that takes it. Modules are imported only when t
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import errno
 import importlib
 import os
@@ -184,18 +186,51 @@ def _positional_to_options(command: Command, args: list[str]) -> list[str]:
     return out
 
 
+# Old spellings of options, still accepted with a warning: old -> the words that replace it. Each applies
+# to the commands whose config has the new option's field.
+RENAMED_OPTIONS: dict[str, tuple[str, ...]] = {
+    "--no-progress": ("--progress", "false"),  # mixsd train before `progress` took true/false
+    "--no_progress": ("--progress", "false"),
+}
+
+
+def _renamed_options(name: str, config_cls: type, args: list[str]) -> list[str]:
+    """`args` with every old spelling of an option of this command replaced by the new one (a warning
+    on stderr says which)."""
+    fields = {field.name for field in dataclasses.fields(config_cls)}
+    out = []
+    for arg in args:
+        new = RENAMED_OPTIONS.get(arg)
+        if new is not None and new[0].lstrip("-").replace("-", "_") in fields:
+            print(f"mixsd {name}: warning: {arg} is deprecated; use {' '.join(new)}", file=sys.stderr)
+            out += new
+        else:
+            out.append(arg)
+    return out
+
+
 def run_command(name: str, args: list[str]):
     from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str):
+            # argparse prints the whole usage first: a page for `train`, above the one line that matters
+            self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
     command = COMMANDS[name]
     module = importlib.import_module(command.module)
     config_cls = getattr(module, command.config)
-    parser = HfArgumentParser(config_cls, prog=f"mixsd {name}", description=command.summary)
+    parser = Parser(config_cls, prog=f"mixsd {name}", description=command.summary)
     config, unknown = parser.parse_args_into_dataclasses(
-        _positional_to_options(command, args), look_for_args_file=False, return_remaining_strings=True
+        _positional_to_options(command, _renamed_options(name, config_cls, args)),
+        look_for_args_file=False,
+        return_remaining_strings=True,
     )
     if unknown:  # argparse's own message and status 2, not HfArgumentParser's traceback
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        options = [option for action in parser._actions for option in action.option_strings]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], options, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     return getattr(module, command.function)(config)
 
 
@@ -207,11 +242,19 @@ def describe_error(err: BaseException) -> str:
         text = f"{err.filename}: {err.strerror}"
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             text += " (nothing was replaced: an existing output is left as it was; free space and rerun)"
+        elif err.errno in (errno.EACCES, errno.EPERM) and _unreadable_file(err.filename):
+            text += " (an input you may not read: check its permissions)"
         elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             text += " (choose an output location you can write to)"
     else:
         text = str(err) or type(err).__name__
     return " ".join(text.split())  # some library messages span lines; the report is one line
+
+
+def _unreadable_file(filename: str | bytes | int) -> bool:
+    """An existing file this process may not read: a refused input, never an output (outputs are
+    written beside their name and renamed, so a refused write names a folder or a new file)."""
+    return os.path.isfile(filename) and not os.access(filename, os.R_OK)
 
 
 def main(argv: list[str] | None = None) -> int:

