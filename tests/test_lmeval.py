@@ -298,3 +298,38 @@ def test_cli(tmp_path, probe_dir, capsys):
     assert main([*args, "--lm-eval-tasks", "mixsd_toy_mc", "--lm-eval-include", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "field 'lm_eval_tasks': lm-eval tasks are retention probes" in err
+
+
+def test_experiment_reports_lm_eval_retention(tmp_path, probe_dir, tiny_model_dir):
+    """`retention: {lm_eval_tasks, lm_eval_include}` in a grid: every cell runs the task, its columns reach
+    the results table and the report, a rerun reuses every stage, and a changed task file redoes the
+    retention stages (the include folder's files are inputs of the stage)."""
+    from mixsd.experiment import run_experiment
+    from test_experiment import log_length, stage_log, tiny_grid
+
+    include = tmp_path / "export"
+    export_lm_eval(LmEvalExportConfig(out=str(include), probes=str(probe_dir)))
+    retention = {
+        "max_new_tokens": 4,
+        "probes": False,
+        "lm_eval_tasks": "mixsd_toy_mc",
+        "lm_eval_include": str(include),
+    }
+    experiment = tiny_grid(tmp_path, tiny_model_dir, methods=["base", "sft"], retention=retention)
+    result = run_experiment(experiment, show_progress=False)
+    rows = {r["cell"]: r for r in result["rows"]}
+    assert rows["base"]["lm_eval_mixsd_toy_mc_right_to_wrong"] == 0  # the base against itself
+    assert isinstance(rows["sft-s0"]["lm_eval_mixsd_toy_mc_acc"], float)
+    assert "lm_eval_mixsd_toy_mc_retention_raw" in (tmp_path / "run" / "results.csv").read_text()
+    assert "## Retention through lm-evaluation-harness" in (tmp_path / "run" / "report.md").read_text()
+
+    out = tmp_path / "run"
+    since = log_length(out)
+    run_experiment(experiment, show_progress=False)
+    assert set(stage_log(out, since).values()) == {"reused"}
+    with (include / "mixsd_toy_mc.yaml").open("a") as handle:
+        handle.write("# edited\n")
+    since = log_length(out)
+    run_experiment(experiment, show_progress=False)
+    redone = {key for key, action in stage_log(out, since).items() if action == "ran"}
+    assert ("sft-s0", "retention") in redone and ("sft-s0", "train") not in redone

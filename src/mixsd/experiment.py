@@ -60,6 +60,7 @@ from mixsd.files import (
     read_yaml,
     require_input_file,
 )
+from mixsd.lmeval import include_files
 from mixsd.results import (
     MAIN_COLUMNS,
     add_relative_scores,
@@ -1211,7 +1212,11 @@ class Runner:
                 "retention",
                 folder / "retention.json",
                 config_settings(retention_config, EVAL_SPEED_ONLY),
-                inputs=[*probe_files, *_user_files(retention_config, ("entities", "kl_prompts"))],
+                inputs=[
+                    *probe_files,
+                    *_user_files(retention_config, ("entities", "kl_prompts")),
+                    *include_files(retention_config.lm_eval_include),  # lm-eval task files, when used
+                ],
                 upstream=trained,
                 record=records / "retention.json",
             ),

@@ -283,7 +283,7 @@ def plan_settings(
     files = None
     if include and Path(include).is_dir():
         folder = Path(include)
-        files = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+        files = {str(p.relative_to(folder)): sha256_file(p) for p in include_files(include)}
     return {
         "tasks": parse_tasks(tasks),
         "include": files,
@@ -291,6 +291,14 @@ def plan_settings(
         "limit": limit,
         "lm_eval": lm_eval_version(),
     }
+
+
+def include_files(include: str | None) -> list[Path]:
+    """The files of an --lm-eval-include folder (task YAMLs and their data): an experiment's retention
+    stage hashes them, so that a changed task or data file redoes it."""
+    if not include or not Path(include).is_dir():
+        return []
+    return sorted(p for p in Path(include).rglob("*") if p.is_file())
 
 
 def parse_tasks(text: str) -> list[str]:
