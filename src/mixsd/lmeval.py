@@ -200,6 +200,7 @@ def export_lm_eval(config: LmEvalExportConfig) -> dict[str, Any]:
         raise InputError("not found (run `mixsd probes fetch`, or pass --probes)", source)
 
     final = out.resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
     tasks, skipped, written = {}, [], []
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
     try:
