@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_tokenizer, write_jsonl
+from conftest import TINY_SIZES, make_causal_lm, make_tiny_tokenizer, write_jsonl
 from mixsd.edit import EditConfig, edit, load_edits, subject_position
 from mixsd.files import InputError
 from mixsd.memit import (
     EditRequest,
+    add_to_output,
     apply_memit,
     capture_inputs,
     default_layers,
@@ -24,24 +25,18 @@ from mixsd.prompts import encode_prompt
 
 
 def _model(vocab_size: int = 64, layers: int = 4, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = {**TINY_SIZES, "num_hidden_layers": layers}
+    return make_causal_lm(
+        "llama",
+        seed=seed,
+        sharpen=8.0,
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
         num_key_value_heads=2,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        **config,
     )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # far from ties, as in conftest.make_tiny_model
-    return model
 
 
 def test_update_equals_a_slow_least_squares_solution():
@@ -70,10 +65,7 @@ def test_projection_template_and_default_layers():
 
 
 def test_gpt2_conv1d_projection_is_found_and_edited_in_its_own_layout():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64)).eval()
+    model = make_causal_lm("gpt2", seed=0, vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64)
     template = projection_template(model)
     assert template == "transformer.h.{}.mlp.c_proj"
     covariances = key_covariance(model, template, [1], [[3, 4, 5, 6, 7, 8]], max_tokens=100)
@@ -91,7 +83,7 @@ def _requests(count: int, length: int = 6, seed: int = 1) -> list[EditRequest]:
 
 
 def test_edit_makes_the_model_write_the_new_answers_and_barely_moves_unrelated_keys():
-    model = _model()
+    model = _sharp_model()
     template = projection_template(model)
     layers = [1, 2]
     requests = _requests(3)
@@ -117,12 +109,12 @@ def test_edit_makes_the_model_write_the_new_answers_and_barely_moves_unrelated_k
         for t, r in zip(next_tokens([r.prompt_ids for r in requests]), requests, strict=True)
     )
     covariances = key_covariance(model, template, layers, texts, max_tokens=10_000)
-    z, _, losses = target_vectors(
-        model, template, max(layers), requests, steps=60, lr=0.5, clamp_norm=20.0, weight_decay=0.0
-    )
-    assert max(losses) < 1.0  # the target vectors make the new token the likeliest (p > 0.37)
+    fit = target_vectors(model, template, max(layers), requests)
+    assert all(fit.converged)  # every new token at p >= 0.9
     before = lowest.weight.detach().clone()
-    norms = apply_memit(model, template, layers, requests, z, covariances, covariance_weight=1000.0)
+    norms = apply_memit(
+        model, template, layers, requests, fit.z, covariances, covariance_weight=10.0
+    )  # tiny keys: a small w
     assert set(norms) == set(layers) and all(v > 0 for v in norms.values())
     assert next_tokens([r.prompt_ids for r in requests]) == [r.target_ids[0] for r in requests]
     update = lowest.weight.detach() - before
@@ -218,6 +210,76 @@ def test_batched_target_vectors_equal_one_at_a_time():
     )  # subject inside
     alone = target_vectors(model, template, 2, requests, steps=5, batch_size=1)
     together = target_vectors(model, template, 2, requests, steps=5, batch_size=3)
-    torch.testing.assert_close(together[0], alone[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(together[1], alone[1], rtol=1e-5, atol=1e-5)
-    assert together[2] == pytest.approx(alone[2], rel=1e-4)
+    torch.testing.assert_close(together.z, alone.z, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(together.h, alone.h, rtol=1e-5, atol=1e-5)
+    assert together.nll == pytest.approx(alone.nll, rel=1e-4)
+    assert together.steps == alone.steps
+
+
+def _sharp_model():
+    """The tiny model with a sharper output layer: its random hidden states are small, and with the plain
+    scale no shift at one position gets a token past p = 0.9 (NLL 0.1); here the defaults reach it."""
+    model = _model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    return model
+
+
+def _answer_nll(model, template: str, layer: int, request: EditRequest, shift: torch.Tensor) -> list[float]:
+    """NLL of each answer token with `shift` added at the subject's last token (teacher forcing), scored here
+    without the optimizer's code."""
+    ids = torch.tensor([request.prompt_ids + request.target_ids[:-1]])
+    projection = model.get_submodule(template.format(layer))
+    with (
+        torch.no_grad(),
+        add_to_output(projection, torch.tensor([0]), torch.tensor([request.subject_position]), shift[None]),
+    ):
+        logprobs = model(input_ids=ids).logits[0].log_softmax(-1)
+    start = len(request.prompt_ids) - 1
+    return [float(-logprobs[start + i, t]) for i, t in enumerate(request.target_ids)]
+
+
+def test_target_vectors_stop_on_the_declared_criterion_and_the_edit_is_recalled_by_greedy_generation():
+    """With the default settings each target vector stops once every answer token has NLL <= stop_nll, before
+    the step budget; the NLL it reports is the one its z gives; after the update, greedy generation of the
+    edited model writes each new token the tiny model did not write before."""
+    model = _sharp_model()
+    template, layers = projection_template(model), [1, 2]
+    requests = _requests(3)
+
+    def greedy(prompt):
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=1, do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+        return int(out[0, -1])
+
+    assert all(greedy(r.prompt_ids) != r.target_ids[0] for r in requests)
+    defaults = EditConfig(model="m", input="in.jsonl", out="out")
+    fit = target_vectors(
+        model, template, max(layers), requests,
+        steps=defaults.steps, lr=defaults.lr, stop_nll=defaults.stop_nll,
+    )  # fmt: skip
+    assert fit.converged == [True, True, True]
+    assert all(0 < s < defaults.steps for s in fit.steps)  # stopped on the criterion, not on the budget
+    for i, request in enumerate(requests):
+        scored = _answer_nll(model, template, max(layers), request, fit.z[i] - fit.h[i])
+        assert max(scored) <= defaults.stop_nll
+        assert fit.max_token_nll[i] == pytest.approx(max(scored), abs=1e-4)
+        assert fit.nll[i] == pytest.approx(sum(scored) / len(scored), abs=1e-4)
+    generator = torch.Generator().manual_seed(7)
+    texts = [torch.randint(3, 64, (32,), generator=generator).tolist() for _ in range(30)]
+    covariances = key_covariance(model, template, layers, texts, max_tokens=10_000)
+    apply_memit(
+        model, template, layers, requests, fit.z, covariances, covariance_weight=10.0
+    )  # tiny keys: a small w
+    assert [greedy(r.prompt_ids) for r in requests] == [r.target_ids[0] for r in requests]
+
+
+def test_target_vectors_report_an_edit_that_misses_the_criterion_within_its_budget():
+    model = _sharp_model()
+    template = projection_template(model)
+    fit = target_vectors(model, template, 2, _requests(2), steps=2, lr=0.01)
+    assert fit.converged == [False, False] and all(v > 0.1 for v in fit.max_token_nll)
+    assert all(0 <= s <= 2 for s in fit.steps)

@@ -82,8 +82,26 @@ class EditConfig(ModelOptions):
             "(the MEMIT paper used 15000 for GPT-J; on SmolLM2-135M 15000 wrote none of 3 test edits, 1000 all)."
         },
     )
-    steps: int = field(default=25, metadata={"help": "Gradient steps for each edit's target vector."})
-    lr: float = field(default=0.5, metadata={"help": "Adam learning rate of the target vectors."})
+    steps: int = field(
+        default=100,
+        metadata={
+            "help": "Most gradient steps for each edit's target vector; it stops once it meets --stop_nll."
+        },
+    )
+    lr: float = field(
+        default=0.15,
+        metadata={
+            "help": "Adam learning rate of the target vectors, in units of the hidden state's root-mean-square "
+            "element (so one value fits models whose hidden states differ in scale)."
+        },
+    )
+    stop_nll: float = field(
+        default=0.1,
+        metadata={
+            "help": "Convergence criterion of a target vector: every answer token's NLL at most this (0.1: "
+            "p >= 0.9, so greedy generation writes the whole answer)."
+        },
+    )
     kl_weight: float = field(
         default=0.0625, metadata={"help": "Weight of the KL term that keeps '{subject} is a' unchanged."}
     )
@@ -102,7 +120,7 @@ class EditConfig(ModelOptions):
         self.check_model_options()
         check_range("stats_tokens", self.stats_tokens, 1, integer=True)
         check_range("steps", self.steps, 1, integer=True)
-        for name in ("covariance_weight", "lr", "clamp_norm"):
+        for name in ("covariance_weight", "lr", "clamp_norm", "stop_nll"):
             check_range(name, getattr(self, name), 0, lo_open=True)
         for name in ("kl_weight", "weight_decay"):
             check_range(name, getattr(self, name), 0)
@@ -293,13 +311,14 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     requests = edit_requests(tokenizer, records)
 
     covariances, stats_path, cached = cached_covariances(model, tokenizer, config, template, layers)
-    z, h, target_nll = target_vectors(
+    fit = target_vectors(
         model,
         template,
         max(layers),
         requests,
         steps=config.steps,
         lr=config.lr,
+        stop_nll=config.stop_nll,
         kl_weight=config.kl_weight,
         weight_decay=config.weight_decay,
         clamp_norm=config.clamp_norm,
@@ -310,7 +329,7 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         template,
         layers,
         requests,
-        z,
+        fit.z,
         covariances,
         covariance_weight=config.covariance_weight,
         pad_id=pad,
@@ -321,8 +340,24 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         "edits": len(records),
         "layers": layers,
         "update_norm": {str(k): v for k, v in norms.items()},
-        "target_nll_after_optimization": target_nll,
-        "target_shift_norm": [float(v) for v in (z - h).norm(dim=-1)],
+        "target_vectors": {
+            "criterion": f"every answer token's NLL <= {config.stop_nll} within {config.steps} steps",
+            "converged": sum(fit.converged),
+            "mean_nll": sum(fit.nll) / len(fit.nll),
+            "steps": sum(fit.steps),
+        },
+        "target_vector_per_edit": [
+            {
+                "id": record.id,
+                "nll": round(fit.nll[i], 5),
+                "max_token_nll": round(fit.max_token_nll[i], 5),
+                "steps": fit.steps[i],
+                "converged": fit.converged[i],
+                "shift_norm": round(float((fit.z[i] - fit.h[i]).norm()), 4),
+                "shift_relative": round(float((fit.z[i] - fit.h[i]).norm() / fit.h[i].norm()), 4),
+            }
+            for i, record in enumerate(records)
+        ],
         "covariance_cache": stats_path,
         "covariance_cached": cached,
         "seconds": round(time.time() - started, 2),

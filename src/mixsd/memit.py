@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -188,47 +188,74 @@ def key_covariance(
     return {layer: total / count for layer, total in sums.items()}
 
 
+@dataclass(frozen=True)
+class TargetFit:
+    """The target vectors of a batch of edits and how the optimization that found them ended.
+
+    z, h: (n, d_model), the target output of the last edited layer at each subject's last token and its
+    output there now. Per edit: `nll` the mean NLL of the answer tokens under z, `max_token_nll` the NLL of its
+    least likely answer token, `steps` the gradient steps it took, `converged` whether it met the criterion
+    (`max_token_nll <= stop_nll`) within the step budget."""
+
+    z: torch.Tensor
+    h: torch.Tensor
+    nll: list[float]
+    max_token_nll: list[float]
+    steps: list[int]
+    converged: list[bool]
+
+
 def target_vectors(
     model,
     template: str,
     last_layer: int,
     requests: list[EditRequest],
     *,
-    steps: int = 25,
-    lr: float = 0.5,
+    steps: int = 100,
+    lr: float = 0.15,
+    stop_nll: float = 0.1,
     kl_weight: float = 0.0625,
     weight_decay: float = 0.5,
     clamp_norm: float = 4.0,
     pad_id: int = 0,
     batch_size: int = 16,
-) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+) -> TargetFit:
     """For each request, the target output z of layer `last_layer` at the subject's last token.
 
-    Returns (z, h), h the current output there (both (n, d_model)), and the final NLL of each target.
-    Requests are optimized `batch_size` at a time: each row has its own shift and its own loss terms, and Adam
-    works element by element, so a batch gives the shifts one-at-a-time optimization would."""
+    Each edit's shift is optimized until every token of its answer has NLL <= `stop_nll` under teacher forcing
+    (then each answer token is the model's likeliest next token, so greedy generation writes the whole answer),
+    or until `steps` gradient steps; an edit that meets the criterion stops and leaves the batch. `lr` is
+    Adam's step relative to the hidden state's root-mean-square element, so one setting fits models whose
+    hidden states differ in scale. Requests are optimized `batch_size` at a time: each row has its own shift,
+    its own loss terms and its own Adam moments, so a batch gives the shifts one-at-a-time optimization would."""
     for p in model.parameters():
         p.requires_grad_(False)
-    zs, hs, losses = [], [], []
+    parts = []
     with tqdm(total=len(requests), desc="target vectors", unit="edit", leave=False) as bar:
         for first in range(0, len(requests), batch_size):
             chunk = requests[first : first + batch_size]
-            z, h, nll = _target_batch(
-                model, template, last_layer, chunk, steps, lr, kl_weight, weight_decay, clamp_norm, pad_id
-            )
-            zs.append(z)
-            hs.append(h)
-            losses.extend(nll)
+            settings = (steps, lr, stop_nll, kl_weight, weight_decay, clamp_norm, pad_id)
+            parts.append(_target_batch(model, template, last_layer, chunk, *settings))
             bar.update(len(chunk))
-    return torch.cat(zs), torch.cat(hs), losses
+    return TargetFit(
+        z=torch.cat([p.z for p in parts]),
+        h=torch.cat([p.h for p in parts]),
+        nll=[v for p in parts for v in p.nll],
+        max_token_nll=[v for p in parts for v in p.max_token_nll],
+        steps=[v for p in parts for v in p.steps],
+        converged=[v for p in parts for v in p.converged],
+    )
+
+
+_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
 
 
 def _target_batch(
-    model, template, last_layer, requests, steps, lr, kl_weight, weight_decay, clamp_norm, pad_id
-):
+    model, template, last_layer, requests, steps, lr, stop_nll, kl_weight, weight_decay, clamp_norm, pad_id
+) -> TargetFit:
     device = next(model.parameters()).device
     projection = model.get_submodule(template.format(last_layer))
-    rows = torch.arange(len(requests), device=device)
+    n = len(requests)
     # The prompt followed by the new answer (teacher forcing); the loss is on the answer tokens only.
     ids, mask = _padded([r.prompt_ids + r.target_ids[:-1] for r in requests], pad_id, device)
     labels = torch.full_like(ids, -100)
@@ -240,36 +267,78 @@ def _target_batch(
     essence_subject = torch.tensor([r.essence_subject_position for r in requests], device=device)
     essence_last = essence_mask.sum(dim=1) - 1
 
-    def essence_logprobs():
-        logits = model(input_ids=essence, attention_mask=essence_mask).logits[rows, essence_last]
-        return torch.log_softmax(logits.float(), dim=-1)
+    def essence_logprobs(rows: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        local = torch.arange(len(rows), device=device)
+        hook = (
+            nullcontext() if shift is None else add_to_output(projection, local, essence_subject[rows], shift)
+        )
+        with hook:
+            logits = model(input_ids=essence[rows], attention_mask=essence_mask[rows]).logits
+        return torch.log_softmax(logits[local, essence_last[rows]].float(), dim=-1)
 
+    every = torch.arange(n, device=device)
     with torch.no_grad(), capture_outputs({0: decoder_layers(model, template)[last_layer]}) as seen:
         model(input_ids=ids, attention_mask=mask)
-        h = seen[0][rows, positions].float()
-        base_essence = essence_logprobs()
-    delta = torch.zeros_like(h, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=lr)
-    max_norm = clamp_norm * h.norm(dim=-1, keepdim=True)
+        h = seen[0][every, positions].float()
+        base_essence = essence_logprobs(every)
+    h_norm = h.norm(dim=-1, keepdim=True)
+    step_size = lr * h_norm / h.shape[-1] ** 0.5  # lr in units of the hidden state's RMS element
+    max_norm = clamp_norm * h_norm
+    delta = torch.zeros_like(h)
+    moment1, moment2 = torch.zeros_like(h), torch.zeros_like(h)
     answer_tokens = (labels != -100).sum(dim=1)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        with add_to_output(projection, rows, positions, delta):
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    # The best shift each edit has seen (lowest worst-token NLL): an Adam run that overshoots late, after
+    # nearly meeting the criterion, returns what it had reached rather than where it ended.
+    best_delta = delta.clone()
+    best_worst = torch.full((n,), float("inf"), device=device)
+    best_nll = torch.full((n,), float("nan"), device=device)
+    best_step = torch.zeros(n, dtype=torch.long, device=device)
+    active = every
+    for step in range(steps + 1):  # `steps` updates; the last pass only scores the final shifts
+        shift = delta[active].clone().requires_grad_(True)
+        rows = torch.arange(len(active), device=device)
+        with add_to_output(projection, rows, positions[active], shift):
+            logits = model(input_ids=ids[active], attention_mask=mask[active]).logits.float()
         token_nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
+            logits.transpose(1, 2), labels[active], ignore_index=-100, reduction="none"
         )
-        nll = token_nll.sum(dim=1) / answer_tokens  # per request: mean over its answer tokens
-        with add_to_output(projection, rows, essence_subject, delta):
-            edited = essence_logprobs()
-        kl = torch.nn.functional.kl_div(edited, base_essence, log_target=True, reduction="none").sum(dim=-1)
-        decay = delta.norm(dim=-1) ** 2 / h.norm(dim=-1) ** 2
-        (nll + kl_weight * kl + weight_decay * decay).sum().backward()
-        optimizer.step()
-        with torch.no_grad():  # clamp each shift to its own largest size
-            norms = delta.norm(dim=-1, keepdim=True)
-            delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
-    return (h + delta).detach(), h, [float(v) for v in nll.detach()]
+        nll = token_nll.sum(dim=1) / answer_tokens[active]  # per request: mean over its answer tokens
+        worst = token_nll.max(dim=1).values.detach()
+        with torch.no_grad():
+            better = worst < best_worst[active]
+            improved = active[better]
+            best_delta[improved], best_worst[improved] = delta[improved], worst[better]
+            best_nll[improved], best_step[improved] = nll.detach()[better], step
+        done = (worst <= stop_nll) | (step == steps)
+        if bool(done.all()):
+            break
+        edited = essence_logprobs(active, shift)
+        kl = torch.nn.functional.kl_div(edited, base_essence[active], log_target=True, reduction="none").sum(
+            dim=-1
+        )
+        decay = shift.norm(dim=-1) ** 2 / h_norm[active, 0] ** 2
+        (nll + kl_weight * kl + weight_decay * decay)[~done].sum().backward()
+        with torch.no_grad():  # Adam, row by row: a row's moments see only its own gradients
+            keep = ~done
+            moving, grad = active[keep], shift.grad[keep]
+            moment1[moving] = _ADAM_BETAS[0] * moment1[moving] + (1 - _ADAM_BETAS[0]) * grad
+            moment2[moving] = _ADAM_BETAS[1] * moment2[moving] + (1 - _ADAM_BETAS[1]) * grad**2
+            t = step + 1
+            denominator = (moment2[moving] / (1 - _ADAM_BETAS[1] ** t)).sqrt() + _ADAM_EPS
+            moved = (
+                delta[moving] - step_size[moving] * moment1[moving] / (1 - _ADAM_BETAS[0] ** t) / denominator
+            )
+            norms = moved.norm(dim=-1, keepdim=True)  # clamp each shift to its own largest size
+            delta[moving] = moved * torch.where(norms > max_norm[moving], max_norm[moving] / norms, 1.0)
+        active = active[keep]
+    return TargetFit(
+        z=h + best_delta,
+        h=h,
+        nll=best_nll.tolist(),
+        max_token_nll=best_worst.tolist(),
+        steps=best_step.tolist(),
+        converged=(best_worst <= stop_nll).tolist(),
+    )
 
 
 def least_squares_update(keys: torch.Tensor, residual: torch.Tensor, covariance: torch.Tensor, weight: float):
