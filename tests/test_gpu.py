@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_word_model, make_word_tokenizer
+from conftest import make_causal_lm, make_word_model, make_word_tokenizer
 from mixsd.decoder import Draw, Job, MixedDecoder
 from mixsd.targets import MixConfig, mix, summary_path
 
@@ -59,10 +59,10 @@ def record_figures(name: str, figures: dict) -> None:
 
 def qwen2_model(dtype: torch.dtype, seed: int = 0):
     """A small random Qwen2 (q/k/v biases, GQA) with SDPA attention on DEVICE; same weights for every dtype."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
+    model = make_causal_lm(
+        "qwen2",
+        seed=seed,
+        sharpen=SHARPEN,
         vocab_size=VOCAB,
         hidden_size=128,
         intermediate_size=256,
@@ -73,9 +73,6 @@ def qwen2_model(dtype: torch.dtype, seed: int = 0):
         tie_word_embeddings=False,
         attn_implementation="sdpa",
     )
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(SHARPEN)
     model = model.to(device=DEVICE, dtype=dtype).eval()
     assert model.config._attn_implementation == "sdpa"
     return model

@@ -13,11 +13,10 @@ from ties and a fp32 rounding difference cannot flip a token.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 
+from conftest import TINY_SIZES, make_causal_lm
 from mixsd import generation
 from mixsd.decoder import Draw, Job, MixedDecoder
 from mixsd.generation import RowBatch, greedy_generate
@@ -31,88 +30,49 @@ STOPS = set(range(2, VOCAB, 7))
 MIX_STOPS = set(range(2, VOCAB, 13))  # fewer for mixing, whose paths wander more: most targets get longer
 COMMON = dict(
     vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
+    **TINY_SIZES,
     bos_token_id=BOS,
     eos_token_id=2,
     pad_token_id=PAD,
     tie_word_embeddings=False,  # the output layer is sharpened below; tied, that would scale the inputs too
 )
 
-
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **COMMON))
-
-
-def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **COMMON))
-
-
-def _gemma3():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    # a window of 6 tokens, shorter than most prompts: the sliding layer really drops old keys
-    config = Gemma3TextConfig(
+# a window of 6 tokens, shorter than most prompts: the sliding layer really drops old keys
+GEMMA3 = (
+    "gemma3",
+    dict(
         num_key_value_heads=2,
         head_dim=8,
         sliding_window=6,
         layer_types=["sliding_attention", "full_attention"],
         **COMMON,
-    )
-    return Gemma3ForCausalLM(config)
+    ),
+)
 
-
-def _mistral():
-    from transformers import MistralConfig, MistralForCausalLM
-
+# name -> (the conftest factory's architecture, its config)
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", dict(num_key_value_heads=2, **COMMON)),
+    "qwen2": ("qwen2", dict(num_key_value_heads=2, **COMMON)),
+    "gemma3": GEMMA3,
+    "gemma3_fallback": GEMMA3,
     # every layer slides, over a window shorter than most prompts
-    return MistralForCausalLM(MistralConfig(num_key_value_heads=2, sliding_window=5, **COMMON))
-
-
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=256,
-        bos_token_id=BOS,
-        eos_token_id=2,
-        pad_token_id=PAD,
-        tie_word_embeddings=False,
-    )
-    return GPT2LMHeadModel(config)
-
-
-def _phi():
-    from transformers import PhiConfig, PhiForCausalLM
-
-    return PhiForCausalLM(PhiConfig(partial_rotary_factor=0.5, **COMMON))
-
-
-def _gpt_neox():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    return GPTNeoXForCausalLM(GPTNeoXConfig(rotary_pct=0.25, **COMMON))
-
-
-ARCHITECTURES: dict[str, Callable] = {
-    "llama": _llama,
-    "qwen2": _qwen2,
-    "gemma3": _gemma3,
-    "gemma3_fallback": _gemma3,
-    "mistral": _mistral,
-    "gpt2": _gpt2,
-    "phi": _phi,
-    "gpt_neox": _gpt_neox,
+    "mistral": ("mistral", dict(num_key_value_heads=2, sliding_window=5, **COMMON)),
+    "gpt2": (
+        "gpt2",
+        dict(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=BOS,
+            eos_token_id=2,
+            pad_token_id=PAD,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "phi": ("phi", dict(partial_rotary_factor=0.5, **COMMON)),
+    "gpt_neox": ("gpt_neox", dict(rotary_pct=0.25, **COMMON)),
 }
 # Gemma3 again with splicing of sliding-window layers switched off: RowBatch.add declines, as it does for
 # any cache layer it does not know, and the decoders take their one-batch-at-a-time fallback path.
@@ -125,13 +85,8 @@ SEEDS = {"mistral": 2}
 
 
 def build(name: str, seed: int | None = None):
-    torch.manual_seed(SEEDS.get(name, 0) if seed is None else seed)
-    model = ARCHITECTURES[name]().eval()
-    head, inputs = model.get_output_embeddings().weight, model.get_input_embeddings().weight
-    assert head.data_ptr() != inputs.data_ptr(), "sharpening a tied head would scale the embeddings too"
-    with torch.no_grad():
-        head.mul_(8.0)
-    return model
+    arch, config = ARCHITECTURES[name]
+    return make_causal_lm(arch, seed=SEEDS.get(name, 0) if seed is None else seed, sharpen=8.0, **config)
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))

@@ -6,9 +6,9 @@ import importlib.util
 import json
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+from conftest import make_word_tokenizer
 from mixsd.cli import main
 from mixsd.prompts import encode_answer, encode_prompt
 from mixsd.records import load_corpus, load_targets, make_fact
@@ -22,13 +22,7 @@ needs_embedded = pytest.mark.skipif(
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "Question:": 4, "Answer:": 5}
-    vocab.update({f"w{i}": 6 + i for i in range(20)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return make_word_tokenizer(26)  # w0 ... w19 and the specials
 
 
 def tokenizer_folder(tmp_path):

@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import make_causal_lm, make_char_tokenizer, write_jsonl
 from mixsd.cli import main
 from mixsd.opsd import sample_answers
 from mixsd.prompts import (
@@ -40,36 +40,25 @@ GEMMA_TEMPLATE = (
 )
 
 
-def make_char_tokenizer(chat: bool):
-    """Character-level tokenizer (conftest's make_tiny_tokenizer pattern) with Gemma's special tokens;
-    `chat` adds a Gemma-style chat template, whose end of turn differs from EOS."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {token: i for i, token in enumerate(GEMMA_SPECIALS + chars)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+def make_gemma_tokenizer(chat: bool):
+    """The character-level tokenizer with Gemma's special tokens; `chat` adds a Gemma-style chat
+    template, whose end of turn differs from EOS."""
+    return make_char_tokenizer(
+        GEMMA_SPECIALS, bos="<bos>", eos="<eos>", chat_template=GEMMA_TEMPLATE if chat else None
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": GEMMA_SPECIALS[4:]})
-    if chat:
-        tokenizer.chat_template = GEMMA_TEMPLATE
-    return tokenizer
 
 
 def bigram_model(tokenizer, chain: list[str | int], runner_up: tuple[str, str] | None = None):
     """A Llama whose greedy (and, the logits being very sharp, sampled) next token is a fixed function of
     the current token: chain[k] -> chain[k + 1]. Items are single characters or token ids. `runner_up`
     (token, next) gives `token` a second-best successor."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     def tid(item: str | int) -> int:
         return item if isinstance(item, int) else tokenizer.convert_tokens_to_ids(item)
 
     vocab = len(tokenizer)
-    config = LlamaConfig(
+    model = make_causal_lm(
+        "llama",
         vocab_size=vocab,
         hidden_size=128,  # >= vocab: every token gets its own embedding axis
         intermediate_size=32,
@@ -82,7 +71,6 @@ def bigram_model(tokenizer, chain: list[str | int], runner_up: tuple[str, str] |
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.zero_()
@@ -113,7 +101,7 @@ BASE_CHAIN = [":", " ", "Z", "y", "l", ".", "\n", *"Question", ":"]
 
 @pytest.fixture(scope="module")
 def chat_setup(tmp_path_factory):
-    tokenizer = make_char_tokenizer(chat=True)
+    tokenizer = make_gemma_tokenizer(chat=True)
     folder = save(
         tmp_path_factory.mktemp("gemma-chat"), "model", bigram_model(tokenizer, CHAT_CHAIN), tokenizer
     )
@@ -122,7 +110,7 @@ def chat_setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_setup(tmp_path_factory):
-    tokenizer = make_char_tokenizer(chat=False)
+    tokenizer = make_gemma_tokenizer(chat=False)
     folder = save(tmp_path_factory.mktemp("base"), "model", bigram_model(tokenizer, BASE_CHAIN), tokenizer)
     return tokenizer, folder
 
@@ -184,7 +172,7 @@ def run_all_stages(tmp_path, folder, tokenizer, lam: float) -> dict[str, list[li
 # The contract itself
 # ---------------------------------------------------------------------------------------------------
 def test_end_of_turn_is_found_by_rendering_the_template():
-    gemma = make_char_tokenizer(chat=True)
+    gemma = make_gemma_tokenizer(chat=True)
     turn = gemma.convert_tokens_to_ids("<end_of_turn>")
     assert end_of_turn_id(gemma) == turn != gemma.eos_token_id
     end = answer_end(gemma)
@@ -195,7 +183,7 @@ def test_end_of_turn_is_found_by_rendering_the_template():
 
     chatml = make_tiny_tokenizer()  # ChatML: <|im_end|> ends the turn
     assert end_of_turn_id(chatml) == chatml.convert_tokens_to_ids("<|im_end|>")
-    base = make_char_tokenizer(chat=False)
+    base = make_gemma_tokenizer(chat=False)
     assert end_of_turn_id(base) is None
     assert (
         answer_end(base).end_id == base.eos_token_id and answer_end(base).stop_strings == PLAIN_STOP_STRINGS
@@ -203,7 +191,7 @@ def test_end_of_turn_is_found_by_rendering_the_template():
 
 
 def test_generation_config_eos_ids_also_stop():
-    tokenizer = make_char_tokenizer(chat=True)
+    tokenizer = make_gemma_tokenizer(chat=True)
     model = bigram_model(tokenizer, CHAT_CHAIN)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
     assert 7 in answer_end(tokenizer, model).stop_ids
@@ -222,7 +210,7 @@ def test_generation_config_eos_ids_also_stop():
     ],
 )
 def test_plain_text_stop_rule(generated, answer):
-    tokenizer = make_char_tokenizer(chat=False)
+    tokenizer = make_gemma_tokenizer(chat=False)
     end = answer_end(tokenizer)
     tokens = tokenizer(generated, add_special_tokens=False)["input_ids"]
     cut = end.text_stop(tokens)
@@ -235,7 +223,7 @@ def test_plain_text_stop_rule(generated, answer):
 
 
 def test_ground_truth_holding_a_stop_is_cut_like_evaluation():
-    tokenizer = make_char_tokenizer(chat=False)
+    tokenizer = make_gemma_tokenizer(chat=False)
     (row,) = sft_target_rows([make_fact("Q?", "Zyl.\n\nSecond paragraph", id="a")], tokenizer)
     assert tokenizer.decode(row["target_ids"]) == " Zyl.<eos>"
     assert row["finish"] == "stop_text" and row["text"] == "Zyl."
@@ -274,7 +262,7 @@ def test_base_model_every_stage_stops_at_the_next_question(tmp_path, base_setup,
 def test_mix_targets_begin_on_the_answer_line_like_sft(tmp_path):
     """A base model that would begin its answer on a new line: evaluation reads it there, while `mix`
     keeps the target's first token off the line break, so MixSD and SFT targets begin alike."""
-    tokenizer = make_char_tokenizer(chat=False)
+    tokenizer = make_gemma_tokenizer(chat=False)
     model = bigram_model(tokenizer, [":", "\n", "Z", "y", "l", ".", "<eos>"], runner_up=(":", " "))
     with torch.no_grad():  # " " also leads to "Z"
         model.lm_head.weight[tokenizer.convert_tokens_to_ids("Z"), tokenizer.convert_tokens_to_ids(" ")] = (
@@ -321,7 +309,7 @@ def test_pure_expert_failing_is_reported(tmp_path, base_setup):
 # The expert prompt for base models
 # ---------------------------------------------------------------------------------------------------
 def test_expert_template_defaults_to_the_plain_format_without_a_chat_template():
-    base, chat = make_char_tokenizer(chat=False), make_char_tokenizer(chat=True)
+    base, chat = make_gemma_tokenizer(chat=False), make_gemma_tokenizer(chat=True)
     assert load_expert_template(None, base) == PLAIN_EXPERT_TEMPLATE
     assert load_expert_template(None, chat) == DEFAULT_EXPERT_TEMPLATE
     assert load_expert_template("paper", base) == PAPER_EXPERT_TEMPLATE
