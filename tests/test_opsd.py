@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from conftest import make_word_model, make_word_tokenizer
-from mixsd.opsd import opsd_examples, opsd_loss_sum, paired_batch, sample_answers, token_divergence
+from mixsd.opsd import (
+    DIAGNOSTICS_FILE,
+    answer_start_probability,
+    opsd_examples,
+    opsd_loss_sum,
+    paired_batch,
+    sample_answers,
+    token_divergence,
+)
 from mixsd.prompts import encode_prompt
 from mixsd.records import make_fact
 from mixsd.train import TrainConfig, train
@@ -211,3 +219,165 @@ def test_opsd_training_run(tmp_path, lora_rank):
         base.model.layers[0].self_attn.q_proj.weight,
     )
     assert not torch.allclose(layer, start)
+
+
+# --------------------------------------------------------------------------------------------------
+# The gradient is the forward-KL gradient over the teacher's top-k (float64)
+# --------------------------------------------------------------------------------------------------
+def test_the_logit_gradient_of_forward_kl_is_q_minus_p_on_the_teacher_top_k():
+    """d/dz_j KL(p||q) with p, q renormalized on the teacher's top-k set S: q_j - p_j for j in S, 0 outside."""
+    torch.manual_seed(11)
+    student = torch.randn(3, 5, 40, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 5, 40, dtype=torch.float64)
+    token_divergence(student, teacher, "forward", 7).sum().backward()
+    top = teacher.topk(7, dim=-1).indices
+    p = torch.softmax(teacher.gather(-1, top), -1)
+    q = torch.softmax(student.detach().gather(-1, top), -1)
+    expected = torch.zeros_like(student).scatter(-1, top, q - p)
+    assert torch.allclose(student.grad, expected, rtol=0, atol=1e-14)
+
+
+def test_the_parameter_gradient_equals_an_explicit_forward_kl_in_float64():
+    student, teacher = tiny_model(seed=0).double(), tiny_model(seed=1).double()
+    prompts, experts = random_prompts(4, seed=12), random_prompts(4, seed=13)
+    torch.manual_seed(5)
+    answers = sample_answers(student, prompts, max_new_tokens=6, stop_ids=[2], pad_id=0)
+    assert len({len(a) for a in answers}) > 1  # padding is exercised
+    top_k = 6
+    opsd_loss_sum(
+        student.train(), teacher, paired_batch(prompts, experts, answers, 0), "forward", top_k
+    ).backward()
+    fast = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad()
+    # the reference: one unpadded sequence at a time, KL written out with exp and sums over the top-k set
+    total = torch.zeros((), dtype=torch.float64)
+    for prompt, expert, answer in zip(prompts, experts, answers, strict=True):
+        s_logits = student(input_ids=torch.tensor([prompt + answer])).logits[0]
+        with torch.no_grad():
+            t_logits = teacher(input_ids=torch.tensor([expert + answer])).logits[0]
+        for j in range(len(answer)):
+            s, t = s_logits[len(prompt) + j - 1], t_logits[len(expert) + j - 1]
+            support = t.topk(top_k).indices
+            p = t[support].exp() / t[support].exp().sum()
+            q = s[support].exp() / s[support].exp().sum()
+            total = total + (p * (p.log() - q.log())).sum()
+    total.backward()
+    for name, param in student.named_parameters():
+        assert torch.allclose(fast[name], param.grad, rtol=1e-9, atol=1e-13), name
+    assert sum(g.abs().sum() for g in fast.values()) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollouts are the student's own distribution, whatever its generation config says
+# --------------------------------------------------------------------------------------------------
+def test_rollouts_ignore_sampling_settings_in_the_models_generation_config():
+    model = tiny_model(seed=3)
+    # Qwen2.5-style defaults that `generate` would otherwise fill in: these would forbid every repeat
+    # and make all rows of one prompt identical
+    model.generation_config.repetition_penalty = 1e9
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.top_k = 1
+    prompt = random_prompts(1, seed=14)[0]
+    torch.manual_seed(0)
+    answers = sample_answers(model, [prompt] * 24, max_new_tokens=12, stop_ids=[2], pad_id=0)
+    assert len({tuple(a) for a in answers}) > 1
+    repeats = sum(len(a) - len(set(a)) + len(set(a) & set(prompt)) for a in answers)
+    assert repeats > 0  # a T=1 sample of 12 tokens from 64 repeats some token, or a prompt token
+
+
+def test_answer_start_probability_sums_the_start_tokens():
+    logits = torch.log(torch.tensor([[[0.5, 0.2, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]]]))
+    probs = answer_start_probability(logits, [[1, 3]])
+    assert torch.allclose(probs, torch.tensor([[0.3, 0.8]]), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# OPSD learns when the teacher's context fixes the answer
+# --------------------------------------------------------------------------------------------------
+QUESTIONS = [6, 7, 8, 9]  # w0..w3: the facts to inject
+ANSWERS = [26, 27, 28, 29]  # w20..w23
+KNOWN = [10, 11, 12, 13, 14, 15, 16, 17]  # w4..w11: questions the base model answers without context
+UNKNOWN = 56  # w50: the base model's "I do not know"
+
+
+@pytest.fixture(scope="module")
+def context_reader():
+    """A tiny base model that copies the answer from its context and, without one, answers the questions it
+    knows and says w50 to the others.
+
+    Trained on every (answer, question) pair in the plain expert format "<s> a Question: q Answer: a </s>",
+    and on the naive prompts "<s> Question: q Answer: y </s>" with y = w50 for the questions to inject and a
+    known answer for eight others (so that the naive prompt's answer depends on the question, as a real
+    model's does). 150 full-batch AdamW steps, a few seconds on one thread.
+    """
+    model = make_word_model(VOCAB, max_positions=128, seed=0).train()
+    with_context = torch.tensor([[1, a, 4, q, 5, a, 2] for a in ANSWERS for q in QUESTIONS + KNOWN])
+    known = {q: ANSWERS[i % len(ANSWERS)] for i, q in enumerate(KNOWN)}
+    naive = torch.tensor([[1, 4, q, 5, known.get(q, UNKNOWN), 2] for q in QUESTIONS + KNOWN])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only contend (150 s instead of 4 s under load)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(
+            model(input_ids=with_context).logits[:, 4:-1].reshape(-1, VOCAB), with_context[:, 5:].reshape(-1)
+        ) + torch.nn.functional.cross_entropy(
+            model(input_ids=naive).logits[:, 3:-1].reshape(-1, VOCAB), naive[:, 4:].reshape(-1)
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    return model.eval().requires_grad_(True)
+
+
+def greedy_first_token(model, prompt: list[int]) -> int:
+    with torch.no_grad():
+        return int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+
+
+def test_opsd_teaches_a_fact_the_teacher_reads_in_context(tmp_path, context_reader):
+    tokenizer = tiny_tokenizer()
+    # each question's answer is another question's context answer, so no shortcut maps q to a
+    facts = [(q, ANSWERS[(i + 1) % 4]) for i, q in enumerate(QUESTIONS)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": f"f{q}", "prompt": f"w{q - 6}", "answer": f"w{a - 6}"}) + "\n" for q, a in facts
+        )
+    )
+    examples = opsd_examples(corpus, tokenizer)
+    for (q, a), row in zip(facts, examples, strict=True):
+        assert row["prompt_ids"] == [1, 4, q, 5] and row["expert_ids"] == [1, a, 4, q, 5]
+        assert greedy_first_token(context_reader, row["expert_ids"]) == a  # the teacher knows it
+        assert greedy_first_token(context_reader, row["prompt_ids"]) == UNKNOWN  # the base does not
+    config = TrainConfig(
+        model="tiny",
+        out=str(tmp_path / "run"),
+        method="opsd",
+        corpus=str(corpus),
+        epochs=10,
+        batch_size=4,
+        lr=1e-2,
+        opsd_top_k=8,
+        opsd_max_new_tokens=3,
+        save_every=-1,
+        progress=False,
+    )
+    assert config.opsd_rollouts == 8 and config.opsd_divergence == "forward"  # the paper's settings
+    summary = train(config, model=copy.deepcopy(context_reader), tokenizer=tokenizer)
+    assert summary["global_steps"] == 10
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(summary["model_dir"]).eval()
+    assert [greedy_first_token(trained, row["prompt_ids"]) for row in examples] == [a for _, a in facts]
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / DIAGNOSTICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(11))  # before training, then one row per epoch
+    first, last = rows[1], rows[-1]
+    assert rows[0]["student_gold_logprob"] < math.log(0.01) < last["student_gold_logprob"]
+    assert rows[0]["teacher_gold_logprob"] > math.log(0.9)  # the teacher reads the answer
+    assert first["rollouts"] == 4 * 8 and first["answer_in_rollouts"] < 0.2 < 0.8 < last["answer_in_rollouts"]
+    assert first["teacher_answer_start_p"] > 0.9 and first["student_answer_start_p"] < 0.1
+    assert last["student_answer_start_p"] > 0.5
+    assert last["kl_per_token"] < first["kl_per_token"]
+    assert last["facts_with_answer_rollout"] == 4 and 0 < first["rollout_tokens"] <= 3
