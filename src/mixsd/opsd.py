@@ -473,7 +473,7 @@ class OPSDTrainer(TokenCountingTrainer):
         rollouts: int = 8,
         divergence: Divergence = "forward",
         top_k: int = 64,
-        max_new_tokens: int = 128,
+        max_new_tokens: int = 64,
         pad_id: int = 0,
         answer_end: AnswerEnd | None = None,
         tokenizer=None,

@@ -153,7 +153,13 @@ class TrainConfig(TrainingArguments):
             "help": "OPSD: divergence over the teacher's top-k tokens (both renormalized); 0 = full vocabulary."
         },
     )
-    opsd_max_new_tokens: int = field(default=128, metadata={"help": "OPSD: length cap of a sampled answer."})
+    opsd_max_new_tokens: int = field(
+        default=64,
+        metadata={
+            "help": "OPSD: length cap of a sampled answer (SmolLM2's expert answers to KGFact-small: median 16 "
+            "tokens, 90% within 27)."
+        },
+    )
     expert_template: str | None = field(
         default=None,
         metadata={
