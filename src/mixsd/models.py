@@ -327,7 +327,7 @@ def model_fingerprint(name: str | None) -> dict[str, Any] | None:
         return None
     try:
         folder = model_folder(name)
-    except (FileNotFoundError, ModuleNotFoundError, OSError):
+    except (InputError, ModuleNotFoundError, OSError):  # a model not there (yet) or unreadable: no hash
         folder = None
     if folder is None:
         return {"name": name, "path": None, "sha256": None}
