@@ -331,7 +331,8 @@ def summarize(grid: dict[str, Any]) -> dict[str, Any]:
     summaries = {name: summarize_group(grid, entry, probes) for name, entry in groups.items()}
     base_items = {p: _flags(grid["base"]["items"][p]) for p in probes}
     comparisons = {}
-    sft = [n for n, g in summaries.items() if g["method"] == "sft"]
+    # the comparator is plain SFT on the ground truth (not the format control `SFT statement`)
+    sft = [n for n, g in summaries.items() if g["method"] == "sft" and g["family"] == "SFT"]
     rewrite = [n for n, g in summaries.items() if g["method"] == "rewrite"]  # the SDFT baseline (issue 20)
     for name, group in summaries.items():
         if group["method"] == "sft":
