@@ -99,6 +99,18 @@ def read_input_bytes(path: str | os.PathLike) -> bytes:
         raise InputError(f"cannot read this input ({err.strerror or err})", path) from None
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file holding one object; InputError names the file (and line) when it is missing or bad."""
+    path = require_input_file(path)
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise InputError(f"invalid JSON: {err.msg}", path, err.lineno) from None
+    if not isinstance(data, dict):
+        raise InputError("expected a JSON object", path)
+    return data
+
+
 def read_jsonl(
     path: str | os.PathLike, on_error: Callable[[str, int], None] | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -29,7 +29,6 @@ probe. Pure functions over the files' contents; `read_forgetting` reads a cell's
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mixsd.capability import KIND as GENERATIVE_KIND
-from mixsd.files import InputError, read_jsonl, read_text
+from mixsd.files import InputError, read_json_object, read_jsonl
 from mixsd.instructions import first_sentence
 from mixsd.metrics import Taxonomy, pair_rows, paired_comparison, probe_columns, rate
 
@@ -303,7 +302,7 @@ def read_forgetting(
     corpus file (train.jsonl), its target file (None: the cell trains on none) and the folder of the
     retention probes (None: the `data` the retention.json was made with)."""
     cell = Path(cell)
-    retention = _read_json(cell / "retention.json")
+    retention = read_json_object(cell / "retention.json")
     predictions = [row for _, row in read_jsonl(cell / "retention.predictions.jsonl")]
     folder = probes if probes is not None else (retention.get("config") or {}).get("data")
     if folder is None:
@@ -313,15 +312,3 @@ def read_forgetting(
     entities = training_entities(row for _, row in read_jsonl(corpus))
     target_rows = [row for _, row in read_jsonl(targets)] if targets is not None else []
     return forgetting(predictions, items, target_rows, entities, retention)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError("file not found", path)
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise InputError(f"invalid JSON: {err.msg}", path, err.lineno) from None
-    if not isinstance(data, dict):
-        raise InputError("expected a JSON object", path)
-    return data

@@ -34,7 +34,6 @@ Declared before the 20-epoch runs of issue 19, and applied to every grid alike:
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from mixsd.files import InputError, read_jsonl
+from mixsd.files import InputError, read_json_object, read_jsonl
 from mixsd.metrics import cluster_bootstrap_correlation, hierarchical_bootstrap, wilson_interval
 
 SUMMARY_FILE = "summary.json"
@@ -76,13 +75,6 @@ Point = dict[str, Any]
 # --------------------------------------------------------------------------------------------------
 # Reading a grid folder
 # --------------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise InputError(f"not valid JSON: {error.msg}", path, error.lineno) from None
-
-
 def read_grid(folder: str | Path) -> dict[str, Any]:
     """The files of a grid folder this module reads: config, rows, base row and curves."""
     folder = Path(folder)
@@ -101,7 +93,7 @@ def read_grid(folder: str | Path) -> dict[str, Any]:
         "name": config.get("name", folder.name),
         "config": config,
         "rows": rows,
-        "base": _read_json(base_file) if base_file.is_file() else None,
+        "base": read_json_object(base_file) if base_file.is_file() else None,
         "curves": curves,
     }
 

@@ -31,14 +31,12 @@ Pure functions over the files' contents; `read_target_accounting` reads the file
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from mixsd.fidelity import LOW_EXPERT_LOGPROB
-from mixsd.files import InputError, read_jsonl, read_text
+from mixsd.files import InputError, read_json_object, read_jsonl
 from mixsd.metrics import HIGH_NLL_NATS, rate
 
 # `source` of a target row: its own mixed target, the ground truth written instead (--on-failure answer)
@@ -136,22 +134,10 @@ def read_target_accounting(
             raise InputError("missing required field", targets, line, "id")
     records = None
     if summary is not None:
-        summary_data = _read_json(summary)
+        summary_data = read_json_object(summary)
         records = summary_data.get("records")
         if not isinstance(records, int) or records < len(rows):
             raise InputError(
                 f"expected the number of records drawn (at least {len(rows)})", summary, field="records"
             )
-    return account_targets(rows, records, _read_json(nll) if nll is not None else None)
-
-
-def _read_json(path: str | os.PathLike) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise InputError("file not found", path)
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise InputError(f"invalid JSON: {err.msg}", path, err.lineno) from None
-    if not isinstance(data, dict):
-        raise InputError("expected a JSON object", path)
-    return data
+    return account_targets(rows, records, read_json_object(nll) if nll is not None else None)
