@@ -1,12 +1,17 @@
 """The committed results and the tables of docs/results.md, kept in step.
 
     python scripts/results.py collect runs/kgfact-20ep      # copy a grid's small result files to results/<name>/
+    python scripts/results.py collect runs/kgfact-20ep --merge   # add a later run's cells to them
     python scripts/results.py render                         # summaries + every generated table (make results)
     python scripts/results.py render --check                 # exit 1 if a table differs (make results-check)
 
 `collect` copies what a grid folder holds except weights and checkpoints (the config as run, the results
 table, per cell the curve, eval, retention, NLL and Fisher files, targets and per-item predictions) and
-writes PROVENANCE.json (source folder, the commit it ran from, when). `render` computes each committed
+writes PROVENANCE.json (source folder, the commit it ran from, when). `collect --merge` adds a later run
+of the same study (more seeds, controls: a superset config run with `--only`) to what is committed: its
+cells replace or join the committed ones, the rows are merged by cell, and it is refused unless the base
+model's curve (epoch 0 of every curve) is item for item the committed one, so that every cell is scored
+on the same items; the grid-level files derived from one run's cells (report, tuning, curves) are left out. `render` computes each committed
 grid's summary (`mixsd.grid_summary`, written as results/<name>/summary.json) and rewrites every block of
 docs/results.md between
 
@@ -30,8 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mixsd.files import InputError, atomic_write_json, atomic_write_text
+from mixsd.files import InputError, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
 from mixsd.grid_summary import LEVELS, PRIMARY, SUMMARY_FILE, read_grid, summarize
+from mixsd.results import write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -51,6 +57,108 @@ def kept(relative: Path) -> bool:
     if parts & SKIPPED_PARTS or any(p.startswith("checkpoint-") for p in relative.parts):
         return False
     return relative.suffix not in SKIPPED_SUFFIXES and not relative.name.endswith(".journal")
+
+
+# grid-level files a run derives from its own cells only: in a merged folder they would describe part of it
+RUN_DERIVED = {"report.md", "tuning.json", "correlations.json", "curves.jsonl", "results.csv", SUMMARY_FILE}
+
+
+def _commit_of(source: Path) -> str | None:
+    return (
+        subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        or None
+    )
+
+
+def _done_targets(cell: Path) -> bool:
+    """A folder of targets shared by the settings of a sweep (no row of its own) whose mixing finished."""
+    record = cell / "targets.jsonl.stage.json"
+    if (cell / "cell.json").is_file() or not record.is_file():
+        return False
+    try:
+        return read_json_object(record).get("state") == "done"
+    except InputError:
+        return False
+
+
+def merge(source: Path, name: str | None = None, results: Path = RESULTS) -> Path:
+    """Add the cells of the grid folder `source` to the committed results/<name>/ (see the module doc)."""
+    import yaml
+
+    config = source / "experiment.yaml"
+    if not config.is_file():
+        raise InputError("no experiment.yaml: not a grid folder written by `mixsd experiment`", source)
+    name = name or (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("name") or source.name
+    target = results / name
+    if not (target / "results.jsonl").is_file():
+        raise InputError("nothing committed to merge into: collect without --merge first", target)
+    base_new, base_old = source / "curve-base.json", target / "curve-base.json"
+    for path in (base_new, base_old):
+        if not path.is_file():
+            raise InputError("no curve-base.json: the base curve is what makes the runs comparable", path)
+    new_items = read_json_object(base_new).get("items")
+    old_items = read_json_object(base_old).get("items")
+    if not new_items or new_items != old_items:
+        raise InputError(
+            "the base model's per-item curve outcomes differ from the committed ones "
+            f"({target / 'curve-base.json'}): the two runs did not score the same items",
+            base_new,
+        )
+    new_rows = (
+        [row for _, row in read_jsonl(source / "results.jsonl")]
+        if (source / "results.jsonl").is_file()
+        else []
+    )
+    new_cells = {row["cell"] for row in new_rows}
+    staging = target.with_name(f".{name}.merging")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(target, staging)
+    copied = []
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if not path.is_file() or not kept(relative) or path.stat().st_size > MAX_FILE_BYTES:
+            continue
+        if relative.parts[0] == "cells" and not (
+            len(relative.parts) > 2
+            and (relative.parts[1] in new_cells or _done_targets(source / "cells" / relative.parts[1]))
+        ):
+            continue  # only finished cells (their rows are current in the source) and finished shared targets
+        if relative.parts[0] != "cells" and (
+            relative.name in RUN_DERIVED or relative.name == "results.jsonl"
+        ):
+            continue
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, staging / relative)
+        copied.append(str(relative))
+    for cell in new_cells:  # a cell's folder is the new run's, whole: no file of an older run stays beside it
+        for old in (staging / "cells" / cell).rglob("*"):
+            if old.is_file() and not (source / old.relative_to(staging)).is_file():
+                old.unlink()
+    old_rows = [row for _, row in read_jsonl(target / "results.jsonl")]
+    rows = [row for row in old_rows if row["cell"] not in new_cells] + new_rows
+    write_table(staging, rows)
+    for derived in RUN_DERIVED - {"results.csv", SUMMARY_FILE}:
+        (staging / derived).unlink(missing_ok=True)
+    provenance = (
+        read_json_object(target / "PROVENANCE.json") if (target / "PROVENANCE.json").is_file() else {}
+    )
+    runs = provenance.get("runs") or [{k: v for k, v in provenance.items() if k != "runs"}]
+    runs.append(
+        {
+            "source": str(source.resolve()),
+            "commit": _commit_of(source),
+            "collected": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "cells": sorted(new_cells),
+            "files": len(copied),
+        }
+    )
+    atomic_write_json(staging / "PROVENANCE.json", {"runs": runs})
+    shutil.rmtree(target)
+    staging.rename(target)
+    print(f"merged {len(new_cells)} cells ({len(copied)} files) into {target}", file=sys.stderr)
+    return target
 
 
 def collect(source: Path, name: str | None = None, results: Path = RESULTS) -> Path:
@@ -75,14 +183,12 @@ def collect(source: Path, name: str | None = None, results: Path = RESULTS) -> P
         (staging / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, staging / relative)
         copied.append(str(relative))
-    commit = subprocess.run(
-        ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = _commit_of(source)
     atomic_write_json(
         staging / "PROVENANCE.json",
         {
             "source": str(source.resolve()),
-            "commit": commit or None,
+            "commit": commit,
             "collected": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "files": len(copied),
             "left_out_over_8_MiB": skipped_large,
@@ -356,12 +462,17 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("collect", help="copy a grid folder's small result files to results/<name>/")
     c.add_argument("source", type=Path)
     c.add_argument("--name", default=None, help="folder name under results/ (default: the config's name)")
+    c.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the folder's finished cells to the committed results/<name>/ instead of replacing it",
+    )
     r = sub.add_parser("render", help="regenerate the summaries and docs/results.md's tables")
     r.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything is out of date")
     args = parser.parse_args(argv)
     try:
         if args.command == "collect":
-            collect(args.source, args.name)
+            (merge if args.merge else collect)(args.source, args.name)
             return 0
         return render(args.check)
     except InputError as error:

@@ -190,6 +190,59 @@ def test_collect_render_and_check(grid, tmp_path):
         script.render(True, doc, results)
 
 
+def test_merge_adds_a_later_runs_cells_and_refuses_another_base(grid, tmp_path):
+    script = load_script()
+    results = tmp_path / "results"
+    target = script.collect(grid, results=results)
+    (target / "cells" / "mixsd-s1" / "stale.json").write_text("{}")  # a file of the older run of mixsd-s1
+    # a later run of the same study (run with --only): seed 2 of SFT, mixsd-s1 again, shared targets
+    later = write_grid(
+        tmp_path / "later",
+        {
+            "sft-lr3e-5-s2": sft(2, "3e-5", [point(2, "1000", "1110", "11"), point(4, "1111", "1110", "11")]),
+            "mixsd-s1": mixsd(1, [point(2, "1110", "1100", "11"), point(4, "1111", "1111", "11")]),
+        },
+    )
+    shared = later / "cells" / "mixsd-lam0.3-s0"
+    shared.mkdir()
+    (shared / "targets.jsonl").write_text("{}\n")
+    (shared / "targets.jsonl.stage.json").write_text(json.dumps({"state": "done"}))
+    mixing = later / "cells" / "mixsd-lam0.5-s0"  # targets still being made: not merged
+    mixing.mkdir()
+    (mixing / "targets.jsonl").write_text("")
+    (mixing / "targets.jsonl.stage.json").write_text(json.dumps({"state": "running"}))
+    (later / "report.md").write_text("a report of the later run's cells only")
+    script.merge(later, "toy", results=results)
+    rows = {json.loads(line)["cell"] for line in (target / "results.jsonl").read_text().splitlines()}
+    assert rows == {
+        "base",
+        "sft-lr1e-4-s0",
+        "sft-lr3e-5-s0",
+        "sft-lr1e-4-s1",
+        "mixsd-s0",
+        "mixsd-s1",
+        "sft-lr3e-5-s2",
+    }
+    assert (target / "cells" / "sft-lr3e-5-s2" / "train" / "curve.jsonl").is_file()
+    assert not (target / "cells" / "sft-lr3e-5-s2" / "train" / "model").exists()  # no weights
+    assert not (target / "cells" / "mixsd-s1" / "stale.json").exists()  # the cell is the later run's, whole
+    assert (target / "cells" / "mixsd-lam0.3-s0" / "targets.jsonl").is_file()
+    assert not (target / "cells" / "mixsd-lam0.5-s0").exists()
+    assert not (target / "report.md").exists()  # derived from one run's cells: left out
+    assert "sft-lr3e-5-s2" in (target / "results.csv").read_text()
+    runs = json.loads((target / "PROVENANCE.json").read_text())["runs"]
+    assert len(runs) == 2 and runs[1]["cells"] == ["base", "mixsd-s1", "sft-lr3e-5-s2"]
+    grid_read = read_grid(target)
+    assert grid_read["curves"]["mixsd-s1"][-1]["items"]["facts"] == "1111"  # the later run's curve
+    other = tmp_path / "other"
+    write_grid(other, {"sft-lr3e-5-s3": sft(3, "3e-5", [point(2, "1000", "1110", "11")])})
+    moved = {**BASE, "items": {**BASE["items"], "facts": "1111"}}  # another base: other items scored
+    (other / "curve-base.json").write_text(json.dumps(moved))
+    with pytest.raises(Exception, match="per-item curve outcomes differ"):
+        script.merge(other, "toy", results=results)
+    assert "sft-lr3e-5-s3" not in (target / "results.jsonl").read_text()  # nothing merged
+
+
 def test_make_results_check_passes_on_the_committed_results():
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "render", "--check"], capture_output=True, text=True, cwd=ROOT
