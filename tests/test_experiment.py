@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -527,3 +530,74 @@ def test_rewrite_is_a_method_of_the_grid(tmp_path, tiny_model_dir):
     with pytest.raises(InputError, match=r"field 'rewrite.expert_template'"):
         bad = {"expert_template": "{prompt} {context}"}
         tiny_grid(tmp_path, tiny_model_dir, methods=["rewrite"], rewrite=bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage fingerprints pinned: a refactor of the runner must leave every stage's description as it was,
+# or every finished grid folder would be redone. Regenerate (only for an intended change) with
+# MIXSD_REGENERATE_PINS=1.
+# --------------------------------------------------------------------------------------------------
+PINNED_PLAN = Path(__file__).parent / "data" / "grid-stage-descriptions.json"
+
+
+def pinned_grid(tmp_path, model_dir) -> Experiment:
+    """Every method, a sweep, target options and curves with both switches: each branch of the planner."""
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "manifest.json").write_text('{"probes": ["mmlu"]}\n')
+    (probes / "mmlu.jsonl").write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n')
+    stats = tmp_path / "stats.txt"
+    stats.write_text("Ordinary text about places and people.\n")
+    return tiny_grid(
+        tmp_path,
+        model_dir,
+        methods=[
+            "base",
+            {"sft": {"lr": [3e-5, 1e-4]}},
+            {"sft": {"target": "statement"}},
+            {"mixsd": {"lam": [0.3], "retries": 2}},
+            "opsd",
+            "cpt",
+            "memit",
+            "rewrite",
+        ],
+        memit={"layers": "0", "steps": 2, "stats": str(stats)},
+        retention={"limit": 4, "max_new_tokens": 8, "data": str(probes), "known_facts": True},
+        curves={"limit": 4, "capability": True, "known_facts": True},
+    )
+
+
+def plan_descriptions(experiment: Experiment, replacements: dict[str, str]) -> dict[str, Any]:
+    """Each stage of each cell (and the shared ones) as its description, outputs and record, with the
+    machine's paths and the mixsd version replaced by placeholders."""
+    from mixsd import __version__
+
+    def describe(stage) -> dict[str, Any]:
+        described = stage.description()
+        described["upstream"] = sorted(described["upstream"])  # their fingerprints are pinned as stages
+        described["outputs"] = [str(p) for p in stage.outputs]
+        described["record"] = str(stage.record)
+        return described
+
+    runner = Runner(experiment)
+    plans: dict[str, Any] = {}
+    for cell in experiment.cells:
+        plans[cell.name] = {name: describe(stage) for name, (stage, _) in runner.plan(cell).items()}
+    shared = {"capability": runner.capability_stage, "curve-base": runner.curve_base_stage()[0]}
+    plans["shared"] = {name: describe(stage) for name, stage in shared.items()}
+    text = json.dumps(plans, indent=1, sort_keys=True)
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    return json.loads(text.replace(__version__, "<VERSION>"))
+
+
+def test_stage_descriptions_are_pinned(tmp_path, tiny_model_dir):
+    experiment = pinned_grid(tmp_path, tiny_model_dir)
+    got = plan_descriptions(experiment, {str(tiny_model_dir): "<MODEL>", str(tmp_path): "<TMP>"})
+    if os.environ.get("MIXSD_REGENERATE_PINS"):
+        PINNED_PLAN.parent.mkdir(exist_ok=True)
+        PINNED_PLAN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    expected = json.loads(PINNED_PLAN.read_text())
+    assert sorted(got) == sorted(expected)
+    for cell in expected:
+        assert got[cell] == expected[cell], cell
