@@ -653,3 +653,15 @@ def _memorize(tmp_path):
     answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     correct = [matches(text, fact.check, "loose") for text, fact in zip(answers, facts, strict=True)]
     assert sum(correct) == len(facts), answers
+
+
+def test_every_method_has_its_inputs_and_its_trainer():
+    """The method table of `mixsd train` and the config's checks cover the same methods, those the
+    --method option offers."""
+    import typing
+
+    from mixsd.train import METHODS
+    from mixsd.train_config import METHOD_INPUTS, TrainConfig
+
+    offered = typing.get_args(typing.get_type_hints(TrainConfig)["method"])
+    assert set(METHODS) == set(METHOD_INPUTS) == set(offered)
