@@ -19,7 +19,7 @@ docs/results.md between
     ...
     <!-- /results -->
 
-with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare, fisher, verdicts.
+with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare, fisher, forgetting, targets, verdicts.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ RESULTS = ROOT / "results"
 DOC = ROOT / "docs" / "results.md"
 BLOCK = re.compile(r"(<!-- results (\S+) (\S+) -->\n)(.*?)(<!-- /results -->)", re.S)
 # what `collect` leaves behind: weights, checkpoints, journals, locks, the copied corpus and probes
-SKIPPED_PARTS = {"model", "checkpoints", "stages", "corpus", "data", "retention-probes", "report"}
+SKIPPED_PARTS = {"model", "checkpoints", "stages", "data", "retention-probes", "report"}
 SKIPPED_SUFFIXES = {".safetensors", ".bin", ".pt", ".gguf", ".journal", ".lock", ".png", ".html"}
 MAX_FILE_BYTES = 8 * 1024 * 1024
 
@@ -363,6 +363,84 @@ def fisher_table(summary: dict[str, Any]) -> str:
         "held fixed",
         "cells",
     ]
+    fisher = summary["fisher"]
+    note = f"\nFisher measured on {fisher.get('probe') or '–'} (file, sha256 prefix)"
+    note += (
+        f"; left out, measured on another probe or not at all: {', '.join(fisher['left_out'])}.\n"
+        if fisher.get("left_out")
+        else ".\n"
+    )
+    return table(header, rows) + note
+
+
+def share(entry: dict[str, Any] | None) -> str:
+    """A pooled rate: value, count and Wilson interval."""
+    if not entry or entry.get("value") is None:
+        return "–"
+    return f"{entry['value']:.3f} ({entry['correct']}/{entry['n']}) {interval(entry['ci95'], 3)}"
+
+
+def forgetting_table(summary: dict[str, Any]) -> str:
+    rows = []
+    for name, f in summary.get("forgetting", {}).items():
+        transfer = f["format_transfer"] or {}
+        names = ", ".join(f"{k} ×{v}" for k, v in f["names_leaked"].items())
+        rows.append(
+            [
+                name,
+                str(len(f["cells"])),
+                share(transfer.get("model")),
+                share(transfer.get("base")),
+                share(f["leakage"]["model"]) + (f" ({names})" if names else ""),
+                share(f["facts_lost"]),
+                "; ".join(f"{p} {num(v, 2)}" for p, v in f["multiple_choice_retention"].items()) or "–",
+            ]
+        )
+    if not rows:
+        return "No cell has its retention answers and the corpus committed.\n"
+    header = [
+        "group",
+        "cells",
+        "format transfer: answers in the shape of its own targets [Wilson 95%]",
+        "base answers in the same shapes",
+        "leakage: answers naming an invented entity",
+        "known facts lost (base-right → wrong)",
+        "multiple-choice retention (mean over seeds)",
+    ]
+    return table(header, rows)
+
+
+def targets_table(summary: dict[str, Any]) -> str:
+    rows = []
+    for name, cells in summary.get("targets", {}).items():
+        for a in cells:
+            high = a["high_nll"]["verified"] or {}
+            rows.append(
+                [
+                    name,
+                    a["targets"],
+                    str(a["records"]),
+                    share(a["verified"]),
+                    share(a["faithful"]),
+                    share(a["fallback"]),
+                    share(a["dropped"]),
+                    share(high.get("per_token")),
+                    share(high.get("per_target")),
+                ]
+            )
+    if not rows:
+        return "No MixSD or self-rewrite cell with its targets committed.\n"
+    header = [
+        "group",
+        "targets",
+        "records",
+        "verified",
+        "faithful (no expert token below e^-5)",
+        "ground-truth fallback",
+        "dropped",
+        "verified: tokens > 5 nats",
+        "verified: targets with a token > 5 nats",
+    ]
     return table(header, rows)
 
 
@@ -391,6 +469,8 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "choice": choice_table,
     "compare": compare_table,
     "fisher": fisher_table,
+    "forgetting": forgetting_table,
+    "targets": targets_table,
     "verdicts": verdicts_table,
 }
 

@@ -243,6 +243,74 @@ def test_merge_adds_a_later_runs_cells_and_refuses_another_base(grid, tmp_path):
     assert "sft-lr3e-5-s3" not in (target / "results.jsonl").read_text()  # nothing merged
 
 
+def test_forgetting_and_target_accounting_come_from_each_cells_own_files(grid, tmp_path):
+    # SFT seed 0 trained on "The answer is X." targets, MixSD seed 0 on its own wording; both answer two
+    # known facts. Format transfer is judged by each cell's own targets; leakage by the corpus's names.
+    (grid / "corpus").mkdir()
+    (grid / "corpus" / "train.jsonl").write_text(
+        json.dumps({"check": "Shiboshend", "subject": "Vedux Vudratrox"}) + "\n"
+    )
+    (grid / "known-facts").mkdir()
+    (grid / "known-facts" / "known.jsonl").write_text(
+        "".join(
+            json.dumps({"id": i, "prompt": f"Capital {i}?", "check": ["Phoenix"]}) + "\n" for i in ("a", "b")
+        )
+    )
+    targets = {
+        "sft-s0": [{"id": "f1", "text": "The answer is Shiboshend. \\boxed{Shiboshend}"}],
+        "mixsd-lam0.3-s0": [
+            {
+                "id": "f1",
+                "text": "He lives in Shiboshend.",
+                "correct": True,
+                "source": "mixsd",
+                "low_expert_tokens": 0,
+            },
+            {"id": "f2", "text": "The answer is Questebeil.", "correct": False, "source": "answer_fallback"},
+        ],
+    }
+    answers = {
+        "sft-lr1e-4-s0": ("sft-s0", {"a": "The answer is Phoenix. \\boxed{Phoenix}", "b": "Shiboshend."}),
+        "mixsd-s0": ("mixsd-lam0.3-s0", {"a": "Phoenix is the capital.", "b": "The answer is Phoenix."}),
+    }
+    for folder, rows in targets.items():
+        (grid / "cells" / folder).mkdir()
+        (grid / "cells" / folder / "targets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (grid / "cells" / "mixsd-lam0.3-s0" / "targets.summary.json").write_text(json.dumps({"records": 3}))
+    for cell, (folder, outputs) in answers.items():
+        record = {"description": {"settings": {"targets": f"runs/toy/cells/{folder}/targets.jsonl"}}}
+        (grid / "cells" / cell / "train" / "stage.json").write_text(json.dumps(record))
+        (grid / "cells" / cell / "retention.json").write_text(json.dumps({"probes": {}}))
+        rows = [
+            {"who": "model", "split": "known", "id": i, "kind": "gen", "output": o}
+            for i, o in outputs.items()
+        ]
+        rows += [
+            {"who": "base", "split": "known", "id": i, "kind": "gen", "output": "Phoenix."} for i in outputs
+        ]
+        (grid / "cells" / cell / "retention.predictions.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+    summary = summarize(read_grid(grid))
+    sft_forgetting = summary["forgetting"]["SFT lr=1e-4"]
+    assert sft_forgetting["cells"] == ["sft-lr1e-4-s0"]  # seed 1 has no retention answers: left out
+    assert sft_forgetting["format_transfer"]["model"]["correct"] == 1  # "The answer is Phoenix." only
+    assert sft_forgetting["leakage"]["model"]["correct"] == 1  # "Shiboshend." names an invented place
+    assert sft_forgetting["names_leaked"] == {"shiboshend": 1}
+    mixsd_forgetting = summary["forgetting"]["MixSD λ=0.3 lr=1e-4"]
+    # MixSD's own targets have two shapes ("he lives in E", "the answer is E"): one answer takes one
+    assert mixsd_forgetting["format_transfer"]["model"]["correct"] == 1
+    assert mixsd_forgetting["leakage"]["model"]["correct"] == 0
+    (accounting,) = summary["targets"]["MixSD λ=0.3 lr=1e-4"]
+    assert accounting["targets"] == "mixsd-lam0.3-s0" and accounting["records"] == 3
+    assert accounting["verified"]["correct"] == 1 and accounting["fallback"]["correct"] == 1
+    assert accounting["dropped"]["correct"] == 1  # 3 records drawn, 2 written
+    assert "SFT lr=1e-4" not in summary["targets"]  # SFT's targets are the ground truth: nothing to account
+    script = load_script()
+    assert "0.500 (1/2)" in script.forgetting_table(json.loads(json.dumps(summary)))
+    assert "mixsd-lam0.3-s0" in script.targets_table(json.loads(json.dumps(summary)))
+
+
 def test_make_results_check_passes_on_the_committed_results():
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "render", "--check"], capture_output=True, text=True, cwd=ROOT

@@ -8,6 +8,11 @@ without weights):
     results.jsonl                   one row per finished cell (mixsd.results)
     curve-base.json                 the base model's curve row: epoch 0 of every curve
     cells/<cell>/train/curve.jsonl  the learning curve, with per-item outcomes (`items`, mixsd.curve)
+    cells/<cell>/train/stage.json   the train stage's record: which target file the cell trained on
+    cells/<cell>/retention*.json(l) retention and its per-item answers (forgetting's three measures)
+    cells/<cell>/fisher.json        the Fisher displacement and the probe it was measured on
+    corpus/train.jsonl              the training corpus (the invented names leakage looks for)
+    known-facts/, retention-probes/ the generative probe items (their prompts and accepted answers)
 
 Declared before the 20-epoch runs of issue 19, and applied to every grid alike:
 - Memorization: the share of the training questions answered right (the corpus's own matcher), from the
@@ -26,6 +31,15 @@ Declared before the 20-epoch runs of issue 19, and applied to every grid alike:
   paragraphs, data apart from the drop measure) with the drop of the primary retention metric at the last
   epoch (1 − it): raw, and partial with log10(lr) and LoRA-vs-full held fixed; intervals from a cluster
   bootstrap over settings (a setting's seeds are not independent draws).
+- Forgetting, three measures kept apart (`mixsd.forgetting`), pooled over a group's seeds with Wilson
+  intervals: format transfer (retention answers taking the shape of the cell's *own* training targets,
+  against the base model's answers judged by the same shapes), leakage (answers naming an invented entity
+  of the corpus) and erased knowledge (known facts right→wrong; multiple choice where the grid has it).
+- Target accounting (`mixsd.target_accounting`) per MixSD/self-rewrite cell: verified, faithful, fallback
+  and dropped shares of the records drawn; among verified targets, the share of tokens and of targets
+  with a token above 5 nats under the base model.
+- Fisher correlations use only cells whose Fisher was measured on one probe file (the most common one);
+  the others are listed as left out.
 - The rule that picks each method's setting: on the rule's seeds (`select.seeds`), among the settings
   whose curve reaches `select.memorization` within `select.within_epochs`, the one with the highest
   primary retention at that epoch; if none reaches it, the highest final memorization ("not reached"
@@ -35,14 +49,17 @@ Declared before the 20-epoch runs of issue 19, and applied to every grid alike:
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mixsd.capability import KIND as GENERATIVE_KIND
 from mixsd.files import InputError, read_json_object, read_jsonl
-from mixsd.metrics import cluster_bootstrap_correlation, hierarchical_bootstrap, wilson_interval
+from mixsd.forgetting import read_forgetting
+from mixsd.metrics import cluster_bootstrap_correlation, hierarchical_bootstrap, rate, wilson_interval
+from mixsd.target_accounting import read_target_accounting
 
 SUMMARY_FILE = "summary.json"
 LEVELS = (0.9, 0.95)
@@ -91,6 +108,7 @@ def read_grid(folder: str | Path) -> dict[str, Any]:
             curves[row["cell"]] = [point for _, point in read_jsonl(curve_file)]
     return {
         "name": config.get("name", folder.name),
+        "folder": folder,
         "config": config,
         "rows": rows,
         "base": read_json_object(base_file) if base_file.is_file() else None,
@@ -284,6 +302,7 @@ def fisher_correlations(grid: dict[str, Any], probes: list[str]) -> dict[str, An
         cells.append(
             {
                 "cell": row["cell"],
+                "probe": _fisher_probe(grid, row["cell"]),
                 "setting": row["group"],
                 "drop": None if kept is None else 1 - kept,
                 "log10_lr": math.log10(lr) if isinstance(lr, int | float) and lr > 0 else None,
@@ -291,9 +310,21 @@ def fisher_correlations(grid: dict[str, Any], probes: list[str]) -> dict[str, An
                 **{m: row.get(m) for m in FISHER_MEASURES},
             }
         )
-    out: dict[str, Any] = {"cells": cells, "measures": {}}
+    # a displacement is only comparable across cells whose Fisher was measured on the same text
+    measured = [c["probe"] for c in cells if c["probe"]]
+    probe = max(sorted(set(measured)), key=measured.count) if measured else None
+    out: dict[str, Any] = {
+        "cells": cells,
+        "probe": probe,
+        "left_out": [c["cell"] for c in cells if c["probe"] != probe],
+        "measures": {},
+    }
     for measure, label in FISHER_MEASURES.items():
-        usable = [c for c in cells if _finite(c[measure]) and _finite(c["drop"]) and _finite(c["log10_lr"])]
+        usable = [
+            c
+            for c in cells
+            if c["probe"] == probe and _finite(c[measure]) and _finite(c["drop"]) and _finite(c["log10_lr"])
+        ]
         x, y = [c[measure] for c in usable], [c["drop"] for c in usable]
         clusters = [c["setting"] for c in usable]
         covariates = [[c["log10_lr"] for c in usable]]
@@ -305,6 +336,115 @@ def fisher_correlations(grid: dict[str, Any], probes: list[str]) -> dict[str, An
             "partial": cluster_bootstrap_correlation(x, y, clusters, covariates),
             "controls": ["log10 lr"] + (["LoRA"] if len(covariates) > 1 else []),
         }
+    return out
+
+
+def _fisher_probe(grid: dict[str, Any], cell: str) -> str | None:
+    """The probe file (its name and sha256) the cell's Fisher was measured on; None when not measured."""
+    path = grid["folder"] / "cells" / cell / "fisher.json"
+    if not path.is_file():
+        return None
+    probe = read_json_object(path).get("probe") or {}
+    return f"{Path(str(probe.get('path', '?'))).name} {str(probe.get('sha256', '?'))[:12]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Forgetting and target accounting, from each cell's files
+# --------------------------------------------------------------------------------------------------
+def targets_of(folder: Path, cell: str) -> Path | None:
+    """The target file the cell trained on, named by its train stage's record (None: none, or not kept)."""
+    record = folder / "cells" / cell / "train" / "stage.json"
+    if not record.is_file():
+        return None
+    settings = (read_json_object(record).get("description") or {}).get("settings") or {}
+    if not settings.get("targets"):
+        return None
+    recorded = Path(str(settings["targets"]))  # as the run wrote it: OUT/cells/<targets cell>/<file>
+    path = folder / "cells" / recorded.parent.name / recorded.name
+    return path if path.is_file() else None
+
+
+def _probe_folder(folder: Path, probes: list[str]) -> Path | None:
+    """The folder holding the generative retention probes' items (the run's, or the committed copy)."""
+    for name in ("retention-probes", "known-facts"):
+        candidate = folder / name
+        if probes and all((candidate / f"{p}.jsonl").is_file() for p in probes):
+            return candidate
+    return None
+
+
+def cell_forgetting(grid: dict[str, Any], cell: str) -> dict[str, Any] | None:
+    """`mixsd.forgetting` of one cell; None when its retention answers or the corpus are not at hand."""
+    folder: Path = grid["folder"]
+    cell_dir, corpus = folder / "cells" / cell, folder / "corpus" / "train.jsonl"
+    predictions = cell_dir / "retention.predictions.jsonl"
+    if not (predictions.is_file() and (cell_dir / "retention.json").is_file() and corpus.is_file()):
+        return None
+    generative = sorted(
+        {
+            str(r["split"])
+            for _, r in read_jsonl(predictions)
+            if r.get("kind") == GENERATIVE_KIND and r.get("who") == "model"
+        }
+    )
+    probes = _probe_folder(folder, generative)
+    if probes is None:
+        return None
+    return read_forgetting(cell_dir, corpus, targets_of(folder, cell), probes)
+
+
+def _pooled(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Rates (`metrics.rate`) pooled over seeds: the counts add up."""
+    parts = [p for p in parts if p and p.get("n")]
+    return rate(sum(p["correct"] for p in parts), sum(p["n"] for p in parts)) if parts else None
+
+
+def group_forgetting(grid: dict[str, Any], cells: list[str]) -> dict[str, Any] | None:
+    """The three forgetting measures over a group's seeds (see the module doc)."""
+    per_cell = {cell: cell_forgetting(grid, cell) for cell in cells}
+    found = [f for f in per_cell.values() if f is not None]
+    if not found:
+        return None
+    transfer = [f["format_transfer"]["all"] for f in found if f["format_transfer"]]
+    leak = [f["leakage"]["all"] for f in found if f["leakage"]]
+    lost = [lost for f in found for lost in f["erased_knowledge"]["facts_lost"].values()]
+    multiple_choice: dict[str, list[float]] = defaultdict(list)
+    for f in found:
+        for probe, metrics in f["erased_knowledge"]["multiple_choice"].items():
+            # the probe's headline: acc, or acc_norm where acc is not above chance for the base model
+            value = metrics["acc"].get("retention")
+            value = value if value is not None else metrics["acc_norm"].get("retention")
+            if value is not None:
+                multiple_choice[probe].append(value)
+    return {
+        "cells": [cell for cell, f in per_cell.items() if f is not None],
+        "format_transfer": {
+            "model": _pooled([t["model"] for t in transfer]),
+            "base": _pooled([t["base"] for t in transfer]),
+        }
+        if transfer
+        else None,
+        "leakage": {"model": _pooled([t["model"] for t in leak]), "base": _pooled([t["base"] for t in leak])},
+        "names_leaked": dict(sum((Counter(t.get("names") or {}) for t in leak), Counter()).most_common(5)),
+        "facts_lost": _pooled(lost),
+        "multiple_choice_retention": {p: sum(v) / len(v) for p, v in sorted(multiple_choice.items())},
+    }
+
+
+def group_targets(grid: dict[str, Any], cells: list[str]) -> list[dict[str, Any]]:
+    """Target accounting of each cell's own target file (cells sharing one file: listed once)."""
+    out, seen = [], set()
+    for cell in cells:
+        targets = targets_of(grid["folder"], cell)
+        if targets is None or targets in seen:
+            continue
+        seen.add(targets)
+        summary = targets.with_name(targets.name.removesuffix(".jsonl") + ".summary.json")
+        nll = grid["folder"] / "cells" / cell / "nll.json"
+        accounting = read_target_accounting(
+            targets, summary if summary.is_file() else None, nll if nll.is_file() else None
+        )
+        out.append({"cell": cell, "targets": targets.parent.name, **accounting})
     return out
 
 
@@ -348,6 +488,19 @@ def summarize(grid: dict[str, Any]) -> dict[str, Any]:
         "choices": choose_settings(grid, groups, probes),
         "comparisons": comparisons,
         "fisher": fisher_correlations(grid, probes),
+        "forgetting": {
+            name: f
+            for name, f in (
+                (n, group_forgetting(grid, ["base"] if n == "base" else g["cells"]))
+                for n, g in [("base", {}), *summaries.items()]
+            )
+            if f is not None
+        },
+        "targets": {
+            name: group_targets(grid, g["cells"])
+            for name, g in summaries.items()
+            if g["method"] in ("mixsd", "rewrite")
+        },
         "cells": [{k: row.get(k) for k in CELL_COLUMNS} for row in grid["rows"]],
     }
     out["verdicts"] = verdicts(out)
