@@ -23,7 +23,6 @@ from mixsd.corpora.capability import (
     parse_counts,
 )
 from mixsd.corpora.kgfact import build_world
-from mixsd.corpora.probes import load_probe
 from mixsd.evaluate import EvalConfig, evaluate
 from mixsd.files import InputError
 from mixsd.instructions import (
@@ -34,6 +33,7 @@ from mixsd.instructions import (
     is_collapsed,
     validate_constraint,
 )
+from mixsd.probe_kinds import GENERATIVE, load_probe
 
 # --------------------------------------------------------------------------------------------------
 # Checkers: for every kind, answers that pass and answers that fail
@@ -216,7 +216,7 @@ def test_instruction_items_cover_every_kind_and_validate(tmp_path):
     path = tmp_path / "instructions.jsonl"
     path.write_text("".join(json.dumps(item) + "\n" for item in items))
     kind, loaded = load_probe(path, None)
-    assert kind == "gen" and len(loaded) == len(items)
+    assert kind is GENERATIVE and len(loaded) == len(items)
 
 
 def test_parse_counts():
@@ -308,7 +308,7 @@ def test_build_with_answers_writes_known_facts_and_counts(tmp_path):
     assert notes["counts"]["all"] == {"kept": 1, "total": 5}
     assert manifest["source"]["name"] == "bigbench-1.0.0.tar.gz"
     kind, items = load_probe(out / "known_facts.jsonl", None)
-    assert kind == "gen" and items[0]["check"] == ["Paris"]
+    assert kind is GENERATIVE and items[0]["check"] == ["Paris"]
     # nothing right: no file, and the earlier one does not survive beside the new manifest
     manifest = build_capability(config, answer=lambda items: ["no idea" for _ in items])
     assert "known_facts.jsonl" not in manifest["files"]

@@ -10,19 +10,13 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, make_tiny_tokenizer, write_jsonl
-from mixsd.corpora.probes import load_probe
 from mixsd.evaluate import EvalConfig, evaluate, predictions_path
 from mixsd.files import InputError, dumps
 from mixsd.generation import greedy_generate, tail_logprobs
 from mixsd.metrics import Taxonomy, wilson_interval
+from mixsd.probe_kinds import MULTIPLE_CHOICE, PERPLEXITY, load_probe
 from mixsd.prompts import encode_prompt
-from mixsd.scoring import (
-    choice_tokens,
-    kl_per_token,
-    retention_ratios,
-    score_multiple_choice,
-    summarize_probe,
-)
+from mixsd.scoring import choice_tokens, kl_per_token, score_multiple_choice
 
 
 class Out:
@@ -182,12 +176,12 @@ def test_kl_is_zero_for_identical_models_and_positive_otherwise():
 def test_retention_ratio_direction():
     mc = {"kind": "multiple_choice", "acc": {"value": 0.3}, "acc_norm": {"value": 0.4}}
     base = {"kind": "multiple_choice", "acc": {"value": 0.6}, "acc_norm": {"value": 0.4}}
-    assert retention_ratios(mc, base) == {"acc": 0.5, "acc_norm": 1.0}
-    assert retention_ratios({"kind": "perplexity", "ppl": 20.0}, {"kind": "perplexity", "ppl": 10.0}) == {
+    assert MULTIPLE_CHOICE.retention(mc, base) == {"acc": 0.5, "acc_norm": 1.0}
+    assert PERPLEXITY.retention({"kind": "perplexity", "ppl": 20.0}, {"kind": "perplexity", "ppl": 10.0}) == {
         "ppl": 0.5
     }
-    s = summarize_probe("text", [{"nll": 2.0, "tokens": 2}, {"nll": 4.0, "tokens": 2}])
-    assert s["ppl"] == pytest.approx(math.exp(1.5))
+    s = PERPLEXITY.summarize([{"nll": 2.0, "tokens": 2}, {"nll": 4.0, "tokens": 2}])
+    assert s["kind"] == "perplexity" and s["ppl"] == pytest.approx(math.exp(1.5))
 
 
 def test_probe_file_errors_name_line_and_field(tmp_path):

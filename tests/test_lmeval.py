@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import make_tiny_model, make_tiny_tokenizer, write_jsonl
-from mixsd.corpora.probes import load_probe
 from mixsd.evaluate import EvalConfig, evaluate, format_results, predictions_path
 from mixsd.files import InputError
 from mixsd.lmeval import EXPORT_METRIC, LmEvalExportConfig, export_lm_eval, mc_context, prepare
+from mixsd.probe_kinds import MULTIPLE_CHOICE, load_probe
 from mixsd.report import _item_scores, lm_eval_markdown
 from mixsd.results import RETENTION_METRIC, cell_row
 from mixsd.scoring import choice_tokens
@@ -275,7 +275,7 @@ def test_load_probe_reads_exported_data(tmp_path, probe_dir):
     out = tmp_path / "export"
     export_lm_eval(LmEvalExportConfig(out=str(out), probes=str(probe_dir), limit=3))
     kind, items = load_probe(out / "mixsd_toy_mc.jsonl", None)
-    assert kind == "mc" and len(items) == 3
+    assert kind is MULTIPLE_CHOICE and len(items) == 3
     assert [i["query"] for i in items] == [i["query"] for i in load_probe(probe_dir / "toy_mc.jsonl", 3)[1]]
 
 

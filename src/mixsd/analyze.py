@@ -36,9 +36,9 @@ from mixsd.generation import autocast, tail_logprobs
 from mixsd.metrics import HIGH_NLL_NATS, wilson_interval
 from mixsd.models import load_for_inference, model_fingerprint
 from mixsd.options import ModelOptions, check_distinct, check_range
+from mixsd.probe_kinds import kind_of_item, load_probe
 from mixsd.prompts import encode_answer, encode_prompt
 from mixsd.records import load_corpus, load_targets
-from mixsd.scoring import choice_tokens
 
 # Fixed histogram edges (nats), so histograms of different target files line up bin for bin.
 NLL_BIN_EDGES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
@@ -258,21 +258,10 @@ def probe_sequences(
     if {"prompt_ids", "target_ids"} <= keys:
         kind = "targets"
         out = [(r["prompt_ids"] + r["target_ids"], len(r["prompt_ids"])) for r in load_targets(path)]
-    elif "choices" in keys:
-        from mixsd.corpora.probes import load_probe
-
-        kind = "multiple_choice"
-        for item in load_probe(path, None)[1]:
-            context, cont = choice_tokens(tokenizer, item["query"], item["choices"][item["gold"]])
-            out.append((context + cont, len(context)))
-    elif "text" in keys and "prompt" not in keys:
-        from mixsd.corpora.probes import load_probe
-
-        kind = "text"
-        for item in load_probe(path, None)[1]:
-            ids = list(tokenizer(item["text"], add_special_tokens=True)["input_ids"])
-            out.append((ids, 1))
-    else:
+    elif (probe_kind := kind_of_item(first[1])) is not None and probe_kind.fisher_sequences is not None:
+        kind, items = probe_kind.fisher_label or probe_kind.name, load_probe(path, None)[1]
+        out = probe_kind.fisher_sequences(tokenizer, items)
+    else:  # a corpus file (its records have a prompt, as generative probe items do)
         kind = "corpus"
         for fact in load_corpus(path):
             prompt = encode_prompt(tokenizer, fact.prompt, fact.system)

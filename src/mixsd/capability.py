@@ -21,16 +21,17 @@ from typing import Any
 
 from mixsd.answers import matches
 from mixsd.files import InputError
+from mixsd.generation import greedy_generate
 from mixsd.instructions import check_constraint, is_collapsed, validate_constraint
 from mixsd.metrics import pair_rows, paired_comparison, rate, ratio_interval
+from mixsd.models import context_length
+from mixsd.prompts import answer_end, encode_prompt, pad_token_id
 
-KIND = "gen"  # the probe kind corpora.probes.load_probe gives these files
+# The tag of generative prediction rows, for forgetting.py, which reads it from here; the registry
+# (`mixsd.probe_kinds.GENERATIVE.row_tag`) is the source, and a test holds the two together.
+KIND = "gen"
 DEFAULT_MAX_NEW_TOKENS = 64
 ENTITY_MODE = "loose"  # whole-word entity matching (answers.py also calls it "entity")
-
-
-def is_generative_item(obj: dict[str, Any]) -> bool:
-    return "prompt" in obj
 
 
 def parse_generative_item(obj: dict[str, Any], path: os.PathLike | str, line: int, item_id: str) -> dict:
@@ -94,10 +95,6 @@ def generate_answers(
     finish: "stop" (stop token), "length" (the item's max_new_tokens) or "prompt_too_long" (the prompt
     and the answer cap exceed the model's context; answer empty).
     """
-    from mixsd.generation import greedy_generate
-    from mixsd.models import context_length
-    from mixsd.prompts import answer_end, encode_prompt, pad_token_id
-
     context = context_length(model) if getattr(model, "config", None) is not None else None
     prompts = [encode_prompt(tokenizer, item["prompt"], item.get("system")) for item in items]
     results: list[tuple[str, int, str] | None] = [None] * len(items)
@@ -139,7 +136,6 @@ def generative_rows(
         rows.append(
             {
                 "id": item["id"],
-                "kind": KIND,
                 "group": item.get("group"),
                 "output": output,
                 "output_tokens": tokens,
@@ -157,7 +153,6 @@ def summarize_generative(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for row in rows:
         groups[row.get("group") or "all"].append(row)
     return {
-        "kind": "generative",
         "n": len(rows),
         "acc": rate(sum(r["correct"] for r in rows), len(rows)),
         "groups": {

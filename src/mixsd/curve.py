@@ -33,9 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
+from mixsd.answers import matches, resolve_match_mode
+from mixsd.capability import generate_answers
+from mixsd.corpora.probes import load_kl_prompts, spread
 from mixsd.files import atomic_write_jsonl, read_jsonl
+from mixsd.generation import autocast
+from mixsd.probe_kinds import ProbeKind, bits, load_probe
+from mixsd.prompts import pad_token_id
+from mixsd.records import load_corpus
+from mixsd.scoring import kl_on_answers, reference_answers
 
 CURVE_FILE = "curve.jsonl"
 
@@ -62,10 +71,6 @@ class CurveEvaluator:
     """The curve's scores of one model state. Files are read (and checked) when it is built."""
 
     def __init__(self, config, tokenizer):
-        from mixsd.answers import resolve_match_mode
-        from mixsd.corpora.probes import load_kl_prompts, load_probe, spread
-        from mixsd.records import load_corpus
-
         self.tokenizer = tokenizer
         self.bf16 = bool(config.bf16)
         self.batch_size = int(config.per_device_eval_batch_size)
@@ -75,7 +80,7 @@ class CurveEvaluator:
         self.kl_prompts = (
             load_kl_prompts(config.eval_kl_prompts, config.eval_kl_limit)[0] if config.eval_kl_limit else []
         )
-        self.probes: list[tuple[str, str, list[dict[str, Any]]]] = []
+        self.probes: list[tuple[str, ProbeKind, list[dict[str, Any]]]] = []
         for name in (config.eval_probes or "").split(","):
             if name.strip():
                 path = Path(name.strip())
@@ -85,9 +90,6 @@ class CurveEvaluator:
 
     def scores(self, model, base) -> dict[str, Any]:
         """Memorization, KL to `base` and the probes for `model` (both in eval mode, on one device)."""
-        from mixsd.answers import matches
-        from mixsd.capability import generate_answers
-
         items = [
             {"prompt": f.prompt, "system": f.system, "max_new_tokens": self.max_new_tokens}
             for f in self.facts
@@ -114,73 +116,36 @@ class CurveEvaluator:
         return row
 
     def _kl(self, model, base) -> dict[str, Any]:
-        from mixsd.prompts import pad_token_id
-        from mixsd.scoring import kl_per_token
-
         if self._base_answers is None:  # the base never changes: its answers are generated once
-            self._base_answers = self._answers_of(base)
-        usable = [(prompt, answer) for prompt, answer in self._base_answers if answer]
-        stats = kl_per_token(
+            self._base_answers = [
+                (prompt_ids, answer_ids)
+                for prompt_ids, answer_ids, _, _ in reference_answers(
+                    base,
+                    self.tokenizer,
+                    [(prompt, system) for _, prompt, system in self.kl_prompts],
+                    max_new_tokens=self.max_new_tokens,
+                    batch_size=self.batch_size,
+                )
+            ]
+        stats = kl_on_answers(
             base,
             model,
-            [prompt + answer for prompt, answer in usable],
-            [len(answer) for _, answer in usable],
+            self._base_answers,
             pad_id=pad_token_id(self.tokenizer),
             batch_size=self.batch_size,
         )
         tokens = sum(count for _, _, count in stats)
         return {"kl": sum(total for total, _, _ in stats) / tokens if tokens else None, "kl_tokens": tokens}
 
-    def _answers_of(self, base) -> list[tuple[list[int], list[int]]]:
-        """(prompt ids, answer ids) of the base model's greedy answers, the end token included when it
-        stopped (KL also covers the decision to stop), as `mixsd eval` builds them."""
-        from mixsd.generation import greedy_generate
-        from mixsd.prompts import answer_end, encode_prompt, pad_token_id
-
-        end = answer_end(self.tokenizer, base)
-        prompts = [encode_prompt(self.tokenizer, prompt, system) for _, prompt, system in self.kl_prompts]
-        answers: list[list[int]] = [[] for _ in prompts]
-        for k, tokens, finish in greedy_generate(
-            base,
-            prompts,
-            stop_ids=end.stop_ids,
-            pad_id=pad_token_id(self.tokenizer),
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            text_stop=end.text_stop if end.stop_strings else None,
-        ):
-            answers[k] = tokens + ([end.end_id] if finish in ("stop", "stop_text") else [])
-        return list(zip(prompts, answers, strict=True))
-
     def _probe(
-        self, model, name: str, kind: str, items: list[dict[str, Any]]
+        self, model, name: str, kind: ProbeKind, items: list[dict[str, Any]]
     ) -> tuple[dict[str, Any], dict[str, str]]:
-        """A probe's scores for the row, and its per-item bits for the row's `items`."""
-        from mixsd.capability import KIND as GENERATIVE
-        from mixsd.capability import generative_rows
-        from mixsd.scoring import score_multiple_choice, score_perplexity
-
-        if kind == GENERATIVE:
-            rows = generative_rows(model, self.tokenizer, items, batch_size=self.batch_size)
-            correct, collapsed = [r["correct"] for r in rows], [r["collapsed"] for r in rows]
-            scores = {
-                f"{name}_acc": sum(correct) / len(rows),
-                f"{name}_collapse": sum(collapsed) / len(rows),
-                f"{name}_n": len(rows),  # the items behind the rates (intervals in the report)
-            }
-            return scores, {name: bits(correct), f"{name}_collapse": bits(collapsed)}
-        if kind == "mc":
-            rows = score_multiple_choice(model, self.tokenizer, items, batch_size=self.batch_size)
-            correct = [r["correct"] for r in rows]
-            return {f"{name}_acc": sum(correct) / len(rows), f"{name}_n": len(rows)}, {name: bits(correct)}
-        rows = score_perplexity(model, self.tokenizer, items, batch_size=self.batch_size, max_tokens=512)
-        tokens = sum(r["tokens"] for r in rows)
-        return {f"{name}_nll_per_token": sum(r["nll"] for r in rows) / tokens if tokens else None}, {}
-
-
-def bits(flags: list[bool]) -> str:
-    """Per-item outcomes as a compact string: "1" for true, "0" for false, in item order."""
-    return "".join("1" if flag else "0" for flag in flags)
+        """A probe's scores for the row, and its per-item bits for the row's `items` (as `mixsd eval`
+        scores it; text probes cut at 512 tokens, its default)."""
+        if kind.curve is None:
+            raise ValueError(f"a {kind.name} probe has no learning-curve columns")
+        rows = kind.score_items(model, self.tokenizer, items, batch_size=self.batch_size, max_tokens=512)
+        return kind.curve(name, rows)
 
 
 def read_curve(path: str | Path) -> list[dict[str, Any]]:
@@ -211,8 +176,6 @@ class CurveCallback(TrainerCallback):
         if epoch % self.every and not last:
             return
         if state.is_world_process_zero:
-            from accelerate.utils import extract_model_from_parallel
-
             row = self.evaluate(extract_model_from_parallel(model), epoch=state.epoch, step=state.global_step)
             atomic_write_jsonl(self.path, [*read_curve(self.path), row])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -220,8 +183,6 @@ class CurveCallback(TrainerCallback):
 
     def evaluate(self, model, *, epoch: float | None, step: int) -> dict[str, Any]:
         """One curve row for `model` as it is now; training state (mode, RNG) is left as it was."""
-        from mixsd.generation import autocast
-
         device = next(model.parameters()).device
         base = self.base if self.base is not None else AdaptersOff(model)
         if self.base is not None:

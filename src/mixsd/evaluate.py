@@ -37,9 +37,7 @@ from typing import Any, ClassVar, Literal
 
 from mixsd import __version__
 from mixsd.answers import SCORING_MODES, resolve_match_mode, score_all, squad_scores
-from mixsd.capability import KIND as GENERATIVE_KIND  # generative capability probes (own module)
-from mixsd.capability import format_generative, generative_rows
-from mixsd.corpora.probes import load_kl_prompts, load_probe, spread
+from mixsd.corpora.probes import load_kl_prompts, spread
 from mixsd.files import (
     InputError,
     JournalWriter,
@@ -58,16 +56,18 @@ from mixsd.lmeval import parse_tasks as parse_lm_eval_tasks
 from mixsd.metrics import ERROR_TYPES, Taxonomy, rate, squad_summary
 from mixsd.models import load_for_inference, model_fingerprint, model_folder
 from mixsd.options import ModelOptions, check_distinct, check_range
+from mixsd.probe_kinds import (
+    KL,
+    KL_ANSWER_TAG,
+    PROBE_KINDS,
+    ProbeKind,
+    format_number,
+    format_percent,
+    load_probe,
+)
 from mixsd.prompts import answer_end, encode_prompt, pad_token_id
 from mixsd.records import Fact, load_corpus
-from mixsd.scoring import (
-    compare_with_base,
-    kl_per_token,
-    retention_ratios,
-    score_multiple_choice,
-    score_perplexity,
-    summarize_probe,
-)
+from mixsd.scoring import kl_on_answers, reference_answers
 from mixsd.stages import Stage
 
 Suite = Literal["kgfact", "kgfunc", "qa", "retention"]
@@ -455,27 +455,20 @@ def _generation_rows(
     bar.close()
 
 
-def _probe_rows(runner: _Runner, who: str, probe: str, kind: str, items: list[dict[str, Any]]) -> list[dict]:
+def _probe_rows(
+    runner: _Runner, who: str, probe: str, kind: ProbeKind, items: list[dict[str, Any]]
+) -> list[dict]:
     model = runner.model() if who == "model" else runner.base()
     bar = runner.bar(len(items), f"{who} {probe}")
     with runner.autocast(model):
-        if kind == GENERATIVE_KIND:
-            rows = generative_rows(
-                model, runner.tokenizer(), items, batch_size=runner.config.batch_size, progress=bar
-            )
-        elif kind == "mc":
-            rows = score_multiple_choice(
-                model, runner.tokenizer(), items, batch_size=runner.config.batch_size, progress=bar
-            )
-        else:
-            rows = score_perplexity(
-                model,
-                runner.tokenizer(),
-                items,
-                batch_size=runner.config.batch_size,
-                max_tokens=runner.config.ppl_max_tokens,
-                progress=bar,
-            )
+        rows = kind.score_items(
+            model,
+            runner.tokenizer(),
+            items,
+            batch_size=runner.config.batch_size,
+            max_tokens=runner.config.ppl_max_tokens,
+            progress=bar,
+        )
     bar.close()
     return [{"who": who, "split": probe, **row} for row in rows]
 
@@ -485,64 +478,54 @@ def _kl_answer_rows(
 ) -> list[dict]:
     """The base model's greedy answers to the KL prompts (the tokens KL is measured on)."""
     tokenizer, base = runner.tokenizer(), runner.base()
-    encoded = [encode_prompt(tokenizer, prompt, system) for _, prompt, system in prompts]
-    end = answer_end(tokenizer, base)
-    rows: list[dict[str, Any] | None] = [None] * len(prompts)
     bar = runner.bar(len(prompts), "base kl answers")
     with runner.autocast(base):
-        for k, tokens, finish in greedy_generate(
+        answers = reference_answers(
             base,
-            encoded,
-            stop_ids=end.stop_ids,
-            pad_id=pad_token_id(tokenizer),
+            tokenizer,
+            [(prompt, system) for _, prompt, system in prompts],
             max_new_tokens=max_new_tokens,
             batch_size=runner.config.batch_size,
-            on_row=lambda _: bar(),
-            text_stop=end.text_stop if end.stop_strings else None,
-        ):
-            # the end token is part of the answer, as in every target: KL also covers the decision to stop
-            answer = tokens + ([end.end_id] if finish in ("stop", "stop_text") else [])
-            rows[k] = {
-                "who": "base",
-                "split": "kl",
-                "id": prompts[k][0],
-                "kind": "kl_answer",
-                "prompt_ids": encoded[k],
-                "answer_ids": answer,
-                "finish": finish,
-                "answer": tokenizer.decode(tokens, skip_special_tokens=True),
-            }
+            progress=bar,
+        )
     bar.close()
-    return [r for r in rows if r is not None]
+    return [
+        {
+            "who": "base",
+            "split": KL.name,
+            "id": prompt_id,
+            "kind": KL_ANSWER_TAG,
+            "prompt_ids": prompt_ids,
+            "answer_ids": answer_ids,
+            "finish": finish,
+            "answer": text,
+        }
+        for (prompt_id, _, _), (prompt_ids, answer_ids, finish, text) in zip(prompts, answers, strict=True)
+    ]
 
 
 def _kl_rows(runner: _Runner, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    usable = [a for a in answers if a["answer_ids"]]
-    sequences = [a["prompt_ids"] + a["answer_ids"] for a in usable]
-    tails = [len(a["answer_ids"]) for a in usable]
     model, base = runner.model(), runner.base()
     with runner.autocast(model):
-        stats = kl_per_token(
+        stats = kl_on_answers(
             base,
             model,
-            sequences,
-            tails,
+            [(a["prompt_ids"], a["answer_ids"]) for a in answers],
             pad_id=pad_token_id(runner.tokenizer()),
             batch_size=runner.config.batch_size,
         )
-    by_id = {a["id"]: s for a, s in zip(usable, stats, strict=True)}
     return [
         {
             "who": "model",
-            "split": "kl",
+            "split": KL.name,
             "id": a["id"],
-            "kind": "kl",
-            "kl_sum": round(by_id.get(a["id"], (0.0, 0.0, 0))[0], 6),
-            "kl_max": round(by_id.get(a["id"], (0.0, 0.0, 0))[1], 6),
-            "tokens": by_id.get(a["id"], (0.0, 0.0, 0))[2],
+            "kind": KL.row_tag,
+            "kl_sum": round(total, 6),
+            "kl_max": round(peak, 6),
+            "tokens": count,
             "answer": a["answer"],
         }
-        for a in answers
+        for a, (total, peak, count) in zip(answers, stats, strict=True)
     ]
 
 
@@ -601,7 +584,7 @@ def _evaluate_locked(
         kl_prompts, kl_sha = load_kl_prompts(config.kl_prompts, config.limit)
         if config.base is None and base_model is None:
             skipped.append(
-                {"split": "kl", "reason": "no --base: KL and retention ratios need the base model"}
+                {"split": KL.name, "reason": "no --base: KL and retention ratios need the base model"}
             )
         hashes = data_hashes(folder if folder.is_dir() else None, probe_files)
         hashes["kl_prompts_sha256"] = kl_sha
@@ -853,7 +836,7 @@ def _run_retention(
             "model", probe, items, lambda todo, p=probe, k=kind: _probe_rows(runner, "model", p, k, todo)
         )
         predictions += model_rows
-        summary = summarize_probe(kind, model_rows)
+        summary = kind.summarize(model_rows)
         if has_base:
             if same:  # the base is the model itself: its scores are the model's
                 fill = lambda todo, p=probe: [{**rows[("model", p, t["id"])], "who": "base"} for t in todo]  # noqa: E731
@@ -861,25 +844,27 @@ def _run_retention(
                 fill = lambda todo, p=probe, k=kind: _probe_rows(runner, "base", p, k, todo)  # noqa: E731
             base_probe_rows = collect("base", probe, items, fill)
             predictions += base_probe_rows
-            summary["base"] = summarize_probe(kind, base_probe_rows)
-            summary["retention"] = retention_ratios(summary, summary["base"])
-            summary.update(compare_with_base(kind, model_rows, base_probe_rows))
+            summary["base"] = kind.summarize(base_probe_rows)
+            summary["retention"] = kind.retention(summary, summary["base"])
+            summary.update(kind.compare(model_rows, base_probe_rows))
         results[probe] = summary
 
     if has_base:
         items = [{"id": pid} for pid, _, _ in kl_prompts]
         answers = collect(
             "base",
-            "kl",
+            KL.name,
             items,
             lambda todo: _kl_answer_rows(
                 runner, [p for p in kl_prompts if p[0] in {t["id"] for t in todo}], max_new_tokens
             ),
         )
         by_id = {a["id"]: a for a in answers}
-        kl_rows = collect("model", "kl", items, lambda todo: _kl_rows(runner, [by_id[t["id"]] for t in todo]))
+        kl_rows = collect(
+            "model", KL.name, items, lambda todo: _kl_rows(runner, [by_id[t["id"]] for t in todo])
+        )
         predictions += answers + kl_rows
-        results["kl"] = summarize_probe("kl", kl_rows)
+        results[KL.name] = KL.summarize(kl_rows)
         if cache_file is not None:
             fresh = [r for r in predictions if r["who"] == "base"]
             if len(fresh) != len(base_rows):
@@ -921,12 +906,6 @@ def _run_lm_eval(config: EvalConfig, runner: _Runner, plan, determines: dict[str
 # --------------------------------------------------------------------------------------------------
 # `mixsd eval`
 # --------------------------------------------------------------------------------------------------
-def _pct(r: dict[str, Any]) -> str:
-    if r.get("value") is None:
-        return "-"
-    return f"{r['value']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}]"
-
-
 def format_results(results: dict[str, Any]) -> str:
     lines = []
     if "splits" in results:
@@ -937,47 +916,19 @@ def format_results(results: dict[str, Any]) -> str:
         )
         for name, s in results["splits"].items():
             e = s["errors"]
-            others = "".join(f"{_fmt(s[m]['value']):<10}" for m in SCORING_MODES)
+            others = "".join(f"{format_number(s[m]['value']):<10}" for m in SCORING_MODES)
             lines.append(
-                f"{name:<16}{s['n']:>6}  {s['match']:<8}{_pct(s['accuracy']):<26}{others}"
+                f"{name:<16}{s['n']:>6}  {s['match']:<8}{format_percent(s['accuracy']):<26}{others}"
                 f"{e['format']}/{e['leakage']}/{e['collapse']}/{e['genuine']}"
             )
     else:
         for name, p in results["probes"].items():
-            if p["kind"] == "multiple_choice":
-                text = f"acc {_pct(p['acc'])}  acc_norm {_pct(p['acc_norm'])}  chance {p['chance']:.2f}"
-                if "base" in p:
-                    r, normed = p["retention"], p.get("retention_normalized", {})
-                    flips = p.get("paired", {}).get("acc", {})
-                    text += (
-                        f"  | base acc {p['base']['acc']['value']:.1%} acc_norm "
-                        f"{p['base']['acc_norm']['value']:.1%}  retention acc "
-                        f"{_fmt(r['acc'])} acc_norm {_fmt(r['acc_norm'])}  chance-normalized acc "
-                        f"{_fmt(normed.get('acc'))} acc_norm {_fmt(normed.get('acc_norm'))}"
-                    )
-                    if flips:
-                        text += (
-                            f"  acc right->wrong {flips['right_to_wrong']} wrong->right {flips['wrong_to_right']}"
-                            f" (McNemar p {flips['mcnemar_p']:.3g})"
-                        )
-            elif p["kind"] == "perplexity":
-                text = f"ppl {_fmt(p['ppl'])} ({p['tokens']} tokens)"
-                if "base" in p:
-                    text += f"  | base ppl {_fmt(p['base']['ppl'])}  retention {_fmt(p['retention']['ppl'])}"
-            elif p["kind"] == "generative":
-                text = format_generative(p)
-            else:
-                text = f"KL(base||model) {p['kl_per_token']:.5f} nats/token over {p['tokens']} tokens"
-            lines.append(f"{name:<18}n={p['n']:<5} {text}")
+            lines.append(f"{name:<18}n={p['n']:<5} {PROBE_KINDS[p['kind']].format(p)}")
     lines += [format_task(name, summary) for name, summary in results.get("lm_eval", {}).items()]
     for s in results.get("skipped", []):
         lines.append(f"skipped {s['split']}: {s['reason']}")
     lines.append(f"{results['seconds']:.1f} s")
     return "\n".join(lines)
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def eval_command(config: EvalConfig) -> dict[str, Any]:

@@ -34,11 +34,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixsd.capability import KIND as GENERATIVE_KIND
-from mixsd.corpora.probes import load_probe
-from mixsd.files import InputError, atomic_write_json, atomic_write_text, read_jsonl, sha256_file
+import yaml
+
+from mixsd.corpora._manifest import write_manifest
+from mixsd.corpora.probes import default_out
+from mixsd.files import (
+    InputError,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    read_jsonl,
+    sha256_file,
+)
 from mixsd.metrics import chance_normalized, paired_comparison, well_above_chance
 from mixsd.options import check_range
+from mixsd.probe_kinds import GENERATIVE, LM_EVAL, MULTIPLE_CHOICE, ProbeKind, load_probe
 
 GENERATOR = "mixsd.lmeval"
 VERSION = 1
@@ -144,10 +154,12 @@ def _mc_docs(path: Path, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return docs
 
 
-def _task_yaml(task: str, data_file: Path, kind: str, metric: str | None) -> str:
-    import yaml
-
-    metrics = ("acc", "acc_norm") if kind == "mc" else ("word_perplexity", "byte_perplexity", "bits_per_byte")
+def _task_yaml(task: str, data_file: Path, kind: ProbeKind, metric: str | None) -> str:
+    metrics = (
+        ("acc", "acc_norm")
+        if kind is MULTIPLE_CHOICE
+        else ("word_perplexity", "byte_perplexity", "bits_per_byte")
+    )
     config: dict[str, Any] = {
         "task": task,
         "tag": [TAG],
@@ -155,7 +167,7 @@ def _task_yaml(task: str, data_file: Path, kind: str, metric: str | None) -> str
         "dataset_kwargs": {"data_files": {"test": str(data_file)}},
         "test_split": "test",
     }
-    if kind == "mc":
+    if kind is MULTIPLE_CHOICE:
         config.update(
             output_type="multiple_choice",
             doc_to_text="context",  # column names: the strings are taken as they are, never templated
@@ -169,7 +181,9 @@ def _task_yaml(task: str, data_file: Path, kind: str, metric: str | None) -> str
         num_fewshot=0,
         # perplexities keep the harness's own aggregations (weighted by words / bytes)
         metric_list=[
-            {"metric": m, "aggregation": "mean", "higher_is_better": True} if kind == "mc" else {"metric": m}
+            {"metric": m, "aggregation": "mean", "higher_is_better": True}
+            if kind is MULTIPLE_CHOICE
+            else {"metric": m}
             for m in metrics
         ],
         metadata={"version": float(VERSION), "mixsd_metric": metric or metrics[0]},
@@ -182,10 +196,6 @@ def export_lm_eval(config: LmEvalExportConfig) -> dict[str, Any]:
 
     Generative probes are skipped (their checks are mixsd code, which a task file would have to execute).
     """
-    from mixsd.corpora._manifest import write_manifest
-    from mixsd.corpora.probes import default_out
-    from mixsd.files import atomic_write_jsonl
-
     out = Path(config.out)
     if out.exists():
         raise InputError("already exists; choose a new folder (the export never overwrites)", out)
@@ -207,13 +217,15 @@ def export_lm_eval(config: LmEvalExportConfig) -> dict[str, Any]:
         for path in files:
             kind, items = load_probe(path, config.limit)
             task = config.prefix + path.stem
-            if kind == GENERATIVE_KIND:
+            if kind is GENERATIVE:
                 skipped.append({"file": path.name, "reason": "generative probe (checked by mixsd code)"})
                 continue
             docs = (
-                _mc_docs(path, items) if kind == "mc" else [{"id": i["id"], "text": i["text"]} for i in items]
+                _mc_docs(path, items)
+                if kind is MULTIPLE_CHOICE
+                else [{"id": i["id"], "text": i["text"]} for i in items]
             )
-            metric = EXPORT_METRIC.get(path.stem, "acc") if kind == "mc" else None
+            metric = EXPORT_METRIC.get(path.stem, "acc") if kind is MULTIPLE_CHOICE else None
             atomic_write_jsonl(staging / f"{task}.jsonl", docs)
             atomic_write_text(
                 staging / f"{task}.yaml", _task_yaml(task, final / f"{task}.jsonl", kind, metric)
@@ -222,7 +234,7 @@ def export_lm_eval(config: LmEvalExportConfig) -> dict[str, Any]:
             tasks[task] = {
                 "source": path.name,
                 "source_sha256": sha256_file(path),
-                "kind": "multiple_choice" if kind == "mc" else "perplexity",
+                "kind": kind.name,
                 "items": len(docs),
                 "metric": metric or "word_perplexity",
             }
@@ -478,7 +490,7 @@ def summarize_task(
     named = {plan.headline.get(leaf) for leaf in leaves} - {None}
     metric = headline_metric(result, named.pop() if len(named) == 1 else None)
     summary: dict[str, Any] = {
-        "kind": "lm_eval",
+        "kind": LM_EVAL,
         "leaves": leaves,
         "n": sum(len({s["doc_id"] for s in model_out["samples"].get(leaf, [])}) for leaf in leaves),
         "n_shot": {leaf: model_out["n-shot"].get(leaf) for leaf in leaves},
@@ -602,7 +614,7 @@ def prediction_rows(who: str, output: dict[str, Any]) -> list[dict[str, Any]]:
                     "split": f"lm_eval:{leaf}",
                     "id": f"{sample['doc_id']}"
                     + ("" if sample["filter"] == "none" else f":{sample['filter']}"),
-                    "kind": "lm_eval",
+                    "kind": LM_EVAL,
                     **sample,
                 }
             )
@@ -667,7 +679,7 @@ def item_outcomes(summaries: dict[str, Any], rows: list[dict[str, Any]]) -> dict
             f"{row['split']}:{row['doc_id']}": row[name] == 1.0
             for row in rows
             if row.get("who") == "model"
-            and row.get("kind") == "lm_eval"
+            and row.get("kind") == LM_EVAL
             and row["split"].removeprefix("lm_eval:") in leaves
             and row.get("filter") == filter_key
             and row.get(name) in (0.0, 1.0)

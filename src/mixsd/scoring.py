@@ -3,12 +3,13 @@
     multiple choice  log p(" "+choice | query) summed -> acc, divided by the choice's length in characters
                      -> acc_norm (lm-evaluation-harness semantics)
     text             token perplexity
-    kl               KL(base || model) per token, on given sequences
+    kl               KL(base || model) per token, on the base model's own greedy answers
 
-Used by `mixsd eval` (the retention suite), `mixsd analyze` and the learning curve (`mixsd.curve`). The
-summaries turn rows into a probe's scores and, given the base model's rows on the same items, into
-retention ratios with intervals and paired statistics (`mixsd.metrics`). Generative probes are scored by
-`mixsd.capability`; their summaries are dispatched from here so every probe kind has one entry point.
+One function per kind and step (score, summarize, retention, compare); `mixsd.probe_kinds` registers them
+with the generative kind's (`mixsd.capability`) and is the one place that dispatches on a kind. The rows
+returned here carry no kind tag: the registry adds it. The summaries turn rows into a probe's scores and,
+given the base model's rows on the same items, into retention ratios with intervals and paired statistics
+(`mixsd.metrics`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from mixsd.capability import KIND as GENERATIVE_KIND
-from mixsd.capability import compare_generative, summarize_generative
-from mixsd.generation import tail_logprobs
+from mixsd.generation import greedy_generate, tail_logprobs
 from mixsd.metrics import (
     chance_normalized,
     chance_normalized_interval,
@@ -29,7 +28,7 @@ from mixsd.metrics import (
     ratio_interval,
     well_above_chance,
 )
-from mixsd.prompts import pad_token_id
+from mixsd.prompts import answer_end, encode_prompt, pad_token_id
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +94,6 @@ def score_multiple_choice(
         rows.append(
             {
                 "id": item["id"],
-                "kind": "mc",
                 "gold": item["gold"],
                 "loglik": [round(s, 5) for s in scores],
                 "char_lengths": lengths,
@@ -132,14 +130,13 @@ def score_perplexity(
         i = usable[k]
         rows[i] = {
             "id": items[i]["id"],
-            "kind": "text",
             "nll": round(-float(logprobs.sum()), 5),
             "tokens": len(sequences[i]) - 1,
         }
         if progress is not None:
             progress(1)
     return [
-        row if row is not None else {"id": items[i]["id"], "kind": "text", "nll": 0.0, "tokens": 0}
+        row if row is not None else {"id": items[i]["id"], "nll": 0.0, "tokens": 0}
         for i, row in enumerate(rows)
     ]
 
@@ -161,34 +158,88 @@ def kl_per_token(
     return out
 
 
+def reference_answers(
+    base,
+    tokenizer,
+    prompts: list[tuple[str, str | None]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[list[int], list[int], str, str]]:
+    """The base model's greedy answers to the KL prompts ((prompt, system) pairs): per prompt (prompt ids,
+    answer ids, finish, decoded answer). The answer ids end with the end token when the answer stopped
+    (KL also covers the decision to stop), as every training target does; `mixsd eval` and the learning
+    curve both measure KL on these tokens."""
+    encoded = [encode_prompt(tokenizer, prompt, system) for prompt, system in prompts]
+    end = answer_end(tokenizer, base)
+    answers: list[tuple[list[int], list[int], str, str]] = [(ids, [], "", "") for ids in encoded]
+    for k, tokens, finish in greedy_generate(
+        base,
+        encoded,
+        stop_ids=end.stop_ids,
+        pad_id=pad_token_id(tokenizer),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        on_row=(lambda _: progress(1)) if progress is not None else None,
+        text_stop=end.text_stop if end.stop_strings else None,
+    ):
+        answer = tokens + ([end.end_id] if finish in ("stop", "stop_text") else [])
+        answers[k] = (encoded[k], answer, finish, tokenizer.decode(tokens, skip_special_tokens=True))
+    return answers
+
+
+def kl_on_answers(
+    base, model, answers: list[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int
+) -> list[tuple[float, float, int]]:
+    """Per (prompt ids, answer ids): (sum, max, count) of KL(base || model) over the answer's tokens;
+    (0.0, 0.0, 0) for an empty answer."""
+    usable = [k for k, (_, answer) in enumerate(answers) if answer]
+    stats = kl_per_token(
+        base,
+        model,
+        [answers[k][0] + answers[k][1] for k in usable],
+        [len(answers[k][1]) for k in usable],
+        pad_id=pad_id,
+        batch_size=batch_size,
+    )
+    out: list[tuple[float, float, int]] = [(0.0, 0.0, 0)] * len(answers)
+    for k, stat in zip(usable, stats, strict=True):
+        out[k] = stat
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Summaries: a probe's scores, and its retention against the base model
 # --------------------------------------------------------------------------------------------------
-def summarize_probe(kind: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    if kind == GENERATIVE_KIND:
-        return summarize_generative(rows)
-    if kind == "mc":
-        n = len(rows)
-        return {
-            "kind": "multiple_choice",
-            "n": n,
-            "acc": rate(sum(r["correct"] for r in rows), n),
-            "acc_norm": rate(sum(r["correct_norm"] for r in rows), n),
-            "chance": sum(1 / r["n_choices"] for r in rows) / n if n else None,
-        }
-    if kind == "text":
-        tokens = sum(r["tokens"] for r in rows)
-        nll = sum(r["nll"] for r in rows)
-        return {
-            "kind": "perplexity",
-            "n": len(rows),
-            "tokens": tokens,
-            "nll_per_token": nll / tokens if tokens else None,
-            "ppl": math.exp(nll / tokens) if tokens else None,
-        }
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize_multiple_choice(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(rows)
+    return {
+        "n": n,
+        "acc": rate(sum(r["correct"] for r in rows), n),
+        "acc_norm": rate(sum(r["correct_norm"] for r in rows), n),
+        "chance": sum(1 / r["n_choices"] for r in rows) / n if n else None,
+    }
+
+
+def summarize_perplexity(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    tokens = sum(r["tokens"] for r in rows)
+    nll = sum(r["nll"] for r in rows)
+    return {
+        "n": len(rows),
+        "tokens": tokens,
+        "nll_per_token": nll / tokens if tokens else None,
+        "ppl": math.exp(nll / tokens) if tokens else None,
+    }
+
+
+def summarize_kl(rows: list[dict[str, Any]]) -> dict[str, Any]:
     tokens = sum(r["tokens"] for r in rows)
     return {
-        "kind": "kl",
         "n": len(rows),
         "tokens": tokens,
         "kl_per_token": sum(r["kl_sum"] for r in rows) / tokens if tokens else None,
@@ -200,62 +251,63 @@ def summarize_probe(kind: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def retention_ratios(model_summary: dict[str, Any], base_summary: dict[str, Any]) -> dict[str, float | None]:
-    """score(model) / score(base); for perplexity base / model, so 1.0 = unchanged and higher is better."""
-
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
-    if model_summary["kind"] == "multiple_choice":
-        return {
-            metric: ratio(model_summary[metric]["value"], base_summary[metric]["value"])
-            for metric in ("acc", "acc_norm")
-        }
-    if model_summary["kind"] == "perplexity":
-        return {"ppl": ratio(base_summary["ppl"], model_summary["ppl"])}
-    if model_summary["kind"] == "generative":
-        return {"acc": ratio(model_summary["acc"]["value"], base_summary["acc"]["value"])}
-    return {}
+def retention_multiple_choice(model_summary: dict[str, Any], base_summary: dict[str, Any]) -> dict:
+    """acc / acc_base and acc_norm / acc_norm_base (1.0 = unchanged)."""
+    return {
+        metric: _ratio(model_summary[metric]["value"], base_summary[metric]["value"])
+        for metric in ("acc", "acc_norm")
+    }
 
 
-def compare_with_base(kind: str, model_rows: list[dict[str, Any]], base_rows: list[dict[str, Any]]) -> dict:
-    """Intervals and paired statistics of a probe's retention, from base and model on the same items.
+def retention_perplexity(model_summary: dict[str, Any], base_summary: dict[str, Any]) -> dict:
+    """base_ppl / model_ppl, so 1.0 = unchanged and higher is better."""
+    return {"ppl": _ratio(base_summary["ppl"], model_summary["ppl"])}
 
-    multiple choice: `retention_ci95` (paired bootstrap of acc / acc_base), `retention_normalized`
-    ((acc - chance) / (acc_base - chance), None when the base is at chance) with its `_ci95`, and `paired`
-    (right->wrong / wrong->right counts, McNemar p, difference with interval) per metric;
-    perplexity: `retention_ci95` of base_ppl / model_ppl, resampling texts.
-    """
-    if kind == GENERATIVE_KIND:
-        return compare_generative(model_rows, base_rows)
+
+def retention_accuracy(model_summary: dict[str, Any], base_summary: dict[str, Any]) -> dict:
+    """acc / acc_base (the generative probes' one score)."""
+    return {"acc": _ratio(model_summary["acc"]["value"], base_summary["acc"]["value"])}
+
+
+def _pairs(model_rows: list[dict[str, Any]], base_rows: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
     by_id = {row["id"]: row for row in base_rows}
-    pairs = [(row, by_id[row["id"]]) for row in model_rows if row["id"] in by_id]
-    if kind == "mc":
-        out: dict[str, Any] = {"retention_ci95": {}, "retention_normalized": {}, "paired": {}}
-        out["retention_normalized_ci95"] = {}
-        chance = [1 / m["n_choices"] for m, _ in pairs]
-        for metric, key in (("acc", "correct"), ("acc_norm", "correct_norm")):
-            model = [bool(m[key]) for m, _ in pairs]
-            base = [bool(b[key]) for _, b in pairs]
-            n = len(pairs)
-            out["retention_ci95"][metric] = ratio_interval(model, base)
-            out["retention_normalized"][metric] = (
-                chance_normalized(sum(model) / n, sum(base) / n, sum(chance) / n)
-                if n and well_above_chance(sum(base), n, sum(chance) / n)
-                else None
+    return [(row, by_id[row["id"]]) for row in model_rows if row["id"] in by_id]
+
+
+def compare_multiple_choice(model_rows: list[dict[str, Any]], base_rows: list[dict[str, Any]]) -> dict:
+    """Base vs model on the same items: `retention_ci95` (paired bootstrap of acc / acc_base),
+    `retention_normalized` ((acc - chance) / (acc_base - chance), None when the base is at chance) with its
+    `_ci95`, and `paired` (right->wrong / wrong->right counts, McNemar p, difference with interval) per
+    metric."""
+    pairs = _pairs(model_rows, base_rows)
+    out: dict[str, Any] = {"retention_ci95": {}, "retention_normalized": {}, "paired": {}}
+    out["retention_normalized_ci95"] = {}
+    chance = [1 / m["n_choices"] for m, _ in pairs]
+    for metric, key in (("acc", "correct"), ("acc_norm", "correct_norm")):
+        model = [bool(m[key]) for m, _ in pairs]
+        base = [bool(b[key]) for _, b in pairs]
+        n = len(pairs)
+        out["retention_ci95"][metric] = ratio_interval(model, base)
+        out["retention_normalized"][metric] = (
+            chance_normalized(sum(model) / n, sum(base) / n, sum(chance) / n)
+            if n and well_above_chance(sum(base), n, sum(chance) / n)
+            else None
+        )
+        out["retention_normalized_ci95"][metric] = chance_normalized_interval(model, base, chance)
+        out["paired"][metric] = paired_comparison(base, model)
+    return out
+
+
+def compare_perplexity(model_rows: list[dict[str, Any]], base_rows: list[dict[str, Any]]) -> dict:
+    """`retention_ci95` of base_ppl / model_ppl, resampling texts (those both scored on the same tokens)."""
+    pairs = _pairs(model_rows, base_rows)
+    usable = [(m, b) for m, b in pairs if m["tokens"] and m["tokens"] == b["tokens"]]
+    return {
+        "retention_ci95": {
+            "ppl": perplexity_ratio_interval(
+                [m["nll"] for m, _ in usable],
+                [b["nll"] for _, b in usable],
+                [m["tokens"] for m, _ in usable],
             )
-            out["retention_normalized_ci95"][metric] = chance_normalized_interval(model, base, chance)
-            out["paired"][metric] = paired_comparison(base, model)
-        return out
-    if kind == "text":
-        usable = [(m, b) for m, b in pairs if m["tokens"] and m["tokens"] == b["tokens"]]
-        return {
-            "retention_ci95": {
-                "ppl": perplexity_ratio_interval(
-                    [m["nll"] for m, _ in usable],
-                    [b["nll"] for _, b in usable],
-                    [m["tokens"] for m, _ in usable],
-                )
-            }
         }
-    return {}
+    }

@@ -19,8 +19,8 @@ Files written (see docs/corpora.md):
 A log-likelihood scorer scores `query + " " + choice` for each choice (the query ends in "Answer:" for
 questions, or is the cloze sentence itself for qa_wikidata).
 
-The reader of every probe file is here too (`load_probe`: these files, text files and the generative
-capability probes of `mixsd.corpora.capability`), with the KL prompt list (`load_kl_prompts`).
+The KL prompt list is read here too (`load_kl_prompts`); probe files are read by their kind's parser
+(`mixsd.probe_kinds.load_probe`).
 """
 
 from __future__ import annotations
@@ -42,10 +42,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mixsd.capability import KIND as GENERATIVE_KIND
-from mixsd.capability import is_generative_item, parse_generative_item
 from mixsd.corpora._manifest import write_manifest
-from mixsd.files import InputError, atomic_write_jsonl, read_jsonl, read_text, sha256_file, sha256_text
+from mixsd.files import InputError, atomic_write_jsonl, read_text, sha256_file, sha256_text
 from mixsd.models import cache_dir
 from mixsd.options import check_range
 from mixsd.records import load_corpus
@@ -381,7 +379,7 @@ def fetch_command(config: ProbesFetchConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading probe files (`mixsd eval --suite retention`, `mixsd analyze`, the learning curve)
+# Spreading a limit over a file, and the KL prompts (`mixsd eval --suite retention`, the learning curve)
 # --------------------------------------------------------------------------------------------------
 def spread(items: list, limit: int | None) -> list:
     """`limit` items taken evenly across the list (every k-th), so a quick run still covers every part of
@@ -389,59 +387,6 @@ def spread(items: list, limit: int | None) -> list:
     if limit is None or limit >= len(items):
         return items
     return [items[i * len(items) // limit] for i in range(limit)]
-
-
-def load_probe(path: Path, limit: int | None) -> tuple[str, list[dict[str, Any]]]:
-    """Read a probe file: ("mc", items) or ("text", items); InputError names the bad line and field."""
-    kind, items, seen = None, [], set()
-    for line, obj in read_jsonl(path):
-        item_kind = (
-            GENERATIVE_KIND
-            if is_generative_item(obj)
-            else "mc"
-            if "choices" in obj
-            else "text"
-            if "text" in obj
-            else None
-        )
-        if item_kind is None:
-            raise InputError(
-                "expected a multiple-choice item (query, choices, gold), a text item (text) or a "
-                "generative item (prompt, check or constraint)",
-                path,
-                line,
-                "choices",
-            )
-        if kind is not None and item_kind != kind:
-            raise InputError(f"mixes {kind} and {item_kind} items", path, line)
-        kind = item_kind
-        item_id = str(obj.get("id", line))
-        if item_id in seen:
-            raise InputError(f"duplicate id '{item_id}'", path, line, "id")
-        seen.add(item_id)
-        if kind == GENERATIVE_KIND:
-            items.append(parse_generative_item(obj, path, line, item_id))
-        elif kind == "mc":
-            query, choices, gold = obj.get("query"), obj.get("choices"), obj.get("gold")
-            if not isinstance(query, str):
-                raise InputError("expected a string", path, line, "query")
-            if (
-                not isinstance(choices, list)
-                or len(choices) < 2
-                or not all(isinstance(c, str) and c.strip() for c in choices)
-            ):
-                raise InputError("expected a list of at least two non-empty strings", path, line, "choices")
-            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-                raise InputError(f"expected an index in [0, {len(choices) - 1}]", path, line, "gold")
-            items.append({"id": item_id, "query": query, "choices": choices, "gold": gold})
-        else:
-            text = obj.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise InputError("expected a non-empty string", path, line, "text")
-            items.append({"id": item_id, "text": text})
-    if kind is None:
-        raise InputError("no records", path)
-    return kind, spread(items, limit)
 
 
 def load_kl_prompts(source: str | None, limit: int | None) -> tuple[list[tuple[str, str, str | None]], str]:
