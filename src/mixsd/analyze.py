@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 
-from mixsd import __version__
+# models by attribute (models.load_model): a test patching that module sees every resolution and load
+from mixsd import __version__, models
 from mixsd.files import InputError, atomic_write_json, read_jsonl, sha256_file
 from mixsd.generation import autocast, tail_logprobs
 from mixsd.metrics import HIGH_NLL_NATS, wilson_interval
-from mixsd.models import load_for_inference, model_fingerprint
+from mixsd.models import default_device, fingerprint
 from mixsd.options import ModelOptions, check_distinct, check_range
 from mixsd.probe_kinds import kind_of_item, load_probe
 from mixsd.prompts import encode_answer, encode_prompt
@@ -106,8 +108,6 @@ def distribution(values: list[float]) -> dict[str, Any]:
 
 def target_nll(config: NLLConfig, *, model=None) -> dict[str, Any]:
     """Per-token NLL statistics of a target file under `config.model` (or the given in-process model)."""
-    from tqdm.auto import tqdm
-
     config.set_threads()
     rows = load_targets(config.targets)
     for line, row in enumerate(rows, start=1):
@@ -120,9 +120,13 @@ def target_nll(config: NLLConfig, *, model=None) -> dict[str, Any]:
                 "branch",
             )
     started = time.perf_counter()
+    handle = models.try_resolve(config.model) if isinstance(config.model, str) else None
     if model is None:
-        model, _ = load_for_inference(
-            config.model, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+        model = models.load_model(
+            handle or config.model,
+            device=config.device or default_device(),
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
         )
     pad = 0  # padded positions are masked, so any valid token id will do
     sequences = [row["prompt_ids"] + row["target_ids"] for row in rows]
@@ -161,7 +165,7 @@ def target_nll(config: NLLConfig, *, model=None) -> dict[str, Any]:
         )
     result = {
         "mixsd_version": __version__,
-        "model": model_fingerprint(config.model) if isinstance(config.model, str) else None,
+        "model": fingerprint(config.model, handle) if isinstance(config.model, str) else None,
         "targets": {"path": str(config.targets), "sha256": sha256_file(config.targets)},
         "records": len(rows),
         "overall": distribution(everything),
@@ -285,8 +289,6 @@ def diagonal_fisher(
     A sequence (ids, start) labels ids[start:]; with label="model" each of those tokens is replaced by
     a draw from the model's own next-token distribution at that position. Returns (Fisher, samples).
     """
-    from tqdm.auto import tqdm
-
     if label not in ("data", "model"):
         raise ValueError(f"label must be 'data' or 'model', got {label!r}")
     sequences = list(sequences)
@@ -393,16 +395,19 @@ def fisher_displacement(
     config: FisherConfig, *, base_model=None, tuned_model=None, tokenizer=None
 ) -> dict[str, Any]:
     """The Fisher of `config.base` on `config.probe` and the Fisher-weighted displacement of `config.model`."""
-    from mixsd.models import default_device
-
     if config.samples < 1 or config.max_tokens < 2:
         raise InputError("--samples must be >= 1 and --max-tokens >= 2")
     config.set_threads()
     started = time.perf_counter()
     device = config.device or default_device()
+    base_handle = models.try_resolve(config.base) if isinstance(config.base, str) else None
+    model_handle = models.try_resolve(config.model) if isinstance(config.model, str) else None
     if base_model is None:
-        base_model, loaded_tokenizer = load_for_inference(
-            config.base, device=device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+        base_model, loaded_tokenizer = models.load_for_inference(
+            base_handle or config.base,
+            device=device,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
         )
         tokenizer = tokenizer or loaded_tokenizer
     if tokenizer is None:
@@ -414,14 +419,17 @@ def fisher_displacement(
     fisher, used = diagonal_fisher(base_model, sequences, label=config.label, seed=config.seed)
     base_params = {n: p.detach() for n, p in base_model.named_parameters()}
     if tuned_model is None:
-        tuned_model, _ = load_for_inference(
-            config.model, device="cpu", dtype=config.dtype, trust_remote_code=config.trust_remote_code
+        tuned_model = models.load_model(
+            model_handle or config.model,
+            device="cpu",
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
         )
     tuned_params = {n: p.detach() for n, p in tuned_model.named_parameters()}
     result = {
         "mixsd_version": __version__,
-        "base": model_fingerprint(config.base) if isinstance(config.base, str) else None,
-        "model": model_fingerprint(config.model) if isinstance(config.model, str) else None,
+        "base": fingerprint(config.base, base_handle) if isinstance(config.base, str) else None,
+        "model": fingerprint(config.model, model_handle) if isinstance(config.model, str) else None,
         "probe": {
             "path": str(config.probe),
             "sha256": sha256_file(config.probe),

@@ -21,11 +21,8 @@ from typing import Any
 
 from mixsd.answers import matches
 from mixsd.files import InputError
-from mixsd.generation import greedy_generate
 from mixsd.instructions import check_constraint, is_collapsed, validate_constraint
 from mixsd.metrics import pair_rows, paired_comparison, rate, ratio_interval
-from mixsd.models import context_length
-from mixsd.prompts import answer_end, encode_prompt, pad_token_id
 
 # The tag of generative prediction rows, for forgetting.py, which reads it from here; the registry
 # (`mixsd.probe_kinds.GENERATIVE.row_tag`) is the source, and a test holds the two together.
@@ -95,6 +92,12 @@ def generate_answers(
     finish: "stop" (stop token), "length" (the item's max_new_tokens) or "prompt_too_long" (the prompt
     and the answer cap exceed the model's context; answer empty).
     """
+    # here, not at the top: `mixsd probes build-capability` reads ENTITY_MODE and scores answers without
+    # a model, and so without torch
+    from mixsd.generation import greedy_generate
+    from mixsd.models import context_length
+    from mixsd.prompts import answer_end, encode_prompt, pad_token_id
+
     context = context_length(model) if getattr(model, "config", None) is not None else None
     prompts = [encode_prompt(tokenizer, item["prompt"], item.get("system")) for item in items]
     results: list[tuple[str, int, str] | None] = [None] * len(items)

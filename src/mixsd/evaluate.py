@@ -35,7 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from mixsd import __version__
+from tqdm.auto import tqdm
+
+from mixsd import __version__, models
 from mixsd.answers import SCORING_MODES, resolve_match_mode, score_all, squad_scores
 from mixsd.corpora.probes import load_kl_prompts, spread
 from mixsd.files import (
@@ -54,7 +56,7 @@ from mixsd.generation import autocast, greedy_generate
 from mixsd.lmeval import evaluate_tasks, format_task, plan_settings, prepare
 from mixsd.lmeval import parse_tasks as parse_lm_eval_tasks
 from mixsd.metrics import ERROR_TYPES, Taxonomy, rate, squad_summary
-from mixsd.models import load_for_inference, model_fingerprint, model_folder
+from mixsd.models import ModelHandle, cache_dir, context_length, default_device, fingerprint
 from mixsd.options import ModelOptions, check_distinct, check_range
 from mixsd.probe_kinds import (
     KL,
@@ -326,8 +328,6 @@ def _journal_path(out: str | Path) -> Path:
 
 class _Progress:
     def __init__(self, total: int, desc: str, enabled: bool):
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=total, desc=desc, unit="item", disable=not enabled)
 
     def __call__(self, n: int = 1) -> None:
@@ -338,11 +338,24 @@ class _Progress:
 
 
 class _Runner:
-    """Holds the models (loaded lazily) and the journal of one evaluation."""
+    """Holds the models (loaded lazily) and the journal of one evaluation.
 
-    def __init__(self, config: EvalConfig, model, tokenizer, base_model, progress: bool):
+    Models are loaded through `mixsd.models` by attribute (`models.load_model`), so that a test patching
+    that module sees every load; a handle is None for a model passed in, or one that did not resolve
+    (loading it by name then raises the error)."""
+
+    def __init__(
+        self,
+        config: EvalConfig,
+        model,
+        tokenizer,
+        base_model,
+        progress: bool,
+        handles: tuple[ModelHandle | None, ModelHandle | None] = (None, None),
+    ):
         self.config, self.progress = config, progress
         self._model, self._tokenizer, self._base = model, tokenizer, base_model
+        self._model_handle, self._base_handle = handles
         self.device = config.device
         # models loaded here are stored in --dtype (bf16: half the memory traffic per decode step);
         # models passed in keep their dtype and run under autocast to it
@@ -350,34 +363,20 @@ class _Runner:
 
     def model(self):
         if self._model is None:
-            from mixsd.models import default_device
-
             self.device = self.device or default_device()
-            self._model, tokenizer = load_for_inference(
-                self.config.model,
+            self._model = models.load_model(
+                self._model_handle or self.config.model,
                 device=self.device,
                 dtype=self.dtype,
                 trust_remote_code=self.config.trust_remote_code,
             )
-            self._tokenizer = self._tokenizer or tokenizer
         return self._model
 
     def tokenizer(self):
         if self._tokenizer is None:
-            from mixsd.models import load_tokenizer
-
-            folder = model_folder(self.config.model)
-            if (
-                folder is not None
-                and (folder / "adapter_config.json").is_file()
-                and not (folder / "tokenizer_config.json").is_file()
-            ):
-                self.model()  # the tokenizer comes from the adapter's base
-            else:
-                self._tokenizer = load_tokenizer(
-                    str(folder) if folder else self.config.model,
-                    trust_remote_code=self.config.trust_remote_code,
-                )
+            self._tokenizer = models.load_tokenizer(
+                self._model_handle or self.config.model, trust_remote_code=self.config.trust_remote_code
+            )
         return self._tokenizer
 
     def base(self):
@@ -387,10 +386,9 @@ class _Runner:
             if self.config.base == self.config.model:
                 self._base = self.model()
             else:
-                device = next(self.model().parameters()).device
-                self._base, _ = load_for_inference(
-                    self.config.base,
-                    device=device,
+                self._base = models.load_model(
+                    self._base_handle or self.config.base,
+                    device=next(self.model().parameters()).device,
                     dtype=self.dtype,
                     trust_remote_code=self.config.trust_remote_code,
                 )
@@ -410,8 +408,6 @@ def _generation_rows(
     max_new_tokens: int,
     write: Callable[[list[dict[str, Any]]], None],
 ) -> None:
-    from mixsd.models import context_length
-
     tokenizer, model = runner.tokenizer(), runner.model()
     limit = context_length(model) if getattr(model, "config", None) is not None else None
     prompts = [encode_prompt(tokenizer, fact.prompt, fact.system) for fact in facts]
@@ -530,8 +526,6 @@ def _kl_rows(runner: _Runner, answers: list[dict[str, Any]]) -> list[dict[str, A
 
 
 def _base_cache_file(key: dict[str, Any]) -> Path:
-    from mixsd.models import cache_dir
-
     return cache_dir() / "eval-base" / f"{sha256_text(dumps(key))[:20]}.jsonl"
 
 
@@ -565,8 +559,6 @@ def _evaluate_locked(
 
     # ---- what is evaluated, and its hashes -----------------------------------------------------------
     if config.suite == "retention":
-        from mixsd.models import cache_dir
-
         folder = Path(config.data) if config.data else cache_dir() / "probes"
         probe_files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
         if not folder.is_dir():
@@ -611,15 +603,20 @@ def _evaluate_locked(
             files = [(name, path) for name, path in files if name in wanted]
         hashes = data_hashes(folder if folder.is_dir() else folder.parent, [f for _, f in files])
 
+    # each model named is resolved once, here: its fingerprint and its loading use the handle
+    model_handle = models.try_resolve(config.model) if model is None else None
     model_fp = (
-        model_fingerprint(config.model)
+        fingerprint(config.model, model_handle)
         if model is None
         else {"name": config.model, "path": None, "sha256": None, "in_process": True}
     )
-    base_fp = None
+    base_handle, base_fp = None, None
     if config.base is not None:
+        if base_model is None:
+            same_name = config.base == config.model and model is None
+            base_handle = model_handle if same_name else models.try_resolve(config.base)
         base_fp = (
-            model_fingerprint(config.base)
+            fingerprint(config.base, base_handle)
             if base_model is None
             else {"name": config.base, "path": None, "sha256": None, "in_process": True}
         )
@@ -683,7 +680,7 @@ def _evaluate_locked(
     rows: dict[tuple[str, str, str], dict[str, Any]] = {
         (r["who"], r["split"], r["id"]): r for r in done_rows[1:]
     }
-    runner = _Runner(config, model, tokenizer, base_model, progress)
+    runner = _Runner(config, model, tokenizer, base_model, progress, (model_handle, base_handle))
 
     with JournalWriter(journal, header=header) as writer:
 

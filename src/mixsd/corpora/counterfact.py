@@ -41,12 +41,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixsd.answers import matches
 from mixsd.corpora._manifest import write_manifest
 from mixsd.files import InputError, atomic_write_jsonl, sha256_file
 from mixsd.options import ModelOptions, check_range
+
+if TYPE_CHECKING:  # the annotation only: importing models loads torch
+    from mixsd.models import ModelHandle
 
 GENERATOR = "mixsd.corpora.counterfact"
 VERSION = 1
@@ -432,14 +435,19 @@ def load_task(config: CounterfactConfig) -> tuple[dict, dict[str, str]]:
     return read_members(sdist)["qa_wikidata"], {"name": sdist.name, "sha256": sha256_file(sdist)}
 
 
-def model_answerer(config: CounterfactConfig) -> Answerer:
-    """Greedy answers of --model, asked as `mixsd eval` asks (same prompt form, decoding and stops)."""
+def model_answerer(config: CounterfactConfig, handle: ModelHandle | None = None) -> Answerer:
+    """Greedy answers of --model (resolved as `handle` when given), asked as `mixsd eval` asks (same prompt
+    form, decoding and stops)."""
+    # here, not at the top: the corpus is built from a file without a model (and torch) in the tests
+    from mixsd import models
     from mixsd.capability import generate_answers
-    from mixsd.models import load_for_inference
 
     config.set_threads()
-    model, tokenizer = load_for_inference(
-        config.model, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+    model, tokenizer = models.load_for_inference(
+        handle or config.model,
+        device=config.device,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
     )
 
     def answer(prompts: list[str]) -> list[str]:
@@ -485,11 +493,12 @@ def counterfact_command(config: CounterfactConfig, answer: Answerer | None = Non
     task, source = load_task(config)
     model: dict[str, Any] = {"name": config.model, "sha256": None}
     if answer is None:
-        from mixsd.models import model_fingerprint
+        from mixsd import models  # here, not at the top: see model_answerer
 
-        answer = model_answerer(config)
+        handle = models.try_resolve(config.model)  # once; None: loading by name raises the error
+        answer = model_answerer(config, handle)
         # name and content hash only: the folder's absolute path would make the manifest machine-dependent
-        model["sha256"] = (model_fingerprint(config.model) or {}).get("sha256")
+        model["sha256"] = models.fingerprint(config.model, handle)["sha256"]
     with tqdm(desc="asking facts", unit="fact", leave=False) as bar:
 
         def progress(tried: int, edits: int, known: int) -> None:

@@ -752,11 +752,19 @@ def build_documents(
 
     `model` / `qa_tokenizer`: the QA model in memory (else loaded by name); `writer`: what writes the
     pairs, with QAWriter's `questions` and `answers` (default: a QAWriter of the QA model)."""
-    from mixsd.models import context_length, load_config, load_for_inference, load_tokenizer
+    # here, not at the top: the other corpus commands of this package need no torch
+    from mixsd import models
+
+    handles: dict[str, models.ModelHandle] = {}
+
+    def resolved(name: str) -> models.ModelHandle:  # each model resolved once, whatever it is loaded for
+        if name not in handles:
+            handles[name] = models.resolve_model(name)
+        return handles[name]
 
     skips = Skips(config.skip_bad)
     if tokenizer is None:
-        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        tokenizer = models.load_tokenizer(resolved(config.model), trust_remote_code=config.trust_remote_code)
     passages, golds, read = read_inputs(config, tokenizer, skips)
     if not passages:
         raise InputError(
@@ -767,9 +775,11 @@ def build_documents(
     qa_name = config.qa_model or config.model
     if writer is None:
         source = (
-            model if model is not None else load_config(qa_name, trust_remote_code=config.trust_remote_code)
+            model
+            if model is not None
+            else models.load_config(resolved(qa_name), trust_remote_code=config.trust_remote_code)
         )
-        context = context_length(source)
+        context = models.context_length(source)
     else:
         context = None
     # the prompt around a passage: instruction and worked example (about 120 tokens), question, answer
@@ -784,8 +794,11 @@ def build_documents(
     config.set_threads()
     if writer is None:
         if model is None:
-            model, qa_tokenizer = load_for_inference(
-                qa_name, device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+            model, qa_tokenizer = models.load_for_inference(
+                resolved(qa_name),
+                device=config.device,
+                dtype=config.dtype,
+                trust_remote_code=config.trust_remote_code,
             )
         writer = QAWriter(model, qa_tokenizer or tokenizer, config.max_new_tokens, config.batch_size)
     gold_questions = {
