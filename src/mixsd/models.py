@@ -81,7 +81,7 @@ def _converted_gguf_dir(gguf: Path, name: str) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError("loading a .gguf file needs the package gguf: run `pip install gguf`")
     check_gguf(gguf)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # here: see load_tokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -213,7 +213,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def _hub_cache() -> str:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # here: only a name that resolves nowhere needs the hub's cache
 
     return str(constants.HF_HUB_CACHE)
 
@@ -224,6 +224,7 @@ def _cached_hub_folder(name: str) -> Path | None:
     Loading that folder instead of the hub id keeps every run offline: from_pretrained would otherwise
     ask the hub for updates, and for a misspelt id fail with a network traceback.
     """
+    # here, not at the top: commands that name no model (probes fetch, corpus builders) skip the hub client
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
