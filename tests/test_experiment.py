@@ -79,9 +79,10 @@ def test_grid_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, monkeypatch
     assert "report/pareto.png" in (out / "report.md").read_text()
 
     # A second run redoes nothing: every stage's file is there.
-    import mixsd.train
+    import mixsd.experiment
+    from mixsd.train import TrainConfig
 
-    monkeypatch.setattr(mixsd.train, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setitem(mixsd.experiment.COMMANDS, TrainConfig, lambda *a, **k: pytest.fail("trained again"))
     again = run_experiment(experiment, show_progress=False)
     assert [r["cell"] for r in again["rows"]] == [r["cell"] for r in result["rows"]]
 
@@ -469,11 +470,11 @@ def test_two_workers_share_one_folder(tmp_path, tiny_model_dir):
 def test_known_facts_join_the_retention_probes(tmp_path, tiny_model_dir, monkeypatch):
     """retention.known_facts: the base model filters the known facts once (OUT/known-facts), they join the
     probe files (OUT/retention-probes), every cell is scored on them, and a rerun reuses it all."""
-    import mixsd.corpora.capability as capability
+    import mixsd.grid_data as grid_data
     from test_capability import _sdist
 
     sdist = _sdist(tmp_path / "bigbench-1.0.0.tar.gz")
-    build = capability.build_capability
+    build = grid_data.build_capability
     filtered = []
 
     def build_with_answers(config, answer=None):  # the tiny random model knows nothing: answer for it
@@ -481,7 +482,7 @@ def test_known_facts_join_the_retention_probes(tmp_path, tiny_model_dir, monkeyp
         config.sdist = str(sdist)
         return build(config, answer=lambda items: ["Paris" for _ in items])
 
-    monkeypatch.setattr(capability, "build_capability", build_with_answers)
+    monkeypatch.setattr(grid_data, "build_capability", build_with_answers)
     probes = tmp_path / "probes"
     probes.mkdir()
     (probes / "manifest.json").write_text("{}")
@@ -601,3 +602,11 @@ def test_stage_descriptions_are_pinned(tmp_path, tiny_model_dir):
     assert sorted(got) == sorted(expected)
     for cell in expected:
         assert got[cell] == expected[cell], cell
+
+
+def test_every_method_of_the_grid_is_planned_by_the_table():
+    from mixsd.grid import METHOD_LABELS
+    from mixsd.grid_methods import METHODS
+
+    assert set(METHODS) == set(METHOD_LABELS)
+    assert METHODS["base"].targets is None and METHODS["base"].training is None

@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 
 from mixsd.answers import canonical_mode
 from mixsd.files import InputError, sha256_file
-from mixsd.opsd import OPSDOptions
+from mixsd.opsd_options import OPSDOptions
 from mixsd.options import check_range
 
 # What each method trains on: the option it needs, and the message when it is missing.
@@ -56,7 +56,7 @@ _ALIAS_BOUNDS: dict[str, dict[str, Any]] = {
 @dataclass
 class TrainConfig(OPSDOptions, TrainingArguments):
     """`mixsd train`'s options: every `transformers.TrainingArguments` option plus ours (and OPSD's,
-    `mixsd.opsd.OPSDOptions`, kept beside the method they tune).
+    `mixsd.opsd_options.OPSDOptions`, kept beside the method they tune).
 
     Like TRL's `SFTConfig`, the config *is* the TrainingArguments Trainer runs with, so optimizers,
     `--report_to`, gradient checkpointing, `--torch_compile`, FSDP and DeepSpeed options work from the

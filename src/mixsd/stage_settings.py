@@ -1,0 +1,49 @@
+"""A stage's settings from its command's config: every field but those that change only speed, logging or
+where a run goes, never what the stage writes (a change to them redoes nothing).
+
+A config class declares those fields itself in a `SPEED_ONLY` class attribute (a class attribute, not field
+metadata: HfArgumentParser passes metadata to argparse). Until a command's module declares its own, the
+table below holds it, keyed by the class's qualified name so that reading it imports no command.
+Training's settings are its own (`mixsd.train_config.run_settings`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mixsd.stages import config_settings
+
+# `dtype` of eval and nll is in their settings as `bf16`, which those configs keep equal to
+# `dtype == "bfloat16"` (`options.ModelOptions`); fisher runs with the default dtype in a grid (no section
+# sets it). Left out, records written before `dtype` existed stay current. Mix and rewrite keep `dtype`.
+DECLARED_ELSEWHERE: dict[str, tuple[str, ...]] = {
+    "mixsd.targets.MixConfig": ("batch_size", "device", "threads", "overwrite"),
+    "mixsd.rewrite.RewriteConfig": ("batch_size", "device", "threads", "overwrite"),
+    "mixsd.edit.EditConfig": ("device", "threads", "overwrite"),
+    "mixsd.evaluate.EvalConfig": ("batch_size", "device", "threads", "overwrite", "base_cache", "dtype"),
+    "mixsd.analyze.NLLConfig": ("batch_size", "device", "threads", "dtype"),
+    "mixsd.analyze.FisherConfig": ("device", "threads", "dtype"),
+    "mixsd.corpora.capability.CapabilityConfig": ("batch_size", "device", "threads"),
+}
+
+
+def speed_only(cls: type) -> set[str]:
+    """The fields of config class `cls` that change only speed, logging or output location."""
+    declared = getattr(cls, "SPEED_ONLY", None)
+    if declared is None:
+        declared = DECLARED_ELSEWHERE.get(f"{cls.__module__}.{cls.__qualname__}", ())
+    return set(declared)
+
+
+def stage_settings(config: Any, also: Iterable[str] = ()) -> dict[str, Any]:
+    """The settings of the stage that runs `config`: its fields but the speed-only ones (and `also`, fields
+    that do not matter where this stage uses the config)."""
+    return config_settings(config, speed_only(type(config)) | set(also))
+
+
+def user_files(config: Any, names: tuple[str, ...]) -> list[Path]:
+    """Files a config names by path (templates, prompt lists): their content is part of the fingerprint."""
+    paths = [getattr(config, name, None) for name in names]
+    return [Path(p) for p in paths if isinstance(p, str) and Path(p).is_file()]
