@@ -13,11 +13,13 @@ from mixsd.files import InputError
 from mixsd.memit import (
     EditRequest,
     add_to_output,
+    answer_scores,
     apply_memit,
     capture_inputs,
     default_layers,
     key_covariance,
     least_squares_update,
+    memit_edit,
     projection_template,
     target_vectors,
 )
@@ -283,3 +285,59 @@ def test_target_vectors_report_an_edit_that_misses_the_criterion_within_its_budg
     fit = target_vectors(model, template, 2, _requests(2), steps=2, lr=0.01)
     assert fit.converged == [False, False] and all(v > 0.1 for v in fit.max_token_nll)
     assert all(0 <= s <= 2 for s in fit.steps)
+
+
+def _covariances(model, template: str, layers: list[int]) -> dict[int, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    texts = [torch.randint(3, 64, (32,), generator=generator).tolist() for _ in range(30)]
+    return key_covariance(model, template, layers, texts, max_tokens=10_000)
+
+
+def _greedy_next(model, prompts: list[list[int]]) -> list[int]:
+    with torch.no_grad():
+        return [int(model(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p in prompts]
+
+
+@pytest.mark.parametrize("refine_passes", [0, 1])
+def test_refinement_writes_the_edits_a_single_update_leaves_unwritten(refine_passes):
+    """With a covariance weight that holds the update back (w = 100 on the tiny model), one MEMIT update
+    writes none of 3 edits although every target vector converged; one refinement pass (new target vectors on
+    the edited model, a second update) writes all 3, checked by greedy generation."""
+    model = _sharp_model()
+    template, layers = projection_template(model), [1, 2]
+    requests = _requests(3)
+    result = memit_edit(
+        model, template, layers, requests, _covariances(model, template, layers),
+        refine_passes=refine_passes, covariance_weight=100.0,
+    )  # fmt: skip
+    assert all(result.passes[0].fit.converged)
+    written = sum(
+        t == r.target_ids[0]
+        for t, r in zip(_greedy_next(model, [r.prompt_ids for r in requests]), requests, strict=True)
+    )
+    assert result.passes[result.kept].written == written
+    if refine_passes == 0:
+        assert len(result.passes) == 1 and written == 0
+    else:
+        assert len(result.passes) == 2 and result.passes[1].refit == [0, 1, 2] and written == 3
+
+
+def test_refinement_keeps_the_first_pass_that_wrote_the_most_edits():
+    """At w = 30 the first update writes all 3 edits without meeting stop_nll, so all 3 are refit; the second
+    writes them too and meets stop_nll, which ends the refinement before its budget of 2 passes. The model
+    keeps the first pass's weights (the first that wrote the most), and its answers score as that pass
+    reported, not as the last."""
+    model = _sharp_model()
+    template, layers = projection_template(model), [1, 2]
+    requests = _requests(3)
+    result = memit_edit(
+        model, template, layers, requests, _covariances(model, template, layers),
+        refine_passes=2, covariance_weight=30.0,
+    )  # fmt: skip
+    assert [p.written for p in result.passes] == [3, 3] and result.kept == 0
+    assert result.passes[1].refit == [0, 1, 2]
+    assert all(max(score.token_nll) <= 0.1 for score in result.passes[1].scores)
+    rescored = [score.token_nll for score in answer_scores(model, requests)]
+    for now, kept in zip(rescored, result.passes[0].scores, strict=True):
+        assert now == pytest.approx(kept.token_nll, abs=1e-5)
+    assert result.passes[-1].scores[0].token_nll != pytest.approx(rescored[0], abs=1e-4)

@@ -34,12 +34,11 @@ from mixsd import __version__
 from mixsd.files import InputError, atomic_write_json, read_jsonl, sha256_file
 from mixsd.memit import (
     EditRequest,
-    apply_memit,
     default_layers,
     key_covariance,
+    memit_edit,
     num_layers,
     projection_template,
-    target_vectors,
 )
 from mixsd.models import cache_dir, load_model_and_tokenizer
 from mixsd.options import ModelOptions, check_distinct, check_range
@@ -109,6 +108,14 @@ class EditConfig(ModelOptions):
     clamp_norm: float = field(
         default=4.0, metadata={"help": "Largest target shift, as a multiple of the hidden state's norm."}
     )
+    refine_passes: int = field(
+        default=1,
+        metadata={
+            "help": "Refinement passes after the update: the edits the edited model does not write with every "
+            "answer token at NLL <= --stop_nll get new target vectors on the edited model and a second update; "
+            "the weights of the first pass that wrote the most edits are kept. 0: plain MEMIT."
+        },
+    )
     dtype: Literal["float32", "bfloat16"] = field(
         default="float32",
         kw_only=True,
@@ -120,6 +127,7 @@ class EditConfig(ModelOptions):
         self.check_model_options()
         check_range("stats_tokens", self.stats_tokens, 1, integer=True)
         check_range("steps", self.steps, 1, integer=True)
+        check_range("refine_passes", self.refine_passes, 0, integer=True)
         for name in ("covariance_weight", "lr", "clamp_norm", "stop_nll"):
             check_range(name, getattr(self, name), 0, lo_open=True)
         for name in ("kl_weight", "weight_decay"):
@@ -311,41 +319,50 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     requests = edit_requests(tokenizer, records)
 
     covariances, stats_path, cached = cached_covariances(model, tokenizer, config, template, layers)
-    fit = target_vectors(
-        model,
-        template,
-        max(layers),
-        requests,
-        steps=config.steps,
-        lr=config.lr,
-        stop_nll=config.stop_nll,
-        kl_weight=config.kl_weight,
-        weight_decay=config.weight_decay,
-        clamp_norm=config.clamp_norm,
-        pad_id=pad,
-    )
-    norms = apply_memit(
+    result = memit_edit(
         model,
         template,
         layers,
         requests,
-        fit.z,
         covariances,
+        refine_passes=config.refine_passes,
         covariance_weight=config.covariance_weight,
+        stop_nll=config.stop_nll,
         pad_id=pad,
+        steps=config.steps,
+        lr=config.lr,
+        kl_weight=config.kl_weight,
+        weight_decay=config.weight_decay,
+        clamp_norm=config.clamp_norm,
     )
+    fit = result.passes[0].fit
+    final_nll = [score.token_nll for score in result.scores]
 
     settings = _settings(config, layers, template)
     summary = {
         "edits": len(records),
         "layers": layers,
-        "update_norm": {str(k): v for k, v in norms.items()},
+        # greedy generation of the edited model writes the whole answer after the training prompt
+        "written": result.passes[result.kept].written,
+        "kept_pass": result.kept,
+        "update_norm": {str(k): v for k, v in result.passes[0].update_norm.items()},
         "target_vectors": {
             "criterion": f"every answer token's NLL <= {config.stop_nll} within {config.steps} steps",
             "converged": sum(fit.converged),
             "mean_nll": sum(fit.nll) / len(fit.nll),
             "steps": sum(fit.steps),
         },
+        "passes": [
+            {
+                "refit": len(p.refit),
+                "converged": sum(p.fit.converged),
+                "steps": sum(p.fit.steps),
+                "update_norm": {str(k): round(v, 4) for k, v in p.update_norm.items()},
+                "written": p.written,
+                "met_stop_nll": sum(max(score.token_nll) <= config.stop_nll for score in p.scores),
+            }
+            for p in result.passes
+        ],
         "target_vector_per_edit": [
             {
                 "id": record.id,
@@ -355,6 +372,9 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
                 "converged": fit.converged[i],
                 "shift_norm": round(float((fit.z[i] - fit.h[i]).norm()), 4),
                 "shift_relative": round(float((fit.z[i] - fit.h[i]).norm() / fit.h[i].norm()), 4),
+                "edited_nll": round(sum(final_nll[i]) / len(final_nll[i]), 5),
+                "edited_max_token_nll": round(max(final_nll[i]), 5),
+                "written": result.scores[i].written,
             }
             for i, record in enumerate(records)
         ],
@@ -387,7 +407,8 @@ def _save(model, tokenizer, out: Path, settings: dict, summary: dict, overwrite:
 def edit_command(config: EditConfig) -> dict[str, Any]:
     summary = edit(config)
     print(
-        f"edited {summary['edits']} facts into layers {summary['layers']} in {summary['seconds']} s; "
+        f"edited {summary['edits']} facts into layers {summary['layers']} in {summary['seconds']} s "
+        f"({summary['written']} written exactly, pass {summary['kept_pass']} kept); "
         f"model saved to {Path(config.out) / 'model'}"
     )
     return summary

@@ -15,6 +15,11 @@ is W k. An edit asks for a new value. For a batch of edits:
    whose solution is dW = R_l K_l^T (lambda C_l + K_l K_l^T)^-1 (`least_squares_update`). C_l = E[k k^T] is
    the covariance of the layer's keys over ordinary text (`key_covariance`): it says which key directions
    carry everyday knowledge, so the update avoids them.
+3. Refinement (`memit_edit`). The target vectors are found on the unedited model, but the update changes
+   every token's MLP output, the answer's own positions included, and realizes only most of each shift at
+   the key. So each edit's answer is re-scored through the edited model; for the edits it no longer meets
+   the criterion for, new target vectors are found on the edited model and a second update is solved on
+   that residual, with the edits already written pinned to their current outputs.
 
 The projection is any nn.Linear (Llama, Qwen2, Gemma: `mlp.down_proj`) or transformers' Conv1D (GPT-2:
 `mlp.c_proj`, weight stored transposed).
@@ -388,3 +393,123 @@ def apply_memit(
         weight.add_(update.to(weight.dtype).to(weight.device))
         norms[layer] = float(update.norm())
     return norms
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    """An edit's answer through the model as it is, teacher forced: the NLL of each answer token, and whether
+    each answer token is the likeliest next token after the ones before it, which is exactly when greedy
+    generation after the prompt writes the whole answer."""
+
+    token_nll: list[float]
+    written: bool
+
+
+@torch.no_grad()
+def answer_scores(
+    model, requests: list[EditRequest], *, pad_id: int = 0, batch_size: int = 16
+) -> list[AnswerScore]:
+    """Each request's answer scored through the model as it is (no shift), teacher forced."""
+    device = next(model.parameters()).device
+    scores: list[AnswerScore] = []
+    for first in range(0, len(requests), batch_size):
+        chunk = requests[first : first + batch_size]
+        ids, mask = _padded([r.prompt_ids + r.target_ids[:-1] for r in chunk], pad_id, device)
+        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        for i, r in enumerate(chunk):
+            start = len(r.prompt_ids) - 1  # the logits at position t predict token t + 1
+            rows = logprobs[i, start : start + len(r.target_ids)]
+            target = torch.tensor(r.target_ids, device=device)
+            nll = -rows.gather(1, target[:, None])[:, 0]
+            scores.append(AnswerScore(nll.tolist(), bool((rows.argmax(dim=-1) == target).all())))
+    return scores
+
+
+@dataclass(frozen=True)
+class MemitPass:
+    """One update: which edits had new target vectors (`refit`, indices into the requests), their fit, the
+    norm of each layer's update, and after it the NLL of each answer token of every edit (teacher forced)."""
+
+    refit: list[int]
+    fit: TargetFit
+    update_norm: dict[int, float]
+    scores: list[AnswerScore]
+
+    @property
+    def written(self) -> int:
+        """Edits that greedy generation of the edited model writes exactly."""
+        return sum(score.written for score in self.scores)
+
+
+@dataclass(frozen=True)
+class MemitResult:
+    """Every pass, and the one whose weights the model keeps (the first that wrote the most edits)."""
+
+    passes: list[MemitPass]
+    kept: int
+
+    @property
+    def scores(self) -> list[AnswerScore]:
+        return self.passes[self.kept].scores
+
+
+def memit_edit(
+    model,
+    template: str,
+    layers: list[int],
+    requests: list[EditRequest],
+    covariances: dict[int, torch.Tensor],
+    *,
+    refine_passes: int = 1,
+    covariance_weight: float = 15000.0,
+    stop_nll: float = 0.1,
+    pad_id: int = 0,
+    **target_options,
+) -> MemitResult:
+    """MEMIT with refinement (in place): target vectors and the update, then up to `refine_passes` times:
+    re-score every edit through the edited model and, for those with an answer token above `stop_nll`, find
+    new target vectors on the edited model and solve another update for them, the other edits pinned where
+    they are (their target is their current output, so the update keeps their keys' values).
+
+    A refinement pass moves every edit a little, so it can unwrite one while writing others: the model keeps
+    the weights of the first pass that wrote the most edits (scored teacher forced, which here is exact for
+    greedy generation: every answer token the likeliest one)."""
+    last = max(layers)
+    edited = {layer: _weight_out_in(model.get_submodule(template.format(layer))) for layer in layers}
+    refit = list(range(len(requests)))
+    passes: list[MemitPass] = []
+    best: dict[int, torch.Tensor] = {}
+    kept = 0
+    while True:
+        chosen = [requests[i] for i in refit]
+        fit = target_vectors(
+            model, template, last, chosen, stop_nll=stop_nll, pad_id=pad_id, **target_options
+        )
+        if len(refit) == len(requests):
+            z = fit.z
+        else:  # the edits already written keep their current output at the last edited layer
+            _, current = _keys_and_outputs(model, template, last, last, requests, pad_id)
+            z = current.float()
+            z[refit] = fit.z.to(z.dtype)
+        norms = apply_memit(
+            model,
+            template,
+            layers,
+            requests,
+            z,
+            covariances,
+            covariance_weight=covariance_weight,
+            pad_id=pad_id,
+        )
+        passes.append(MemitPass(refit, fit, norms, answer_scores(model, requests, pad_id=pad_id)))
+        if len(passes) == 1 or passes[-1].written > passes[kept].written:
+            kept = len(passes) - 1
+            best = {layer: weight.detach().clone() for layer, weight in edited.items()}
+        refit = [i for i, score in enumerate(passes[-1].scores) if max(score.token_nll) > stop_nll]
+        if not refit or len(passes) > refine_passes:
+            break
+    if kept != len(passes) - 1:
+        with torch.no_grad():
+            for layer, weight in edited.items():
+                weight.copy_(best[layer])
+    return MemitResult(passes, kept)
