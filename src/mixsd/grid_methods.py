@@ -76,14 +76,18 @@ def plan_mix_targets(data: GridData, cell: Cell) -> PlannedStage:
     if cell.target_options:  # the entry's own mix options win over the section's
         sections.append((f"methods.{cell.method}", dict(cell.target_options)))
     config = build_config(MixConfig, base, sections, data.x.path)
-    stage = Stage(
+    return _mixed_targets_stage(data, cell, config, train_file, targets_file), config
+
+
+def _mixed_targets_stage(data: GridData, cell: Cell, config, train_file: Path, targets_file: Path) -> Stage:
+    """The targets stage of a mix-built target file (MixSD, self-rewrite): the file and its summary."""
+    return Stage(
         "targets",
         [targets_file, summary_path(targets_file)],
         stage_settings(config),
         inputs=[train_file, *user_files(config, ("expert_template",))],
         record=_targets_record(data, cell),
     )
-    return stage, config
 
 
 def plan_rewrite_targets(data: GridData, cell: Cell) -> PlannedStage:
@@ -91,14 +95,7 @@ def plan_rewrite_targets(data: GridData, cell: Cell) -> PlannedStage:
     train_file, targets_file = data.corpus_dir / "train.jsonl", _targets_file(data, cell)
     base = {"model": data.x.model, "input": str(train_file), "output": str(targets_file)}
     config = build_config(RewriteConfig, base, [("rewrite", data.x.sections["rewrite"])], data.x.path)
-    stage = Stage(
-        "targets",
-        [targets_file, summary_path(targets_file)],
-        stage_settings(config),
-        inputs=[train_file, *user_files(config, ("expert_template",))],
-        record=_targets_record(data, cell),
-    )
-    return stage, config
+    return _mixed_targets_stage(data, cell, config, train_file, targets_file), config
 
 
 def plan_edit(data: GridData, cell: Cell, targets: Stage | None) -> PlannedStage:
