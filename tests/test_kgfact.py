@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mixsd.answers import last_boxed, matches
-from mixsd.corpora import kgfact
+from mixsd.corpora import kgfact, kgfact_world
 from mixsd.corpora.kgfact import DOMAINS, RELATIONS, KGFactConfig, build_kgfact, build_world, domain_pairs
 from mixsd.records import load_corpus
 
@@ -118,11 +118,11 @@ def test_world_has_one_answer_per_question(size, seed):
         for n in names
         for w in n.split()
         if w
-        not in kgfact._ORG_KINDS
-        + kgfact._DEVICE_KINDS
-        + kgfact._BOOK_KINDS
-        + kgfact._FESTIVAL_KINDS
-        + kgfact._DISH_KINDS
+        not in kgfact_world._ORG_KINDS
+        + kgfact_world._DEVICE_KINDS
+        + kgfact_world._BOOK_KINDS
+        + kgfact_world._FESTIVAL_KINDS
+        + kgfact_world._DISH_KINDS
         + ("of",)
     ]
     assert len(cores) == len(set(c.lower() for c in cores))
@@ -149,11 +149,11 @@ def test_names_are_not_known_words():
     assert {"mode", "node", "baker", "city"} <= vocab  # the check can fail
     kinds = {
         k.lower()
-        for k in kgfact._ORG_KINDS
-        + kgfact._DEVICE_KINDS
-        + kgfact._BOOK_KINDS
-        + kgfact._FESTIVAL_KINDS
-        + kgfact._DISH_KINDS
+        for k in kgfact_world._ORG_KINDS
+        + kgfact_world._DEVICE_KINDS
+        + kgfact_world._BOOK_KINDS
+        + kgfact_world._FESTIVAL_KINDS
+        + kgfact_world._DISH_KINDS
         + ("of",)
     }
     for seed in range(4):
