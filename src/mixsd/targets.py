@@ -1,9 +1,10 @@
 """`mixsd mix`: MixSD targets for a corpus file, written by the frozen base model itself.
 
 The method core, the mixed decoder, lives in `mixsd.decoder`; this module is the command around it: the
-config, the expert prompts, verification against the corpus's scorer, retries and the failure policy, the
-crash-safe journal and resume (`mixsd.stages`), multi-process sharding, the summary, and the SFT baseline's
-targets in the same format (`mixsd sft-targets`).
+expert prompts, verification against the corpus's scorer, retries and the failure policy, the crash-safe
+journal and resume (`mixsd.stages`), multi-process sharding and the summary. Its options are
+`mixsd.mix_config.MixConfig`; the SFT baseline's targets in the same format (`mixsd sft-targets`) are
+`mixsd.sft_targets`. Both are importable from here as well, as the README documents them.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 # models by attribute (models.load_model): a test patching that module sees every resolution and load
 from mixsd import __version__, models
@@ -27,11 +28,10 @@ from mixsd.files import (
     atomic_write_jsonl,
     output_lock,
     read_journal,
-    read_jsonl,
     sha256_file,
     sha256_text,
 )
-from mixsd.options import ModelOptions, check_choices, check_distinct, check_range
+from mixsd.mix_config import MixConfig, reject_phrase_list
 from mixsd.prompts import (
     answer_end,
     encode_answer,
@@ -40,122 +40,16 @@ from mixsd.prompts import (
     load_expert_template,
 )
 from mixsd.records import Fact, load_corpus
+
+# users import these from here (README, `mixsd sft-targets` in the command table); their home is sft_targets
+from mixsd.sft_targets import (
+    SFT_TARGETS,
+    SFTTargetsConfig,
+    load_sft_facts,
+    sft_target_rows,
+    sft_targets_command,
+)
 from mixsd.stages import Stage
-
-
-# --------------------------------------------------------------------------------------------------
-# Configuration (the field help is the CLI help of `mixsd mix`)
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class MixConfig(ModelOptions):
-    model: str = field(
-        metadata={"help": "Base model: the alias smollm2-135m, a HF folder, a .gguf file or a hub id."}
-    )
-    input: str = field(metadata={"help": "Corpus JSONL (prompt, answer, optional id/context/check/system)."})
-    output: str = field(metadata={"help": "Target JSONL to write (atomically, when every record is done)."})
-    lam: float = field(
-        default=0.3,
-        metadata={
-            "help": "Probability that a token comes from the naive conditional "
-            "(0 = pure expert, 1 = the base model's own answer)."
-        },
-    )
-    temperature: float = field(
-        default=0.0,
-        metadata={"help": "0: argmax of the chosen conditional; >0: sample its top-k at this temperature."},
-    )
-    top_k: int = field(default=64, metadata={"help": "Top-k used when temperature > 0."})
-    seed: int = field(default=0, metadata={"help": "Seed of every record's own random stream."})
-    retries: int = field(
-        default=10,
-        metadata={"help": "How many times a target that fails verification is drawn again with fresh coins."},
-    )
-    on_failure: Literal["drop", "keep", "answer"] = field(
-        default="drop",
-        metadata={
-            "help": "Records never verified: drop them, keep them marked correct=false, or fall back to the "
-            "ground-truth answer."
-        },
-    )
-    verify: Literal["entity", "exact", "number", "none", "loose", "strict"] | None = field(
-        default=None,
-        metadata={
-            "help": "entity (old name loose): the check appears in the target as whole words; exact (strict): the "
-            "target's final answer (last \\boxed{}) equals it; number: its final number equals it; none: accept "
-            "every target. Default: the corpus manifest's answer_match, else entity."
-        },
-    )
-    max_new_tokens: int = field(
-        default=256, metadata={"help": "Length cap of a target, stop token included."}
-    )
-    min_expert_logprob: float | None = field(
-        default=None,
-        metadata={
-            "help": "Fidelity check (our extension, docs/results.md): a target fails verification, and is "
-            "drawn again, when the expert gives one of its naive-chosen tokens a log-prob below this "
-            "(e.g. -6). Default: off."
-        },
-    )
-    reject_phrases: str | None = field(
-        default=None,
-        metadata={
-            "help": "Comma-separated phrases: a target whose text holds one (case-insensitive) fails "
-            "verification. SDFT's filter of rewrites that talk about the reference instead of answering; "
-            "`mixsd rewrite` sets it. Default: none."
-        },
-    )
-    guard_top_p: float | None = field(
-        default=None,
-        metadata={
-            "help": "Guarded mixing (our extension, not the paper's method): a naive-chosen token is emitted "
-            "only when it lies in the expert's top-p set for this p, otherwise the expert's token is (branch "
-            "letter V). Default: off (plain MixSD)."
-        },
-    )
-    keep_length_capped: bool = field(
-        default=False,
-        metadata={
-            "help": "Let a target that ran into --max-new-tokens (no end of answer) pass verification; "
-            "by default it fails, since it would teach the model not to stop."
-        },
-    )
-    batch_size: int = field(
-        default=32, metadata={"help": "Records decoded at once (each uses two cache rows)."}
-    )
-    num_generations: int = field(default=1, metadata={"help": "Targets drawn per record."})
-    expert_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "Expert prompt template: a built-in name (chat, plain, paper, rewrite), the text, or a file; "
-            "fields {prompt} and {context} (or {answer}: the paper's variant). Default: chat, or plain "
-            "when the tokenizer has no chat template."
-        },
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32", kw_only=True, metadata={"help": "Model dtype for decoding."}
-    )
-    overwrite: bool = field(default=False, metadata={"help": "Discard an existing output or unfinished run."})
-
-    def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)
-        self.check_model_options()
-        check_range("lam", self.lam, 0, 1)
-        check_range("temperature", self.temperature, 0)
-        check_range("top_k", self.top_k, 1, integer=True)
-        check_range("seed", self.seed, integer=True)
-        check_range("retries", self.retries, 0, integer=True)
-        check_range("max_new_tokens", self.max_new_tokens, 1, integer=True)
-        check_range("min_expert_logprob", self.min_expert_logprob, hi=0, optional=True)
-        check_range("guard_top_p", self.guard_top_p, 0, 1, optional=True, lo_open=True)
-        check_range("batch_size", self.batch_size, 1, integer=True)
-        check_range("num_generations", self.num_generations, 1, integer=True)
-        check_distinct({"output": self.output}, {"input": self.input})
-        if self.reject_phrases is not None and not reject_phrase_list(self.reject_phrases):
-            raise InputError("names no phrase; leave it unset to reject none", field="reject_phrases")
-
-
-def reject_phrase_list(text: str | None) -> list[str]:
-    """The phrases of --reject-phrases, lower-cased, blanks dropped."""
-    return [phrase.strip().lower() for phrase in (text or "").split(",") if phrase.strip()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -583,119 +477,19 @@ def mix_command(config: MixConfig) -> dict[str, Any]:
     return summary
 
 
-# --------------------------------------------------------------------------------------------------
-# `mixsd sft-targets`: the SFT baseline's targets (the ground truth), in the same record format
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class SFTTargetsConfig:
-    model: str = field(metadata={"help": "Model whose tokenizer and chat template format the records."})
-    input: str = field(metadata={"help": "Corpus JSONL."})
-    output: str = field(metadata={"help": "Target JSONL to write."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow tokenizer code from the model folder."}
-    )
-    target: Literal["answer", "statement"] = field(
-        default="answer",
-        metadata={
-            "help": "What the model is trained to say: `answer`, the record's answer (\"The answer is X. "
-            "\\boxed{X}\"); `statement`, the fact's plain statement, the record's `context` (\"Vedux Vudratrox "
-            "lives in Shiboshend.\"), a control for the answer's format. Every record then needs a context "
-            "that names its answer."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        check_distinct({"output": self.output}, {"input": self.input})
-        check_choices(self)
-
-
-# what an SFT target says: the record's answer, or the fact's statement (its `context`)
-SFT_TARGETS = ("answer", "statement")
-
-
-def load_sft_facts(path: str | os.PathLike, target: str = "answer") -> list[Fact]:
-    """The corpus records SFT targets are made from. `statement` targets are the records' own `context`, so
-    each record must carry one (a record without it would silently fall back to its answer) that names the
-    record's answer (whole words, as `--verify entity` checks): InputError naming file and line otherwise."""
-    facts = load_corpus(path)
-    if target == "answer":
-        return facts
-    # read_jsonl yields the same non-blank lines load_corpus read, in order
-    for (line, obj), fact in zip(read_jsonl(path), facts, strict=True):
-        context = obj.get("context")
-        if not isinstance(context, str) or not context.strip():
-            raise InputError(
-                "no statement to train on (--target statement trains on the record's context)",
-                path,
-                line,
-                "context",
-            )
-        if not matches(context, fact.check, "entity"):
-            raise InputError(f"the statement does not name the answer {fact.check!r}", path, line, "context")
-    return facts
-
-
-def sft_target_rows(facts: list[Fact], tokenizer, target: str = "answer") -> list[dict[str, Any]]:
-    """Ground-truth targets: the answer (or, with target="statement", the fact's statement: the record's
-    `context`) tokenized once and ended as `mix` ends its targets (`answer_end`), prompt formatted as for
-    `mix`. In the plain format a text holding a stop string (a blank line, a "Question:" line) is cut
-    there, as evaluation would cut it; such rows have finish "stop_text"."""
-    if target not in SFT_TARGETS:
-        raise ValueError(f"target must be one of {', '.join(SFT_TARGETS)}; got {target!r}")
-    end = answer_end(tokenizer)
-    rows = []
-    for fact in facts:
-        said = fact.context if target == "statement" else fact.answer
-        target_ids = encode_answer(tokenizer, said, end)
-        text = said if not end.stop_strings else end.cut_text(" " + said.lstrip()).lstrip()
-        rows.append(
-            {
-                "id": fact.id,
-                "generation": 0,
-                "prompt": fact.prompt,
-                "answer": fact.answer,
-                "check": fact.check,
-                "prompt_ids": encode_prompt(tokenizer, fact.prompt, fact.system),
-                "target_ids": target_ids,
-                "branch": "G" * len(target_ids),
-                "correct": True,
-                "attempts": 1,
-                "finish": "stop" if text == said.lstrip() or not end.stop_strings else "stop_text",
-                "text": text,
-                "source": "statement" if target == "statement" else "ground_truth",
-            }
-        )
-    return rows
-
-
-def sft_targets_command(config: SFTTargetsConfig) -> None:
-    import sys
-
-    facts = load_sft_facts(config.input, config.target)
-    with output_lock(config.output):
-        handle = models.resolve_model(config.model)
-        tokenizer = models.load_tokenizer(handle, trust_remote_code=config.trust_remote_code)
-        limit = models.context_length(models.load_config(handle, trust_remote_code=config.trust_remote_code))
-        rows = sft_target_rows(facts, tokenizer, config.target)
-        # As in `mix`: a record the model cannot hold is dropped here, not left for `train` to refuse.
-        fits = [r for r in rows if limit is None or len(r["prompt_ids"]) + len(r["target_ids"]) <= limit]
-        if not fits:
-            raise InputError(f"no record fits the model's context ({limit} tokens)", config.input)
-        if len(fits) < len(rows):
-            kept = {r["id"] for r in fits}
-            dropped = [r["id"] for r in rows if r["id"] not in kept]
-            print(
-                f"dropped {len(dropped)} of {len(rows)} records longer than the model's context "
-                f"({limit} tokens): {', '.join(dropped)[:200]}",
-                file=sys.stderr,
-            )
-        atomic_write_jsonl(config.output, fits)
-        cut = sum(r["finish"] == "stop_text" for r in fits)
-        if cut:
-            print(
-                f"{cut} answers hold a blank line or a 'Question:'/'Answer:' line: in the plain format (no chat "
-                "template) an answer ends there, so their targets were cut there",
-                file=sys.stderr,
-            )
-    what = "statement" if config.target == "statement" else "ground-truth"
-    print(f"wrote {len(fits)} {what} targets to {config.output}")
+__all__ = [
+    "SFT_TARGETS",
+    "MixConfig",
+    "SFTTargetsConfig",
+    "build_jobs",
+    "format_summary",
+    "journal_path",
+    "load_sft_facts",
+    "mix",
+    "mix_command",
+    "reject_phrase_list",
+    "sft_target_rows",
+    "sft_targets_command",
+    "summarize",
+    "summary_path",
+]
