@@ -1,5 +1,7 @@
-"""Scoring statistics as pure functions: intervals, paired comparisons, chance-normalized retention, and
-the error taxonomy. No models, no files: `evaluate`, `experiment` and `report` call these.
+"""Scoring statistics as pure functions: intervals, paired comparisons, chance-normalized retention,
+correlations over cells, and the result table's columns of a results file. No models, no files:
+`evaluate`, `experiment` and `report` call these. The error taxonomy is `mixsd.taxonomy` (its names are
+importable from here too, as they were).
 
 Intervals are 95%: Wilson for a single rate (sensible at 0/n and n/n); a percentile bootstrap over items
 for ratios and differences. Base and tuned model answer the *same* items, so comparisons are paired:
@@ -10,17 +12,15 @@ models), which is tighter and more honest than comparing two independent interva
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from mixsd.answers import last_boxed, normalize
+# importers of the taxonomy from here (forgetting.py, tests) keep working; its home is mixsd.taxonomy
+from mixsd.taxonomy import ERROR_TYPES, Taxonomy, contains_words  # noqa: F401
 
 Z95 = 1.959963984540054
-ERROR_TYPES = ("format", "leakage", "collapse", "genuine")
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 # The paper's tables count target tokens with NLL > 5 nats under the base model (p < e^-5 ~ 0.0067): tokens
@@ -246,126 +246,6 @@ def pair_rows(
 
 
 # --------------------------------------------------------------------------------------------------
-# Error taxonomy
-# --------------------------------------------------------------------------------------------------
-_MARKER = re.compile(r"\\boxed\{|answer\s+is", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Taxonomy:
-    """Thresholds of the error taxonomy (paper §4, priority order format > leakage > collapse > genuine)."""
-
-    entities: frozenset[str] = frozenset()  # normalized injected entity names
-    collapse_max_words: int = 10
-    require_marker: bool = False
-    min_entity_chars: int = 3
-
-    @staticmethod
-    def entity_set(checks: Iterable[str], min_chars: int = 3) -> frozenset[str]:
-        """Normalized entity names from answer checks; numbers are no entities (kgfunc answers)."""
-        names = (normalize(c) for c in checks)
-        return frozenset(n for n in names if len(n) >= min_chars and not re.fullmatch(r"[-+.\d\s]+", n))
-
-    def leaked(self, output: str, prompt: str, gold: str) -> list[str]:
-        """Injected entities the output names that are neither in the prompt nor the gold answer."""
-        text, asked, gold = normalize(output), normalize(prompt), normalize(gold)
-        found = []
-        for entity in sorted(self.entities):
-            if entity == gold or contains_words(asked, entity):
-                continue
-            if contains_words(text, entity):
-                found.append(entity)
-        return found
-
-    def classify(self, output: str, prompt: str, gold: str, finish: str) -> tuple[str, list[str]]:
-        """Error type of a wrong answer, and the leaked entities (for leakage)."""
-        has_marker = last_boxed(output) is not None or _MARKER.search(output) is not None
-        truncated = finish in ("length", "prompt_too_long")
-        if not output.strip() or (truncated and not has_marker) or (self.require_marker and not has_marker):
-            return "format", []
-        leaked = self.leaked(output, prompt, gold)
-        if leaked:
-            return "leakage", leaked
-        if len(output.split()) <= self.collapse_max_words:
-            return "collapse", []
-        return "genuine", []
-
-
-def contains_words(haystack: str, needle: str) -> bool:
-    """Does normalized `haystack` contain normalized `needle` as whole words?"""
-    return re.search(r"(?<![\w])" + re.escape(needle) + r"(?![\w])", haystack) is not None
-
-
-# --------------------------------------------------------------------------------------------------
-# Table columns: one experiment cell's results files flattened into a row (used by results.cell_row)
-# --------------------------------------------------------------------------------------------------
-def _number(node: Any, *keys: str) -> float | None:
-    for key in keys:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node if isinstance(node, int | float) and not isinstance(node, bool) else None
-
-
-def split_columns(split: str, scores: dict[str, Any]) -> dict[str, Any]:
-    """A generation split's columns: `{split}_acc` under the corpus's matcher (named in `{split}_match`),
-    its count and Wilson interval, and every mode's accuracy beside it (`{split}_entity` ...)."""
-    # results written before matchers were named per corpus hold "loose"/"strict" and no "accuracy"
-    headline = scores.get("accuracy") or scores.get("loose") or {}
-    columns: dict[str, Any] = {
-        f"{split}_acc": _number(headline, "value"),
-        f"{split}_match": scores.get("match", "entity"),
-        f"{split}_correct": _number(headline, "correct"),
-        f"{split}_n": _number(headline, "n"),
-        f"{split}_acc_ci95": headline.get("ci95"),
-    }
-    for mode, old in (("entity", "loose"), ("exact", "strict"), ("number", None)):
-        node = scores.get(mode) or (scores.get(old) if old else None)
-        columns[f"{split}_{mode}"] = _number(node, "value")
-    if "squad" in scores:  # qa suite: SQuAD's exact match and F1, and the answer-contained rate
-        for key in ("em", "f1", "contained"):
-            columns[f"{split}_squad_{key}"] = _number(scores["squad"], key, "value")
-    return columns
-
-
-def probe_columns(probe: str, summary: dict[str, Any], metric: str) -> dict[str, Any]:
-    """A retention probe's columns for its chosen `metric` (acc, acc_norm or ppl).
-
-    `{probe}_retention` is the chance-normalized retention for multiple choice ((acc - chance) /
-    (acc_base - chance)), model/base for perplexity, with `{probe}_retention_ci95` (paired bootstrap);
-    the raw ratio stays beside it (`{probe}_retention_raw`), and for multiple choice the per-item
-    movement against the base: `{probe}_right_to_wrong`, `{probe}_wrong_to_right`, `{probe}_mcnemar_p`.
-    """
-    value = _number(summary, metric) if metric == "ppl" else _number(summary, metric, "value")
-    raw = _number(summary, "retention", metric)
-    columns: dict[str, Any] = {f"{probe}_{metric}": value, f"{probe}_retention_raw": raw}
-    if summary.get("kind") == "multiple_choice":
-        normalized = _number(summary, "retention_normalized", metric)
-        if normalized is None and "retention_normalized" not in summary:  # results from before it existed
-            normalized = chance_normalized(
-                value, _number(summary, "base", metric, "value"), summary.get("chance")
-            )
-        base = (summary.get("base") or {}).get(metric) or {}
-        if isinstance(base.get("correct"), int) and isinstance(base.get("n"), int) and summary.get("chance"):
-            above = well_above_chance(base["correct"], base["n"], summary["chance"])
-            columns[f"{probe}_base_above_chance"] = above
-            if not above:  # not a headline probe: raw figures only (see well_above_chance)
-                normalized = None
-        columns[f"{probe}_retention"] = normalized
-        columns[f"{probe}_retention_ci95"] = (summary.get("retention_normalized_ci95") or {}).get(metric)
-        columns[f"{probe}_retention_raw_ci95"] = (summary.get("retention_ci95") or {}).get(metric)
-        paired = (summary.get("paired") or {}).get(metric) or {}
-        for key in ("right_to_wrong", "wrong_to_right", "mcnemar_p"):
-            columns[f"{probe}_{key}"] = paired.get(key)
-        if _number(summary, metric, "correct") is not None:
-            columns[f"{probe}_{metric}_ci95"] = summary[metric].get("ci95")
-    else:
-        columns[f"{probe}_retention"] = raw
-        columns[f"{probe}_retention_ci95"] = (summary.get("retention_ci95") or {}).get(metric)
-    return columns
-
-
-# --------------------------------------------------------------------------------------------------
 # Correlation over experiment cells (the paper's Fisher analysis: displacement vs retention drop)
 # --------------------------------------------------------------------------------------------------
 # Below this many cells a correlation says next to nothing (two points always give r = ±1, three leave one
@@ -461,38 +341,63 @@ def correlation_with_interval(
     return result
 
 
-def analysis_columns(nll: dict[str, Any], fisher: dict[str, Any]) -> dict[str, Any]:
-    """A cell's columns from `mixsd analyze nll` and `mixsd analyze fisher` (empty dicts: not run).
+def partial_correlation(
+    x: Sequence[float], y: Sequence[float], covariates: Sequence[Sequence[float]]
+) -> float | None:
+    """Pearson correlation of x and y after removing from each what a linear fit on the covariates
+    (columns, plus an intercept) explains: the association left once those are held fixed."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    design = np.column_stack([np.ones(len(xs)), *[np.asarray(c, dtype=float) for c in covariates]])
+    if len(xs) <= np.linalg.matrix_rank(design) + 1:
+        return None  # no degrees of freedom left for a correlation
+    fit = np.linalg.lstsq(design, np.column_stack([xs, ys]), rcond=None)[0]
+    residuals = np.column_stack([xs, ys]) - design @ fit
+    return pearson(residuals[:, 0].tolist(), residuals[:, 1].tolist())
 
-    NLL of the training targets under the base model: `target_nll_mean`/`_median`, and
-    `target_nll_above_5` = share of target tokens with NLL > 5 nats (the paper's count), with its
-    `_count`, `_n`, Wilson `_ci95`, and per branch letter `target_nll_above_5_E`/`_N`/`_G` (expert, naive,
-    ground truth). Fisher (F from the base model on probe data, Δθ = tuned − base):
-    `fisher_displacement` Σ F·Δθ²; `fisher_displacement_norm` Σ F·Δθ² / Σ F; `fisher_ratio`
-    Σ F·Δθ² / ‖Δθ‖² (the Fisher-weighted ratio: how sensitive the directions moved along are, whatever the
-    step's size); `delta_norm_sq` the raw ‖Δθ‖².
-    """
-    high = _number(nll, "overall", "high_nll", "value")
-    overall_high = (nll.get("overall") or {}).get("high_nll") or {}
-    columns: dict[str, Any] = {
-        "target_nll_mean": _number(nll, "overall", "mean"),
-        "target_nll_median": _number(nll, "overall", "median"),
-        "target_nll_above_5": high,
-        "target_nll_above_5_count": _number(overall_high, "count"),
-        "target_nll_above_5_n": _number(overall_high, "n"),
-        "target_nll_above_5_ci95": overall_high.get("ci95") if high is not None else None,
-    }
-    for letter in ("E", "N", "G"):
-        columns[f"target_nll_above_5_{letter}"] = _number(nll, "by_branch", letter, "high_nll", "value")
-    columns.update(
-        {
-            "fisher_displacement": _number(fisher, "totals", "displacement"),
-            "fisher_displacement_norm": _number(fisher, "totals", "normalized_by_fisher"),
-            "fisher_ratio": _number(fisher, "totals", "normalized_by_delta"),
-            "delta_norm_sq": _number(fisher, "totals", "delta_sq"),
-        }
-    )
-    return columns
+
+def cluster_bootstrap_correlation(
+    x: Sequence[float],
+    y: Sequence[float],
+    clusters: Sequence[str],
+    covariates: Sequence[Sequence[float]] = (),
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    min_cells: int = MIN_CORRELATION_CELLS,
+) -> dict[str, Any]:
+    """A (partial, with covariates) Pearson correlation over cells with a percentile interval from a
+    cluster bootstrap: whole clusters (e.g. the seeds of one setting) are resampled, since cells of one
+    setting are not independent draws. Resamples where r is undefined are dropped; no interval when fewer
+    than half are defined."""
+    n = len(x)
+    result: dict[str, Any] = {"n": n, "clusters": len(set(clusters)), "r": None, "ci95": None, "note": None}
+    if n < min_cells:
+        result["note"] = f"not enough cells ({n}; at least {min_cells} needed)"
+        return result
+    columns = [np.asarray(c, dtype=float) for c in covariates]
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    result["r"] = partial_correlation(xs, ys, columns) if columns else pearson(xs.tolist(), ys.tolist())
+    if result["r"] is None:
+        result["note"] = "undefined (a value does not vary, or too few cells for the covariates)"
+        return result
+    names = sorted(set(clusters))
+    members = {name: [i for i, c in enumerate(clusters) if c == name] for name in names}
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        index = [i for k in rng.integers(0, len(names), size=len(names)) for i in members[names[k]]]
+        r = (
+            partial_correlation(xs[index], ys[index], [c[index] for c in columns])
+            if columns
+            else pearson(xs[index].tolist(), ys[index].tolist())
+        )
+        if r is not None and math.isfinite(r):
+            values.append(r)
+    if len(values) >= resamples / 2:
+        low, high = np.quantile(np.asarray(values), [0.025, 0.975])
+        result["ci95"] = [round(float(low), 4), round(float(high), 4)]
+    result["r"] = round(float(result["r"]), 4)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -560,60 +465,106 @@ def hierarchical_bootstrap(
     }
 
 
-def partial_correlation(
-    x: Sequence[float], y: Sequence[float], covariates: Sequence[Sequence[float]]
-) -> float | None:
-    """Pearson correlation of x and y after removing from each what a linear fit on the covariates
-    (columns, plus an intercept) explains: the association left once those are held fixed."""
-    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    design = np.column_stack([np.ones(len(xs)), *[np.asarray(c, dtype=float) for c in covariates]])
-    if len(xs) <= np.linalg.matrix_rank(design) + 1:
-        return None  # no degrees of freedom left for a correlation
-    fit = np.linalg.lstsq(design, np.column_stack([xs, ys]), rcond=None)[0]
-    residuals = np.column_stack([xs, ys]) - design @ fit
-    return pearson(residuals[:, 0].tolist(), residuals[:, 1].tolist())
+# --------------------------------------------------------------------------------------------------
+# Table columns: one experiment cell's results files flattened into a row (used by results.cell_row)
+# --------------------------------------------------------------------------------------------------
+def _number(node: Any, *keys: str) -> float | None:
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node if isinstance(node, int | float) and not isinstance(node, bool) else None
 
 
-def cluster_bootstrap_correlation(
-    x: Sequence[float],
-    y: Sequence[float],
-    clusters: Sequence[str],
-    covariates: Sequence[Sequence[float]] = (),
-    *,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-    min_cells: int = MIN_CORRELATION_CELLS,
-) -> dict[str, Any]:
-    """A (partial, with covariates) Pearson correlation over cells with a percentile interval from a
-    cluster bootstrap: whole clusters (e.g. the seeds of one setting) are resampled, since cells of one
-    setting are not independent draws. Resamples where r is undefined are dropped; no interval when fewer
-    than half are defined."""
-    n = len(x)
-    result: dict[str, Any] = {"n": n, "clusters": len(set(clusters)), "r": None, "ci95": None, "note": None}
-    if n < min_cells:
-        result["note"] = f"not enough cells ({n}; at least {min_cells} needed)"
-        return result
-    columns = [np.asarray(c, dtype=float) for c in covariates]
-    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    result["r"] = partial_correlation(xs, ys, columns) if columns else pearson(xs.tolist(), ys.tolist())
-    if result["r"] is None:
-        result["note"] = "undefined (a value does not vary, or too few cells for the covariates)"
-        return result
-    names = sorted(set(clusters))
-    members = {name: [i for i, c in enumerate(clusters) if c == name] for name in names}
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(resamples):
-        index = [i for k in rng.integers(0, len(names), size=len(names)) for i in members[names[k]]]
-        r = (
-            partial_correlation(xs[index], ys[index], [c[index] for c in columns])
-            if columns
-            else pearson(xs[index].tolist(), ys[index].tolist())
-        )
-        if r is not None and math.isfinite(r):
-            values.append(r)
-    if len(values) >= resamples / 2:
-        low, high = np.quantile(np.asarray(values), [0.025, 0.975])
-        result["ci95"] = [round(float(low), 4), round(float(high), 4)]
-    result["r"] = round(float(result["r"]), 4)
-    return result
+def split_columns(split: str, scores: dict[str, Any]) -> dict[str, Any]:
+    """A generation split's columns: `{split}_acc` under the corpus's matcher (named in `{split}_match`),
+    its count and Wilson interval, and every mode's accuracy beside it (`{split}_entity` ...)."""
+    # results written before matchers were named per corpus hold "loose"/"strict" and no "accuracy"
+    headline = scores.get("accuracy") or scores.get("loose") or {}
+    columns: dict[str, Any] = {
+        f"{split}_acc": _number(headline, "value"),
+        f"{split}_match": scores.get("match", "entity"),
+        f"{split}_correct": _number(headline, "correct"),
+        f"{split}_n": _number(headline, "n"),
+        f"{split}_acc_ci95": headline.get("ci95"),
+    }
+    for mode, old in (("entity", "loose"), ("exact", "strict"), ("number", None)):
+        node = scores.get(mode) or (scores.get(old) if old else None)
+        columns[f"{split}_{mode}"] = _number(node, "value")
+    if "squad" in scores:  # qa suite: SQuAD's exact match and F1, and the answer-contained rate
+        for key in ("em", "f1", "contained"):
+            columns[f"{split}_squad_{key}"] = _number(scores["squad"], key, "value")
+    return columns
+
+
+def probe_columns(probe: str, summary: dict[str, Any], metric: str) -> dict[str, Any]:
+    """A retention probe's columns for its chosen `metric` (acc, acc_norm or ppl).
+
+    `{probe}_retention` is the chance-normalized retention for multiple choice ((acc - chance) /
+    (acc_base - chance)), model/base for perplexity, with `{probe}_retention_ci95` (paired bootstrap);
+    the raw ratio stays beside it (`{probe}_retention_raw`), and for multiple choice the per-item
+    movement against the base: `{probe}_right_to_wrong`, `{probe}_wrong_to_right`, `{probe}_mcnemar_p`.
+    """
+    value = _number(summary, metric) if metric == "ppl" else _number(summary, metric, "value")
+    raw = _number(summary, "retention", metric)
+    columns: dict[str, Any] = {f"{probe}_{metric}": value, f"{probe}_retention_raw": raw}
+    # A probe whose summary has a chance level (its items are answered by choosing among options) is
+    # retained above chance; the kind's name is not spelled here (mixsd.probe_kinds names the kinds).
+    if "chance" in summary:
+        normalized = _number(summary, "retention_normalized", metric)
+        if normalized is None and "retention_normalized" not in summary:  # results from before it existed
+            normalized = chance_normalized(
+                value, _number(summary, "base", metric, "value"), summary.get("chance")
+            )
+        base = (summary.get("base") or {}).get(metric) or {}
+        if isinstance(base.get("correct"), int) and isinstance(base.get("n"), int) and summary.get("chance"):
+            above = well_above_chance(base["correct"], base["n"], summary["chance"])
+            columns[f"{probe}_base_above_chance"] = above
+            if not above:  # not a headline probe: raw figures only (see well_above_chance)
+                normalized = None
+        columns[f"{probe}_retention"] = normalized
+        columns[f"{probe}_retention_ci95"] = (summary.get("retention_normalized_ci95") or {}).get(metric)
+        columns[f"{probe}_retention_raw_ci95"] = (summary.get("retention_ci95") or {}).get(metric)
+        paired = (summary.get("paired") or {}).get(metric) or {}
+        for key in ("right_to_wrong", "wrong_to_right", "mcnemar_p"):
+            columns[f"{probe}_{key}"] = paired.get(key)
+        if _number(summary, metric, "correct") is not None:
+            columns[f"{probe}_{metric}_ci95"] = summary[metric].get("ci95")
+    else:
+        columns[f"{probe}_retention"] = raw
+        columns[f"{probe}_retention_ci95"] = (summary.get("retention_ci95") or {}).get(metric)
+    return columns
+
+
+def analysis_columns(nll: dict[str, Any], fisher: dict[str, Any]) -> dict[str, Any]:
+    """A cell's columns from `mixsd analyze nll` and `mixsd analyze fisher` (empty dicts: not run).
+
+    NLL of the training targets under the base model: `target_nll_mean`/`_median`, and
+    `target_nll_above_5` = share of target tokens with NLL > 5 nats (the paper's count), with its
+    `_count`, `_n`, Wilson `_ci95`, and per branch letter `target_nll_above_5_E`/`_N`/`_G` (expert, naive,
+    ground truth). Fisher (F from the base model on probe data, Δθ = tuned − base):
+    `fisher_displacement` Σ F·Δθ²; `fisher_displacement_norm` Σ F·Δθ² / Σ F; `fisher_ratio`
+    Σ F·Δθ² / ‖Δθ‖² (the Fisher-weighted ratio: how sensitive the directions moved along are, whatever the
+    step's size); `delta_norm_sq` the raw ‖Δθ‖².
+    """
+    high = _number(nll, "overall", "high_nll", "value")
+    overall_high = (nll.get("overall") or {}).get("high_nll") or {}
+    columns: dict[str, Any] = {
+        "target_nll_mean": _number(nll, "overall", "mean"),
+        "target_nll_median": _number(nll, "overall", "median"),
+        "target_nll_above_5": high,
+        "target_nll_above_5_count": _number(overall_high, "count"),
+        "target_nll_above_5_n": _number(overall_high, "n"),
+        "target_nll_above_5_ci95": overall_high.get("ci95") if high is not None else None,
+    }
+    for letter in ("E", "N", "G"):
+        columns[f"target_nll_above_5_{letter}"] = _number(nll, "by_branch", letter, "high_nll", "value")
+    columns.update(
+        {
+            "fisher_displacement": _number(fisher, "totals", "displacement"),
+            "fisher_displacement_norm": _number(fisher, "totals", "normalized_by_fisher"),
+            "fisher_ratio": _number(fisher, "totals", "normalized_by_delta"),
+            "delta_norm_sq": _number(fisher, "totals", "delta_sq"),
+        }
+    )
+    return columns
