@@ -18,6 +18,8 @@ from mixsd.cli import main
 from mixsd.evaluate import EvalConfig, evaluate
 from mixsd.models import ModelHandle, model_fingerprint, resolve_model
 from mixsd.targets import MixConfig, mix
+from mixsd.train import train
+from mixsd.train_config import TrainConfig
 
 
 @pytest.fixture
@@ -142,6 +144,11 @@ def test_each_command_resolves_each_model_once(
     targets = _rows(tmp_path / "t.jsonl")
     assert targets
     target_nll(NLLConfig(model=run, targets=str(tmp_path / "t.jsonl"), device="cpu"))
+    assert resolutions == {run: 1}
+
+    resolutions.clear()  # training from a `mixsd train` output folder: the tokenizer and weights of one handle
+    train(TrainConfig(model=run, targets=str(tmp_path / "t.jsonl"), out=str(tmp_path / "trained"), epochs=1,
+                      batch_size=2, progress=False))  # fmt: skip
     assert resolutions == {run: 1}
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mixsd import models
 from mixsd.corpora.capability import CapabilityConfig, build_capability
 from mixsd.corpora.documents import PASSAGES_FILE
 from mixsd.corpora.kgfact import KGFactConfig, build_kgfact
@@ -276,8 +277,9 @@ class GridData:
 
 def write_curve_base(config: Any, path: Path) -> None:
     """The learning curve's row of the base model (epoch 0), scored as `config`'s curve scores every epoch."""
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    model = load_model(config.model, dtype="float32", trust_remote_code=config.trust_remote_code)
+    handle = models.resolve_model(config.model)  # once for the tokenizer and the weights
+    tokenizer = load_tokenizer(handle, trust_remote_code=config.trust_remote_code)
+    model = load_model(handle, dtype="float32", trust_remote_code=config.trust_remote_code)
     model.to(config.device)
     evaluator = CurveEvaluator(config, tokenizer)
     # the base against itself: KL 0 by definition, measured the same way as every epoch's

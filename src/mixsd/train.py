@@ -44,7 +44,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from mixsd import __version__
+from mixsd import __version__, models
 from mixsd.answers import resolve_match_mode
 from mixsd.checkpoints import checkpoint_files, checkpoint_folders, checkpoint_is_complete, resume_checkpoint
 from mixsd.cpt import cpt_examples
@@ -306,10 +306,14 @@ def _train_locked(config: TrainConfig, *, model=None, tokenizer=None) -> dict[st
             )
         return json.loads((Path(config.out) / "summary.json").read_text())
     _prepare_out(config, record, state.is_main_process)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    if model is None:
-        model = load_model(config.model, dtype="float32", trust_remote_code=config.trust_remote_code)
+    if tokenizer is None or model is None:
+        handle = models.resolve_model(
+            config.model
+        )  # once: the tokenizer and the weights come from one handle
+        if tokenizer is None:
+            tokenizer = load_tokenizer(handle, trust_remote_code=config.trust_remote_code)
+        if model is None:
+            model = load_model(handle, dtype="float32", trust_remote_code=config.trust_remote_code)
     vocab = model.get_input_embeddings().num_embeddings
     limit = context_length(model)
     pad_id = pad_token_id(tokenizer)
