@@ -488,13 +488,10 @@ def _synthetic_cells(count: int) -> list[dict]:
 
 
 def test_report_correlations_and_analyses_section_on_synthetic_cells(tmp_path):
-    from mixsd.report import (
-        analyses_markdown,
-        correlation_figure,
-        displacement_correlations,
-        high_nll_table,
-        table_cell,
-    )
+    from mixsd.correlations import displacement_correlations
+    from mixsd.report_figures import correlation_figure
+    from mixsd.report_sections import analyses_markdown, high_nll_rows, table_cell
+    from mixsd.target_nll import high_nll_counts
 
     rows = _synthetic_cells(8)
     result = displacement_correlations(rows, n_boot=300, seed=0)
@@ -515,17 +512,18 @@ def test_report_correlations_and_analyses_section_on_synthetic_cells(tmp_path):
             json.dumps({"overall": {"high_nll": high}, "by_branch": {"G": {"high_nll": high}}})
         )
     two = rows[:3]
-    table = high_nll_table(tmp_path, two)
+    table = high_nll_rows(high_nll_counts(tmp_path, two))
     low, up = wilson_interval(4, 20)
     assert table == [["SFT", "2", f"4/20 = 20.0% [{low:.1%}, {up:.1%}]", "-", "-", table[0][2]]]
 
-    md = "\n".join(analyses_markdown(tmp_path, two))
+    md = "\n".join(analyses_markdown(high_nll_counts(tmp_path, two), displacement_correlations(two)))
     assert "NLL > 5 nats" in md and "not enough cells (2 with both values" in md
     assert "+0.56 / +0.82 / +0.57" in md and "+0.34 / +0.02 / +0.10" in md
-    md = "\n".join(analyses_markdown(tmp_path, rows, result))
+    md = "\n".join(analyses_markdown(high_nll_counts(tmp_path, rows), result))
     assert "| Fisher-weighted ratio Σ F·Δθ² / ‖Δθ‖² (`fisher_ratio`) | 8 | +1.00 [+1.000, +1.000]" in md
-    assert correlation_figure(rows, tmp_path / "c.png").stat().st_size > 0
-    assert correlation_figure(rows[:2], tmp_path / "none.png") is None  # one point: no figure
+    assert correlation_figure(result, tmp_path / "c.png").stat().st_size > 0
+    one_point = displacement_correlations(rows[:2], n_boot=10)
+    assert correlation_figure(one_point, tmp_path / "none.png") is None  # one point: no figure
 
     # the results table pools the token counts of the seeds for the NLL > 5 column's interval
     members = [

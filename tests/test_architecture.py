@@ -91,3 +91,84 @@ def test_commands_are_not_imported_by_library_modules(module):
 def test_the_package_has_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# --------------------------------------------------------------------------------------------------
+# The report only draws (issue 22 step 2): the results side computes what it shows and writes it as JSON
+# beside results.jsonl (mixsd.report_data); the drawing modules read those files, never a cell's own.
+# --------------------------------------------------------------------------------------------------
+DRAWING_MODULES = ("report.py", "report_figures.py", "report_sections.py")
+# files only a cell's folder holds (a suffix match also catches "train/curve.jsonl", "eval.predictions.jsonl")
+CELL_FILES = (
+    "cell.json",
+    "eval.json",
+    "predictions.jsonl",
+    "retention.json",
+    "nll.json",
+    "fisher.json",
+    "curve.jsonl",
+    "summary.json",
+    "stage.json",
+    "targets.jsonl",
+)
+# the path parts that lead into a cell's folder: OUT/cells/<cell>/train/...
+CELL_PATH_PARTS = {"cells", "train"}
+# the modules that compute from the cells what the report shows, and the curve module that writes a
+# cell's curve: a drawing module reads their output files instead of importing them
+COMPUTING_MODULES = {
+    "mixsd.comparisons",
+    "mixsd.correlations",
+    "mixsd.curve",
+    "mixsd.forgetting",
+    "mixsd.grid_summary",
+    "mixsd.report_data",
+    "mixsd.target_accounting",
+    "mixsd.target_nll",
+    "mixsd.tuning",
+}
+
+
+def cell_file_reads(path: Path, imports: set[str]) -> list[str]:
+    """What in a module reaches a cell's files: a string naming a cell file, a path built with a cell
+    folder's part (`x / "cells"`), a variable or parameter holding a cell folder, or an import of a
+    module that computes from the cells (`imports`: the package modules it imports)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value.endswith(CELL_FILES):
+                found.append(f"line {node.lineno}: names the cell file {node.value!r}")
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            for side in (node.left, node.right):
+                if isinstance(side, ast.Constant) and side.value in CELL_PATH_PARTS:
+                    found.append(f"line {node.lineno}: builds a path into {side.value!r}")
+        elif isinstance(node, ast.arg | ast.Name):
+            name = node.arg if isinstance(node, ast.arg) else node.id
+            if "cell_dir" in name or "cells_dir" in name:
+                found.append(f"line {node.lineno}: holds a cell folder ({name})")
+    found += [f"imports {m}, which computes from the cells" for m in sorted(imports & COMPUTING_MODULES)]
+    return found
+
+
+def test_the_report_reads_no_cell_file():
+    graph = import_graph()
+    drawing = [PACKAGE / name for name in DRAWING_MODULES if (PACKAGE / name).is_file()]
+    assert PACKAGE / "report.py" in drawing
+    reads = {path.name: cell_file_reads(path, graph[module_name(path)]) for path in drawing}
+    assert not any(reads.values()), reads
+
+
+def test_the_cell_file_check_sees_each_way_in(tmp_path):
+    module = tmp_path / "drawing.py"
+    module.write_text(
+        "from pathlib import Path\n"
+        "def figure(out: Path, cells_dir: Path, row: dict) -> None:\n"
+        "    (out / 'cells' / row['cell'] / 'nll.json').read_text()\n"
+        "    print(row['cells'])  # a key named cells is not a path\n"
+    )
+    reads = cell_file_reads(module, {"mixsd.tuning", "mixsd.results"})
+    assert reads == [
+        "line 2: holds a cell folder (cells_dir)",
+        "line 3: names the cell file 'nll.json'",
+        "line 3: builds a path into 'cells'",
+        "imports mixsd.tuning, which computes from the cells",
+    ]

@@ -10,11 +10,12 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import make_tiny_model, make_tiny_tokenizer, write_jsonl
+from mixsd.comparisons import item_scores
 from mixsd.evaluate import EvalConfig, evaluate, format_results, predictions_path
 from mixsd.files import InputError
 from mixsd.lmeval import EXPORT_METRIC, LmEvalExportConfig, export_lm_eval, mc_context, prepare
 from mixsd.probe_kinds import MULTIPLE_CHOICE, load_probe
-from mixsd.report import _item_scores, lm_eval_markdown
+from mixsd.report_sections import lm_eval_markdown
 from mixsd.results import RETENTION_METRIC, cell_row
 from mixsd.scoring import choice_tokens
 
@@ -219,7 +220,7 @@ def test_eval_lm_eval_tasks_join_retention(tmp_path, probe_dir, models):
 
     # the report: the task's section and its items in the paired comparisons between cells (the eval's
     # files are named as in an experiment cell's folder)
-    scores = _item_scores(tmp_path)
+    scores = item_scores(tmp_path)
     harness_items, probe_items = scores["lm_eval:mixsd_toy_mc (acc)"], scores["toy_mc (acc)"]
     assert list(harness_items.values()) == list(probe_items.values())  # same items, same order, same outcomes
     table = lm_eval_markdown([row])

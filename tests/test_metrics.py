@@ -125,7 +125,7 @@ def _write_rows(path, rows):
 
 
 def test_table_cell_pools_counts_for_rates_and_uses_recorded_intervals_otherwise():
-    from mixsd.report import table_cell
+    from mixsd.report_sections import table_cell
 
     members = [{"train_correct": 8, "train_n": 10}, {"train_correct": 6, "train_n": 10}]
     entry = {"train_acc": 0.7, "train_acc_sd": 0.14}
@@ -137,7 +137,8 @@ def test_table_cell_pools_counts_for_rates_and_uses_recorded_intervals_otherwise
 
 
 def test_paired_comparisons_count_flips_per_split_and_probe(tmp_path):
-    from mixsd.report import paired_comparisons
+    from mixsd.comparisons import paired_comparisons
+    from mixsd.report_sections import comparison_rows
 
     cells = tmp_path / "cells"
     base_unseen = [True] * 10 + [False] * 10
@@ -177,7 +178,7 @@ def test_paired_comparisons_count_flips_per_split_and_probe(tmp_path):
         {"cell": "base", "method": "base", "seed": 0},
         {"cell": "sft-s0", "method": "sft", "seed": 0},
     ]
-    table = {(r[0], r[1]): r for r in paired_comparisons(cells, rows)}
+    table = {(r[0], r[1]): r for r in comparison_rows(paired_comparisons(cells, rows))}
     unseen = table[("base → sft-s0", "unseen")]
     assert unseen[2:5] == ["20", "0.500", "0.300"]
     assert unseen[7:9] == ["6", "2"]

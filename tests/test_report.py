@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from mixsd.report import curve_groups, matched_cell, tuning_markdown, tuning_results
+from mixsd.report_sections import matched_cell, tuning_markdown
 from mixsd.tuning import (
     SelectionRule,
     add_retention,
+    curve_groups,
     interpolate_at,
     matched_retention,
     mean_curve,
@@ -15,6 +16,7 @@ from mixsd.tuning import (
     retention_at_memorization,
     select_setting,
     summarize_setting,
+    tuning_results,
     within,
 )
 

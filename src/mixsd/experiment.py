@@ -75,6 +75,7 @@ from mixsd.grid_data import GridData, write_curve_base
 from mixsd.grid_methods import METHODS, SFTTargetsConfig, write_sft_targets
 from mixsd.lmeval import include_files
 from mixsd.report import write_report
+from mixsd.report_data import write_report_data
 from mixsd.results import (  # noqa: F401 - cell_row and aggregate are imported from here by users
     MAIN_COLUMNS,
     add_relative_scores,
@@ -503,15 +504,15 @@ def _write_results(experiment: Experiment, runner: Runner) -> dict[str, Any]:
         for row in rows
         if row["method"] != "base"
     }
-    report = write_report(
+    # the results side computes what the report shows (JSON beside results.jsonl); the report draws it
+    write_report_data(
         experiment.out,
         rows,
-        meta,
-        cells_dir=experiment.out / "cells",
         curves={name: curve for name, curve in curves.items() if curve},
         curve_base=runner.curve_base_row(),
         rule=experiment.select,
     )
+    report = write_report(experiment.out, rows, meta)
     return {"rows": rows, "report": report, "meta": meta}
 
 

@@ -26,6 +26,15 @@ RETENTION_METRIC = {
 }
 
 # The columns `mixsd experiment` prints and the report's main table shows.
+# The files the results side writes beside results.jsonl for the report (`mixsd.report_data`); the report
+# reads them and draws.
+TUNING_FILE = "tuning.json"  # matched memorization, the rule's choice, each group's mean curve
+CURVES_FILE = "curves.jsonl"  # every point of every learning curve
+CORRELATIONS_FILE = "correlations.json"  # displacement vs retention drop
+COMPARISONS_FILE = "comparisons.json"  # paired comparisons, item by item
+TARGET_NLL_FILE = "target-nll.json"  # target tokens > 5 nats, NLL histograms
+TRAINING_LOSS_FILE = "training-loss.json"  # each cell's training loss by optimizer step
+
 MAIN_COLUMNS = [  # `*_acc`: accuracy under the corpus's own matcher (manifest answer_match)
     "train_acc",
     "paraphrase_acc",
@@ -148,13 +157,18 @@ def write_table(out: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(out / "results.csv", buffer.getvalue())
 
 
-def aggregate(rows: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds, per group, in the order groups first appear."""
+def rows_by_group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of each group (its seeds), in the order groups first appear."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(row["group"], []).append(row)
+    return groups
+
+
+def aggregate(rows: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds, per group, in the order groups first appear."""
     table = []
-    for group, members in groups.items():
+    for group, members in rows_by_group(rows).items():
         entry: dict[str, Any] = {
             "group": group,
             "method": members[0]["method"],

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 # the issue's 90% and 95%, and two lower levels: small models at a CPU budget often reach only those, and a
@@ -326,3 +326,155 @@ def select_setting(
 
 def _epoch_text(epoch: Any) -> str:
     return f"{epoch:.2f}" if _number(epoch) else "final"
+
+
+# --------------------------------------------------------------------------------------------------
+# A grid's curves: grouped, matched and tuned (OUT/tuning.json and OUT/curves.jsonl; the report draws them)
+# --------------------------------------------------------------------------------------------------
+def curve_groups(
+    rows: list[dict[str, Any]], curves: dict[str, list[dict[str, Any]]], base: Point | None
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """Per group (method, λ, setting): its seeds' curves as points (base row first), and where they
+    come from: "curves" (train/curve.jsonl), or "final" when no cell has a curve (one point per cell:
+    its final train_acc and retention_mean / kl_per_token, enough for the selection rule)."""
+    tuned = [r for r in rows if r.get("method") != "base"]
+    source = "curves" if any(curves.get(r["cell"]) for r in tuned) else "final"
+    groups: dict[str, dict[str, Any]] = {}
+    for row in tuned:
+        if source == "curves":
+            if not curves.get(row["cell"]):
+                continue
+            points = add_retention(curves[row["cell"]], base)
+        else:
+            epoch = row.get("train_epochs")
+            points = [
+                {
+                    "epoch": epoch if isinstance(epoch, int | float) else 1.0,
+                    "memorization": row.get("train_acc"),
+                    "retention": row.get("retention_mean"),
+                    "kl": row.get("kl_per_token"),
+                }
+            ]
+        entry = groups.setdefault(
+            row["group"],
+            {
+                "family": row.get("family", row["group"]),
+                "setting": row.get("setting", ""),
+                "method": row["method"],
+                "lam": row.get("lam"),
+                "cells": [],
+                "seeds": [],
+                "curves": [],
+            },
+        )
+        entry["cells"].append(row["cell"])
+        entry["seeds"].append(row.get("seed"))
+        entry["curves"].append(points)
+    return groups, source
+
+
+def retention_key(groups: dict[str, dict[str, Any]]) -> tuple[str, bool]:
+    """The plane's retention score and whether higher is better: probe retention where any point has it,
+    else KL(base‖model) per token."""
+    has = any(
+        isinstance(p.get("retention"), int | float) for g in groups.values() for c in g["curves"] for p in c
+    )
+    return ("retention", True) if has else ("kl", False)
+
+
+def retention_name(key: str) -> str:
+    """How the tables name the retention score `key`."""
+    return "retention" if key == "retention" else "KL to the base"
+
+
+def tuning_results(
+    rows: list[dict[str, Any]],
+    curves: dict[str, list[dict[str, Any]]],
+    base: Point | None,
+    rule: SelectionRule,
+) -> dict[str, Any]:
+    """Everything the report's curve sections and figures show: per group its curves and their mean over
+    seeds, the matched memorization table, and per method with several settings each setting's summary
+    under the rule, the one chosen and the method's frontier across its settings (OUT/tuning.json holds
+    all but the per-seed curves, which are OUT/curves.jsonl)."""
+    groups, source = curve_groups(rows, curves, base)
+    key, higher = retention_key(groups)
+    for entry in groups.values():
+        entry["mean_curve"] = mean_curve(entry["curves"])
+    levels = sorted({*MATCHED_LEVELS, rule.memorization})
+    matched = {}
+    if source == "curves":
+        for group, entry in groups.items():
+            matched[group] = [
+                matched_retention(entry["curves"], level, retention=key, base=base) for level in levels
+            ]
+    families: dict[str, dict[str, str]] = {}
+    for group, entry in groups.items():
+        families.setdefault(entry["family"], {})[entry["setting"]] = group
+    selection = {}
+    for family, settings in families.items():
+        if len(settings) < 2 and not any(settings):  # a method without a sweep: nothing to choose
+            continue
+        summaries = {  # a setting without a curve on the rule's seeds is not a candidate
+            setting: summarize_setting(_rule_curves(groups[group], rule), rule, key)
+            for setting, group in settings.items()
+            if _rule_curves(groups[group], rule)
+        }
+        chosen, why = select_setting(summaries, rule, higher_is_better=higher)
+        selection[family] = {
+            "settings": summaries,
+            "groups": settings,
+            "chosen": chosen,
+            "why": why,
+            "frontier": pareto_frontier(
+                [point for group in settings.values() for point in _plane(groups[group], key)],
+                x_higher_is_better=higher,
+            ),
+        }
+    return {
+        "source": source,
+        "retention": key,
+        "retention_name": retention_name(key),
+        "higher_is_better": higher,
+        "levels": levels,
+        "rule": {**asdict(rule), "text": rule.text(retention_name(key), higher)},
+        "base": base,
+        "groups": groups,
+        "matched": matched,
+        "selection": selection,
+    }
+
+
+def _plane(entry: dict[str, Any], key: str) -> list[tuple[float, float]]:
+    """A group's mean curve in the memorization–retention plane: (retention score, memorization)."""
+    return [
+        (p[key], p["memorization"])
+        for p in entry["mean_curve"]
+        if isinstance(p.get(key), int | float) and isinstance(p.get("memorization"), int | float)
+    ]
+
+
+def _rule_curves(entry: dict[str, Any], rule: SelectionRule) -> list[list[dict[str, Any]]]:
+    """The curves of a group that the rule reads: those of its seeds (all when it names none)."""
+    if rule.seeds is None:
+        return entry["curves"]
+    return [c for c, seed in zip(entry["curves"], entry["seeds"], strict=True) if seed in rule.seeds]
+
+
+def curve_points(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every point of every curve of `tuning_results`, one row each (OUT/curves.jsonl)."""
+    points = []
+    for group, entry in results["groups"].items():
+        for cell, seed, curve in zip(entry["cells"], entry["seeds"], entry["curves"], strict=True):
+            for point in curve:
+                points.append(
+                    {
+                        "cell": cell,
+                        "group": group,
+                        "family": entry["family"],
+                        "setting": entry["setting"],
+                        "seed": seed,
+                        **point,
+                    }
+                )
+    return points
