@@ -11,7 +11,7 @@ writes PROVENANCE.json (source folder, the commit it ran from, when). `collect -
 of the same study (more seeds, controls: a superset config run with `--only`) to what is committed: its
 cells replace or join the committed ones, the rows are merged by cell, and it is refused unless the base
 model's curve (epoch 0 of every curve) is item for item the committed one, so that every cell is scored
-on the same items; the grid-level files derived from one run's cells (report, tuning, curves) are left out. `render` computes each committed
+on the same items; the grid-level files derived from one run's cells (the report and the data it draws) are left out. `render` computes each committed
 grid's summary (`mixsd.grid_summary`, written as results/<name>/summary.json) and rewrites every block of
 docs/results.md between
 
@@ -37,7 +37,8 @@ from typing import Any
 
 from mixsd.files import InputError, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
 from mixsd.grid_summary import LEVELS, PRIMARY, SUMMARY_FILE, read_grid, summarize
-from mixsd.results import write_table
+from mixsd.results import REPORT_DATA_FILES, write_table
+from mixsd.verdicts import CLAIMS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -60,7 +61,7 @@ def kept(relative: Path) -> bool:
 
 
 # grid-level files a run derives from its own cells only: in a merged folder they would describe part of it
-RUN_DERIVED = {"report.md", "tuning.json", "correlations.json", "curves.jsonl", "results.csv", SUMMARY_FILE}
+RUN_DERIVED = {"report.md", *REPORT_DATA_FILES, "results.csv", SUMMARY_FILE}
 
 
 def _commit_of(source: Path) -> str | None:
@@ -445,8 +446,6 @@ def targets_table(summary: dict[str, Any]) -> str:
 
 
 def verdicts_table(summary: dict[str, Any]) -> str:
-    from mixsd.grid_summary import CLAIMS
-
     rows = [
         [
             CLAIMS[v["claim"]],

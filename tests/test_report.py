@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from conftest import write_jsonl
+from mixsd.files import InputError
+from mixsd.report import write_report
+from mixsd.report_data import write_report_data
 from mixsd.report_sections import matched_cell, tuning_markdown
+from mixsd.results import COMPARISONS_FILE, REPORT_DATA_FILES
 from mixsd.tuning import (
     SelectionRule,
     add_retention,
@@ -268,3 +276,86 @@ def test_the_rule_reads_only_its_seeds():
     on_seed1 = tuning_results(rows, curves, base, SelectionRule(memorization=0.95, seeds=(1,)))
     assert list(on_seed1["selection"]["SFT"]["settings"]) == ["lr=b"]  # lr=a has no seed 1
     assert "seed(s) 1" in on_seed1["rule"]["text"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The report draws from the files the results side writes, and from nothing under cells/
+# --------------------------------------------------------------------------------------------------
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj), encoding="utf-8")
+
+
+def _small_grid(out: Path) -> tuple[list[dict], dict[str, list[dict]], dict]:
+    """A base cell and two SFT settings (one seed each) with the files the results side reads."""
+    base_curve = {"epoch": 0.0, "memorization": 0.0, "p_acc": 0.5, "p_n": 20, "kl": 0.0}
+    rows = [
+        {"cell": "base", "group": "Base", "method": "base", "lam": None, "seed": 0, "retention_mean": 1.0}
+    ]
+    curves = {}
+    answers = [{"split": "train", "id": f"q{i}", "correct": i < 2} for i in range(6)]
+    (out / "cells" / "base").mkdir(parents=True)
+    write_jsonl(out / "cells" / "base" / "eval.predictions.jsonl", answers)
+    for k, (setting, kept) in enumerate((("lr=a", 0.45), ("lr=b", 0.3))):
+        cell = f"sft-{setting}-s0"
+        rows.append(
+            {"cell": cell, "group": f"SFT {setting}", "family": "SFT", "setting": setting, "method": "sft",
+             "lam": None, "seed": 0, "settings": {"lr": setting}, "train_acc": 1.0,
+             "retention_mean": kept / 0.5, "fisher_ratio": 0.1 * (k + 1), "delta_norm_sq": 2.0 + k}
+        )  # fmt: skip
+        curves[cell] = [
+            {"epoch": 1.0, "memorization": 0.6, "p_acc": 0.5, "p_n": 20, "kl": 0.1},
+            {"epoch": 2.0, "memorization": 1.0, "p_acc": kept, "p_n": 20, "kl": 0.2},
+        ]
+        folder = out / "cells" / cell
+        answers = [{"split": "train", "id": f"q{i}", "correct": i < 5 - k} for i in range(6)]
+        (folder / "train").mkdir(parents=True)
+        write_jsonl(folder / "eval.predictions.jsonl", answers)
+        high = {"count": 3 + k, "n": 40}
+        histogram = {"edges": [0, 1, 5, "inf"], "counts": [30, 7, 3 + k]}
+        overall = {"mean": 1.2, "high_nll": high, "histogram": histogram}
+        _write_json(folder / "nll.json", {"overall": overall, "by_branch": {"G": {"high_nll": high}}})
+        history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0 - 0.1 * k}]
+        _write_json(folder / "train" / "summary.json", {"history": history})
+    return rows, curves, base_curve
+
+
+META = {
+    "name": "small",
+    "model": "tiny",
+    "mixsd": "0",
+    "torch": "0",
+    "transformers": "0",
+    "python": "3",
+    "finished": "now",
+    "command": "mixsd experiment small.yaml",
+    "config_file": "small.yaml",
+    "config": {"name": "small"},
+}
+
+
+def test_the_report_draws_from_the_results_files_alone(tmp_path):
+    rows, curves, base_curve = _small_grid(tmp_path)
+    written = write_report_data(tmp_path, rows, curves=curves, curve_base=base_curve, rule=SelectionRule())
+    assert sorted(p.name for p in written.values()) == sorted(REPORT_DATA_FILES)
+    comparisons = json.loads((tmp_path / COMPARISONS_FILE).read_text())
+    assert [(c["before_cell"], c["after_cell"], c["right_to_wrong"]) for c in comparisons] == [
+        ("base", "sft-lr=a-s0", 0),
+        ("base", "sft-lr=b-s0", 0),
+    ]
+    (tmp_path / "cells").rename(tmp_path / "elsewhere")  # what the report shows must not come from there
+    write_report(tmp_path, rows, META)
+    md = (tmp_path / "report.md").read_text()
+    assert "| base → sft-lr=a-s0 | train | 6 | 0.333 | 0.833 | +0.500" in md  # comparisons.json
+    assert "| SFT lr=a | 1 | 3/40 = 7.5% [" in md  # target-nll.json's pooled counts
+    assert "### Parameter displacement vs retention drop" in md  # correlations.json
+    assert "## Retention at matched memorization" in md and "Chosen: lr=a" in md  # tuning.json
+    for figure in ("trajectories", "frontier", "nll", "curves", "pareto"):
+        assert f"report/{figure}.png" in md, figure
+
+
+def test_the_report_says_which_results_file_is_missing(tmp_path):
+    rows, curves, base_curve = _small_grid(tmp_path)
+    write_report_data(tmp_path, rows, curves=curves, curve_base=base_curve)
+    (tmp_path / COMPARISONS_FILE).unlink()
+    with pytest.raises(InputError, match="no comparisons.json"):
+        write_report(tmp_path, rows, META)

@@ -1,5 +1,6 @@
 """What a grid's result files say, computed without a model: the summary the tables of docs/results.md
-are drawn from (`scripts/results.py`), written as JSON beside the files it reads.
+are drawn from (`scripts/results.py`), written as JSON beside the files it reads; the paper's claims are
+decided on it by the rules of `mixsd.verdicts`.
 
 It reads the folder `mixsd experiment` writes, or its committed copy under results/<grid>/ (the same files
 without weights):
@@ -56,10 +57,11 @@ from typing import Any
 import yaml
 
 from mixsd.capability import KIND as GENERATIVE_KIND
-from mixsd.files import InputError, read_json_object, read_jsonl
+from mixsd.files import InputError, atomic_write_json, read_json_object, read_jsonl
 from mixsd.forgetting import read_forgetting
 from mixsd.metrics import cluster_bootstrap_correlation, hierarchical_bootstrap, rate, wilson_interval
 from mixsd.target_accounting import read_target_accounting
+from mixsd.verdicts import verdicts
 
 SUMMARY_FILE = "summary.json"
 LEVELS = (0.9, 0.95)
@@ -511,147 +513,8 @@ def _reached(grid: dict[str, Any], group: dict[str, Any], level: float) -> list[
     return [first_at(grid["curves"][cell], level) for cell in group["cells"]]
 
 
-# --------------------------------------------------------------------------------------------------
-# Verdicts: each claim of the paper, decided by a rule declared here (not by reading the numbers)
-# --------------------------------------------------------------------------------------------------
-MIN_SEEDS = 3  # below this a method's verdict is "cannot tell yet"
-CLAIMS = {
-    "memorization": "MixSD reaches near-perfect training accuracy (≥ 95%)",
-    "retention": "MixSD keeps more of what the model knew than SFT, at matched memorization",
-    "nll": "MixSD targets have lower NLL under the base model (share of tokens > 5 nats)",
-    "fisher": "Fisher-weighted displacement tracks the retention drop; raw displacement does not",
-    # not the paper's claim: its closest ancestor as the baseline (issue 20), under the retention rule
-    "retention_rewrite": "MixSD keeps more of what the model knew than the self-rewrite baseline (SDFT, not in "
-    "the paper), at matched memorization",
-}
-
-
-# the families whose chosen settings the verdicts compare (the paper's SFT and its recommended λ)
-VERDICT_FAMILIES = {"sft": "SFT", "mixsd": "MixSD λ=0.3", "rewrite": "Self-rewrite"}
-
-
-def _chosen(summary: dict[str, Any], method: str) -> tuple[str, dict[str, Any]] | None:
-    """The group the rule chose in `method`'s verdict family (or the family's only group, unswept)."""
-    family = VERDICT_FAMILIES[method]
-    if family in summary["choices"]:
-        name = summary["choices"][family]["chosen"]
-        return name, summary["groups"][name]
-    groups = [(n, g) for n, g in summary["groups"].items() if g["family"] == family]
-    return groups[0] if len(groups) == 1 else None
-
-
-def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per claim: verdict (holds / does not hold / partly / cannot tell), the figure behind it,
-    its interval and the seeds. Rules: memorization — every seed of MixSD's chosen setting reaches 95%
-    (holds), none does (does not hold), some do (partly); retention — the paired difference MixSD − SFT in
-    the primary metric at the highest level both reach with every seed: interval above 0 holds, below 0
-    does not hold, else cannot tell; NLL — pooled Wilson intervals of the > 5 nats share disjoint (lower:
-    holds, higher: does not hold), else cannot tell; Fisher — the partial r of the Fisher ratio has an
-    interval above 0 while raw ‖Δθ‖²'s includes 0 (holds), the ratio's includes or is below 0 (does not
-    hold when raw's is above 0, else cannot tell); retention vs self-rewrite (when the grid has the SDFT
-    baseline) — the retention rule with the self-rewrite's chosen setting in SFT's place. Fewer than 3 seeds
-    per method: "cannot tell yet"."""
-    rows = []
-    mixsd, sft = _chosen(summary, "mixsd"), _chosen(summary, "sft")
-    if mixsd:
-        name, group = mixsd
-        reached = [e is not None for e in group["first_epoch"]["0.95"]]
-        verdict = "holds" if all(reached) else "does not hold" if not any(reached) else "partly"
-        rows.append(
-            {
-                "claim": "memorization",
-                "verdict": _enough(verdict, len(group["seeds"])),
-                "figure": f"{name}: last-epoch memorization",
-                "boot": group["final_memorization_ci"],
-                "seeds": f"{sum(reached)}/{len(reached)} seeds reach 95%",
-            }
-        )
-    if mixsd and sft:
-        rows.append(_retention_verdict(summary, "retention", mixsd, sft))
-        seeds = min(len(mixsd[1]["seeds"]), len(sft[1]["seeds"]))
-        shares = [_pooled_high_nll(summary, g["cells"]) for g in (mixsd[1], sft[1])]
-        if all(shares):
-            (m, m_ci), (s, s_ci) = shares
-            verdict = (
-                "holds" if m_ci[1] < s_ci[0] else "does not hold" if m_ci[0] > s_ci[1] else "cannot tell"
-            )
-            rows.append(
-                {
-                    "claim": "nll",
-                    "verdict": _enough(verdict, seeds),
-                    "figure": f"{m:.3f} [{m_ci[0]:.3f}, {m_ci[1]:.3f}] vs SFT {s:.3f} [{s_ci[0]:.3f}, {s_ci[1]:.3f}]",
-                    "boot": None,
-                    "seeds": f"{len(mixsd[1]['seeds'])} vs {len(sft[1]['seeds'])} (pooled tokens, Wilson)",
-                }
-            )
-    rewrite = _chosen(summary, "rewrite")
-    if mixsd and rewrite:  # the same rule as MixSD vs SFT, against the self-rewrite baseline
-        rows.append(_retention_verdict(summary, "retention_rewrite", mixsd, rewrite))
-    measures = summary["fisher"]["measures"]
-    ratio, raw = measures["fisher_ratio"]["partial"], measures["delta_norm_sq"]["partial"]
-    if ratio["ci95"] and raw["ci95"]:
-        if ratio["ci95"][0] > 0 and raw["ci95"][0] <= 0 <= raw["ci95"][1]:
-            verdict = "holds"
-        elif ratio["ci95"][0] <= 0 and raw["ci95"][0] > 0:
-            verdict = "does not hold"
-        else:
-            verdict = "cannot tell"
-        figure = f"partial r: ratio {ratio['r']:+.2f} [{ratio['ci95'][0]:+.2f}, {ratio['ci95'][1]:+.2f}], raw {raw['r']:+.2f} [{raw['ci95'][0]:+.2f}, {raw['ci95'][1]:+.2f}]"
-    else:
-        verdict, figure = "cannot tell: " + (ratio["note"] or raw["note"] or "no interval"), "–"
-    rows.append(
-        {
-            "claim": "fisher",
-            "verdict": verdict,
-            "figure": figure,
-            "boot": None,
-            "seeds": f"{ratio['n']} cells",
-        }
-    )
-    return rows
-
-
-def _retention_verdict(
-    summary: dict[str, Any], claim: str, mixsd: tuple[str, dict[str, Any]], other: tuple[str, dict[str, Any]]
-) -> dict[str, Any]:
-    """The retention rule (see `verdicts`): MixSD − the other method at the highest level both reach."""
-    pair = summary["comparisons"].get(f"{mixsd[0]} vs {other[0]}", {})
-    level = max(pair, key=float) if pair else None
-    boot = pair.get(level) if level else None
-    if boot is None:
-        verdict, figure = "cannot tell: no level reached by every seed of both", "–"
-    else:
-        low, high = boot["ci95"]
-        verdict = "holds" if low > 0 else "does not hold" if high < 0 else "cannot tell"
-        figure = f"{mixsd[0]} − {other[0]} at {float(level):.0%}"
-    seeds = min(len(mixsd[1]["seeds"]), len(other[1]["seeds"]))
-    return {
-        "claim": claim,
-        "verdict": _enough(verdict, seeds),
-        "figure": figure,
-        "boot": boot,
-        "seeds": f"{len(mixsd[1]['seeds'])} vs {len(other[1]['seeds'])}",
-    }
-
-
-def _enough(verdict: str, seeds: int) -> str:
-    return (
-        verdict
-        if seeds >= MIN_SEEDS
-        else f"cannot tell yet ({seeds} seed{'s' if seeds > 1 else ''}; provisional: {verdict})"
-    )
-
-
-def _pooled_high_nll(summary: dict[str, Any], cells: list[str]) -> tuple[float, list[float]] | None:
-    rows = [c for c in summary["cells"] if c["cell"] in cells and c.get("target_nll_above_5_n")]
-    count, n = sum(c["target_nll_above_5_count"] for c in rows), sum(c["target_nll_above_5_n"] for c in rows)
-    return (count / n, list(wilson_interval(int(count), int(n)))) if n else None
-
-
 def write_summary(folder: str | Path) -> Path:
     """Compute the summary of a grid folder and write it there (summary.json); returns its path."""
-    from mixsd.files import atomic_write_json
-
     folder = Path(folder)
     path = folder / SUMMARY_FILE
     atomic_write_json(path, summarize(read_grid(folder)))

@@ -34,6 +34,14 @@ CORRELATIONS_FILE = "correlations.json"  # displacement vs retention drop
 COMPARISONS_FILE = "comparisons.json"  # paired comparisons, item by item
 TARGET_NLL_FILE = "target-nll.json"  # target tokens > 5 nats, NLL histograms
 TRAINING_LOSS_FILE = "training-loss.json"  # each cell's training loss by optimizer step
+REPORT_DATA_FILES = (
+    TUNING_FILE,
+    CURVES_FILE,
+    CORRELATIONS_FILE,
+    COMPARISONS_FILE,
+    TARGET_NLL_FILE,
+    TRAINING_LOSS_FILE,
+)
 
 MAIN_COLUMNS = [  # `*_acc`: accuracy under the corpus's own matcher (manifest answer_match)
     "train_acc",
