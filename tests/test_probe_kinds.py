@@ -30,16 +30,52 @@ COMMITTED_CELLS = sorted((ROOT / "results").glob("*/cells/*/retention.json"))
 # Every spelling a probe kind has had, in summaries and in prediction rows ("kl" and "text" are left out:
 # they are also a results key and a record field; "lm_eval" is also the package's name).
 KIND_WORDS = {"multiple_choice", "mc", "perplexity", "generative", "gen", "kl_answer"}
-# The same word meaning something else: lm-eval's own output type in the task files the export writes.
-OTHER_MEANING = {("lmeval.py", "multiple_choice")}
-# Modules other sessions own that still spell kinds themselves; each should read the registry instead.
-NOT_YET_MIGRATED = {
-    "capability.py",  # KIND, read by forgetting.py (a test below holds it to the registry)
-    "forgetting.py",
-    "grid_summary.py",  # forgetting.json's keys
-    "metrics.py",
-    "report.py",
+# The same word meaning something else: lm-eval's own output type in the task format of exported probes.
+OTHER_MEANING = {("lmeval_format.py", "multiple_choice")}
+# Named allowance, module by module with its words: modules another helper rewrites at the same time
+# (issue 22 step 2) still spell kinds themselves; each should read the registry instead.
+OTHER_HELPERS_MODULES = {
+    "forgetting.py": {
+        "multiple_choice",
+        "perplexity",
+        "generative",
+    },  # forgetting.json's keys, if-chain on kind
+    "grid_summary.py": {"multiple_choice"},  # reads forgetting.json's keys
 }
+# capability.KIND ("gen") stays while forgetting.py and grid_summary.py import it; a test below holds it to
+# the registry. (capability.py cannot import the registry: the registry imports it.)
+KEPT_FOR_OTHER_HELPERS = {"capability.py": {"gen"}}
+# The evaluation-side modules cleaned of kind names (issue 22): here "kl" fails too (the registry's
+# `KL.name` names the KL summary, rows and curve columns).
+CLEANED = (
+    "analyze.py",
+    "capability.py",
+    "curve.py",
+    "eval_config.py",
+    "eval_generation.py",
+    "eval_models.py",
+    "eval_retention.py",
+    "evaluate.py",
+    "generation.py",
+    "instructions.py",
+    "lmeval.py",
+    "lmeval_export.py",
+    "lmeval_format.py",
+    "metrics.py",
+    "mix_config.py",
+    "scoring.py",
+    "sft_targets.py",
+    "targets.py",
+    "taxonomy.py",
+)
+# the registry's kind objects: comparing with one (`kind is MULTIPLE_CHOICE`) is an if-chain on the kind
+KIND_OBJECTS = {"GENERATIVE", "MULTIPLE_CHOICE", "PERPLEXITY", "KL"}
+# every name and row tag a kind has (the registry is their source)
+KIND_TAGS = (
+    {k.name for k in PROBE_KINDS.values()}
+    | {k.row_tag for k in PROBE_KINDS.values()}
+    | {KL_ANSWER_TAG, LM_EVAL}
+)
 
 
 def test_each_kind_has_one_name_and_one_row_tag():
@@ -72,9 +108,8 @@ def test_a_file_mixing_kinds_is_refused_at_its_line(tmp_path):
         load_probe(path, None)
 
 
-def _string_constants(path: Path) -> set[str]:
+def _string_constants(tree: ast.AST) -> set[str]:
     """Every string literal of a module except docstrings."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
     docstrings = {
         id(node.body[0].value)
         for node in ast.walk(tree)
@@ -90,17 +125,73 @@ def _string_constants(path: Path) -> set[str]:
     }
 
 
+def _kind_comparisons(tree: ast.AST) -> list[str]:
+    """Comparisons that branch on a probe kind: with a kind object of the registry (`kind is
+    MULTIPLE_CHOICE`), or of something called kind with a kind's name or tag (`row["kind"] == "text"`)."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        names = {o.id if isinstance(o, ast.Name) else getattr(o, "attr", None) for o in operands}
+        tags = {o.value for o in operands if isinstance(o, ast.Constant)} & KIND_TAGS
+        if names & KIND_OBJECTS or (tags and "kind" in ast.unparse(node)):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def _modules() -> dict[str, ast.AST]:
+    return {
+        path.relative_to(PACKAGE).as_posix(): ast.parse(path.read_text(encoding="utf-8"))
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
+
+
+def test_the_scans_find_kind_names_and_kind_branches():
+    """The scans below can fail: they see a kind spelled and a branch on a kind where there is one."""
+    tree = ast.parse(
+        '"""docstrings may say multiple_choice"""\n'
+        'if summary.get("kind") == "text" or kind is MULTIPLE_CHOICE:\n'
+        '    columns = {"mc": 1}\n'
+        'if kind.lm_eval is None or row["split"] == "text":\n'
+        "    pass\n"
+    )
+    assert _string_constants(tree) & KIND_WORDS == {"mc"}
+    assert _kind_comparisons(tree) == [
+        "line 2: summary.get('kind') == 'text'",
+        "line 2: kind is MULTIPLE_CHOICE",
+    ]
+
+
 def test_kind_names_are_spelled_only_in_the_registry():
-    spelled: dict[str, list[str]] = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        name = path.relative_to(PACKAGE).as_posix()
-        words = sorted(w for w in _string_constants(path) & KIND_WORDS if (name, w) not in OTHER_MEANING)
+    spelled: dict[str, set[str]] = {}
+    for name, tree in _modules().items():
+        words = {w for w in _string_constants(tree) & KIND_WORDS if (name, w) not in OTHER_MEANING}
         if words:
             spelled[name] = words
     assert "probe_kinds.py" in spelled  # the scan sees the registry's own names
     outside = {name: words for name, words in spelled.items() if name != "probe_kinds.py"}
-    assert set(outside) <= NOT_YET_MIGRATED, outside
+    allowed = {**OTHER_HELPERS_MODULES, **KEPT_FOR_OTHER_HELPERS}
+    assert all(words <= allowed.get(name, set()) for name, words in outside.items()), outside
     assert KL_ANSWER_TAG in KIND_WORDS and LM_EVAL == "lm_eval"
+
+
+def test_the_cleaned_modules_name_no_kind_and_branch_on_none():
+    """The evaluation side dispatches through the registry: no kind spelled (not even "kl"), no comparison
+    with a kind; only capability.KIND is kept for the modules that still import it."""
+    modules = _modules()
+    assert set(CLEANED) <= set(modules)
+    for name in CLEANED:
+        words = _string_constants(modules[name]) & (KIND_WORDS | {"kl"})
+        words -= KEPT_FOR_OTHER_HELPERS.get(name, set()) | {w for m, w in OTHER_MEANING if m == name}
+        assert not words, f"{name} spells {sorted(words)}: read the name from mixsd.probe_kinds"
+    branching = {
+        name: found
+        for name, tree in modules.items()
+        if name != "probe_kinds.py" and (found := _kind_comparisons(tree))
+    }
+    # forgetting.py (another helper's) still branches on summary kinds by name
+    assert set(branching) <= {"forgetting.py"}, branching
 
 
 @pytest.mark.skipif(not COMMITTED_CELLS, reason="no committed retention results")
@@ -135,4 +226,17 @@ def test_eval_and_the_curve_score_a_probe_through_the_same_rows():
     summary = MULTIPLE_CHOICE.summarize(rows)
     assert scores == {"p_acc": summary["acc"]["value"], "p_n": 6}
     assert bits["p"] == "".join("1" if r["correct"] else "0" for r in rows)
-    assert KL.curve is None and KL.score is None
+    assert KL.score is None  # no file of items: the curve scores KL on the base's answers
+
+
+def test_the_curve_names_its_kl_columns_through_the_registry():
+    """The curve's KL columns are the registry's: per token over all answer tokens, as `mixsd eval` sums."""
+    rows = [
+        {"kl_sum": 0.5, "kl_max": 0.4, "tokens": 2},
+        {"kl_sum": 0.25, "kl_max": 0.1, "tokens": 3},
+        {"kl_sum": 0.0, "kl_max": 0.0, "tokens": 0},
+    ]
+    assert KL.curve is not None
+    assert KL.curve(KL.name, rows) == ({"kl": 0.75 / 5, "kl_tokens": 5}, {})
+    assert KL.curve(KL.name, [])[0] == {"kl": None, "kl_tokens": 0}
+    assert KL.summarize(rows)["kl_per_token"] == KL.curve(KL.name, rows)[0]["kl"]

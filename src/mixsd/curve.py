@@ -41,7 +41,7 @@ from mixsd.capability import generate_answers
 from mixsd.corpora.probes import load_kl_prompts, spread
 from mixsd.files import atomic_write_jsonl, read_jsonl
 from mixsd.generation import autocast
-from mixsd.probe_kinds import ProbeKind, bits, load_probe
+from mixsd.probe_kinds import KL, ProbeKind, bits, load_probe
 from mixsd.prompts import pad_token_id
 from mixsd.records import load_corpus
 from mixsd.scoring import kl_on_answers, reference_answers
@@ -134,8 +134,10 @@ class CurveEvaluator:
             pad_id=pad_token_id(self.tokenizer),
             batch_size=self.batch_size,
         )
-        tokens = sum(count for _, _, count in stats)
-        return {"kl": sum(total for total, _, _ in stats) / tokens if tokens else None, "kl_tokens": tokens}
+        # the registry names the KL columns, as it names every probe's (the same sums as `mixsd eval`'s)
+        assert KL.curve is not None
+        columns, _ = KL.curve(KL.name, [{"kl_sum": total, "tokens": count} for total, _, count in stats])
+        return columns
 
     def _probe(
         self, model, name: str, kind: ProbeKind, items: list[dict[str, Any]]

@@ -1,14 +1,6 @@
-"""The hand-off to lm-evaluation-harness: mixsd's probes as lm-eval tasks, and lm-eval tasks as retention
-probes of `mixsd eval`.
+"""lm-evaluation-harness tasks as retention probes of `mixsd eval`, and their place in the results table.
 
-    mixsd probes export-lm-eval OUT [--probes DIR]     # task YAMLs + local data files, for `lm_eval --include_path OUT`
     mixsd eval --suite retention --model M --base B --lm-eval-tasks T1,T2 [--lm-eval-include DIR] --out r.json
-
-The export reproduces mixsd's multiple-choice strings exactly: lm-eval scores `context + target_delimiter +
-choice` after moving the context's trailing whitespace into the continuation (`LM._encode_pair`); with
-`target_delimiter: ""` and `context = query + " "` (or `query` when the query already ends in whitespace, or
-every choice starts with it) that is `mixsd.scoring.choice_tokens`' split, token for token, and the choices
-keep their own text, so lm-eval's `acc_norm` divides by the same character counts as mixsd's.
 
 `mixsd eval --lm-eval-tasks` runs `lm_eval.simple_evaluate` in-process on the model and on its base with
 identical settings (the tasks' own few-shot counts and prompts unless overridden) and joins lm-eval's
@@ -16,6 +8,9 @@ scores to the retention results: per task the reported metrics of both, their ra
 tasks the chance-normalized retention (as mixsd's own probes), and the per-item right->wrong /
 wrong->right counts from lm-eval's logged samples. lm-eval is an optional dependency
 (`pip install 'mixsd[lm-eval]'`); `lm_eval` is imported only inside the functions that need it.
+
+The other direction, mixsd's probes as lm-eval tasks (`mixsd probes export-lm-eval`), is
+`mixsd.lmeval_export`; its names are importable from here too, as the README documents them.
 """
 
 from __future__ import annotations
@@ -25,37 +20,25 @@ import difflib
 import importlib.metadata
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from mixsd.files import InputError, atomic_write_json, sha256_file
 
-from mixsd.corpora._manifest import write_manifest
-from mixsd.corpora.probes import default_out
-from mixsd.files import (
-    InputError,
-    atomic_write_json,
-    atomic_write_jsonl,
-    atomic_write_text,
-    read_jsonl,
-    sha256_file,
+# re-exported: the README, the tests and the command table name them here
+from mixsd.lmeval_export import (
+    EXPORT_METRIC,
+    LmEvalExportConfig,
+    export_command,
+    export_lm_eval,
 )
+from mixsd.lmeval_format import mc_context
 from mixsd.metrics import chance_normalized, paired_comparison, well_above_chance
-from mixsd.options import check_range
-from mixsd.probe_kinds import GENERATIVE, LM_EVAL, MULTIPLE_CHOICE, ProbeKind, load_probe
+from mixsd.probe_kinds import LM_EVAL
 
-GENERATOR = "mixsd.lmeval"
-VERSION = 1
-TAG = "mixsd_probes"  # every exported task carries it: `lm_eval --tasks mixsd_probes` runs them all
-# The score of each exported probe that counts for retention; mixsd.results.RETENTION_METRIC reads the
-# fetched probes the same way (a test holds the two together).
-EXPORT_METRIC = {"social_iqa": "acc_norm"}
 # The headline of a task that does not name one (`metadata.mixsd_metric`): the first it reports of these.
 HEADLINE_ORDER = ("acc_norm", "acc", "exact_match")
 _INSTALL_HINT = "lm-eval is not installed: pip install 'mixsd[lm-eval]' (or `pip install lm-eval`)"
@@ -73,203 +56,6 @@ def lm_eval_version() -> str | None:
         return importlib.metadata.version("lm_eval")
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-# --------------------------------------------------------------------------------------------------
-# `mixsd probes export-lm-eval`
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class LmEvalExportConfig:
-    out: str = field(
-        metadata={
-            "help": "Folder to create (must not exist): one task YAML and one data file per probe, plus "
-            "manifest.json. The YAMLs name their data files by absolute path: export again after moving it."
-        }
-    )
-    probes: str | None = field(
-        default=None,
-        metadata={
-            "help": "Probe folder (every *.jsonl in it) or one probe file; default $MIXSD_CACHE/probes "
-            "(written by `mixsd probes fetch`)."
-        },
-    )
-    limit: int | None = field(
-        default=None,
-        metadata={
-            "help": "Export only N items of each probe, taken evenly across the file (as eval --limit)."
-        },
-    )
-    prefix: str = field(
-        default="mixsd_",
-        metadata={"help": "Task names are PREFIX + the probe file's name (mixsd_general_knowledge, ...)."},
-    )
-
-    def __post_init__(self) -> None:  # refuse bad options before anything is read (issue 10)
-        check_range("limit", self.limit, 1, integer=True, optional=True)
-        if not self.prefix.replace("_", "").replace("-", "").isalnum() and self.prefix:
-            raise InputError("use letters, digits, '_' and '-' only", field="prefix")
-
-
-def mc_context(query: str, choices: list[str]) -> str | None:
-    """The lm-eval context (with `target_delimiter: ""`) under which the harness scores exactly the tokens
-    `mixsd.scoring.choice_tokens` scores; None when no single context does (some choices of the item start
-    with whitespace and others do not: mixsd puts the space before some choices only)."""
-    if query[-1:].isspace() or all(c[:1].isspace() for c in choices):
-        return query  # no space is added; the harness moves the query's trailing whitespace, as mixsd does
-    if any(c[:1].isspace() for c in choices):
-        return None
-    return query + " "  # the harness moves this space into every continuation: " " + choice, as mixsd
-
-
-def _mc_docs(path: Path, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    lines = {str(obj.get("id", line)): line for line, obj in read_jsonl(path)}
-    docs = []
-    for item in items:
-        if not item["query"].strip():
-            raise InputError(
-                "empty query: lm-eval conditions an empty context on the BOS token, mixsd on EOS, so the "
-                "scores would differ; give the item a query",
-                path,
-                lines.get(item["id"]),
-                "query",
-            )
-        context = mc_context(item["query"], item["choices"])
-        if context is None:
-            raise InputError(
-                "some choices start with whitespace and others do not; lm-eval joins every choice of an "
-                "item to its context the same way, so strip the choices or start all of them with a space",
-                path,
-                lines.get(item["id"]),
-                "choices",
-            )
-        docs.append(
-            {
-                "id": item["id"],
-                "query": item["query"],
-                "context": context,
-                "choices": item["choices"],
-                "gold": item["gold"],
-            }
-        )
-    return docs
-
-
-def _task_yaml(task: str, data_file: Path, kind: ProbeKind, metric: str | None) -> str:
-    metrics = (
-        ("acc", "acc_norm")
-        if kind is MULTIPLE_CHOICE
-        else ("word_perplexity", "byte_perplexity", "bits_per_byte")
-    )
-    config: dict[str, Any] = {
-        "task": task,
-        "tag": [TAG],
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-        "test_split": "test",
-    }
-    if kind is MULTIPLE_CHOICE:
-        config.update(
-            output_type="multiple_choice",
-            doc_to_text="context",  # column names: the strings are taken as they are, never templated
-            doc_to_choice="choices",
-            doc_to_target="gold",
-            target_delimiter="",  # the context carries mixsd's separator (see mc_context)
-        )
-    else:
-        config.update(output_type="loglikelihood_rolling", doc_to_text="", doc_to_target="text")
-    config.update(
-        num_fewshot=0,
-        # perplexities keep the harness's own aggregations (weighted by words / bytes)
-        metric_list=[
-            {"metric": m, "aggregation": "mean", "higher_is_better": True}
-            if kind is MULTIPLE_CHOICE
-            else {"metric": m}
-            for m in metrics
-        ],
-        metadata={"version": float(VERSION), "mixsd_metric": metric or metrics[0]},
-    )
-    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
-
-
-def export_lm_eval(config: LmEvalExportConfig) -> dict[str, Any]:
-    """Write every multiple-choice and text probe as an lm-eval task (YAML + JSONL); return the manifest.
-
-    Generative probes are skipped (their checks are mixsd code, which a task file would have to execute).
-    """
-    out = Path(config.out)
-    if out.exists():
-        raise InputError("already exists; choose a new folder (the export never overwrites)", out)
-    source = Path(config.probes) if config.probes else default_out()
-    if source.is_file():
-        files = [source]
-    elif source.is_dir():
-        files = sorted(source.glob("*.jsonl"))
-        if not files:
-            raise InputError("no *.jsonl probe files", source)
-    else:
-        raise InputError("not found (run `mixsd probes fetch`, or pass --probes)", source)
-
-    final = out.resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tasks, skipped, written = {}, [], []
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
-    try:
-        for path in files:
-            kind, items = load_probe(path, config.limit)
-            task = config.prefix + path.stem
-            if kind is GENERATIVE:
-                skipped.append({"file": path.name, "reason": "generative probe (checked by mixsd code)"})
-                continue
-            docs = (
-                _mc_docs(path, items)
-                if kind is MULTIPLE_CHOICE
-                else [{"id": i["id"], "text": i["text"]} for i in items]
-            )
-            metric = EXPORT_METRIC.get(path.stem, "acc") if kind is MULTIPLE_CHOICE else None
-            atomic_write_jsonl(staging / f"{task}.jsonl", docs)
-            atomic_write_text(
-                staging / f"{task}.yaml", _task_yaml(task, final / f"{task}.jsonl", kind, metric)
-            )
-            written += [f"{task}.jsonl", f"{task}.yaml"]
-            tasks[task] = {
-                "source": path.name,
-                "source_sha256": sha256_file(path),
-                "kind": kind.name,
-                "items": len(docs),
-                "metric": metric or "word_perplexity",
-            }
-        if not tasks:
-            raise InputError("no multiple-choice or text probes to export", source)
-        manifest = write_manifest(
-            staging,
-            GENERATOR,
-            VERSION,
-            written,
-            prefix=config.prefix,
-            limit=config.limit,
-            tasks=tasks,
-            skipped=skipped,
-            tag=TAG,
-        )
-        os.rename(staging, final)  # the folder appears complete or not at all
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
-
-
-def export_command(config: LmEvalExportConfig) -> dict[str, Any]:
-    manifest = export_lm_eval(config)
-    for task, entry in manifest["tasks"].items():
-        print(f"{task:<32} {entry['kind']:<16} {entry['items']:>6} items  (from {entry['source']})")
-    for entry in manifest["skipped"]:
-        print(f"skipped {entry['file']}: {entry['reason']}")
-    names = ",".join(manifest["tasks"])
-    print(
-        f"wrote {config.out}; run: lm_eval --model hf --model_args pretrained=MODEL "
-        f"--include_path {config.out} --tasks {names}"
-    )
-    return manifest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -702,11 +488,13 @@ def table_tasks(rows: list[dict[str, Any]]) -> list[str]:
 
 
 __all__ = [
+    "EXPORT_METRIC",
     "LmEvalExportConfig",
     "LmEvalPlan",
     "export_command",
     "export_lm_eval",
     "lm_eval_columns",
+    "mc_context",
     "prepare",
     "run",
     "summarize_task",

@@ -10,7 +10,9 @@ Each kind registers, in `PROBE_KINDS` below: its one name (the `kind` of its sum
 tag of its prediction rows (`kind` in predictions.jsonl, journals and base caches, spelled as they always
 were so that files written before stay readable: "mc", "text", "gen", "kl"), and its functions: parse an
 item, score items, summarize rows, retention ratios and paired comparison against the base, the learning
-curve's columns, the line of `mixsd eval`'s table and, for `mixsd analyze fisher`, the labelled sequences.
+curve's columns (KL's on the base's answers to the KL prompts), the line of `mixsd eval`'s table, for
+`mixsd analyze fisher` the labelled sequences, and the lm-eval task a file is exported as
+(`mixsd.lmeval_format`).
 `mixsd eval`, the learning curve (`mixsd.curve`), `mixsd analyze` and the lm-eval export dispatch through
 here; no other module compares kind names. lm-eval tasks are not probe files (lmeval.py scores them); only
 the tag of their summaries and rows, `LM_EVAL`, is named here.
@@ -33,6 +35,7 @@ from mixsd.capability import (
 )
 from mixsd.corpora.probes import spread
 from mixsd.files import InputError, read_jsonl
+from mixsd.lmeval_format import MULTIPLE_CHOICE_TASK, TEXT_TASK, LmEvalFormat
 from mixsd.scoring import (
     choice_tokens,
     compare_multiple_choice,
@@ -74,6 +77,8 @@ class ProbeKind:
     # `mixsd analyze fisher`: the word fisher.json records for such a file, and its labelled sequences
     fisher_label: str | None = None
     fisher_sequences: Callable[[Any, list[dict[str, Any]]], Sequences] | None = None
+    # `mixsd probes export-lm-eval`: the lm-eval task such a file becomes (None: not exported)
+    lm_eval: LmEvalFormat | None = None
 
     def score_items(
         self,
@@ -165,6 +170,12 @@ def _curve_generative(name: str, rows: Rows) -> tuple[dict[str, Any], dict[str, 
         f"{name}_n": len(rows),  # the items behind the rates (intervals in the report)
     }
     return scores, {name: bits(correct), f"{name}_collapse": bits(collapsed)}
+
+
+def _curve_kl(name: str, rows: Rows) -> tuple[dict[str, Any], dict[str, str]]:
+    """KL per token over every answer token, and the token count (no per-item outcome to keep)."""
+    tokens = sum(r["tokens"] for r in rows)
+    return {name: sum(r["kl_sum"] for r in rows) / tokens if tokens else None, f"{name}_tokens": tokens}, {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,6 +273,7 @@ MULTIPLE_CHOICE = ProbeKind(
     curve=_curve_multiple_choice,
     fisher_label="multiple_choice",
     fisher_sequences=_fisher_multiple_choice,
+    lm_eval=MULTIPLE_CHOICE_TASK,
 )
 PERPLEXITY = ProbeKind(
     name="perplexity",
@@ -276,6 +288,7 @@ PERPLEXITY = ProbeKind(
     curve=_curve_text,
     fisher_label="text",  # as fisher.json has always named a text probe
     fisher_sequences=_fisher_text,
+    lm_eval=TEXT_TASK,
 )
 KL = ProbeKind(
     name="kl",
@@ -287,6 +300,7 @@ KL = ProbeKind(
     retention=_no_comparison,
     compare=_no_comparison,
     format=_format_kl,
+    curve=_curve_kl,  # on the base's answers to the KL prompts (mixsd.curve), not on a probe file
 )
 # In the order a file record is matched: a generative item may also carry a `text` field.
 PROBE_KINDS: dict[str, ProbeKind] = {
