@@ -60,7 +60,7 @@ def _numbers(members: list[dict[str, Any]], key: str) -> list[float]:
 def _shade(method: str, lam: float | None) -> str:
     if method != "mixsd" or lam is None:
         return COLORS.get(method, "#777777")
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # matplotlib loads only when a figure is drawn
 
     return colormaps["Blues"](0.45 + 0.5 * (1 - lam))
 
@@ -259,7 +259,7 @@ def _plane(mean_curve: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
 def _curve_styles(groups: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per group: the method's colour, darker for each further setting of the method, a marker of its
     own, and dashes for LoRA settings."""
-    from matplotlib.colors import to_rgb
+    from matplotlib.colors import to_rgb  # matplotlib loads only when a figure is drawn
 
     by_family: dict[str, list[str]] = {}
     for group, entry in groups.items():

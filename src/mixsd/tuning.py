@@ -1,5 +1,6 @@
 """Learning curves at matched memorization and the one declared tuning rule: pure functions (no models,
-no files). `report` draws and tabulates what these compute; `experiment` reads the rule from the config.
+no files). `report_data` writes what `tuning_results` computes of a grid (OUT/tuning.json, OUT/curves.jsonl)
+and `report` draws and tabulates it; `grid` reads the rule from the config.
 
 A *curve* is a list of points in epoch order, each a dict with at least `epoch` and `memorization`: the
 rows of a run's `train/curve.jsonl` (mixsd.curve), led by the base model's row as epoch 0, with a
@@ -24,6 +25,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
+
+from mixsd.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_interval, wilson_interval
 
 # the issue's 90% and 95%, and two lower levels: small models at a CPU budget often reach only those, and a
 # comparison at a level both methods reach says more than two "not reached"
@@ -136,8 +139,6 @@ def wilson_retention(point: Point, base: Point | None) -> list[float] | None:
     """One seed's 95% interval of the probe retention at a (possibly interpolated) point: each probe's
     Wilson interval at its accuracy there (the interpolated count rounded), divided by the base's
     accuracy, averaged over probes. None without probes or item counts (`<probe>_n`)."""
-    from mixsd.metrics import wilson_interval
-
     probes = retention_probes(base)
     lows, highs = [], []
     for probe in probes:
@@ -170,8 +171,6 @@ def matched_retention(
     seeds_reached    how many seeds' own curves reach it, of `seeds`
     best             the highest memorization of the mean curve (what it got to when not reached)
     """
-    from mixsd.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_interval
-
     mean = mean_curve(curves)
     point = interpolate_at(mean, level)
     memorization = [p["memorization"] for p in mean if _number(p.get("memorization"))]
