@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_SIZES, make_causal_lm, make_tiny_tokenizer, write_jsonl
-from mixsd.edit import EditConfig, edit, load_edits, subject_position
+from mixsd.edit import EditConfig, default_stats_texts, edit, load_edits, subject_position
 from mixsd.files import InputError
 from mixsd.memit import (
     EditRequest,
@@ -189,6 +189,30 @@ def test_edit_command_writes_a_model_folder_plain_transformers_loads(tmp_path, m
         edit(config, model=model, tokenizer=tokenizer)
     config.overwrite = True
     assert edit(config, model=_model(vocab_size=len(tokenizer)), tokenizer=tokenizer)["covariance_cached"]
+
+
+def test_the_default_covariance_text_is_python_documentation_prose(tmp_path, monkeypatch):
+    """Without --stats the edit needs no file: the prose of pydoc_data.topics, without its code samples."""
+    paragraphs = default_stats_texts()
+    assert len(paragraphs) > 200 and all(len(p.split()) >= 25 for p in paragraphs)
+    assert not any(">>>" in p or "::=" in p for p in paragraphs)  # no interpreter session, no grammar rule
+    monkeypatch.setenv("MIXSD_CACHE", str(tmp_path / "cache"))
+    tokenizer = make_tiny_tokenizer()
+    config = EditConfig(
+        model="unused-when-passed-in", input=str(_tiny_corpus(tmp_path)), out=str(tmp_path / "out"),
+        layers="1", steps=3, stats_tokens=500,
+    )  # fmt: skip
+    summary = edit(config, model=_model(vocab_size=len(tokenizer)), tokenizer=tokenizer)
+    assert summary["covariance_text"].startswith("pydoc_data.topics") and not summary["covariance_cached"]
+
+
+def test_a_missing_stats_file_fails_before_the_model_loads(tmp_path):
+    config = EditConfig(
+        model="no-such-model", input=str(_tiny_corpus(tmp_path)), out=str(tmp_path / "out"),
+        stats=str(tmp_path / "missing.txt"),
+    )  # fmt: skip
+    with pytest.raises(InputError, match="missing.txt.*file not found"):
+        edit(config)
 
 
 def test_bad_options_fail_before_any_work(tmp_path):

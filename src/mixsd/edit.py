@@ -11,15 +11,17 @@ the edited model like any tuned one:
     DIR/run_config.json the settings of the edit
     DIR/summary.json    per-layer update norms, target NLLs, timings
 
-The key covariance of each edited layer comes from local text (`--stats`: the SQuAD paragraphs of
-`mixsd probes fetch`, or any .txt/.jsonl file) and is cached per model, layer set and text in
-`$MIXSD_CACHE/memit-stats`.
+The key covariance of each edited layer comes from ordinary English text and is cached per model, layer
+set and text in `$MIXSD_CACHE/memit-stats`. By default that text ships with Python itself: the prose
+paragraphs of its documentation topics (`pydoc_data.topics`), so editing needs no download; `--stats`
+takes any .txt/.jsonl file instead (MEMIT's authors used Wikipedia).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -69,8 +71,9 @@ class EditConfig(ModelOptions):
     stats: str | None = field(
         default=None,
         metadata={
-            "help": "Text for the key covariance: a .jsonl with a `text` field per line or a .txt file; "
-            "default: squad_paragraphs.jsonl of `mixsd probes fetch`."
+            "help": "Text for the key covariance: a .jsonl with a `text` field per line or a .txt file "
+            "(paragraphs split on blank lines); default: the prose paragraphs of Python's documentation "
+            "topics (pydoc_data.topics), which every Python install holds."
         },
     )
     stats_tokens: int = field(default=20_000, metadata={"help": "Tokens of --stats used for the covariance."})
@@ -221,15 +224,31 @@ def edit_requests(tokenizer, records: list[EditRecord]) -> list[EditRequest]:
 # --------------------------------------------------------------------------------------------------
 # Covariance statistics, cached
 # --------------------------------------------------------------------------------------------------
-def default_stats_file() -> Path:
-    return cache_dir() / "probes" / "squad_paragraphs.jsonl"
+# A prose paragraph of the default text: long enough to be running text, and nearly all letters and spaces
+# (which leaves out code samples and grammar rules). Python 3.11's topics give 529 paragraphs, 27,170 words.
+PROSE_MIN_WORDS = 25
+PROSE_MIN_LETTER_SHARE = 0.93
+
+
+def default_stats_texts() -> list[str]:
+    """The prose paragraphs of Python's documentation topics, in the order the module lists them: English
+    text every Python install holds (it changes with the Python version; the covariance cache key hashes it)."""
+    from pydoc_data.topics import topics  # ~0.5 MB of text, read only by an edit without --stats
+
+    paragraphs = []
+    for topic in topics.values():
+        for block in topic.split("\n\n"):
+            text = " ".join(block.split())
+            if len(text.split()) < PROSE_MIN_WORDS:
+                continue
+            if sum(c.isalpha() or c == " " for c in text) / len(text) >= PROSE_MIN_LETTER_SHARE:
+                paragraphs.append(text)
+    return paragraphs
 
 
 def read_stats_texts(path: Path) -> list[str]:
     if not path.is_file():
-        raise InputError(
-            "file not found (run `mixsd probes fetch` for the SQuAD paragraphs, or pass --stats FILE)", path
-        )
+        raise InputError("file not found (leave --stats out for the built-in text)", path)
     if path.suffix == ".jsonl":
         texts = []
         for line, obj in read_jsonl(path):
@@ -256,22 +275,21 @@ def weights_digest(model) -> str:
 
 
 def cached_covariances(model, tokenizer, config: EditConfig, template: str, layers: list[int]):
-    stats = Path(config.stats) if config.stats else default_stats_file()
+    if config.stats:
+        texts, text_digest = None, sha256_file(config.stats)  # read only when the cache misses
+    else:
+        texts = default_stats_texts()
+        text_digest = hashlib.sha256("\n\n".join(texts).encode()).hexdigest()
     key_text = "|".join(
-        [
-            weights_digest(model),
-            template,
-            ",".join(map(str, layers)),
-            sha256_file(stats),
-            str(config.stats_tokens),
-        ]
+        [weights_digest(model), template, ",".join(map(str, layers)), text_digest, str(config.stats_tokens)]
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     path = cache_dir() / "memit-stats" / f"{key}.safetensors"
     if path.is_file():
         tensors = load_file(path)
         return {layer: tensors[f"layer{layer}"] for layer in layers}, str(path), True
-    texts = read_stats_texts(stats)
+    if texts is None:
+        texts = read_stats_texts(Path(config.stats))
     encoded = (list(tokenizer(text, add_special_tokens=True)["input_ids"])[:512] for text in texts)
     covariances = key_covariance(model, template, layers, encoded, max_tokens=config.stats_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,6 +318,8 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     """Apply the edits of `config.input` to the model and save it to `config.out/model`."""
     started = time.time()
     records = load_edits(config.input)  # every record checked before the model is loaded
+    if config.stats:
+        read_stats_texts(Path(config.stats))  # so is the covariance text
     out = Path(config.out)
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         if (out / "summary.json").is_file() and (out / "model").is_dir():
@@ -378,6 +398,7 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
             }
             for i, record in enumerate(records)
         ],
+        "covariance_text": config.stats or f"pydoc_data.topics of Python {platform.python_version()}",
         "covariance_cache": stats_path,
         "covariance_cached": cached,
         "seconds": round(time.time() - started, 2),
