@@ -33,7 +33,7 @@ COMMANDS: dict[str, Command] = {
         "Build MixSD targets (mixed expert/naive self-distillation) for a corpus file.",
     ),
     "sft-targets": Command(
-        "mixsd.targets",
+        "mixsd.sft_targets",
         "SFTTargetsConfig",
         "sft_targets_command",
         "Write ground-truth (SFT baseline) targets in the same format as `mix`.",
@@ -119,7 +119,7 @@ COMMANDS: dict[str, Command] = {
         "Build generative capability probes (in-context facts, instructions, known facts with --model).",
     ),
     "probes export-lm-eval": Command(
-        "mixsd.lmeval",
+        "mixsd.lmeval_export",
         "LmEvalExportConfig",
         "export_command",
         "Write the probes as lm-evaluation-harness tasks (YAML + local data) for `lm_eval --include_path`.",

@@ -51,7 +51,8 @@ from mixsd import __version__
 from mixsd.analyze import FisherConfig, NLLConfig, fisher_displacement, target_nll
 from mixsd.curve import CURVE_FILE, read_curve
 from mixsd.edit import EditConfig, edit
-from mixsd.evaluate import EvalConfig, evaluate
+from mixsd.eval_config import EvalConfig
+from mixsd.evaluate import evaluate
 from mixsd.files import (
     InputError,
     LockHeld,
@@ -74,6 +75,7 @@ from mixsd.grid import (  # noqa: F401 - Cell and Experiment are imported from h
 from mixsd.grid_data import GridData, write_curve_base
 from mixsd.grid_methods import METHODS, SFTTargetsConfig, write_sft_targets
 from mixsd.lmeval import include_files
+from mixsd.mix_config import MixConfig
 from mixsd.report import write_report
 from mixsd.report_data import write_report_data
 from mixsd.results import (  # noqa: F401 - cell_row and aggregate are imported from here by users
@@ -87,7 +89,7 @@ from mixsd.results import (  # noqa: F401 - cell_row and aggregate are imported 
 from mixsd.rewrite import RewriteConfig, rewrite
 from mixsd.stage_settings import stage_settings, user_files
 from mixsd.stages import Stage
-from mixsd.targets import MixConfig, mix, summary_path
+from mixsd.targets import mix, summary_path
 from mixsd.train import TrainConfig, train
 
 # Bumped when the way a row is built from the cell's files changes, so rows (cheap: no model) are rebuilt

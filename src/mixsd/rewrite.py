@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mixsd.files import InputError
+from mixsd.mix_config import MixConfig
 from mixsd.options import ModelOptions, check_distinct, check_range
 from mixsd.prompts import load_expert_template
-from mixsd.targets import MixConfig, mix
+from mixsd.targets import mix
 
 # SDFT's filter (sail-sg/sdft, eval/gen_distilled_data.py: a rewrite holding one of these, or starting with
 # "Your turn", is replaced by the reference): the model talked about the task instead of answering.

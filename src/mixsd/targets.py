@@ -9,12 +9,15 @@ journal and resume (`mixsd.stages`), multi-process sharding and the summary. Its
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 # models by attribute (models.load_model): a test patching that module sees every resolution and load
 from mixsd import __version__, models
@@ -180,10 +183,7 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
     process that drew them, so any number of processes, and any resume, writes the same tokens, branches
     and verification; stored log-probs agree within 1e-4 (batch composition moves their last digit).
     """
-    import json
-
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
+    from accelerate import PartialState  # only a run that decodes pays for accelerate's import
 
     if config.retries < 0 or config.num_generations < 1:
         raise ValueError("--retries must be >= 0 and --num-generations >= 1")
@@ -335,8 +335,6 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
 
 def _read_rows(journal: Path) -> list[dict[str, Any]]:
     """Another process's journal: read it without repairing it (its owner may still be writing)."""
-    import json
-
     rows = []
     for line in journal.read_text(encoding="utf-8").split("\n")[:-1]:
         try:
