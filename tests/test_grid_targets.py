@@ -46,6 +46,7 @@ def test_shipped_configs_keep_their_cell_names():
             "sft-statement-lr3e-05-s0",
             "sft-statement-lr3e-05-s1",
             "sft-statement-lr3e-05-s2",
+            "mixsd-lam1-verifynone-lr3e-05-ep12-s0",  # the no-injection floor
         }
     }
     for path in REPO_CONFIGS.glob("*.yaml"):
