@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -59,6 +59,8 @@ class NLLConfig(ModelOptions):
     out: str | None = field(default=None, metadata={"help": "JSON file for the full statistics (optional)."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     bf16: bool = field(default=False, metadata={"help": "Deprecated: same as --dtype bfloat16."})
+    # fields that change only speed or where the run goes, never the NLL table; `dtype` is in the settings as `bf16` (`mixsd.stage_settings`)
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "device", "threads", "dtype")
 
     def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)
         self.check_model_options()
@@ -240,6 +242,8 @@ class FisherConfig(ModelOptions):
     seed: int = field(default=0, metadata={"help": "Seed of the subset and of sampled labels."})
     max_tokens: int = field(default=256, metadata={"help": "Cut each probe sequence to this many tokens."})
     out: str | None = field(default=None, metadata={"help": "JSON file for the results (optional)."})
+    # fields that change only speed or where the run goes, never the Fisher estimate; a grid runs fisher with the default dtype (`mixsd.stage_settings`)
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("device", "threads", "dtype")
 
     def __post_init__(self) -> None:
         self.check_model_options()

@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -125,6 +125,8 @@ class EditConfig(ModelOptions):
         metadata={"help": "Model dtype (the update is solved in float64 either way)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --out."})
+    # fields that change only speed or where the run goes, never the edit (`mixsd.stage_settings`)
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("device", "threads", "overwrite")
 
     def __post_init__(self) -> None:
         self.check_model_options()

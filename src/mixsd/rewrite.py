@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from mixsd.files import InputError
 from mixsd.mix_config import MixConfig
@@ -81,6 +81,8 @@ class RewriteConfig(ModelOptions):
     )
     batch_size: int = field(default=32, metadata={"help": "Records decoded at once."})
     overwrite: bool = field(default=False, metadata={"help": "Discard an existing output or unfinished run."})
+    # fields that change only speed or where the run goes, never the rewritten answers (`mixsd.stage_settings`)
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "device", "threads", "overwrite")
 
     def __post_init__(self) -> None:  # bad options are refused before any model is loaded
         self.check_model_options()

@@ -1,10 +1,11 @@
 """A stage's settings from its command's config: every field but those that change only speed, logging or
 where a run goes, never what the stage writes (a change to them redoes nothing).
 
-A config class declares those fields itself in a `SPEED_ONLY` class attribute (a class attribute, not field
-metadata: HfArgumentParser passes metadata to argparse). Until a command's module declares its own, the
-table below holds it, keyed by the class's qualified name so that reading it imports no command.
-Training's settings are its own (`mixsd.train_config.run_settings`).
+Each config class declares those fields itself in a `SPEED_ONLY` class attribute (a class attribute, not field
+metadata: HfArgumentParser passes metadata to argparse). `dtype` of eval and nll is in their settings as
+`bf16`, which those configs keep equal to `dtype == "bfloat16"` (`options.ModelOptions`), so records
+written before `dtype` existed stay current; mix and rewrite keep `dtype`. Training's settings are its own
+(`mixsd.train_config.run_settings`).
 """
 
 from __future__ import annotations
@@ -15,26 +16,11 @@ from typing import Any
 
 from mixsd.stages import config_settings
 
-# `dtype` of eval and nll is in their settings as `bf16`, which those configs keep equal to
-# `dtype == "bfloat16"` (`options.ModelOptions`); fisher runs with the default dtype in a grid (no section
-# sets it). Left out, records written before `dtype` existed stay current. Mix and rewrite keep `dtype`.
-DECLARED_ELSEWHERE: dict[str, tuple[str, ...]] = {
-    "mixsd.targets.MixConfig": ("batch_size", "device", "threads", "overwrite"),
-    "mixsd.rewrite.RewriteConfig": ("batch_size", "device", "threads", "overwrite"),
-    "mixsd.edit.EditConfig": ("device", "threads", "overwrite"),
-    "mixsd.evaluate.EvalConfig": ("batch_size", "device", "threads", "overwrite", "base_cache", "dtype"),
-    "mixsd.analyze.NLLConfig": ("batch_size", "device", "threads", "dtype"),
-    "mixsd.analyze.FisherConfig": ("device", "threads", "dtype"),
-    "mixsd.corpora.capability.CapabilityConfig": ("batch_size", "device", "threads"),
-}
-
 
 def speed_only(cls: type) -> set[str]:
-    """The fields of config class `cls` that change only speed, logging or output location."""
-    declared = getattr(cls, "SPEED_ONLY", None)
-    if declared is None:
-        declared = DECLARED_ELSEWHERE.get(f"{cls.__module__}.{cls.__qualname__}", ())
-    return set(declared)
+    """The fields of config class `cls` that change only speed, logging or output location (none for a
+    class that declares no `SPEED_ONLY`: the corpus generators' options all shape what they write)."""
+    return set(getattr(cls, "SPEED_ONLY", ()))
 
 
 def stage_settings(config: Any, also: Iterable[str] = ()) -> dict[str, Any]:

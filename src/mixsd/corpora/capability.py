@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from mixsd.answers import matches
 from mixsd.capability import ENTITY_MODE
@@ -86,6 +86,8 @@ class CapabilityConfig(ModelOptions):
     )
     bf16: bool = field(default=False, metadata={"help": "Deprecated: same as --dtype bfloat16."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
+    # fields that change only speed or where the run goes, never the probe files (`mixsd.stage_settings`)
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "device", "threads")
 
     def __post_init__(self) -> None:
         self.check_model_options()
