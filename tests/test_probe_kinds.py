@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import mixsd.capability
 from conftest import make_tiny_model, make_tiny_tokenizer, write_jsonl
 from mixsd.probe_kinds import (
     GENERATIVE,
@@ -20,6 +19,7 @@ from mixsd.probe_kinds import (
     PERPLEXITY,
     PROBE_KINDS,
     kind_of_item,
+    kind_of_row,
     load_probe,
 )
 
@@ -27,47 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "mixsd"
 COMMITTED_CELLS = sorted((ROOT / "results").glob("*/cells/*/retention.json"))
 
-# Every spelling a probe kind has had, in summaries and in prediction rows ("kl" and "text" are left out:
-# they are also a results key and a record field; "lm_eval" is also the package's name).
-KIND_WORDS = {"multiple_choice", "mc", "perplexity", "generative", "gen", "kl_answer"}
-# The same word meaning something else: lm-eval's own output type in the task format of exported probes.
-OTHER_MEANING = {("lmeval_format.py", "multiple_choice")}
-# Named allowance, module by module with its words: modules another helper rewrites at the same time
-# (issue 22 step 2) still spell kinds themselves; each should read the registry instead.
-OTHER_HELPERS_MODULES = {
-    "forgetting.py": {
-        "multiple_choice",
-        "perplexity",
-        "generative",
-    },  # forgetting.json's keys, if-chain on kind
-    "grid_summary.py": {"multiple_choice"},  # reads forgetting.json's keys
-}
-# capability.KIND ("gen") stays while forgetting.py and grid_summary.py import it; a test below holds it to
-# the registry. (capability.py cannot import the registry: the registry imports it.)
-KEPT_FOR_OTHER_HELPERS = {"capability.py": {"gen"}}
-# The evaluation-side modules cleaned of kind names (issue 22): here "kl" fails too (the registry's
-# `KL.name` names the KL summary, rows and curve columns).
-CLEANED = (
-    "analyze.py",
-    "capability.py",
-    "curve.py",
-    "eval_config.py",
-    "eval_generation.py",
-    "eval_models.py",
-    "eval_retention.py",
-    "evaluate.py",
-    "generation.py",
-    "instructions.py",
-    "lmeval.py",
-    "lmeval_export.py",
-    "lmeval_format.py",
-    "metrics.py",
-    "mix_config.py",
-    "scoring.py",
-    "sft_targets.py",
-    "targets.py",
-    "taxonomy.py",
-)
+# Every spelling a probe kind has had, in summaries and in prediction rows ("text" is left out: it is also
+# a record field; "lm_eval" is also the package's name).
+KIND_WORDS = {"multiple_choice", "mc", "perplexity", "generative", "gen", "kl", "kl_answer"}
+# The same word meaning something else: lm-eval's own output type in the task format of exported probes,
+# and the prefix of the KL prompts' ids (a corpus builder, which may not import the registry).
+OTHER_MEANING = {("lmeval_format.py", "multiple_choice"), ("corpora/probes.py", "kl")}
 # the registry's kind objects: comparing with one (`kind is MULTIPLE_CHOICE`) is an if-chain on the kind
 KIND_OBJECTS = {"GENERATIVE", "MULTIPLE_CHOICE", "PERPLEXITY", "KL"}
 # every name and row tag a kind has (the registry is their source)
@@ -90,7 +55,6 @@ def test_each_kind_has_one_name_and_one_row_tag():
         "perplexity": "text",
         "kl": "kl",
     }
-    assert GENERATIVE.row_tag == mixsd.capability.KIND
 
 
 def test_records_are_matched_to_their_kind():
@@ -170,28 +134,37 @@ def test_kind_names_are_spelled_only_in_the_registry():
         if words:
             spelled[name] = words
     assert "probe_kinds.py" in spelled  # the scan sees the registry's own names
-    outside = {name: words for name, words in spelled.items() if name != "probe_kinds.py"}
-    allowed = {**OTHER_HELPERS_MODULES, **KEPT_FOR_OTHER_HELPERS}
-    assert all(words <= allowed.get(name, set()) for name, words in outside.items()), outside
+    outside = {name: sorted(words) for name, words in spelled.items() if name != "probe_kinds.py"}
+    assert not outside, f"{outside}: read the names from mixsd.probe_kinds"
     assert KL_ANSWER_TAG in KIND_WORDS and LM_EVAL == "lm_eval"
 
 
-def test_the_cleaned_modules_name_no_kind_and_branch_on_none():
-    """The evaluation side dispatches through the registry: no kind spelled (not even "kl"), no comparison
-    with a kind; only capability.KIND is kept for the modules that still import it."""
-    modules = _modules()
-    assert set(CLEANED) <= set(modules)
-    for name in CLEANED:
-        words = _string_constants(modules[name]) & (KIND_WORDS | {"kl"})
-        words -= KEPT_FOR_OTHER_HELPERS.get(name, set()) | {w for m, w in OTHER_MEANING if m == name}
-        assert not words, f"{name} spells {sorted(words)}: read the name from mixsd.probe_kinds"
+def test_no_module_but_the_registry_branches_on_a_kind():
+    """Everyone dispatches through the registry: no comparison with a kind object or a kind's name."""
     branching = {
         name: found
-        for name, tree in modules.items()
+        for name, tree in _modules().items()
         if name != "probe_kinds.py" and (found := _kind_comparisons(tree))
     }
-    # forgetting.py (another helper's) still branches on summary kinds by name
-    assert set(branching) <= {"forgetting.py"}, branching
+    assert not branching, branching
+
+
+def test_a_row_is_matched_to_its_kind_by_its_tag():
+    assert kind_of_row({"kind": "mc"}) is MULTIPLE_CHOICE and kind_of_row({"kind": "gen"}) is GENERATIVE
+    assert kind_of_row({"kind": KL_ANSWER_TAG}) is None and kind_of_row({"kind": LM_EVAL}) is None
+
+
+def test_each_kind_fills_its_part_of_the_erased_knowledge():
+    """forgetting.json's sections come from the registry: one per kind, KL a single number."""
+    sections = {k.name: k.erased.section for k in PROBE_KINDS.values() if k.erased is not None}
+    assert sections == {
+        "generative": "facts_lost",
+        "multiple_choice": "multiple_choice",
+        "perplexity": "perplexity",
+        "kl": "kl_per_token",
+    }
+    assert KL.erased is not None and KL.erased.add(None, "kl", {"kl_per_token": 0.5}) == 0.5
+    assert GENERATIVE.erased is not None and GENERATIVE.erased.add({}, "p", {"acc": 1}) == {}
 
 
 @pytest.mark.skipif(not COMMITTED_CELLS, reason="no committed retention results")

@@ -24,9 +24,6 @@ from mixsd.files import InputError
 from mixsd.instructions import check_constraint, is_collapsed, validate_constraint
 from mixsd.metrics import pair_rows, paired_comparison, rate, ratio_interval
 
-# The tag of generative prediction rows, for forgetting.py, which reads it from here; the registry
-# (`mixsd.probe_kinds.GENERATIVE.row_tag`) is the source, and a test holds the two together.
-KIND = "gen"
 DEFAULT_MAX_NEW_TOKENS = 64
 ENTITY_MODE = "loose"  # whole-word entity matching (answers.py also calls it "entity")
 

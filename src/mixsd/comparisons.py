@@ -16,7 +16,7 @@ from typing import Any
 
 from mixsd.lmeval import item_outcomes
 from mixsd.metrics import paired_comparison, ratio_interval
-from mixsd.probe_kinds import MULTIPLE_CHOICE
+from mixsd.probe_kinds import kind_of_row
 from mixsd.results import RETENTION_METRIC
 
 # the baselines each method is compared with, besides the base model
@@ -37,10 +37,10 @@ def item_scores(cell_dir: Path) -> dict[str, dict[str, bool]]:
         if key in row:
             scores.setdefault(row["split"], {})[row["id"]] = bool(row[key])
     for row in _read_rows(cell_dir / "retention.predictions.jsonl"):
-        if row.get("who") == "model" and row.get("kind") == MULTIPLE_CHOICE.row_tag:
+        kind = kind_of_row(row)
+        if row.get("who") == "model" and kind is not None and kind.item_outcome is not None:
             metric = RETENTION_METRIC.get(row["split"], "acc")
-            key = "correct_norm" if metric == "acc_norm" else "correct"
-            scores.setdefault(f"{row['split']} ({metric})", {})[row["id"]] = bool(row[key])
+            scores.setdefault(f"{row['split']} ({metric})", {})[row["id"]] = kind.item_outcome(row, metric)
     retention = cell_dir / "retention.json"
     if retention.is_file():  # lm-evaluation-harness tasks (mixsd.lmeval), under their headline metric
         summaries = json.loads(retention.read_text(encoding="utf-8")).get("lm_eval") or {}

@@ -36,10 +36,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mixsd.capability import KIND as GENERATIVE_KIND
 from mixsd.files import InputError, read_json_object, read_jsonl
 from mixsd.instructions import first_sentence
-from mixsd.metrics import Taxonomy, pair_rows, paired_comparison, probe_columns, rate
+from mixsd.metrics import Taxonomy, pair_rows, paired_comparison, rate
+from mixsd.probe_kinds import GENERATIVE, PROBE_KINDS
 
 # A word, a \boxed{...} group, or one punctuation mark.
 _TOKEN = re.compile(r"\\boxed\{[^{}]*\}|[^\W_][\w'\u2019-]*|[^\w\s]")
@@ -141,7 +141,7 @@ def target_shapes(rows: Iterable[dict[str, Any]]) -> frozenset[str]:
 
 
 def _generative(predictions: Iterable[dict[str, Any]], who: str) -> list[dict[str, Any]]:
-    return [r for r in predictions if r.get("who") == who and r.get("kind") == GENERATIVE_KIND]
+    return [r for r in predictions if r.get("who") == who and r.get("kind") == GENERATIVE.row_tag]
 
 
 def _by_probe(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -232,24 +232,15 @@ def _accepted(item: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 def erased_knowledge(retention: dict[str, Any]) -> dict[str, Any]:
     """The retention file's measures of lost knowledge, per probe (see the module docstring)."""
-    out: dict[str, Any] = {"multiple_choice": {}, "perplexity": {}, "facts_lost": {}, "kl_per_token": None}
+    out: dict[str, Any] = {
+        kind.erased.section: kind.erased.empty() for kind in PROBE_KINDS.values() if kind.erased is not None
+    }
     for probe, summary in (retention.get("probes") or {}).items():
-        kind = summary.get("kind")
-        if kind == "multiple_choice":
-            out["multiple_choice"][probe] = {
-                metric: _strip(probe_columns(probe, summary, metric), probe) for metric in ("acc", "acc_norm")
-            }
-        elif kind == "perplexity":
-            out["perplexity"][probe] = _strip(probe_columns(probe, summary, "ppl"), probe)
-        elif kind == "generative" and "lost" in summary:
-            out["facts_lost"][probe] = summary["lost"]
-        elif kind == "kl":
-            out["kl_per_token"] = summary.get("kl_per_token")
+        kind = PROBE_KINDS.get(summary.get("kind"))
+        if kind is not None and kind.erased is not None:
+            section = kind.erased.section
+            out[section] = kind.erased.add(out[section], probe, summary)
     return out
-
-
-def _strip(columns: dict[str, Any], probe: str) -> dict[str, Any]:
-    return {key.removeprefix(f"{probe}_"): value for key, value in columns.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,7 +298,7 @@ def read_forgetting(
     folder = probes if probes is not None else (retention.get("config") or {}).get("data")
     if folder is None:
         raise InputError("names no probe folder (config.data): pass the folder", cell / "retention.json")
-    generative = sorted({str(r["split"]) for r in predictions if r.get("kind") == GENERATIVE_KIND})
+    generative = sorted({str(r["split"]) for r in predictions if r.get("kind") == GENERATIVE.row_tag})
     items = read_probe_items(folder, generative)
     entities = training_entities(row for _, row in read_jsonl(corpus))
     target_rows = [row for _, row in read_jsonl(targets)] if targets is not None else []

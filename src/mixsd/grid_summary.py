@@ -56,10 +56,10 @@ from typing import Any
 
 import yaml
 
-from mixsd.capability import KIND as GENERATIVE_KIND
 from mixsd.files import InputError, atomic_write_json, read_json_object, read_jsonl
 from mixsd.forgetting import read_forgetting
 from mixsd.metrics import cluster_bootstrap_correlation, hierarchical_bootstrap, rate, wilson_interval
+from mixsd.probe_kinds import ERASED_CHOICES, GENERATIVE, KL
 from mixsd.target_accounting import read_target_accounting
 from mixsd.verdicts import verdicts
 
@@ -213,7 +213,7 @@ def summarize_group(grid: dict[str, Any], entry: dict[str, Any], probes: list[st
             "wilson95": list(wilson_interval(memorized, questions)) if questions else None,
         },
         "final_memorization_ci": hierarchical_bootstrap([_memorization_items(p) for p in finals]),
-        "final_kl": [p.get("kl") for p in finals],
+        "final_kl": [p.get(KL.name) for p in finals],  # the curve's KL column
         "final_primary": [primary(p, base, probes) for p in finals],
         "first_epoch": {
             f"{level:g}": [(p or {}).get("epoch") for p in (first_at(c, level) for c in curves)]
@@ -234,7 +234,7 @@ def summarize_group(grid: dict[str, Any], entry: dict[str, Any], probes: list[st
                     probe: hierarchical_bootstrap([{probe: k[probe]} for k in kept]) for probe in probes
                 },
                 flips=[flips(p, base, probes) for p in reached],
-                kl=[p.get("kl") for p in reached],
+                kl=[p.get(KL.name) for p in reached],
             )
         out["matched"][f"{level:g}"] = matched
     return out
@@ -386,7 +386,7 @@ def cell_forgetting(grid: dict[str, Any], cell: str) -> dict[str, Any] | None:
         {
             str(r["split"])
             for _, r in read_jsonl(predictions)
-            if r.get("kind") == GENERATIVE_KIND and r.get("who") == "model"
+            if r.get("kind") == GENERATIVE.row_tag and r.get("who") == "model"
         }
     )
     probes = _probe_folder(folder, generative)
@@ -412,7 +412,7 @@ def group_forgetting(grid: dict[str, Any], cells: list[str]) -> dict[str, Any] |
     lost = [lost for f in found for lost in f["erased_knowledge"]["facts_lost"].values()]
     multiple_choice: dict[str, list[float]] = defaultdict(list)
     for f in found:
-        for probe, metrics in f["erased_knowledge"]["multiple_choice"].items():
+        for probe, metrics in f["erased_knowledge"][ERASED_CHOICES.section].items():
             # the probe's headline: acc, or acc_norm where acc is not above chance for the base model
             value = metrics["acc"].get("retention")
             value = value if value is not None else metrics["acc_norm"].get("retention")

@@ -11,10 +11,12 @@ tag of its prediction rows (`kind` in predictions.jsonl, journals and base cache
 were so that files written before stay readable: "mc", "text", "gen", "kl"), and its functions: parse an
 item, score items, summarize rows, retention ratios and paired comparison against the base, the learning
 curve's columns (KL's on the base's answers to the KL prompts), the line of `mixsd eval`'s table, for
-`mixsd analyze fisher` the labelled sequences, and the lm-eval task a file is exported as
-(`mixsd.lmeval_format`).
-`mixsd eval`, the learning curve (`mixsd.curve`), `mixsd analyze` and the lm-eval export dispatch through
-here; no other module compares kind names. lm-eval tasks are not probe files (lmeval.py scores them); only
+`mixsd analyze fisher` the labelled sequences, the lm-eval task a file is exported as
+(`mixsd.lmeval_format`), the results table's columns (`mixsd.results`), a row's outcome where cells are
+compared item by item (`mixsd.comparisons`) and its part of forgetting.json's erased knowledge
+(`mixsd.forgetting`).
+`mixsd eval`, the learning curve (`mixsd.curve`), `mixsd analyze`, the lm-eval export and the results side
+dispatch through here; no other module spells or compares kind names. lm-eval tasks are not probe files (lmeval.py scores them); only
 the tag of their summaries and rows, `LM_EVAL`, is named here.
 """
 
@@ -36,6 +38,7 @@ from mixsd.capability import (
 from mixsd.corpora.probes import spread
 from mixsd.files import InputError, read_jsonl
 from mixsd.lmeval_format import MULTIPLE_CHOICE_TASK, TEXT_TASK, LmEvalFormat
+from mixsd.metrics import probe_columns
 from mixsd.scoring import (
     choice_tokens,
     compare_multiple_choice,
@@ -55,6 +58,16 @@ Sequences = list[tuple[list[int], int]]  # (token ids, index of the first labell
 
 LM_EVAL = "lm_eval"  # the kind of lm-eval task summaries and rows (mixsd.lmeval)
 KL_ANSWER_TAG = "kl_answer"  # the base model's answers to the KL prompts, journaled beside the KL rows
+
+
+@dataclass(frozen=True)
+class ErasedKnowledge:
+    """A kind's part of forgetting.json's `erased_knowledge` (`mixsd.forgetting`): the section it fills,
+    that section before any probe, and the section with one probe's summary added."""
+
+    section: str
+    empty: Callable[[], Any]
+    add: Callable[[Any, str, dict[str, Any]], Any]  # (section, probe, summary) -> section
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,12 @@ class ProbeKind:
     fisher_sequences: Callable[[Any, list[dict[str, Any]]], Sequences] | None = None
     # `mixsd probes export-lm-eval`: the lm-eval task such a file becomes (None: not exported)
     lm_eval: LmEvalFormat | None = None
+    # `mixsd.results`: the results table's columns of probe `probe` under its chosen metric
+    table_columns: Callable[[str, dict[str, Any], str], dict[str, Any]] = probe_columns
+    # `mixsd.comparisons`: a model row's outcome under the probe's metric (None: not compared item by item)
+    item_outcome: Callable[[dict[str, Any], str], bool] | None = None
+    # `mixsd.forgetting`: what a probe of this kind says about erased knowledge (None: nothing)
+    erased: ErasedKnowledge | None = None
 
     def score_items(
         self,
@@ -241,6 +260,37 @@ def _format_kl(p: dict[str, Any]) -> str:
     return f"KL(base||model) {p['kl_per_token']:.5f} nats/token over {p['tokens']} tokens"
 
 
+# --------------------------------------------------------------------------------------------------
+# The results side: table columns, item outcomes, erased knowledge
+# --------------------------------------------------------------------------------------------------
+def _kl_columns(probe: str, summary: dict[str, Any], metric: str) -> dict[str, Any]:
+    """KL has no retention ratio: one column, the KL per token (None where it is not a number)."""
+    value = summary.get("kl_per_token")
+    return {"kl_per_token": value if isinstance(value, int | float) and not isinstance(value, bool) else None}
+
+
+def _outcome_multiple_choice(row: dict[str, Any], metric: str) -> bool:
+    return bool(row["correct_norm" if metric == "acc_norm" else "correct"])
+
+
+def _strip(columns: dict[str, Any], probe: str) -> dict[str, Any]:
+    return {key.removeprefix(f"{probe}_"): value for key, value in columns.items()}
+
+
+def _erased_multiple_choice(section: dict, probe: str, summary: dict[str, Any]) -> dict:
+    metrics = {metric: _strip(probe_columns(probe, summary, metric), probe) for metric in ("acc", "acc_norm")}
+    return {**section, probe: metrics}
+
+
+def _erased_perplexity(section: dict, probe: str, summary: dict[str, Any]) -> dict:
+    return {**section, probe: _strip(probe_columns(probe, summary, "ppl"), probe)}
+
+
+def _erased_generative(section: dict, probe: str, summary: dict[str, Any]) -> dict:
+    """Facts the model lost (`lost`, in summaries of probes whose items name facts)."""
+    return {**section, probe: summary["lost"]} if "lost" in summary else section
+
+
 def _no_comparison(*_: Any) -> dict[str, Any]:
     return {}  # KL is itself a comparison with the base: no ratio, no paired statistics on top
 
@@ -248,6 +298,8 @@ def _no_comparison(*_: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------------
+# multiple-choice retention per probe in forgetting.json, which the grid summary also reads
+ERASED_CHOICES = ErasedKnowledge("multiple_choice", dict, _erased_multiple_choice)
 GENERATIVE = ProbeKind(
     name="generative",
     row_tag="gen",
@@ -259,6 +311,7 @@ GENERATIVE = ProbeKind(
     compare=compare_generative,
     format=format_generative,
     curve=_curve_generative,
+    erased=ErasedKnowledge("facts_lost", dict, _erased_generative),
 )
 MULTIPLE_CHOICE = ProbeKind(
     name="multiple_choice",
@@ -274,6 +327,8 @@ MULTIPLE_CHOICE = ProbeKind(
     fisher_label="multiple_choice",
     fisher_sequences=_fisher_multiple_choice,
     lm_eval=MULTIPLE_CHOICE_TASK,
+    item_outcome=_outcome_multiple_choice,
+    erased=ERASED_CHOICES,
 )
 PERPLEXITY = ProbeKind(
     name="perplexity",
@@ -289,6 +344,7 @@ PERPLEXITY = ProbeKind(
     fisher_label="text",  # as fisher.json has always named a text probe
     fisher_sequences=_fisher_text,
     lm_eval=TEXT_TASK,
+    erased=ErasedKnowledge("perplexity", dict, _erased_perplexity),
 )
 KL = ProbeKind(
     name="kl",
@@ -301,11 +357,20 @@ KL = ProbeKind(
     compare=_no_comparison,
     format=_format_kl,
     curve=_curve_kl,  # on the base's answers to the KL prompts (mixsd.curve), not on a probe file
+    table_columns=_kl_columns,
+    erased=ErasedKnowledge(
+        "kl_per_token", lambda: None, lambda _, probe, summary: summary.get("kl_per_token")
+    ),
 )
 # In the order a file record is matched: a generative item may also carry a `text` field.
 PROBE_KINDS: dict[str, ProbeKind] = {
     kind.name: kind for kind in (GENERATIVE, MULTIPLE_CHOICE, PERPLEXITY, KL)
 }
+
+
+def kind_of_row(row: dict[str, Any]) -> ProbeKind | None:
+    """The kind a prediction row is tagged with (`kind`), or None (lm-eval rows, KL answers)."""
+    return next((k for k in PROBE_KINDS.values() if k.row_tag == row.get("kind")), None)
 
 
 def kind_of_item(obj: dict[str, Any]) -> ProbeKind | None:

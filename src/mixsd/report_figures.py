@@ -324,7 +324,8 @@ def trajectory_figure(
             f"{mean[-1]['epoch']:g}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 2), fontsize=6
         )
     base = tuning.get("base") or {}
-    base_x = 1.0 if key == "retention" and base else (0.0 if key == "kl" and base else None)
+    # the base model itself: retention 1, or KL 0 on the other axis
+    base_x = (1.0 if key == "retention" else 0.0) if base else None
     if base_x is not None and isinstance(base.get("memorization"), int | float):
         ax.scatter(
             [base_x],
@@ -340,8 +341,8 @@ def trajectory_figure(
     ax.set_xlabel(RETENTION_LABELS[key])
     ax.set_ylabel("memorization (training questions, the corpus's scorer)")
     ax.set_ylim(-0.03, 1.05)
-    if key == "kl":
-        ax.invert_xaxis()  # better retention to the right, as with the probe ratio
+    if key != "retention":  # KL: better retention to the right, as with the probe ratio
+        ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.set_title("Learning trajectories (epoch 0 = base; mean ± sd over seeds; last epoch labelled)")
     ax.legend(fontsize=6, loc="best")
@@ -394,7 +395,7 @@ def frontier_figure(tuning: dict[str, Any], path: Path) -> Path | None:
     ax.set_xlabel(RETENTION_LABELS[key])
     ax.set_ylabel("memorization (training questions)")
     ax.set_ylim(-0.03, 1.05)
-    if key == "kl":
+    if key != "retention":  # KL: lower is better, to the right
         ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.set_title("Every setting's epochs (o full, □ LoRA) and each method's frontier")

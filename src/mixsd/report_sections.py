@@ -10,6 +10,7 @@ from typing import Any
 
 from mixsd.lmeval import table_tasks
 from mixsd.metrics import wilson_interval
+from mixsd.probe_kinds import KL
 from mixsd.results import aggregate, rows_by_group
 
 SINGLE_SEED_MARK = "†"
@@ -40,7 +41,7 @@ LM_EVAL_HEADERS = [
 BRANCHES = (("E", "expert"), ("N", "naive"), ("G", "ground truth"))
 RETENTION_LABELS = {
     "retention": "probe retention (curve probes, accuracy model / base, mean over probes)",
-    "kl": "KL(base ‖ model) per token (lower = less forgetting)",
+    KL.name: "KL(base ‖ model) per token (lower = less forgetting)",
 }
 
 

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 from mixsd.files import atomic_write_jsonl, atomic_write_text
 from mixsd.lmeval import lm_eval_columns
-from mixsd.metrics import analysis_columns, probe_columns, split_columns
+from mixsd.metrics import analysis_columns, split_columns
+from mixsd.probe_kinds import PROBE_KINDS
 
 # Which score of each retention probe counts (the notes: social_iqa is read length-normalized).
 RETENTION_METRIC = {
@@ -111,13 +112,11 @@ def cell_row(
         row.update(split_columns(split, scores))  # headline accuracy under the corpus's matcher
     ratios = []
     for probe, summary in results["retention"].get("probes", {}).items():
-        if probe == "kl":
-            row["kl_per_token"] = _value(summary, "kl_per_token")
-            continue
         metric = RETENTION_METRIC.get(probe, "acc")
-        # multiple choice: chance-normalized retention, raw ratio and per-item flips beside it
-        row.update(probe_columns(probe, summary, metric))
-        ratio = row[f"{probe}_retention"]
+        # multiple choice: chance-normalized retention, raw ratio and per-item flips beside it; KL its
+        # value alone (no ratio: it is itself a comparison with the base)
+        row.update(PROBE_KINDS[summary["kind"]].table_columns(probe, summary, metric))
+        ratio = row.get(f"{probe}_retention")
         if ratio is not None:
             ratios.append(ratio)
     # lm-evaluation-harness tasks run by the retention eval (`--lm-eval-tasks`): the same columns, by task

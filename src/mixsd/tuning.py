@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from mixsd.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_interval, wilson_interval
+from mixsd.probe_kinds import KL
 
 # the 90% and 95%, and two lower levels: small models at a CPU budget often reach only those, and a
 # comparison at a level both methods reach says more than two "not reached"
@@ -351,7 +352,7 @@ def curve_groups(
                     "epoch": epoch if isinstance(epoch, int | float) else 1.0,
                     "memorization": row.get("train_acc"),
                     "retention": row.get("retention_mean"),
-                    "kl": row.get("kl_per_token"),
+                    KL.name: row.get("kl_per_token"),  # as the curve names its KL column
                 }
             ]
         entry = groups.setdefault(
@@ -378,7 +379,7 @@ def retention_key(groups: dict[str, dict[str, Any]]) -> tuple[str, bool]:
     has = any(
         isinstance(p.get("retention"), int | float) for g in groups.values() for c in g["curves"] for p in c
     )
-    return ("retention", True) if has else ("kl", False)
+    return ("retention", True) if has else (KL.name, False)
 
 
 def retention_name(key: str) -> str:
