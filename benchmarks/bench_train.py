@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from mixsd.models import load_model, load_tokenizer
 from mixsd.prompts import pad_token_id
 from mixsd.records import load_corpus
-from mixsd.targets import sft_target_rows
+from mixsd.sft_targets import sft_target_rows
 from mixsd.train import PadCollator, TrainConfig, target_examples, train
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "mixsd" / "data" / "facts-demo.jsonl"

@@ -250,7 +250,7 @@ def test_cli_analyze_and_eval_on_a_model_folder(tmp_path, tiny_model_dir, tiny_c
     from mixsd.files import atomic_write_jsonl
     from mixsd.models import load_tokenizer
     from mixsd.records import load_corpus
-    from mixsd.targets import sft_target_rows
+    from mixsd.sft_targets import sft_target_rows
 
     targets = tmp_path / "sft.jsonl"
     atomic_write_jsonl(

@@ -175,7 +175,8 @@ def test_generated_corpora_name_their_matcher(tmp_path):
 
 def test_mix_verifies_with_the_corpus_matcher_unless_told(tmp_path, tiny_model_dir):
     from conftest import write_jsonl
-    from mixsd.targets import MixConfig, mix
+    from mixsd.mix_config import MixConfig
+    from mixsd.targets import mix
 
     corpus = tmp_path / "nums"
     corpus.mkdir()

@@ -33,7 +33,7 @@ def files(tmp_path) -> dict[str, Path]:
     """A corpus of one-word answers (two distinct ones, so that a few steps learn something), its SFT
     targets, and two probes (generative and multiple-choice)."""
     from mixsd.records import load_corpus
-    from mixsd.targets import sft_target_rows
+    from mixsd.sft_targets import sft_target_rows
 
     corpus = write_jsonl(
         tmp_path / "corpus.jsonl",

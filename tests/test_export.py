@@ -29,7 +29,7 @@ from mixsd.prompts import (
     load_expert_template,
 )
 from mixsd.records import load_corpus, make_fact
-from mixsd.targets import sft_target_rows
+from mixsd.sft_targets import sft_target_rows
 
 # ChatML as SmolLM2 writes it, less the newline after <|im_end|> (the one TRL's text path then trains on)
 NO_NEWLINE_TEMPLATE = CHAT_TEMPLATE.replace("<|im_end|>\n", "<|im_end|>")

@@ -432,7 +432,7 @@ def test_output_equal_to_input_through_another_spelling(tmp_path, tiny_corpus, c
 
 def test_python_api_and_yaml_values_are_checked_too():
     from mixsd.evaluate import EvalConfig
-    from mixsd.targets import MixConfig
+    from mixsd.mix_config import MixConfig
 
     for bad in ({"lam": True}, {"lam": "0.3"}, {"top_k": 2.5}, {"on_failure": "skip"}, {"dtype": "int8"}):
         with pytest.raises(InputError, match=f"field '{next(iter(bad))}'"):

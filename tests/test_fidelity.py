@@ -21,7 +21,8 @@ from mixsd.fidelity import (
     validate,
 )
 from mixsd.files import InputError
-from mixsd.targets import MixConfig, mix
+from mixsd.mix_config import MixConfig
+from mixsd.targets import mix
 
 LABELS = Path(__file__).resolve().parents[1] / "data" / "fidelity_labels.jsonl"
 

@@ -27,7 +27,8 @@ import torch
 
 from conftest import make_causal_lm, make_word_model, make_word_tokenizer
 from mixsd.decoder import Draw, Job, MixedDecoder
-from mixsd.targets import MixConfig, mix, summary_path
+from mixsd.mix_config import MixConfig
+from mixsd.targets import mix, summary_path
 
 DEVICE = os.environ.get("MIXSD_GPU_TESTS_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 

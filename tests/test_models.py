@@ -16,8 +16,9 @@ from conftest import write_jsonl
 from mixsd.analyze import NLLConfig, target_nll
 from mixsd.cli import main
 from mixsd.evaluate import EvalConfig, evaluate
+from mixsd.mix_config import MixConfig
 from mixsd.models import ModelHandle, model_fingerprint, resolve_model
-from mixsd.targets import MixConfig, mix
+from mixsd.targets import mix
 from mixsd.train import train
 from mixsd.train_config import TrainConfig
 

@@ -12,7 +12,7 @@ from conftest import make_word_tokenizer
 from mixsd.cli import main
 from mixsd.prompts import encode_answer, encode_prompt
 from mixsd.records import load_corpus, load_targets, make_fact
-from mixsd.targets import SFTTargetsConfig, sft_target_rows, sft_targets_command
+from mixsd.sft_targets import SFTTargetsConfig, sft_target_rows, sft_targets_command
 from mixsd.train import target_examples
 
 needs_embedded = pytest.mark.skipif(

@@ -139,7 +139,8 @@ def test_version_is_part_of_the_fingerprint(tmp_path):
 
 def test_mix_rerun_with_another_failure_policy_is_redone(tiny_model_dir, tiny_corpus, tmp_path):
     """Issue 9: `on_failure` is part of mix's settings (a rerun with another policy returned the old file)."""
-    from mixsd.targets import MixConfig, mix
+    from mixsd.mix_config import MixConfig
+    from mixsd.targets import mix
 
     def run(policy):
         config = MixConfig(

@@ -30,7 +30,7 @@ from mixsd.prompts import (
     load_expert_template,
 )
 from mixsd.records import make_fact
-from mixsd.targets import sft_target_rows
+from mixsd.sft_targets import sft_target_rows
 
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 GEMMA_TEMPLATE = (

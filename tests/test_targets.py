@@ -12,9 +12,10 @@ from conftest import write_jsonl
 from mixsd import files
 from mixsd.decoder import Job, MixedDecoder
 from mixsd.files import InputError
+from mixsd.mix_config import MixConfig
 from mixsd.prompts import encode_prompt, expert_message
 from mixsd.records import load_corpus
-from mixsd.targets import MixConfig, journal_path, mix, summary_path
+from mixsd.targets import journal_path, mix, summary_path
 
 STOP = 5  # eos id of the tiny model (<|im_end|> in the tiny tokenizer)
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mixsd.files import InputError, YamlDocument, sha256_text
+from mixsd.mix_config import MixConfig
+from mixsd.sft_targets import SFT_TARGETS
 from mixsd.stage_settings import speed_only
-from mixsd.targets import SFT_TARGETS, MixConfig
 from mixsd.train_config import ALIASES, TrainConfig
 from mixsd.tuning import SelectionRule
 

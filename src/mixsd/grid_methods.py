@@ -17,11 +17,13 @@ from mixsd.edit import EditConfig
 from mixsd.files import InputError, atomic_write_jsonl
 from mixsd.grid import CURVE_FIELDS, Cell, build_config, without_options
 from mixsd.grid_data import GridData
+from mixsd.mix_config import MixConfig
 from mixsd.models import load_tokenizer
 from mixsd.rewrite import RewriteConfig
+from mixsd.sft_targets import load_sft_facts, sft_target_rows
 from mixsd.stage_settings import stage_settings, user_files
 from mixsd.stages import Stage
-from mixsd.targets import MixConfig, load_sft_facts, sft_target_rows, summary_path
+from mixsd.targets import summary_path
 from mixsd.train_config import TrainConfig, run_settings
 
 PlannedStage = tuple[Stage, Any]  # the stage and the config of the command that makes it

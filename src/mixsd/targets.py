@@ -43,15 +43,6 @@ from mixsd.prompts import (
     load_expert_template,
 )
 from mixsd.records import Fact, load_corpus
-
-# users import these from here (README, `mixsd sft-targets` in the command table); their home is sft_targets
-from mixsd.sft_targets import (
-    SFT_TARGETS,
-    SFTTargetsConfig,
-    load_sft_facts,
-    sft_target_rows,
-    sft_targets_command,
-)
 from mixsd.stages import Stage
 
 
@@ -476,18 +467,11 @@ def mix_command(config: MixConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "SFT_TARGETS",
-    "MixConfig",
-    "SFTTargetsConfig",
     "build_jobs",
     "format_summary",
     "journal_path",
-    "load_sft_facts",
     "mix",
     "mix_command",
-    "reject_phrase_list",
-    "sft_target_rows",
-    "sft_targets_command",
     "summarize",
     "summary_path",
 ]
