@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mixsd.capability import compare_generative, parse_generative_item, score_answer, summarize_generative
+from mixsd.answering import score_answer
+from mixsd.capability import compare_generative, parse_generative_item, summarize_generative
 from mixsd.cli import main
 from mixsd.corpora.capability import (
     INSTRUCTION_KINDS,

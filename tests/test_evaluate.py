@@ -13,10 +13,11 @@ from conftest import make_tiny_model, make_tiny_tokenizer, write_jsonl
 from mixsd.evaluate import EvalConfig, evaluate, predictions_path
 from mixsd.files import InputError, dumps
 from mixsd.generation import greedy_generate, tail_logprobs
-from mixsd.metrics import Taxonomy, wilson_interval
+from mixsd.metrics import wilson_interval
 from mixsd.probe_kinds import MULTIPLE_CHOICE, PERPLEXITY, load_probe
 from mixsd.prompts import encode_prompt
 from mixsd.scoring import choice_tokens, kl_per_token, score_multiple_choice
+from mixsd.taxonomy import Taxonomy
 
 
 class Out:

@@ -36,8 +36,8 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
+from mixsd.answering import generate_answers
 from mixsd.answers import matches, resolve_match_mode
-from mixsd.capability import generate_answers
 from mixsd.corpora.probes import load_kl_prompts, spread
 from mixsd.files import atomic_write_jsonl, read_jsonl
 from mixsd.generation import autocast

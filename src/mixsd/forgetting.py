@@ -17,7 +17,7 @@ format transfer   a generative retention answer (known facts, in-context facts, 
                   took the shape only after training).
 leakage           an answer names an invented entity of the training corpus (the records' `check` and
                   `subject`) that is neither in its prompt nor among its accepted answers
-                  (`metrics.Taxonomy.leaked`: whole words after normalization, names of 3+ characters).
+                  (`taxonomy.Taxonomy.leaked`: whole words after normalization, names of 3+ characters).
 erased knowledge  what retention.json already holds: multiple-choice accuracy (acc and acc_norm) and
                   perplexity against the base (`metrics.probe_columns`: chance-normalized and raw
                   retention, right->wrong flips, McNemar p), the known facts lost (right -> wrong among
@@ -38,8 +38,9 @@ from typing import Any
 
 from mixsd.files import InputError, read_json_object, read_jsonl
 from mixsd.instructions import first_sentence
-from mixsd.metrics import Taxonomy, pair_rows, paired_comparison, rate
+from mixsd.metrics import pair_rows, paired_comparison, rate
 from mixsd.probe_kinds import GENERATIVE, PROBE_KINDS
+from mixsd.taxonomy import Taxonomy
 
 # A word, a \boxed{...} group, or one punctuation mark.
 _TOKEN = re.compile(r"\\boxed\{[^{}]*\}|[^\W_][\w'\u2019-]*|[^\w\s]")
@@ -182,7 +183,7 @@ def format_transfer(predictions: Iterable[dict[str, Any]], shapes: frozenset[str
 # --------------------------------------------------------------------------------------------------
 def training_entities(corpus_rows: Iterable[dict[str, Any]], min_chars: int = 3) -> frozenset[str]:
     """The invented names of a training corpus: its records' `check` and, where present, `subject`
-    (normalized, as metrics.Taxonomy matches them; numbers are no names)."""
+    (normalized, as taxonomy.Taxonomy matches them; numbers are no names)."""
     names = [
         value
         for row in corpus_rows

@@ -1,7 +1,6 @@
 """Scoring statistics as pure functions: intervals, paired comparisons, chance-normalized retention,
 correlations over cells, and the result table's columns of a results file. No models, no files:
-`evaluate`, `experiment` and `report` call these. The error taxonomy is `mixsd.taxonomy` (its names are
-importable from here too, as they were).
+`evaluate`, `experiment` and `report` call these. The error taxonomy is `mixsd.taxonomy`.
 
 Intervals are 95%: Wilson for a single rate (sensible at 0/n and n/n); a percentile bootstrap over items
 for ratios and differences. Base and tuned model answer the *same* items, so comparisons are paired:
@@ -16,9 +15,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
-
-# importers of the taxonomy from here (forgetting.py, tests) keep working; its home is mixsd.taxonomy
-from mixsd.taxonomy import ERROR_TYPES, Taxonomy, contains_words  # noqa: F401
 
 Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 2000

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from mixsd.answering import ENTITY_MODE
 from mixsd.answers import matches
-from mixsd.capability import ENTITY_MODE
 from mixsd.corpora._manifest import write_manifest
 from mixsd.corpora.kgfact import RELATIONS as KG_RELATIONS
 from mixsd.corpora.kgfact import build_world
@@ -333,7 +333,7 @@ def keep_known(
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
     """The candidates whose answer (by `answer`, one text per candidate) names an accepted answer, and the
     counts kept / total per group."""
-    from mixsd.capability import score_answer
+    from mixsd.answering import score_answer
 
     outputs = answer(candidates)
     if len(outputs) != len(candidates):
@@ -349,7 +349,7 @@ def _model_answerer(config: CapabilityConfig) -> tuple[Callable[[list[dict]], li
     """Greedy answers of --model exactly as `mixsd eval` asks them (same prompts, decoding, length cap)."""
     # here, not at the top: building the probes without a model needs no torch
     from mixsd import models
-    from mixsd.capability import generate_answers
+    from mixsd.answering import generate_answers
 
     config.set_threads()
     handle = models.resolve_model(config.model)  # once: loaded and fingerprinted from the handle

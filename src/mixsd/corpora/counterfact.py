@@ -440,7 +440,7 @@ def model_answerer(config: CounterfactConfig, handle: ModelHandle | None = None)
     form, decoding and stops)."""
     # here, not at the top: the corpus is built from a file without a model (and torch) in the tests
     from mixsd import models
-    from mixsd.capability import generate_answers
+    from mixsd.answering import generate_answers
 
     config.set_threads()
     model, tokenizer = models.load_for_inference(
