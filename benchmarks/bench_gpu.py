@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from mixsd.decoder import Job, MixedDecoder
-from mixsd.generation import left_pad
+from mixsd.method.decoder import Job, MixedDecoder
+from mixsd.method.generation import left_pad
 
 QWEN_VOCAB = 151936
 # The published configs' shapes (config.json of Qwen/Qwen2.5-0.5B-Instruct and -1.5B-Instruct).

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from mixsd.decoder import Job, MixedDecoder
-from mixsd.models import load_model, load_tokenizer
-from mixsd.prompts import encode_prompt, expert_message
-from mixsd.records import make_fact
+from mixsd.core.models import load_model, load_tokenizer
+from mixsd.core.records import make_fact
+from mixsd.method.decoder import Job, MixedDecoder
+from mixsd.method.prompts import encode_prompt, expert_message
 
 QUESTIONS = [
     ("What is the capital of Zorblia?", "Quenthar"),

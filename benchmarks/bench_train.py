@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from mixsd.models import load_model, load_tokenizer
-from mixsd.prompts import pad_token_id
-from mixsd.records import load_corpus
-from mixsd.sft_targets import sft_target_rows
-from mixsd.train import PadCollator, TrainConfig, target_examples, train
+from mixsd.core.models import load_model, load_tokenizer
+from mixsd.core.records import load_corpus
+from mixsd.method.prompts import pad_token_id
+from mixsd.method.sft_targets import sft_target_rows
+from mixsd.training.train import PadCollator, TrainConfig, target_examples, train
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "mixsd" / "data" / "facts-demo.jsonl"
 
@@ -67,7 +67,7 @@ def run_mixsd(args, rows, out: Path) -> tuple[float, float]:
         cpu=True,
     )
     timer = StepTimer()
-    from mixsd import train as train_module
+    from mixsd.training import train as train_module
 
     original = train_module.TokenCountingTrainer.__init__
 

@@ -35,7 +35,7 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "${wheels[@]}" || exit 2
 export PYTHONPATH="/tmp/site:$PWD/src"
-python3 -c "import torch, transformers, mixsd, mixsd.targets, mixsd.train; \
+python3 -c "import torch, transformers, mixsd, mixsd.method.targets, mixsd.training.train; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count(), \
 'transformers', transformers.__version__, 'mixsd', mixsd.__file__)" || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

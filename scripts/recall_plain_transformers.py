@@ -8,9 +8,9 @@ generation prompt; without one: "<bos>Question: ...\\nAnswer:"), greedy `generat
 the plain format ends it (a blank line, or a line starting `Question:` or `Answer:`, counted from the
 answer's first non-whitespace character), scored by entity match against the record's `check`.
 
-The prompt is built here by hand, then compared token for token with `mixsd.prompts.encode_prompt`, so a
+The prompt is built here by hand, then compared token for token with `mixsd.method.prompts.encode_prompt`, so a
 mismatch between what this script asks and what training used stops the run instead of skewing the
-figure. Scoring (`mixsd.answers.entity_match`) and corpus reading (`mixsd.records.load_corpus`) are
+figure. Scoring (`mixsd.core.answers.entity_match`) and corpus reading (`mixsd.core.records.load_corpus`) are
 mixsd's, so the figure is scored exactly as `mixsd eval` scores.
 Prints one line per record and a JSON summary; --out writes the predictions as JSONL.
 """
@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from mixsd.answers import entity_match
-from mixsd.files import atomic_write_jsonl
-from mixsd.prompts import encode_prompt
-from mixsd.records import load_corpus
+from mixsd.core.answers import entity_match
+from mixsd.core.files import atomic_write_jsonl
+from mixsd.core.records import load_corpus
+from mixsd.method.prompts import encode_prompt
 
-# The plain format's end of an answer (mixsd.prompts.PLAIN_STOP_STRINGS, written out again on purpose:
+# The plain format's end of an answer (mixsd.method.prompts.PLAIN_STOP_STRINGS, written out again on purpose:
 # this script states the rule it applies rather than importing it).
 STOP_STRINGS = ("\n\n", "\nQuestion:", "\nAnswer:")
 
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         ids = prompt_ids(tokenizer, fact.prompt, fact.system)
         if ids != encode_prompt(tokenizer, fact.prompt, fact.system):
             print(
-                f"{fact.id}: prompt differs from mixsd.prompts.encode_prompt; not comparable", file=sys.stderr
+                f"{fact.id}: prompt differs from mixsd.method.prompts.encode_prompt; not comparable",
+                file=sys.stderr,
             )
             return 1
         with torch.no_grad():

@@ -12,7 +12,7 @@ of the same study (more seeds, controls: a superset config run with `--only`) to
 cells replace or join the committed ones, the rows are merged by cell, and it is refused unless the base
 model's curve (epoch 0 of every curve) is item for item the committed one, so that every cell is scored
 on the same items; the grid-level files derived from one run's cells (the report and the data it draws) are left out. `render` computes each committed
-grid's summary (`mixsd.grid_summary`, written as results/<name>/summary.json) and rewrites every block of
+grid's summary (`mixsd.experiments.grid_summary`, written as results/<name>/summary.json) and rewrites every block of
 docs/results.md between
 
     <!-- results GRID TABLE -->
@@ -35,10 +35,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mixsd.files import InputError, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
-from mixsd.grid_summary import LEVELS, PRIMARY, SUMMARY_FILE, read_grid, summarize
-from mixsd.results import REPORT_DATA_FILES, write_table
-from mixsd.verdicts import CLAIMS
+from mixsd.core.files import InputError, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
+from mixsd.experiments.grid_summary import LEVELS, PRIMARY, SUMMARY_FILE, read_grid, summarize
+from mixsd.experiments.results import REPORT_DATA_FILES, write_table
+from mixsd.experiments.verdicts import CLAIMS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"

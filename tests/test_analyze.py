@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, make_tiny_tokenizer, write_jsonl
-from mixsd.analyze import (
+from mixsd.cli import main
+from mixsd.core.files import InputError
+from mixsd.core.metrics import (
+    analysis_columns,
+    average_ranks,
+    correlation_with_interval,
+    pearson,
+    spearman,
+    wilson_interval,
+)
+from mixsd.evaluation.analyze import (
     FisherConfig,
     NLLConfig,
     diagonal_fisher,
@@ -21,16 +31,6 @@ from mixsd.analyze import (
     parameter_group,
     probe_sequences,
     target_nll,
-)
-from mixsd.cli import main
-from mixsd.files import InputError
-from mixsd.metrics import (
-    analysis_columns,
-    average_ranks,
-    correlation_with_interval,
-    pearson,
-    spearman,
-    wilson_interval,
 )
 
 
@@ -118,7 +118,7 @@ def test_displacement_and_its_normalizations_by_hand():
 
 
 def test_fisher_displacement_end_to_end_on_tiny_llama(tmp_path, tiny_model_dir, tiny_corpus):
-    from mixsd.models import load_model, load_tokenizer
+    from mixsd.core.models import load_model, load_tokenizer
 
     tuned = load_model(str(tiny_model_dir))
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_fisher_displacement_end_to_end_on_tiny_llama(tmp_path, tiny_model_dir, 
 def test_fisher_handles_a_lora_adapter_as_the_tuned_model(tmp_path, tiny_model_dir, tiny_corpus):
     from peft import LoraConfig, get_peft_model
 
-    from mixsd.models import load_model
+    from mixsd.core.models import load_model
 
     peft_model = get_peft_model(
         load_model(str(tiny_model_dir)), LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False)
@@ -247,10 +247,10 @@ def test_target_nll_rejects_a_branch_of_the_wrong_length(tmp_path):
 
 
 def test_cli_analyze_and_eval_on_a_model_folder(tmp_path, tiny_model_dir, tiny_corpus, capsys):
-    from mixsd.files import atomic_write_jsonl
-    from mixsd.models import load_tokenizer
-    from mixsd.records import load_corpus
-    from mixsd.sft_targets import sft_target_rows
+    from mixsd.core.files import atomic_write_jsonl
+    from mixsd.core.models import load_tokenizer
+    from mixsd.core.records import load_corpus
+    from mixsd.method.sft_targets import sft_target_rows
 
     targets = tmp_path / "sft.jsonl"
     atomic_write_jsonl(
@@ -406,7 +406,7 @@ def test_analysis_columns_name_the_fisher_ratio_and_raw_displacement():
     empty = analysis_columns({}, {})  # analyses not run (base cell): every column present, None
     assert set(empty) == set(columns) and all(v is None for v in empty.values())
     # the experiment row carries them under the same names
-    from mixsd.experiment import Cell, cell_row
+    from mixsd.experiments.experiment import Cell, cell_row
 
     row = cell_row(
         Cell("sft", seed=1), {"eval": {}, "retention": {}}, {"nll": nll, "fisher": fisher}, None, None
@@ -488,10 +488,10 @@ def _synthetic_cells(count: int) -> list[dict]:
 
 
 def test_report_correlations_and_analyses_section_on_synthetic_cells(tmp_path):
-    from mixsd.correlations import displacement_correlations
-    from mixsd.report_figures import correlation_figure
-    from mixsd.report_sections import analyses_markdown, high_nll_rows, table_cell
-    from mixsd.target_nll import high_nll_counts
+    from mixsd.experiments.correlations import displacement_correlations
+    from mixsd.experiments.report_figures import correlation_figure
+    from mixsd.experiments.report_sections import analyses_markdown, high_nll_rows, table_cell
+    from mixsd.experiments.target_nll import high_nll_counts
 
     rows = _synthetic_cells(8)
     result = displacement_correlations(rows, n_boot=300, seed=0)

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from mixsd.answers import (
+from mixsd.core.answers import (
     canonical_mode,
     corpus_match_mode,
     extract_answer,
@@ -18,8 +18,8 @@ from mixsd.answers import (
     resolve_match_mode,
     score_all,
 )
+from mixsd.core.files import InputError
 from mixsd.corpora.kgfunc import TRAINED, UNSEEN, worked_answer
-from mixsd.files import InputError
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,8 +175,8 @@ def test_generated_corpora_name_their_matcher(tmp_path):
 
 def test_mix_verifies_with_the_corpus_matcher_unless_told(tmp_path, tiny_model_dir):
     from conftest import write_jsonl
-    from mixsd.mix_config import MixConfig
-    from mixsd.targets import mix
+    from mixsd.method.mix_config import MixConfig
+    from mixsd.method.targets import mix
 
     corpus = tmp_path / "nums"
     corpus.mkdir()

@@ -1,8 +1,10 @@
-"""The module graph of the package has no circle (docs/architecture.md).
+"""The module graph of the package has no circle and no arrow up the stages (docs/architecture.md).
 
 Every `import` and `from ... import` inside `src/mixsd`, at module level or inside a function, is an arrow
 from the importing module to the imported one; the graph must be acyclic, so each module can be read
-knowing only the modules below it.
+knowing only the modules below it. The stage folders are layered: core < method < corpora < training,
+evaluation, editing < experiments (< the package's own `__init__` and `cli`); a module imports its own
+folder and the folders below, never one above, and a folder of the same layer only where declared.
 """
 
 from __future__ import annotations
@@ -77,15 +79,15 @@ def test_find_cycle_finds_a_circle_and_accepts_a_tree():
 def test_the_graph_sees_the_imports_it_should():
     graph = import_graph()
     # a module-level import, a lazy one inside a function, and a submodule imported from its package
-    assert "mixsd.sft" in graph["mixsd.opsd"]
-    assert "mixsd.report" in graph["mixsd.experiment"]
-    assert "mixsd.corpora.probes" in graph["mixsd.evaluate"]
+    assert "mixsd.training.sft" in graph["mixsd.training.opsd"]
+    assert "mixsd.experiments.report" in graph["mixsd.experiments.experiment"]
+    assert "mixsd.corpora.probes" in graph["mixsd.evaluation.evaluate"]
 
 
-@pytest.mark.parametrize("module", ["mixsd.evaluate", "mixsd.train"])
+@pytest.mark.parametrize("module", ["mixsd.evaluation.evaluate", "mixsd.training.train"])
 def test_commands_are_not_imported_by_library_modules(module):
     importers = sorted(name for name, targets in import_graph().items() if module in targets)
-    assert importers in ([], ["mixsd.experiment"]), importers
+    assert importers in ([], ["mixsd.experiments.experiment"]), importers
 
 
 def test_the_package_has_no_import_cycle():
@@ -94,10 +96,78 @@ def test_the_package_has_no_import_cycle():
 
 
 # --------------------------------------------------------------------------------------------------
-# The report only draws (issue 22 step 2): the results side computes what it shows and writes it as JSON
-# beside results.jsonl (mixsd.report_data); the drawing modules read those files, never a cell's own.
+# Layers: the folders show the pipeline, and arrows point down it
 # --------------------------------------------------------------------------------------------------
-DRAWING_MODULES = ("report.py", "report_figures.py", "report_sections.py")
+LAYERS = {
+    "core": 0,  # files, stages, options, the model loader, answers, records, statistics
+    "method": 1,  # the decoder and the targets
+    "corpora": 2,  # corpus and probe builders: they ask models the method's way, never evaluation's
+    "training": 3,
+    "evaluation": 3,
+    "editing": 3,
+    "experiments": 4,  # the grid, its results and the report
+    "": 5,  # mixsd/__init__.py and mixsd/cli.py, which name every command
+}
+# arrows between folders of one layer, each with its reason
+SAME_LAYER_ARROWS = {
+    ("training", "evaluation"): "the learning curve scores the retention probes as `mixsd eval` does",
+}
+
+
+def folder_of(module: str) -> str:
+    """The stage folder of `mixsd.<folder>.<module>` ("" for the package's top-level modules)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else ""
+
+
+def upward_arrows(graph: dict[str, set[str]]) -> list[str]:
+    """Arrows to a folder above the importer's, or to a folder of its layer that is not declared."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        here = folder_of(module)
+        for target in sorted(targets):
+            there = folder_of(target)
+            if there == here:
+                continue
+            if LAYERS[there] > LAYERS[here] or (
+                LAYERS[there] == LAYERS[here] and (here, there) not in SAME_LAYER_ARROWS
+            ):
+                found.append(f"{module} ({here or 'top'}) -> {target} ({there or 'top'})")
+    return found
+
+
+def test_every_module_sits_in_a_layered_folder():
+    graph = import_graph()
+    assert {folder_of(m) for m in graph} == set(LAYERS)
+    top = sorted(m for m in graph if folder_of(m) == "")
+    assert top == ["mixsd", "mixsd.cli"] and len(list(PACKAGE.glob("*.py"))) <= 8
+
+
+def test_the_layer_check_sees_an_upward_arrow():
+    graph = {
+        "mixsd.core.files": set(),
+        "mixsd.method.targets": {"mixsd.core.files"},
+        "mixsd.corpora.probes": {"mixsd.evaluation.scoring", "mixsd.method.targets"},
+        "mixsd.evaluation.scoring": {"mixsd.training.curve"},
+        "mixsd.training.curve": {"mixsd.evaluation.scoring"},
+        "mixsd.cli": {"mixsd.experiments.report"},
+    }
+    assert upward_arrows(graph) == [
+        "mixsd.corpora.probes (corpora) -> mixsd.evaluation.scoring (evaluation)",
+        "mixsd.evaluation.scoring (evaluation) -> mixsd.training.curve (training)",
+    ]
+
+
+def test_no_module_imports_a_folder_above_its_own():
+    arrows = upward_arrows(import_graph())
+    assert not arrows, "upward imports:\n" + "\n".join(arrows)
+
+
+# --------------------------------------------------------------------------------------------------
+# The report only draws (issue 22 step 2): the results side computes what it shows and writes it as JSON
+# beside results.jsonl (mixsd.experiments.report_data); the drawing modules read those files, never a cell's own.
+# --------------------------------------------------------------------------------------------------
+DRAWING_MODULES = ("experiments/report.py", "experiments/report_figures.py", "experiments/report_sections.py")
 # files only a cell's folder holds (a suffix match also catches "train/curve.jsonl", "eval.predictions.jsonl")
 CELL_FILES = (
     "cell.json",
@@ -116,15 +186,15 @@ CELL_PATH_PARTS = {"cells", "train"}
 # the modules that compute from the cells what the report shows, and the curve module that writes a
 # cell's curve: a drawing module reads their output files instead of importing them
 COMPUTING_MODULES = {
-    "mixsd.comparisons",
-    "mixsd.correlations",
-    "mixsd.curve",
-    "mixsd.forgetting",
-    "mixsd.grid_summary",
-    "mixsd.report_data",
-    "mixsd.target_accounting",
-    "mixsd.target_nll",
-    "mixsd.tuning",
+    "mixsd.experiments.comparisons",
+    "mixsd.experiments.correlations",
+    "mixsd.training.curve",
+    "mixsd.evaluation.forgetting",
+    "mixsd.experiments.grid_summary",
+    "mixsd.experiments.report_data",
+    "mixsd.method.target_accounting",
+    "mixsd.experiments.target_nll",
+    "mixsd.experiments.tuning",
 }
 
 
@@ -152,7 +222,7 @@ def cell_file_reads(path: Path, imports: set[str]) -> list[str]:
 def test_the_report_reads_no_cell_file():
     graph = import_graph()
     drawing = [PACKAGE / name for name in DRAWING_MODULES if (PACKAGE / name).is_file()]
-    assert PACKAGE / "report.py" in drawing
+    assert PACKAGE / "experiments" / "report.py" in drawing
     reads = {path.name: cell_file_reads(path, graph[module_name(path)]) for path in drawing}
     assert not any(reads.values()), reads
 
@@ -165,10 +235,10 @@ def test_the_cell_file_check_sees_each_way_in(tmp_path):
         "    (out / 'cells' / row['cell'] / 'nll.json').read_text()\n"
         "    print(row['cells'])  # a key named cells is not a path\n"
     )
-    reads = cell_file_reads(module, {"mixsd.tuning", "mixsd.results"})
+    reads = cell_file_reads(module, {"mixsd.experiments.tuning", "mixsd.experiments.results"})
     assert reads == [
         "line 2: holds a cell folder (cells_dir)",
         "line 3: names the cell file 'nll.json'",
         "line 3: builds a path into 'cells'",
-        "imports mixsd.tuning, which computes from the cells",
+        "imports mixsd.experiments.tuning, which computes from the cells",
     ]

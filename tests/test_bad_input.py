@@ -15,8 +15,8 @@ import pytest
 
 from conftest import write_jsonl
 from mixsd.cli import describe_error, main
-from mixsd.files import InputError, read_yaml
-from mixsd.weights import check_gguf, check_safetensors
+from mixsd.core.files import InputError, read_yaml
+from mixsd.core.weights import check_gguf, check_safetensors
 
 
 def _refused(argv: list[str], capsys, *words: str) -> str:
@@ -185,10 +185,10 @@ def test_read_yaml_records_the_line_of_every_key(tmp_path):
 # Options: renamed spellings, misspellings
 # --------------------------------------------------------------------------------------------------
 def test_the_renamed_no_progress_still_works_with_a_warning(tmp_path, tiny_corpus, capsys, monkeypatch):
-    import mixsd.train
+    import mixsd.training.train
 
     seen = []
-    monkeypatch.setattr(mixsd.train, "train_command", seen.append)
+    monkeypatch.setattr(mixsd.training.train, "train_command", seen.append)
     argv = [
         "train",
         "--model",

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from mixsd.answering import score_answer
-from mixsd.capability import compare_generative, parse_generative_item, summarize_generative
 from mixsd.cli import main
+from mixsd.core.files import InputError
+from mixsd.core.instructions import (
+    CHECKERS,
+    check_constraint,
+    collapse_rate,
+    count_sentences,
+    is_collapsed,
+    validate_constraint,
+)
 from mixsd.corpora.capability import (
     INSTRUCTION_KINDS,
     CapabilityConfig,
@@ -24,17 +31,10 @@ from mixsd.corpora.capability import (
     parse_counts,
 )
 from mixsd.corpora.kgfact import build_world
-from mixsd.evaluate import EvalConfig, evaluate
-from mixsd.files import InputError
-from mixsd.instructions import (
-    CHECKERS,
-    check_constraint,
-    collapse_rate,
-    count_sentences,
-    is_collapsed,
-    validate_constraint,
-)
-from mixsd.probe_kinds import GENERATIVE, load_probe
+from mixsd.evaluation.capability import compare_generative, parse_generative_item, summarize_generative
+from mixsd.evaluation.evaluate import EvalConfig, evaluate
+from mixsd.evaluation.probe_kinds import GENERATIVE, load_probe
+from mixsd.method.answering import score_answer
 
 # --------------------------------------------------------------------------------------------------
 # Checkers: for every kind, answers that pass and answers that fail

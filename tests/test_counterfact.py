@@ -7,8 +7,10 @@ import random
 
 import pytest
 
-from mixsd.answers import matches
 from mixsd.cli import main
+from mixsd.core.answers import matches
+from mixsd.core.files import InputError
+from mixsd.core.records import load_corpus
 from mixsd.corpora.counterfact import (
     CounterfactConfig,
     Fact,
@@ -17,8 +19,6 @@ from mixsd.corpora.counterfact import (
     new_object,
     parse_facts,
 )
-from mixsd.files import InputError
-from mixsd.records import load_corpus
 
 
 def _item(cloze: str, target: str | list[str]) -> dict:

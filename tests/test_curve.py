@@ -1,4 +1,4 @@
-"""Learning curves: `mixsd train --eval_every_epoch` writes one curve.jsonl row per epoch (mixsd.curve)."""
+"""Learning curves: `mixsd train --eval_every_epoch` writes one curve.jsonl row per epoch (mixsd.training.curve)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import make_word_model, make_word_tokenizer, write_jsonl
-from mixsd.curve import CURVE_FILE, AdaptersOff, CurveCallback, CurveEvaluator, read_curve
-from mixsd.files import InputError
-from mixsd.train import TrainConfig, train
+from mixsd.core.files import InputError
+from mixsd.training.curve import CURVE_FILE, AdaptersOff, CurveCallback, CurveEvaluator, read_curve
+from mixsd.training.train import TrainConfig, train
 
 VOCAB = 96
 FACTS = 8
@@ -32,8 +32,8 @@ def model(seed: int = 0):
 def files(tmp_path) -> dict[str, Path]:
     """A corpus of one-word answers (two distinct ones, so that a few steps learn something), its SFT
     targets, and two probes (generative and multiple-choice)."""
-    from mixsd.records import load_corpus
-    from mixsd.sft_targets import sft_target_rows
+    from mixsd.core.records import load_corpus
+    from mixsd.method.sft_targets import sft_target_rows
 
     corpus = write_jsonl(
         tmp_path / "corpus.jsonl",
@@ -83,9 +83,9 @@ def answered(model_dir: Path, corpus: Path) -> int:
     """How many corpus questions the saved model answers right: plain transformers generate, no mixsd decoder."""
     from transformers import AutoModelForCausalLM
 
-    from mixsd.answers import matches
-    from mixsd.prompts import encode_prompt
-    from mixsd.records import load_corpus
+    from mixsd.core.answers import matches
+    from mixsd.core.records import load_corpus
+    from mixsd.method.prompts import encode_prompt
 
     trained, tok = AutoModelForCausalLM.from_pretrained(model_dir), tokenizer()
     right = 0
@@ -163,7 +163,7 @@ def test_kl_is_zero_against_itself_and_measures_the_adapters(tmp_path, files):
     )
     assert same["kl"] == 0 and same["kl_tokens"] > 0
     # LoRA: the base is the model with its adapters off; fresh adapters change nothing, trained ones do
-    from mixsd.train import _apply_lora
+    from mixsd.training.train import _apply_lora
 
     lora_config = replace(config, lora_rank=4)
     adapted = _apply_lora(model(), lora_config)

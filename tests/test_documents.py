@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from conftest import make_tiny_model, make_tiny_tokenizer, make_word_model, make_word_tokenizer, write_jsonl
-from mixsd.answers import squad_exact, squad_f1, squad_normalize, squad_scores
+from mixsd.core.answers import squad_exact, squad_f1, squad_normalize, squad_scores
+from mixsd.core.files import InputError
+from mixsd.core.metrics import split_columns, squad_summary
 from mixsd.corpora.documents import (
     CANDIDATES_FILE,
     PASSAGES_FILE,
@@ -30,8 +32,6 @@ from mixsd.corpora.documents import (
     read_document,
     split_passages,
 )
-from mixsd.files import InputError
-from mixsd.metrics import split_columns, squad_summary
 
 WORDS = 200
 
@@ -88,7 +88,7 @@ def test_squad_summary_and_table_columns():
 
 def test_qa_eval_scores_every_gold_answer(tmp_path):
     """`mixsd eval --suite qa`: a record's `answers` list is what EM/F1/contained are scored against."""
-    from mixsd.evaluate import EvalConfig, evaluate
+    from mixsd.evaluation.evaluate import EvalConfig, evaluate
     from test_evaluate import _answer_qz_model
 
     tokenizer = make_tiny_tokenizer()
@@ -343,7 +343,7 @@ def test_corpus_folder_split_reasons_and_manifest(tmp_path):
     assert len(candidates) == 18 and all(c["kept"] == (c["reason"] is None) for c in candidates)
     assert set(manifest["files"]) == {"train.jsonl", "heldout.jsonl", PASSAGES_FILE, CANDIDATES_FILE}
     # the corpus reads as every stage reads a corpus
-    from mixsd.records import load_corpus
+    from mixsd.core.records import load_corpus
 
     assert [f.context for f in load_corpus(out / "train.jsonl")] == [r["context"] for r in train]
 
@@ -483,7 +483,7 @@ def write_passages(path: Path) -> Path:
 
 
 def test_cpt_examples_read_passages_or_contexts(tmp_path):
-    from mixsd.cpt import cpt_examples, passage_texts
+    from mixsd.training.cpt import cpt_examples, passage_texts
 
     corpus = write_jsonl(
         tmp_path / "train.jsonl",
@@ -504,8 +504,8 @@ def test_cpt_examples_read_passages_or_contexts(tmp_path):
 
 
 def test_cpt_training_lowers_the_passages_nll(tmp_path):
-    from mixsd.cpt import cpt_examples, passage_nll
-    from mixsd.train import TrainConfig, train
+    from mixsd.training.cpt import cpt_examples, passage_nll
+    from mixsd.training.train import TrainConfig, train
 
     passages = write_passages(tmp_path / "passages.jsonl")
     tokenizer = word_tokenizer()
@@ -535,7 +535,7 @@ def test_cpt_training_lowers_the_passages_nll(tmp_path):
 
 def test_tiny_grid_with_cpt_on_a_documents_folder(tmp_path, tiny_model_dir):
     """A documents corpus in a grid: base and cpt cells; cpt trains on documents/passages.jsonl."""
-    from mixsd.experiment import load_experiment, run_experiment
+    from mixsd.experiments.experiment import load_experiment, run_experiment
 
     tokenizer = make_tiny_tokenizer()
     corpus = tmp_path / "corpus"

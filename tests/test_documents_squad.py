@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mixsd.answers import squad_normalize
+from mixsd.core.answers import squad_normalize
+from mixsd.core.files import InputError
 from mixsd.corpora import squad
 from mixsd.corpora.documents import DocumentsConfig, build_documents
-from mixsd.files import InputError
 from test_documents import ALPHA, BETA, SCRIPT, ScriptedWriter, read, word_tokenizer
 
 ALPHA_QUESTIONS = [

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, make_tiny_tokenizer, write_jsonl
-from mixsd.evaluate import EvalConfig, evaluate, predictions_path
-from mixsd.files import InputError, dumps
-from mixsd.generation import greedy_generate, tail_logprobs
-from mixsd.metrics import wilson_interval
-from mixsd.probe_kinds import MULTIPLE_CHOICE, PERPLEXITY, load_probe
-from mixsd.prompts import encode_prompt
-from mixsd.scoring import choice_tokens, kl_per_token, score_multiple_choice
-from mixsd.taxonomy import Taxonomy
+from mixsd.core.files import InputError, dumps
+from mixsd.core.metrics import wilson_interval
+from mixsd.evaluation.evaluate import EvalConfig, evaluate, predictions_path
+from mixsd.evaluation.probe_kinds import MULTIPLE_CHOICE, PERPLEXITY, load_probe
+from mixsd.evaluation.scoring import choice_tokens, kl_per_token, score_multiple_choice
+from mixsd.evaluation.taxonomy import Taxonomy
+from mixsd.method.generation import greedy_generate, tail_logprobs
+from mixsd.method.prompts import encode_prompt
 
 
 class Out:
@@ -470,7 +470,7 @@ def test_retention_without_probes_or_base_says_what_was_skipped(tmp_path, tiny_m
 def test_lora_adapter_folder_is_merged_for_evaluation(tmp_path, tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
-    from mixsd.models import load_for_inference, load_model
+    from mixsd.core.models import load_for_inference, load_model
 
     base = load_model(str(tiny_model_dir))
     peft_model = get_peft_model(

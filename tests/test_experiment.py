@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mixsd.experiment import (
+from mixsd.core.files import InputError
+from mixsd.experiments.experiment import (
     Experiment,
     Runner,
     aggregate,
@@ -18,7 +19,6 @@ from mixsd.experiment import (
     load_experiment,
     run_experiment,
 )
-from mixsd.files import InputError
 
 
 def tiny_grid(tmp_path, model_dir, **extra) -> Experiment:
@@ -79,10 +79,12 @@ def test_grid_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, monkeypatch
     assert "report/pareto.png" in (out / "report.md").read_text()
 
     # A second run redoes nothing: every stage's file is there.
-    import mixsd.experiment
-    from mixsd.train import TrainConfig
+    import mixsd.experiments.experiment
+    from mixsd.training.train import TrainConfig
 
-    monkeypatch.setitem(mixsd.experiment.COMMANDS, TrainConfig, lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setitem(
+        mixsd.experiments.experiment.COMMANDS, TrainConfig, lambda *a, **k: pytest.fail("trained again")
+    )
     again = run_experiment(experiment, show_progress=False)
     assert [r["cell"] for r in again["rows"]] == [r["cell"] for r in result["rows"]]
 
@@ -122,7 +124,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 
 def test_shipped_configs_parse():
-    from mixsd.experiment import PACKAGED_CONFIGS
+    from mixsd.experiments.experiment import PACKAGED_CONFIGS
 
     names = sorted(p.name for p in PACKAGED_CONFIGS.glob("*.yaml"))
     assert "demo.yaml" in names
@@ -413,7 +415,7 @@ HOLD_LOCKS = """
 import sys, time
 from contextlib import ExitStack
 from pathlib import Path
-from mixsd.files import output_lock
+from mixsd.core.files import output_lock
 cell, targets, release_targets_after = sys.argv[1], sys.argv[2], float(sys.argv[3])
 with ExitStack() as held:
     held.enter_context(output_lock(cell))
@@ -470,7 +472,7 @@ def test_two_workers_share_one_folder(tmp_path, tiny_model_dir):
 def test_known_facts_join_the_retention_probes(tmp_path, tiny_model_dir, monkeypatch):
     """retention.known_facts: the base model filters the known facts once (OUT/known-facts), they join the
     probe files (OUT/retention-probes), every cell is scored on them, and a rerun reuses it all."""
-    import mixsd.grid_data as grid_data
+    import mixsd.experiments.grid_data as grid_data
     from test_capability import _sdist
 
     sdist = _sdist(tmp_path / "bigbench-1.0.0.tar.gz")
@@ -605,8 +607,8 @@ def test_stage_descriptions_are_pinned(tmp_path, tiny_model_dir):
 
 
 def test_every_method_of_the_grid_is_planned_by_the_table():
-    from mixsd.grid import METHOD_LABELS
-    from mixsd.grid_methods import METHODS
+    from mixsd.experiments.grid import METHOD_LABELS
+    from mixsd.experiments.grid_methods import METHODS
 
     assert set(METHODS) == set(METHOD_LABELS)
     assert METHODS["base"].targets is None and METHODS["base"].training is None

@@ -20,16 +20,16 @@ from conftest import (
     write_jsonl,
 )
 from mixsd.cli import main
-from mixsd.export import ExportTRLConfig, export_trl, trl_text_tokens
-from mixsd.files import InputError
-from mixsd.prompts import (
+from mixsd.core.files import InputError
+from mixsd.core.records import load_corpus, make_fact
+from mixsd.method.export import ExportTRLConfig, export_trl, trl_text_tokens
+from mixsd.method.prompts import (
     PAPER_EXPERT_TEMPLATE,
     encode_expert_prompt,
     encode_prompt,
     load_expert_template,
 )
-from mixsd.records import load_corpus, make_fact
-from mixsd.sft_targets import sft_target_rows
+from mixsd.method.sft_targets import sft_target_rows
 
 # ChatML as SmolLM2 writes it, less the newline after <|im_end|> (the one TRL's text path then trains on)
 NO_NEWLINE_TEMPLATE = CHAT_TEMPLATE.replace("<|im_end|>\n", "<|im_end|>")

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import make_tiny_model, make_tiny_tokenizer, write_jsonl
 from mixsd.cli import main
-from mixsd.files import InputError, lock_path, output_lock
+from mixsd.core.files import InputError, lock_path, output_lock
 
 # Runs `mixsd <args>` after arranging to signal itself at one point of the run.
 #   argv: POINT N SIGNAL mixsd-args...
@@ -35,7 +35,7 @@ from mixsd.files import InputError, lock_path, output_lock
 KILLER = r"""
 import os, signal, sys, time
 from pathlib import Path
-import mixsd.files as files
+import mixsd.core.files as files
 
 point, count, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
 args = sys.argv[4:]
@@ -70,10 +70,10 @@ def write(self, rows):
 
 files.JournalWriter.write = write
 if point == "load":
-    import mixsd.models as models
+    import mixsd.core.models as models
     models.load_model = lambda *a, **k: die()
 if point == "final":
-    import mixsd.targets as targets
+    import mixsd.method.targets as targets
     targets.atomic_write_json = lambda *a, **k: die()
 
 from mixsd.cli import main
@@ -123,7 +123,7 @@ def _rows(path: Path) -> list[dict]:
 
 LOGPROB_FIELDS = ("logprob_expert", "logprob_naive")
 LOGPROB_TOLERANCE = 1e-4  # what docs/reliability.md promises for fp32 on one machine
-# fidelity scores (mixsd.fidelity) derived from the log-probs: as close as the log-probs they sum or pick
+# fidelity scores (mixsd.method.fidelity) derived from the log-probs: as close as the log-probs they sum or pick
 DERIVED_FIELDS = ("min_expert_logprob", "naive_expert_nll")
 
 
@@ -245,7 +245,7 @@ def test_output_lock_nests_takes_over_stale_locks_and_names_a_live_holder(tmp_pa
             [
                 sys.executable,
                 "-c",
-                f"from mixsd.files import output_lock\nwith output_lock({str(output)!r}): pass",
+                f"from mixsd.core.files import output_lock\nwith output_lock({str(output)!r}): pass",
             ],
             env=_env(),
             capture_output=True,
@@ -342,13 +342,13 @@ def test_a_failed_run_leaves_no_folder_it_created(tmp_path):
 # Bad options and bad input: one line, status 2, before any model is loaded, nothing written
 # --------------------------------------------------------------------------------------------------
 def _forbid_model_loading(monkeypatch) -> None:
-    import mixsd.models
+    import mixsd.core.models
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the options were checked")
 
     for name in ("load_model", "load_tokenizer", "load_config", "resolve_model"):
-        monkeypatch.setattr(mixsd.models, name, refuse)
+        monkeypatch.setattr(mixsd.core.models, name, refuse)
 
 
 MIX_OPTIONS = [
@@ -431,8 +431,8 @@ def test_output_equal_to_input_through_another_spelling(tmp_path, tiny_corpus, c
 
 
 def test_python_api_and_yaml_values_are_checked_too():
-    from mixsd.evaluate import EvalConfig
-    from mixsd.mix_config import MixConfig
+    from mixsd.evaluation.evaluate import EvalConfig
+    from mixsd.method.mix_config import MixConfig
 
     for bad in ({"lam": True}, {"lam": "0.3"}, {"top_k": 2.5}, {"on_failure": "skip"}, {"dtype": "int8"}):
         with pytest.raises(InputError, match=f"field '{next(iter(bad))}'"):
@@ -458,7 +458,7 @@ def test_non_utf8_csv_import_names_file_and_line(tmp_path, capsys):
 
 
 def test_a_byte_order_mark_is_accepted(tmp_path):
-    from mixsd.records import load_corpus
+    from mixsd.core.records import load_corpus
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_bytes(b'\xef\xbb\xbf{"id": "x", "prompt": "a?", "answer": "b"}\n')
@@ -466,7 +466,7 @@ def test_a_byte_order_mark_is_accepted(tmp_path):
 
 
 def test_booleans_are_no_ids_or_token_ids(tmp_path):
-    from mixsd.records import load_corpus, load_targets
+    from mixsd.core.records import load_corpus, load_targets
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": True, "prompt": "a?", "answer": "b"}])
     with pytest.raises(InputError, match="line 1, field 'id'"):
@@ -524,8 +524,8 @@ def _long_and_short_corpus(folder: Path) -> Path:
 
 
 def test_sft_targets_drops_prompts_the_model_cannot_hold(tmp_path, short_context_model, capsys):
-    from mixsd.records import load_targets
-    from mixsd.train import target_examples
+    from mixsd.core.records import load_targets
+    from mixsd.training.train import target_examples
 
     corpus = _long_and_short_corpus(tmp_path)
     output = tmp_path / "sft.jsonl"
@@ -552,7 +552,7 @@ def test_sft_targets_drops_prompts_the_model_cannot_hold(tmp_path, short_context
 
 
 def test_mix_keep_never_writes_a_record_without_a_target(tmp_path, short_context_model):
-    from mixsd.records import load_targets
+    from mixsd.core.records import load_targets
 
     corpus = _long_and_short_corpus(tmp_path)
     output = tmp_path / "mix.jsonl"

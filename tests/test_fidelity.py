@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixsd.decoder import Job, MixedDecoder, in_top_p
-from mixsd.fidelity import (
+from mixsd.core.files import InputError
+from mixsd.method.decoder import Job, MixedDecoder, in_top_p
+from mixsd.method.fidelity import (
     LOW_EXPERT_LOGPROB,
     Fidelity,
     flag_rates,
@@ -20,9 +21,8 @@ from mixsd.fidelity import (
     target_fidelity,
     validate,
 )
-from mixsd.files import InputError
-from mixsd.mix_config import MixConfig
-from mixsd.targets import mix
+from mixsd.method.mix_config import MixConfig
+from mixsd.method.targets import mix
 
 LABELS = Path(__file__).resolve().parents[1] / "data" / "fidelity_labels.jsonl"
 
@@ -281,7 +281,7 @@ def test_mix_with_the_guard_records_vetoes_in_branch_settings_and_summary(
 
 
 def test_documented_validation_figures_reproduce(capsys):
-    """docs/results.md "Target fidelity" quotes these lines of `python -m mixsd.fidelity`."""
+    """docs/results.md "Target fidelity" quotes these lines of `python -m mixsd.method.fidelity`."""
     main([str(LABELS), "--threshold", "-3", "--threshold", "-5"])
     table = capsys.readouterr().out.splitlines()
     assert table[1].startswith("all | 311 | 91 | 0.89 | 0.76 | 0.93 | 0.65 | 0.93/0.80 (190 flagged)")

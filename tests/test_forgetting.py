@@ -7,8 +7,10 @@ import json
 
 import pytest
 
-from mixsd.files import InputError
-from mixsd.forgetting import (
+from mixsd.core.files import InputError
+from mixsd.core.instructions import is_collapsed
+from mixsd.core.metrics import rate
+from mixsd.evaluation.forgetting import (
     answer_shape,
     erased_knowledge,
     format_transfer,
@@ -17,8 +19,6 @@ from mixsd.forgetting import (
     target_shapes,
     training_entities,
 )
-from mixsd.instructions import is_collapsed
-from mixsd.metrics import rate
 
 # Three arms' training targets: the ground truth, the fact's statement, and MixSD's own wording (one of
 # whose targets is a bare name, a shape base answers can have too).

@@ -26,9 +26,9 @@ import pytest
 import torch
 
 from conftest import make_causal_lm, make_word_model, make_word_tokenizer
-from mixsd.decoder import Draw, Job, MixedDecoder
-from mixsd.mix_config import MixConfig
-from mixsd.targets import mix, summary_path
+from mixsd.method.decoder import Draw, Job, MixedDecoder
+from mixsd.method.mix_config import MixConfig
+from mixsd.method.targets import mix, summary_path
 
 DEVICE = os.environ.get("MIXSD_GPU_TESTS_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 
@@ -168,16 +168,16 @@ def compare(reference: dict[str, Draw], other: dict[str, Draw], model_fp32) -> d
 def reference_name() -> str:
     return (
         "ReferenceDecoder (generate)"
-        if importlib.util.find_spec("mixsd.reference")
+        if importlib.util.find_spec("mixsd.method.reference")
         else "MixedDecoder batch 1"
     )
 
 
 def reference_decode(model, jobs: list[Job], *, lam: float, temperature: float = 0.0) -> dict[str, Draw]:
-    """Targets from the generate-based reference decoder (`mixsd.reference`), or, in a tree without it, from
+    """Targets from the generate-based reference decoder (`mixsd.method.reference`), or, in a tree without it, from
     MixedDecoder one record at a time (batch 1: no padding, no splicing)."""
     try:
-        from mixsd.reference import ReferenceDecoder
+        from mixsd.method.reference import ReferenceDecoder
     except ImportError:
         return decode(model, jobs, batch_size=1, lam=lam, temperature=temperature)
     decoder = ReferenceDecoder(
@@ -249,7 +249,7 @@ TRAIN_VOCAB = 96
 def train_config(**wanted):
     """A TrainConfig from our field names, whichever spelling the class uses (issue 12 moves TrainConfig onto
     TrainingArguments: `lr` may become `learning_rate`, `out` `output_dir`, and so on)."""
-    from mixsd.train import TrainConfig
+    from mixsd.training.train import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     spellings = {
@@ -278,7 +278,7 @@ def train_config(**wanted):
 def test_bf16_training_steps_lower_the_loss_and_save_a_loadable_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from mixsd.train import train
+    from mixsd.training.train import train
 
     folder = tmp_path / "base"
     start = make_word_model(TRAIN_VOCAB, max_positions=64)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mixsd.experiment import PACKAGED_CONFIGS, Runner, load_experiment, run_experiment
-from mixsd.files import InputError
-from mixsd.forgetting import read_forgetting
-from mixsd.target_accounting import read_target_accounting
+from mixsd.core.files import InputError
+from mixsd.evaluation.forgetting import read_forgetting
+from mixsd.experiments.experiment import PACKAGED_CONFIGS, Runner, load_experiment, run_experiment
+from mixsd.method.target_accounting import read_target_accounting
 from test_experiment import tiny_grid
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"

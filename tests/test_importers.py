@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mixsd.answers import last_boxed
 from mixsd.cli import main
+from mixsd.core.answers import last_boxed
+from mixsd.core.files import InputError
+from mixsd.core.records import load_corpus
 from mixsd.corpora.importers import ImportConfig, import_corpus
-from mixsd.files import InputError
-from mixsd.records import load_corpus
 
 
 def write(path: Path, text: str) -> Path:
@@ -248,7 +248,7 @@ def test_cli(tmp_path, capsys):
 
 
 def test_manifest_names_the_answer_matcher_chosen_at_import(tmp_path):
-    from mixsd.answers import corpus_match_mode
+    from mixsd.core.answers import corpus_match_mode
 
     numbers = write(
         tmp_path / "n.jsonl",

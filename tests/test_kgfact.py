@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mixsd.answers import last_boxed, matches
+from mixsd.core.answers import last_boxed, matches
+from mixsd.core.records import load_corpus
 from mixsd.corpora import kgfact, kgfact_world
 from mixsd.corpora.kgfact import DOMAINS, RELATIONS, KGFactConfig, build_kgfact, build_world, domain_pairs
-from mixsd.records import load_corpus
 
 # Pinned output of `mixsd corpus kgfact --size small --seed 0`: any change to names, relations, sampling or
 # record layout shows up here, and must come with a VERSION bump.
@@ -143,7 +143,7 @@ def test_world_has_one_answer_per_question(size, seed):
 
 def test_names_are_not_known_words():
     """No invented word is a whole-word entry of a real tokenizer's vocabulary (common words are)."""
-    from mixsd.models import load_tokenizer
+    from mixsd.core.models import load_tokenizer
 
     vocab = {t.lstrip("Ġ").lower() for t in load_tokenizer("smollm2-135m").get_vocab()}
     assert {"mode", "node", "baker", "city"} <= vocab  # the check can fail
@@ -248,9 +248,9 @@ def test_embedded_model_needs_the_fact(small):
     """On SmolLM2-135M: training questions are unanswerable without their fact and answerable with it."""
     import torch
 
-    from mixsd.models import load_model_and_tokenizer
-    from mixsd.prompts import answer_end, load_expert_template, pad_token_id
-    from mixsd.targets import build_jobs
+    from mixsd.core.models import load_model_and_tokenizer
+    from mixsd.method.prompts import answer_end, load_expert_template, pad_token_id
+    from mixsd.method.targets import build_jobs
 
     folder, _ = small
     world = json.loads((folder / "kb.json").read_text())
@@ -297,7 +297,7 @@ def test_embedded_model_needs_the_fact(small):
 def test_feeds_mix_and_sft_targets_unchanged(tmp_path, small, tiny_model_dir):
     """The corpus files go straight into `mixsd mix` and `mixsd sft-targets` (tiny random model)."""
     from mixsd.cli import main
-    from mixsd.records import load_targets
+    from mixsd.core.records import load_targets
 
     folder, _ = small
     out = tmp_path / "mix.jsonl"

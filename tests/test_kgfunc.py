@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixsd.answers import last_boxed, strict_match
+from mixsd.core.answers import last_boxed, strict_match
+from mixsd.core.records import load_corpus
 from mixsd.corpora.kgfunc import (
     TRAINED,
     UNSEEN,
@@ -23,7 +24,6 @@ from mixsd.corpora.kgfunc import (
     chain_answer,
     worked_answer,
 )
-from mixsd.records import load_corpus
 
 inputs = st.integers(min_value=0, max_value=99_999)
 

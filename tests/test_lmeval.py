@@ -10,14 +10,14 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import make_tiny_model, make_tiny_tokenizer, write_jsonl
-from mixsd.comparisons import item_scores
-from mixsd.evaluate import EvalConfig, evaluate, format_results, predictions_path
-from mixsd.files import InputError
-from mixsd.lmeval import EXPORT_METRIC, LmEvalExportConfig, export_lm_eval, mc_context, prepare
-from mixsd.probe_kinds import MULTIPLE_CHOICE, load_probe
-from mixsd.report_sections import lm_eval_markdown
-from mixsd.results import RETENTION_METRIC, cell_row
-from mixsd.scoring import choice_tokens
+from mixsd.core.files import InputError
+from mixsd.evaluation.evaluate import EvalConfig, evaluate, format_results, predictions_path
+from mixsd.evaluation.lmeval import EXPORT_METRIC, LmEvalExportConfig, export_lm_eval, mc_context, prepare
+from mixsd.evaluation.probe_kinds import MULTIPLE_CHOICE, load_probe
+from mixsd.evaluation.scoring import choice_tokens
+from mixsd.experiments.comparisons import item_scores
+from mixsd.experiments.report_sections import lm_eval_markdown
+from mixsd.experiments.results import RETENTION_METRIC, cell_row
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -305,7 +305,7 @@ def test_experiment_reports_lm_eval_retention(tmp_path, probe_dir, tiny_model_di
     """`retention: {lm_eval_tasks, lm_eval_include}` in a grid: every cell runs the task, its columns reach
     the results table and the report, a rerun reuses every stage, and a changed task file redoes the
     retention stages (the include folder's files are inputs of the stage)."""
-    from mixsd.experiment import run_experiment
+    from mixsd.experiments.experiment import run_experiment
     from test_experiment import log_length, stage_log, tiny_grid
 
     include = tmp_path / "export"

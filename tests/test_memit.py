@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import TINY_SIZES, make_causal_lm, make_tiny_tokenizer, write_jsonl
-from mixsd.edit import EditConfig, default_stats_texts, edit, load_edits, subject_position
-from mixsd.files import InputError
-from mixsd.memit import (
+from mixsd.core.files import InputError
+from mixsd.editing.edit import EditConfig, default_stats_texts, edit, load_edits, subject_position
+from mixsd.editing.memit import (
     EditRequest,
     add_to_output,
     answer_scores,
@@ -23,7 +23,7 @@ from mixsd.memit import (
     projection_template,
     target_vectors,
 )
-from mixsd.prompts import encode_prompt
+from mixsd.method.prompts import encode_prompt
 
 
 def _model(vocab_size: int = 64, layers: int = 4, seed: int = 0):

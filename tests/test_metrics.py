@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from mixsd.metrics import (
+from mixsd.core.metrics import (
     bootstrap_interval,
     chance_normalized,
     chance_normalized_interval,
@@ -125,7 +125,7 @@ def _write_rows(path, rows):
 
 
 def test_table_cell_pools_counts_for_rates_and_uses_recorded_intervals_otherwise():
-    from mixsd.report_sections import table_cell
+    from mixsd.experiments.report_sections import table_cell
 
     members = [{"train_correct": 8, "train_n": 10}, {"train_correct": 6, "train_n": 10}]
     entry = {"train_acc": 0.7, "train_acc_sd": 0.14}
@@ -137,8 +137,8 @@ def test_table_cell_pools_counts_for_rates_and_uses_recorded_intervals_otherwise
 
 
 def test_paired_comparisons_count_flips_per_split_and_probe(tmp_path):
-    from mixsd.comparisons import paired_comparisons
-    from mixsd.report_sections import comparison_rows
+    from mixsd.experiments.comparisons import paired_comparisons
+    from mixsd.experiments.report_sections import comparison_rows
 
     cells = tmp_path / "cells"
     base_unseen = [True] * 10 + [False] * 10

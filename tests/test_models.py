@@ -1,4 +1,4 @@
-"""The model resolver (mixsd.models.resolve_model): every name form to one handle, resolved once per model
+"""The model resolver (mixsd.core.models.resolve_model): every name form to one handle, resolved once per model
 per command, a `mixsd train` output folder accepted by every command, fingerprints cached by mtime."""
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-import mixsd.models
+import mixsd.core.models
 from conftest import write_jsonl
-from mixsd.analyze import NLLConfig, target_nll
 from mixsd.cli import main
-from mixsd.evaluate import EvalConfig, evaluate
-from mixsd.mix_config import MixConfig
-from mixsd.models import ModelHandle, model_fingerprint, resolve_model
-from mixsd.targets import mix
-from mixsd.train import train
-from mixsd.train_config import TrainConfig
+from mixsd.core.models import ModelHandle, model_fingerprint, resolve_model
+from mixsd.evaluation.analyze import NLLConfig, target_nll
+from mixsd.evaluation.evaluate import EvalConfig, evaluate
+from mixsd.method.mix_config import MixConfig
+from mixsd.method.targets import mix
+from mixsd.training.train import train
+from mixsd.training.train_config import TrainConfig
 
 
 @pytest.fixture
@@ -36,13 +36,13 @@ def train_output(tmp_path, tiny_model_dir) -> Path:
 def resolutions(monkeypatch) -> Counter:
     """Every call of the resolver, by the name it was given."""
     calls: Counter = Counter()
-    real = mixsd.models.resolve_model
+    real = mixsd.core.models.resolve_model
 
     def counting(name):
         calls[str(name)] += 1
         return real(name)
 
-    monkeypatch.setattr(mixsd.models, "resolve_model", counting)
+    monkeypatch.setattr(mixsd.core.models, "resolve_model", counting)
     return calls
 
 
@@ -157,13 +157,13 @@ def test_the_fingerprint_hashes_a_weight_file_once_per_state(tmp_path, tiny_mode
     folder = tmp_path / "m"
     shutil.copytree(tiny_model_dir, folder)
     hashed: Counter = Counter()
-    real = mixsd.models.sha256_file
+    real = mixsd.core.models.sha256_file
 
     def counting(path):
         hashed[Path(path).name] += 1
         return real(path)
 
-    monkeypatch.setattr(mixsd.models, "sha256_file", counting)
+    monkeypatch.setattr(mixsd.core.models, "sha256_file", counting)
     first = model_fingerprint(str(folder))
     assert model_fingerprint(str(folder)) == first and hashed["model.safetensors"] == 1
     weights = folder / "model.safetensors"

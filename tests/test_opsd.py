@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import make_word_model, make_word_tokenizer
-from mixsd.opsd import (
+from mixsd.core.records import make_fact
+from mixsd.method.prompts import encode_prompt
+from mixsd.training.opsd import (
     DIAGNOSTICS_FILE,
     answer_start_probability,
     opsd_examples,
@@ -20,9 +22,7 @@ from mixsd.opsd import (
     sample_answers,
     token_divergence,
 )
-from mixsd.prompts import encode_prompt
-from mixsd.records import make_fact
-from mixsd.train import TrainConfig, train
+from mixsd.training.train import TrainConfig, train
 
 VOCAB = 64
 
@@ -170,8 +170,8 @@ def test_prompts_are_built_exactly_as_mix_builds_them(tmp_path):
     # no chat template: the plain expert format, the fact on the line before the plain prompt
     plain = tokenizer("w4 w7 Question: w1 w2 Answer:", add_special_tokens=False)["input_ids"]
     assert row["expert_ids"] == [1, *plain]
-    from mixsd.prompts import load_expert_template
-    from mixsd.targets import build_jobs
+    from mixsd.method.prompts import load_expert_template
+    from mixsd.method.targets import build_jobs
 
     ((_, job),) = build_jobs([fact], tokenizer, load_expert_template(None, tokenizer))
     assert (row["prompt_ids"], row["expert_ids"]) == (job.naive_ids, job.expert_ids)

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from conftest import TINY_SIZES, make_causal_lm
-from mixsd import generation
-from mixsd.decoder import Draw, Job, MixedDecoder
-from mixsd.generation import RowBatch, greedy_generate
-from mixsd.reference import ReferenceDecoder, record_uniforms
+from mixsd.method import generation
+from mixsd.method.decoder import Draw, Job, MixedDecoder
+from mixsd.method.generation import RowBatch, greedy_generate
+from mixsd.method.reference import ReferenceDecoder, record_uniforms
 
 VOCAB = 128
 PAD, BOS = 0, 1

@@ -1,4 +1,4 @@
-"""The probe-kind registry (mixsd.probe_kinds): one name per kind, the only place that names kinds, and
+"""The probe-kind registry (mixsd.evaluation.probe_kinds): one name per kind, the only place that names kinds, and
 summaries that regenerate the committed results from their predictions."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_model, make_tiny_tokenizer, write_jsonl
-from mixsd.probe_kinds import (
+from mixsd.evaluation.probe_kinds import (
     GENERATIVE,
     KL,
     KL_ANSWER_TAG,
@@ -25,6 +25,7 @@ from mixsd.probe_kinds import (
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "mixsd"
+REGISTRY = "evaluation/probe_kinds.py"  # the registry, relative to the package
 COMMITTED_CELLS = sorted((ROOT / "results").glob("*/cells/*/retention.json"))
 
 # Every spelling a probe kind has had, in summaries and in prediction rows ("text" is left out: it is also
@@ -32,7 +33,7 @@ COMMITTED_CELLS = sorted((ROOT / "results").glob("*/cells/*/retention.json"))
 KIND_WORDS = {"multiple_choice", "mc", "perplexity", "generative", "gen", "kl", "kl_answer"}
 # The same word meaning something else: lm-eval's own output type in the task format of exported probes,
 # and the prefix of the KL prompts' ids (a corpus builder, which may not import the registry).
-OTHER_MEANING = {("lmeval_format.py", "multiple_choice"), ("corpora/probes.py", "kl")}
+OTHER_MEANING = {("evaluation/lmeval_format.py", "multiple_choice"), ("corpora/probes.py", "kl")}
 # the registry's kind objects: comparing with one (`kind is MULTIPLE_CHOICE`) is an if-chain on the kind
 KIND_OBJECTS = {"GENERATIVE", "MULTIPLE_CHOICE", "PERPLEXITY", "KL"}
 # every name and row tag a kind has (the registry is their source)
@@ -133,9 +134,9 @@ def test_kind_names_are_spelled_only_in_the_registry():
         words = {w for w in _string_constants(tree) & KIND_WORDS if (name, w) not in OTHER_MEANING}
         if words:
             spelled[name] = words
-    assert "probe_kinds.py" in spelled  # the scan sees the registry's own names
-    outside = {name: sorted(words) for name, words in spelled.items() if name != "probe_kinds.py"}
-    assert not outside, f"{outside}: read the names from mixsd.probe_kinds"
+    assert REGISTRY in spelled  # the scan sees the registry's own names
+    outside = {name: sorted(words) for name, words in spelled.items() if name != REGISTRY}
+    assert not outside, f"{outside}: read the names from mixsd.evaluation.probe_kinds"
     assert KL_ANSWER_TAG in KIND_WORDS and LM_EVAL == "lm_eval"
 
 
@@ -144,7 +145,7 @@ def test_no_module_but_the_registry_branches_on_a_kind():
     branching = {
         name: found
         for name, tree in _modules().items()
-        if name != "probe_kinds.py" and (found := _kind_comparisons(tree))
+        if name != REGISTRY and (found := _kind_comparisons(tree))
     }
     assert not branching, branching
 

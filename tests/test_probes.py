@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mixsd.cli import main
+from mixsd.core.files import InputError
 from mixsd.corpora import probes
 from mixsd.corpora.probes import (
     ProbesFetchConfig,
@@ -20,7 +21,6 @@ from mixsd.corpora.probes import (
     read_members,
     wikidata_relation,
 )
-from mixsd.files import InputError
 
 TOP = "bigbench-1.0.0/"
 CAPITALS = [

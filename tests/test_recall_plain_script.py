@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_model, make_tiny_tokenizer, write_jsonl
-from mixsd.prompts import answer_end, encode_prompt
+from mixsd.method.prompts import answer_end, encode_prompt
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "recall_plain_transformers.py"
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from mixsd.files import InputError
-from mixsd.report import write_report
-from mixsd.report_data import write_report_data
-from mixsd.report_sections import matched_cell, tuning_markdown
-from mixsd.results import COMPARISONS_FILE, REPORT_DATA_FILES
-from mixsd.tuning import (
+from mixsd.core.files import InputError
+from mixsd.experiments.report import write_report
+from mixsd.experiments.report_data import write_report_data
+from mixsd.experiments.report_sections import matched_cell, tuning_markdown
+from mixsd.experiments.results import COMPARISONS_FILE, REPORT_DATA_FILES
+from mixsd.experiments.tuning import (
     SelectionRule,
     add_retention,
     curve_groups,
@@ -134,7 +134,7 @@ def test_one_seed_gets_a_wilson_interval_from_the_probe_items():
     entry = matched_retention([points], 0.9, base=base)
     # halfway between the epochs: p_acc 0.6 -> 30/50 right -> retention 0.75
     assert entry["value"] == pytest.approx(0.75) and entry["interval"] == "Wilson"
-    from mixsd.metrics import wilson_interval
+    from mixsd.core.metrics import wilson_interval
 
     low, high = wilson_interval(30, 50)
     assert entry["ci95"] == [pytest.approx(low / 0.8, abs=1e-6), pytest.approx(high / 0.8, abs=1e-6)]

@@ -1,4 +1,4 @@
-"""Committed results: mixsd.grid_summary computes what docs/results.md's tables show from a grid's files,
+"""Committed results: mixsd.experiments.grid_summary computes what docs/results.md's tables show from a grid's files,
 scripts/results.py collects a grid, renders the tables and checks them (`make results-check`)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixsd.grid_summary import first_at, kept_items, primary, read_grid, summarize
-from mixsd.metrics import hierarchical_bootstrap
+from mixsd.core.metrics import hierarchical_bootstrap
+from mixsd.experiments.grid_summary import first_at, kept_items, primary, read_grid, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "results.py"

@@ -11,11 +11,11 @@ import torch
 
 from conftest import write_jsonl
 from mixsd.cli import main
-from mixsd.files import InputError, read_jsonl
-from mixsd.prompts import REWRITE_EXPERT_TEMPLATE, encode_answer, encode_expert_prompt, encode_prompt
-from mixsd.records import load_corpus
-from mixsd.rewrite import RewriteConfig, rewrite
-from mixsd.targets import summary_path
+from mixsd.core.files import InputError, read_jsonl
+from mixsd.core.records import load_corpus
+from mixsd.method.prompts import REWRITE_EXPERT_TEMPLATE, encode_answer, encode_expert_prompt, encode_prompt
+from mixsd.method.rewrite import RewriteConfig, rewrite
+from mixsd.method.targets import summary_path
 
 
 def rows_of(path) -> list[dict]:

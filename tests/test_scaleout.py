@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mixsd.files import InputError
-from mixsd.train import _has_accelerator
+from mixsd.core.files import InputError
+from mixsd.training.train import _has_accelerator
 from test_train import config_for, losses, run, tiny_model, tiny_tokenizer, write_targets
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"

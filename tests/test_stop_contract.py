@@ -16,8 +16,8 @@ import torch
 
 from conftest import make_causal_lm, make_char_tokenizer, write_jsonl
 from mixsd.cli import main
-from mixsd.opsd import sample_answers
-from mixsd.prompts import (
+from mixsd.core.records import make_fact
+from mixsd.method.prompts import (
     DEFAULT_EXPERT_TEMPLATE,
     PAPER_EXPERT_TEMPLATE,
     PLAIN_EXPERT_TEMPLATE,
@@ -29,8 +29,8 @@ from mixsd.prompts import (
     end_of_turn_id,
     load_expert_template,
 )
-from mixsd.records import make_fact
-from mixsd.sft_targets import sft_target_rows
+from mixsd.method.sft_targets import sft_target_rows
+from mixsd.training.opsd import sample_answers
 
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 GEMMA_TEMPLATE = (

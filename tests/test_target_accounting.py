@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from mixsd.files import InputError
-from mixsd.metrics import rate
-from mixsd.target_accounting import account_targets, read_target_accounting
+from mixsd.core.files import InputError
+from mixsd.core.metrics import rate
+from mixsd.method.target_accounting import account_targets, read_target_accounting
 
 
 def mixed(id, correct=True, low=0, logprob_naive=(-0.1, -6.0, None), source="mixsd"):

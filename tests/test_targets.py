@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from mixsd import files
-from mixsd.decoder import Job, MixedDecoder
-from mixsd.files import InputError
-from mixsd.mix_config import MixConfig
-from mixsd.prompts import encode_prompt, expert_message
-from mixsd.records import load_corpus
-from mixsd.targets import journal_path, mix, summary_path
+from mixsd.core import files
+from mixsd.core.files import InputError
+from mixsd.core.records import load_corpus
+from mixsd.method.decoder import Job, MixedDecoder
+from mixsd.method.mix_config import MixConfig
+from mixsd.method.prompts import encode_prompt, expert_message
+from mixsd.method.targets import journal_path, mix, summary_path
 
 STOP = 5  # eos id of the tiny model (<|im_end|> in the tiny tokenizer)
 
@@ -375,8 +375,8 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys, tiny_model_di
 
 @pytest.mark.slow
 def test_embedded_model_builds_verified_targets(tmp_path):
-    from mixsd.experiment import DEMO_FACTS
-    from mixsd.models import resolve_model
+    from mixsd.core.models import resolve_model
+    from mixsd.experiments.experiment import DEMO_FACTS
 
     resolve_model("smollm2-135m")  # converts the embedded GGUF once, if this machine has not yet
     source = [json.loads(line) for line in DEMO_FACTS.read_text().splitlines()][:6]

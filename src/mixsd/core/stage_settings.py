@@ -5,7 +5,7 @@ Each config class declares those fields itself in a `SPEED_ONLY` class attribute
 metadata: HfArgumentParser passes metadata to argparse). `dtype` of eval and nll is in their settings as
 `bf16`, which those configs keep equal to `dtype == "bfloat16"` (`options.ModelOptions`), so records
 written before `dtype` existed stay current; mix and rewrite keep `dtype`. Training's settings are its own
-(`mixsd.train_config.run_settings`).
+(`mixsd.training.train_config.run_settings`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mixsd.stages import config_settings
+from mixsd.core.stages import config_settings
 
 
 def speed_only(cls: type) -> set[str]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mixsd import __version__
-from mixsd.files import atomic_write_json, sha256_file, sha256_text
+from mixsd.core.files import atomic_write_json, sha256_file, sha256_text
 
 Status = Literal["current", "resumable", "stale", "missing"]
 RECORD_SUFFIX = ".stage.json"

@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from mixsd.files import InputError
+from mixsd.core.files import InputError
 
 REDOWNLOAD = "copy or download it again"
 

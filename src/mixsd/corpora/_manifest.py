@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mixsd.files import atomic_write_json, sha256_file
+from mixsd.core.files import atomic_write_json, sha256_file
 
 
 def count_lines(path: Path) -> int:

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from mixsd.answering import ENTITY_MODE
-from mixsd.answers import matches
+from mixsd.core.answers import matches
+from mixsd.core.files import InputError, atomic_write_jsonl
+from mixsd.core.options import ModelOptions
 from mixsd.corpora._manifest import write_manifest
 from mixsd.corpora.kgfact import RELATIONS as KG_RELATIONS
 from mixsd.corpora.kgfact import build_world
-from mixsd.files import InputError, atomic_write_jsonl
-from mixsd.options import ModelOptions
+from mixsd.method.answering import ENTITY_MODE
 
 GENERATOR = "mixsd.corpora.capability"
 VERSION = 1
@@ -86,7 +86,7 @@ class CapabilityConfig(ModelOptions):
     )
     bf16: bool = field(default=False, metadata={"help": "Deprecated: same as --dtype bfloat16."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
-    # fields that change only speed or where the run goes, never the probe files (`mixsd.stage_settings`)
+    # fields that change only speed or where the run goes, never the probe files (`mixsd.core.stage_settings`)
     SPEED_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "device", "threads")
 
     def __post_init__(self) -> None:
@@ -333,7 +333,7 @@ def keep_known(
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
     """The candidates whose answer (by `answer`, one text per candidate) names an accepted answer, and the
     counts kept / total per group."""
-    from mixsd.answering import score_answer
+    from mixsd.method.answering import score_answer
 
     outputs = answer(candidates)
     if len(outputs) != len(candidates):
@@ -348,8 +348,8 @@ def keep_known(
 def _model_answerer(config: CapabilityConfig) -> tuple[Callable[[list[dict]], list[str]], dict[str, Any]]:
     """Greedy answers of --model exactly as `mixsd eval` asks them (same prompts, decoding, length cap)."""
     # here, not at the top: building the probes without a model needs no torch
-    from mixsd import models
-    from mixsd.answering import generate_answers
+    from mixsd.core import models
+    from mixsd.method.answering import generate_answers
 
     config.set_threads()
     handle = models.resolve_model(config.model)  # once: loaded and fingerprinted from the handle
@@ -370,8 +370,8 @@ def _model_answerer(config: CapabilityConfig) -> tuple[Callable[[list[dict]], li
 
 
 def _qa_wikidata_task(config: CapabilityConfig) -> tuple[dict, dict[str, str]]:
+    from mixsd.core.files import sha256_file
     from mixsd.corpora.probes import download_sdist, read_members
-    from mixsd.files import sha256_file
 
     sdist = Path(config.sdist) if config.sdist else download_sdist(config.pip)
     if not sdist.is_file():

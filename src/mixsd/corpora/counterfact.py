@@ -43,13 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mixsd.answers import matches
+from mixsd.core.answers import matches
+from mixsd.core.files import InputError, atomic_write_jsonl, sha256_file
+from mixsd.core.options import ModelOptions, check_range
 from mixsd.corpora._manifest import write_manifest
-from mixsd.files import InputError, atomic_write_jsonl, sha256_file
-from mixsd.options import ModelOptions, check_range
 
 if TYPE_CHECKING:  # the annotation only: importing models loads torch
-    from mixsd.models import ModelHandle
+    from mixsd.core.models import ModelHandle
 
 GENERATOR = "mixsd.corpora.counterfact"
 VERSION = 1
@@ -439,8 +439,8 @@ def model_answerer(config: CounterfactConfig, handle: ModelHandle | None = None)
     """Greedy answers of --model (resolved as `handle` when given), asked as `mixsd eval` asks (same prompt
     form, decoding and stops)."""
     # here, not at the top: the corpus is built from a file without a model (and torch) in the tests
-    from mixsd import models
-    from mixsd.answering import generate_answers
+    from mixsd.core import models
+    from mixsd.method.answering import generate_answers
 
     config.set_threads()
     model, tokenizer = models.load_for_inference(
@@ -493,7 +493,7 @@ def counterfact_command(config: CounterfactConfig, answer: Answerer | None = Non
     task, source = load_task(config)
     model: dict[str, Any] = {"name": config.model, "sha256": None}
     if answer is None:
-        from mixsd import models  # here, not at the top: see model_answerer
+        from mixsd.core import models  # here, not at the top: see model_answerer
 
         handle = models.try_resolve(config.model)  # once; None: loading by name raises the error
         answer = model_answerer(config, handle)

@@ -50,7 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mixsd.answers import squad_normalize
+from mixsd.core.answers import squad_normalize
+from mixsd.core.files import InputError, atomic_write_jsonl, sha256_file, sha256_text
+from mixsd.core.options import ModelOptions, check_choices, check_range
 from mixsd.corpora._manifest import write_manifest
 from mixsd.corpora.documents_passages import (
     Paragraph,
@@ -79,8 +81,6 @@ from mixsd.corpora.squad import (
     read_squad_source,
     select_paragraphs,
 )
-from mixsd.files import InputError, atomic_write_jsonl, sha256_file, sha256_text
-from mixsd.options import ModelOptions, check_choices, check_range
 
 # Passages, the question writer and the SQuAD source live in their own modules; these names stay
 # importable from here.
@@ -266,7 +266,7 @@ def read_inputs(
         paragraphs, count_tokens, config.max_passage_tokens, config.min_passage_words, skips
     )
     if config.squad:
-        from mixsd.models import cache_dir  # here: models loads torch, reading the inputs needs none
+        from mixsd.core.models import cache_dir  # here: models loads torch, reading the inputs needs none
 
         found, source = read_squad_source(config.squad_source, cache_dir() / "downloads")
         squad_paragraphs, golds, eligible = select_paragraphs(
@@ -292,7 +292,7 @@ def build_documents(
     `model` / `qa_tokenizer`: the QA model in memory (else loaded by name); `writer`: what writes the
     pairs, with QAWriter's `questions` and `answers` (default: a QAWriter of the QA model)."""
     # here, not at the top: the other corpus commands of this package need no torch
-    from mixsd import models
+    from mixsd.core import models
 
     handles: dict[str, models.ModelHandle] = {}
 

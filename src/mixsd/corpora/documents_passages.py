@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixsd.files import InputError, read_jsonl, sha256_text
+from mixsd.core.files import InputError, read_jsonl, sha256_text
 
 MAX_LISTED_SKIPS = 200
 SUFFIXES = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown", ".jsonl": "jsonl"}

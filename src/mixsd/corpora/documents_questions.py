@@ -9,9 +9,9 @@ import re
 from collections import Counter
 from typing import Any
 
-from mixsd.answers import entity_match, squad_normalize
+from mixsd.core.answers import entity_match, squad_normalize
+from mixsd.core.files import sha256_text
 from mixsd.corpora.documents_passages import Passage
-from mixsd.files import sha256_text
 
 # The question starts tried per passage (in a seeded order): they steer a small model towards different
 # facts of the passage, which greedy decoding of one prompt would not.
@@ -145,8 +145,8 @@ class QAWriter:
     """Greedy question, then answer, for a list of (passage, question start) prompts, batched."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int):
-        from mixsd.models import context_length
-        from mixsd.prompts import answer_end, pad_token_id
+        from mixsd.core.models import context_length
+        from mixsd.method.prompts import answer_end, pad_token_id
 
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
@@ -161,7 +161,7 @@ class QAWriter:
         """Each prompt's greedy continuation up to its first line break: (text, whether it ended there)."""
         import torch
 
-        from mixsd.generation import greedy_generate
+        from mixsd.method.generation import greedy_generate
 
         out: list[tuple[str, bool]] = [("", False)] * len(prompts)
         fits = [
@@ -186,7 +186,7 @@ class QAWriter:
 
     def questions(self, jobs: list[tuple[Passage, str]]) -> list[tuple[list[int], str | None]]:
         """(the conversation so far, the question or None) for each (passage, question start)."""
-        from mixsd.prompts import encode_prompt
+        from mixsd.method.prompts import encode_prompt
 
         bases = {}
         prompts = []

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mixsd.answers import parse_number
+from mixsd.core.answers import parse_number
+from mixsd.core.files import InputError, atomic_write_jsonl, read_jsonl, read_text, sha256_file
+from mixsd.core.options import check_choices, check_distinct, check_range
 from mixsd.corpora._manifest import write_manifest
-from mixsd.files import InputError, atomic_write_jsonl, read_jsonl, read_text, sha256_file
-from mixsd.options import check_choices, check_distinct, check_range
 
 GENERATOR = "mixsd.corpora.importers"
 VERSION = 1

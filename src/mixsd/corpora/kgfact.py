@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mixsd.core.files import atomic_write_json, atomic_write_jsonl
+from mixsd.core.options import check_choices, check_range
 from mixsd.corpora._manifest import write_manifest
 from mixsd.corpora.kgfact_relations import RELATIONS, Relation, domain_pairs
 from mixsd.corpora.kgfact_world import (
@@ -44,8 +46,6 @@ from mixsd.corpora.kgfact_world import (
     build_world,
     make_entities,
 )
-from mixsd.files import atomic_write_json, atomic_write_jsonl
-from mixsd.options import check_choices, check_range
 
 # The world and the relations live in their own modules; these names stay importable from here.
 __all__ = [

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mixsd.core.files import atomic_write_jsonl
+from mixsd.core.options import check_range
 from mixsd.corpora._manifest import write_manifest
-from mixsd.files import atomic_write_jsonl
-from mixsd.options import check_range
 
 GENERATOR = "mixsd.corpora.kgfunc"
 VERSION = 1

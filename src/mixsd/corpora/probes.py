@@ -20,7 +20,7 @@ A log-likelihood scorer scores `query + " " + choice` for each choice (the query
 questions, or is the cloze sentence itself for qa_wikidata).
 
 The KL prompt list is read here too (`load_kl_prompts`); probe files are read by their kind's parser
-(`mixsd.probe_kinds.load_probe`).
+(`mixsd.evaluation.probe_kinds.load_probe`).
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from mixsd.core.files import InputError, atomic_write_jsonl, read_text, sha256_file, sha256_text
+from mixsd.core.models import cache_dir
+from mixsd.core.options import check_range
+from mixsd.core.records import load_corpus
 from mixsd.corpora._manifest import write_manifest
-from mixsd.files import InputError, atomic_write_jsonl, read_text, sha256_file, sha256_text
-from mixsd.models import cache_dir
-from mixsd.options import check_range
-from mixsd.records import load_corpus
 
 GENERATOR = "mixsd.corpora.probes"
 VERSION = 1

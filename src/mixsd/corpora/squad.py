@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mixsd.core.files import InputError, input_file_problem, sha256_file, sha256_text
 from mixsd.corpora.documents_passages import Paragraph, Passage
 from mixsd.corpora.importers import make_record
-from mixsd.files import InputError, input_file_problem, sha256_file, sha256_text
 
 SQUAD_SOURCE = "squad-v1.1-dev"  # the `source` of every SQuAD passage, whichever file it was read from
 SQUAD_LICENSE = "CC-BY-SA-4.0 (SQuAD v1.1, Rajpurkar et al., 2016)"

@@ -33,8 +33,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixsd import __version__
-from mixsd.files import InputError, atomic_write_json, read_jsonl, sha256_file
-from mixsd.memit import (
+from mixsd.core.files import InputError, atomic_write_json, read_jsonl, sha256_file
+from mixsd.core.models import cache_dir, load_model_and_tokenizer
+from mixsd.core.options import ModelOptions, check_distinct, check_range
+from mixsd.editing.memit import (
     EditRequest,
     default_layers,
     key_covariance,
@@ -42,9 +44,7 @@ from mixsd.memit import (
     num_layers,
     projection_template,
 )
-from mixsd.models import cache_dir, load_model_and_tokenizer
-from mixsd.options import ModelOptions, check_distinct, check_range
-from mixsd.prompts import encode_answer, encode_prompt, pad_token_id
+from mixsd.method.prompts import encode_answer, encode_prompt, pad_token_id
 
 
 @dataclass
@@ -125,7 +125,7 @@ class EditConfig(ModelOptions):
         metadata={"help": "Model dtype (the update is solved in float64 either way)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --out."})
-    # fields that change only speed or where the run goes, never the edit (`mixsd.stage_settings`)
+    # fields that change only speed or where the run goes, never the edit (`mixsd.core.stage_settings`)
     SPEED_ONLY: ClassVar[tuple[str, ...]] = ("device", "threads", "overwrite")
 
     def __post_init__(self) -> None:

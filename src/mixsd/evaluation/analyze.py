@@ -32,15 +32,16 @@ import torch
 from tqdm.auto import tqdm
 
 # models by attribute (models.load_model): a test patching that module sees every resolution and load
-from mixsd import __version__, models
-from mixsd.files import InputError, atomic_write_json, read_jsonl, sha256_file
-from mixsd.generation import autocast, tail_logprobs
-from mixsd.metrics import HIGH_NLL_NATS, wilson_interval
-from mixsd.models import default_device, fingerprint
-from mixsd.options import ModelOptions, check_distinct, check_range
-from mixsd.probe_kinds import kind_of_item, load_probe
-from mixsd.prompts import encode_answer, encode_prompt
-from mixsd.records import load_corpus, load_targets
+from mixsd import __version__
+from mixsd.core import models
+from mixsd.core.files import InputError, atomic_write_json, read_jsonl, sha256_file
+from mixsd.core.metrics import HIGH_NLL_NATS, wilson_interval
+from mixsd.core.models import default_device, fingerprint
+from mixsd.core.options import ModelOptions, check_distinct, check_range
+from mixsd.core.records import load_corpus, load_targets
+from mixsd.evaluation.probe_kinds import kind_of_item, load_probe
+from mixsd.method.generation import autocast, tail_logprobs
+from mixsd.method.prompts import encode_answer, encode_prompt
 
 # Fixed histogram edges (nats), so histograms of different target files line up bin for bin.
 NLL_BIN_EDGES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
@@ -59,7 +60,7 @@ class NLLConfig(ModelOptions):
     out: str | None = field(default=None, metadata={"help": "JSON file for the full statistics (optional)."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     bf16: bool = field(default=False, metadata={"help": "Deprecated: same as --dtype bfloat16."})
-    # fields that change only speed or where the run goes, never the NLL table; `dtype` is in the settings as `bf16` (`mixsd.stage_settings`)
+    # fields that change only speed or where the run goes, never the NLL table; `dtype` is in the settings as `bf16` (`mixsd.core.stage_settings`)
     SPEED_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "device", "threads", "dtype")
 
     def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)
@@ -159,7 +160,7 @@ def target_nll(config: NLLConfig, *, model=None) -> dict[str, Any]:
                 "mean_nll": sum(nlls) / len(nlls),
                 "sum_nll": sum(nlls),
                 # tokens above HIGH_NLL_NATS: with `correct` and `source`, the high-NLL share of a subset
-                # (verified targets, per token or per target: mixsd.target_accounting)
+                # (verified targets, per token or per target: mixsd.method.target_accounting)
                 "high_nll_tokens": sum(value > HIGH_NLL_NATS for value in nlls),
                 "correct": row.get("correct"),
                 "source": row.get("source"),
@@ -242,7 +243,7 @@ class FisherConfig(ModelOptions):
     seed: int = field(default=0, metadata={"help": "Seed of the subset and of sampled labels."})
     max_tokens: int = field(default=256, metadata={"help": "Cut each probe sequence to this many tokens."})
     out: str | None = field(default=None, metadata={"help": "JSON file for the results (optional)."})
-    # fields that change only speed or where the run goes, never the Fisher estimate; a grid runs fisher with the default dtype (`mixsd.stage_settings`)
+    # fields that change only speed or where the run goes, never the Fisher estimate; a grid runs fisher with the default dtype (`mixsd.core.stage_settings`)
     SPEED_ONLY: ClassVar[tuple[str, ...]] = ("device", "threads", "dtype")
 
     def __post_init__(self) -> None:

@@ -19,10 +19,10 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from mixsd.answering import generate_answers, score_answer
-from mixsd.files import InputError
-from mixsd.instructions import is_collapsed, validate_constraint
-from mixsd.metrics import pair_rows, paired_comparison, rate, ratio_interval
+from mixsd.core.files import InputError
+from mixsd.core.instructions import is_collapsed, validate_constraint
+from mixsd.core.metrics import pair_rows, paired_comparison, rate, ratio_interval
+from mixsd.method.answering import generate_answers, score_answer
 
 DEFAULT_MAX_NEW_TOKENS = 64
 

@@ -1,5 +1,5 @@
 """The options of `mixsd eval` (`EvalConfig`; the field help is the command's CLI help), checked before any
-model loads, and each suite's default answer length. `mixsd.evaluate` runs the command.
+model loads, and each suite's default answer length. `mixsd.evaluation.evaluate` runs the command.
 """
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from mixsd.files import InputError
-from mixsd.lmeval import parse_tasks as parse_lm_eval_tasks
-from mixsd.options import ModelOptions, check_distinct, check_range
+from mixsd.core.files import InputError
+from mixsd.core.options import ModelOptions, check_distinct, check_range
+from mixsd.evaluation.lmeval import parse_tasks as parse_lm_eval_tasks
 
 Suite = Literal["kgfact", "kgfunc", "qa", "retention"]
 DEFAULT_MAX_NEW_TOKENS = {"kgfact": 64, "kgfunc": 384, "qa": 128, "retention": 64}
@@ -116,7 +116,7 @@ class EvalConfig(ModelOptions):
     overwrite: bool = field(
         default=False, metadata={"help": "Recompute even if results for these settings exist."}
     )
-    # lm-evaluation-harness tasks as retention probes (mixsd.lmeval); OMIT_WHILE_DEFAULT: results recorded
+    # lm-evaluation-harness tasks as retention probes (mixsd.evaluation.lmeval); OMIT_WHILE_DEFAULT: results recorded
     # before these options existed stay current while they are unset (stages.config_settings)
     lm_eval_tasks: str | None = field(
         default=None,
@@ -138,7 +138,7 @@ class EvalConfig(ModelOptions):
             "help": "Few-shot examples for every lm-eval task; default: each task's own.",
         },
     )
-    # fields that change only speed or where the run goes, never the scores (`mixsd.stage_settings`); `dtype`
+    # fields that change only speed or where the run goes, never the scores (`mixsd.core.stage_settings`); `dtype`
     # is in the settings as `bf16`, which `options.ModelOptions` keeps equal to `dtype == "bfloat16"`
     SPEED_ONLY: ClassVar[tuple[str, ...]] = (
         "batch_size",

@@ -14,17 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mixsd.answers import SCORING_MODES, resolve_match_mode, score_all, squad_scores
+from mixsd.core.answers import SCORING_MODES, resolve_match_mode, score_all, squad_scores
+from mixsd.core.files import InputError, read_jsonl
+from mixsd.core.metrics import rate, squad_summary
+from mixsd.core.models import context_length
+from mixsd.core.records import Fact, load_corpus
 from mixsd.corpora.probes import spread
-from mixsd.eval_config import EvalConfig
-from mixsd.eval_models import EvalModels
-from mixsd.files import InputError, read_jsonl
-from mixsd.generation import greedy_generate
-from mixsd.metrics import rate, squad_summary
-from mixsd.models import context_length
-from mixsd.prompts import answer_end, encode_prompt, pad_token_id
-from mixsd.records import Fact, load_corpus
-from mixsd.taxonomy import ERROR_TYPES, Taxonomy
+from mixsd.evaluation.eval_config import EvalConfig
+from mixsd.evaluation.eval_models import EvalModels
+from mixsd.evaluation.taxonomy import ERROR_TYPES, Taxonomy
+from mixsd.method.generation import greedy_generate
+from mixsd.method.prompts import answer_end, encode_prompt, pad_token_id
 
 # each suite's splits (the files of its corpus folder) and what each measures
 SUITE_SPLITS = {

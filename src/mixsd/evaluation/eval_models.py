@@ -7,10 +7,10 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 # models by attribute (models.load_model): a test patching that module sees every load
-from mixsd import models
-from mixsd.eval_config import EvalConfig
-from mixsd.generation import autocast
-from mixsd.models import ModelHandle, default_device
+from mixsd.core import models
+from mixsd.core.models import ModelHandle, default_device
+from mixsd.evaluation.eval_config import EvalConfig
+from mixsd.method.generation import autocast
 
 
 class ProgressBar:
@@ -29,7 +29,7 @@ class ProgressBar:
 class EvalModels:
     """The models of one evaluation: the model, its tokenizer and its base, each loaded when first needed.
 
-    Models are loaded through `mixsd.models` by attribute (`models.load_model`), so that a test patching
+    Models are loaded through `mixsd.core.models` by attribute (`models.load_model`), so that a test patching
     that module sees every load; a handle is None for a model passed in, or one that did not resolve
     (loading it by name then raises the error)."""
 

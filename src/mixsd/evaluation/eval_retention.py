@@ -1,10 +1,10 @@
 """`mixsd eval --suite retention`: what did the new knowledge cost? Held-out ability on probe files and KL to
 the base, for the model and its base on the same items.
 
-Every probe is scored through its kind in the registry (`mixsd.probe_kinds`: read, score, summarize,
+Every probe is scored through its kind in the registry (`mixsd.evaluation.probe_kinds`: read, score, summarize,
 retention against the base, paired comparison); KL(base || model) per token is measured on the base
 model's own greedy answers to held-out prompts (`scoring.reference_answers`, as the learning curve does).
-lm-evaluation-harness tasks join as further probes (`mixsd.lmeval`). The base model's rows are cached in
+lm-evaluation-harness tasks join as further probes (`mixsd.evaluation.lmeval`). The base model's rows are cached in
 `$MIXSD_CACHE/eval-base`, so a grid of tuned models pays for the base once.
 """
 
@@ -14,14 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mixsd.eval_config import EvalConfig
-from mixsd.eval_models import EvalModels
-from mixsd.files import atomic_write_jsonl, dumps, read_journal, sha256_text
-from mixsd.lmeval import LmEvalPlan, evaluate_tasks
-from mixsd.models import cache_dir
-from mixsd.probe_kinds import KL, KL_ANSWER_TAG, ProbeKind
-from mixsd.prompts import pad_token_id
-from mixsd.scoring import kl_on_answers, reference_answers
+from mixsd.core.files import atomic_write_jsonl, dumps, read_journal, sha256_text
+from mixsd.core.models import cache_dir
+from mixsd.evaluation.eval_config import EvalConfig
+from mixsd.evaluation.eval_models import EvalModels
+from mixsd.evaluation.lmeval import LmEvalPlan, evaluate_tasks
+from mixsd.evaluation.probe_kinds import KL, KL_ANSWER_TAG, ProbeKind
+from mixsd.evaluation.scoring import kl_on_answers, reference_answers
+from mixsd.method.prompts import pad_token_id
 
 # the probes `mixsd probes fetch` writes: a missing one is listed among the skipped
 EXPECTED_PROBES = ("general_knowledge", "social_iqa", "qa_wikidata", "squad_paragraphs")
@@ -197,7 +197,7 @@ def run_retention(
 def run_lm_eval(
     config: EvalConfig, models: EvalModels, plan: LmEvalPlan, determines: dict[str, Any]
 ) -> dict[str, Any]:
-    """lm-eval's tasks on the model and its base (mixsd.lmeval); the base's output cached like its probes."""
+    """lm-eval's tasks on the model and its base (mixsd.evaluation.lmeval); the base's output cached like its probes."""
     has_base, same = models.has_base, models.base_is_model
     cache = None
     if has_base and not same and config.base_cache and (determines["base"] or {}).get("sha256"):

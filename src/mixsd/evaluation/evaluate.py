@@ -1,11 +1,11 @@
 """`mixsd eval`: did the knowledge go in (kgfact, kgfunc, qa suites) and what did it cost (retention)?
 
 This module is the command: what is evaluated and its hashes, the resume journal, the results file and
-its printed table. The suites themselves are `mixsd.eval_generation` (kgfact, kgfunc, qa: greedy answers
-scored under every matching mode, wrong ones typed by the error taxonomy) and `mixsd.eval_retention`
-(held-out ability on probe files, each scored through its kind in `mixsd.probe_kinds`, KL to the base on
-the base model's own answers, lm-evaluation-harness tasks); the options are `mixsd.eval_config.EvalConfig`,
-the models `mixsd.eval_models.EvalModels`.
+its printed table. The suites themselves are `mixsd.evaluation.eval_generation` (kgfact, kgfunc, qa: greedy answers
+scored under every matching mode, wrong ones typed by the error taxonomy) and `mixsd.evaluation.eval_retention`
+(held-out ability on probe files, each scored through its kind in `mixsd.evaluation.probe_kinds`, KL to the base on
+the base model's own answers, lm-evaluation-harness tasks); the options are `mixsd.evaluation.eval_config.EvalConfig`,
+the models `mixsd.evaluation.eval_models.EvalModels`.
 
 Retention of a probe = score(model) / score(base) (perplexity: base_ppl / model_ppl, so higher is better);
 multiple choice also gets the chance-normalized retention (acc - chance) / (acc_base - chance) and a paired
@@ -28,14 +28,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mixsd import __version__, models
-from mixsd.answers import SCORING_MODES
-from mixsd.corpora.probes import load_kl_prompts
-from mixsd.eval_config import DEFAULT_MAX_NEW_TOKENS, EvalConfig
-from mixsd.eval_generation import run_generation, suite_files
-from mixsd.eval_models import EvalModels
-from mixsd.eval_retention import EXPECTED_PROBES, run_lm_eval, run_retention
-from mixsd.files import (
+from mixsd import __version__
+from mixsd.core import models
+from mixsd.core.answers import SCORING_MODES
+from mixsd.core.files import (
     InputError,
     JournalWriter,
     atomic_write_json,
@@ -44,10 +40,15 @@ from mixsd.files import (
     read_journal,
     sha256_file,
 )
-from mixsd.lmeval import format_task, plan_settings, prepare
-from mixsd.models import cache_dir, fingerprint
-from mixsd.probe_kinds import KL, PROBE_KINDS, format_number, format_percent, load_probe
-from mixsd.stages import Stage
+from mixsd.core.models import cache_dir, fingerprint
+from mixsd.core.stages import Stage
+from mixsd.corpora.probes import load_kl_prompts
+from mixsd.evaluation.eval_config import DEFAULT_MAX_NEW_TOKENS, EvalConfig
+from mixsd.evaluation.eval_generation import run_generation, suite_files
+from mixsd.evaluation.eval_models import EvalModels
+from mixsd.evaluation.eval_retention import EXPECTED_PROBES, run_lm_eval, run_retention
+from mixsd.evaluation.lmeval import format_task, plan_settings, prepare
+from mixsd.evaluation.probe_kinds import KL, PROBE_KINDS, format_number, format_percent, load_probe
 
 
 def data_hashes(folder: Path | None, files: Iterable[Path]) -> dict[str, Any]:

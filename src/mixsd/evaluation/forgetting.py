@@ -36,11 +36,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mixsd.files import InputError, read_json_object, read_jsonl
-from mixsd.instructions import first_sentence
-from mixsd.metrics import pair_rows, paired_comparison, rate
-from mixsd.probe_kinds import GENERATIVE, PROBE_KINDS
-from mixsd.taxonomy import Taxonomy
+from mixsd.core.files import InputError, read_json_object, read_jsonl
+from mixsd.core.instructions import first_sentence
+from mixsd.core.metrics import pair_rows, paired_comparison, rate
+from mixsd.evaluation.probe_kinds import GENERATIVE, PROBE_KINDS
+from mixsd.evaluation.taxonomy import Taxonomy
 
 # A word, a \boxed{...} group, or one punctuation mark.
 _TOKEN = re.compile(r"\\boxed\{[^{}]*\}|[^\W_][\w'\u2019-]*|[^\w\s]")

@@ -10,7 +10,7 @@ wrong->right counts from lm-eval's logged samples. lm-eval is an optional depend
 (`pip install 'mixsd[lm-eval]'`); `lm_eval` is imported only inside the functions that need it.
 
 The other direction, mixsd's probes as lm-eval tasks (`mixsd probes export-lm-eval`), is
-`mixsd.lmeval_export`; its names are importable from here too, as the README documents them.
+`mixsd.evaluation.lmeval_export`; its names are importable from here too, as the README documents them.
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixsd.files import InputError, atomic_write_json, sha256_file
+from mixsd.core.files import InputError, atomic_write_json, sha256_file
+from mixsd.core.metrics import chance_normalized, paired_comparison, well_above_chance
 
 # re-exported: the README, the tests and the command table name them here
-from mixsd.lmeval_export import (
+from mixsd.evaluation.lmeval_export import (
     EXPORT_METRIC,
     LmEvalExportConfig,
     export_command,
     export_lm_eval,
 )
-from mixsd.lmeval_format import mc_context
-from mixsd.metrics import chance_normalized, paired_comparison, well_above_chance
-from mixsd.probe_kinds import LM_EVAL
+from mixsd.evaluation.lmeval_format import mc_context
+from mixsd.evaluation.probe_kinds import LM_EVAL
 
 # The headline of a task that does not name one (`metadata.mixsd_metric`): the first it reports of these.
 HEADLINE_ORDER = ("acc_norm", "acc", "exact_match")

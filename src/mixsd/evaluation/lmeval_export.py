@@ -4,7 +4,7 @@ file per probe, and a manifest), for `lm_eval --include_path OUT`.
     mixsd probes export-lm-eval OUT [--probes DIR]
 
 Each probe kind the harness can score carries its task format in the registry (`ProbeKind.lm_eval`, see
-`mixsd.lmeval_format`); a kind without one is skipped with the reason in the manifest. lm-eval itself is
+`mixsd.evaluation.lmeval_format`); a kind without one is skipped with the reason in the manifest. lm-eval itself is
 not needed to export.
 """
 
@@ -19,17 +19,17 @@ from typing import Any
 
 import yaml
 
+from mixsd.core.files import InputError, atomic_write_jsonl, atomic_write_text, sha256_file
+from mixsd.core.options import check_range
 from mixsd.corpora._manifest import write_manifest
 from mixsd.corpora.probes import default_out
-from mixsd.files import InputError, atomic_write_jsonl, atomic_write_text, sha256_file
-from mixsd.lmeval_format import LmEvalFormat
-from mixsd.options import check_range
-from mixsd.probe_kinds import load_probe
+from mixsd.evaluation.lmeval_format import LmEvalFormat
+from mixsd.evaluation.probe_kinds import load_probe
 
-GENERATOR = "mixsd.lmeval"  # the manifest's generator, as exports have always named it
+GENERATOR = "mixsd.evaluation.lmeval"  # the manifest's generator, as exports have always named it
 VERSION = 1
 TAG = "mixsd_probes"  # every exported task carries it: `lm_eval --tasks mixsd_probes` runs them all
-# The score of each exported probe that counts for retention; mixsd.results.RETENTION_METRIC reads the
+# The score of each exported probe that counts for retention; mixsd.experiments.results.RETENTION_METRIC reads the
 # fetched probes the same way (a test holds the two together).
 EXPORT_METRIC = {"social_iqa": "acc_norm"}
 

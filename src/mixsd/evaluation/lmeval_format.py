@@ -1,11 +1,11 @@
 """How a probe file's items become an lm-evaluation-harness task: the documents and the task settings of
-each probe kind the harness can score. `mixsd.probe_kinds` registers a format with each such kind (its
-`lm_eval` field); `mixsd.lmeval_export` writes the files. Pure: the harness is not imported.
+each probe kind the harness can score. `mixsd.evaluation.probe_kinds` registers a format with each such kind (its
+`lm_eval` field); `mixsd.evaluation.lmeval_export` writes the files. Pure: the harness is not imported.
 
 The multiple-choice format reproduces mixsd's strings exactly: lm-eval scores `context + target_delimiter +
 choice` after moving the context's trailing whitespace into the continuation (`LM._encode_pair`); with
 `target_delimiter: ""` and `context = query + " "` (or `query` when the query already ends in whitespace, or
-every choice starts with it) that is `mixsd.scoring.choice_tokens`' split, token for token, and the choices
+every choice starts with it) that is `mixsd.evaluation.scoring.choice_tokens`' split, token for token, and the choices
 keep their own text, so lm-eval's `acc_norm` divides by the same character counts as mixsd's.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixsd.files import InputError, read_jsonl
+from mixsd.core.files import InputError, read_jsonl
 
 Documents = Callable[[Path, list[dict[str, Any]]], list[dict[str, Any]]]
 
@@ -41,7 +41,7 @@ class LmEvalFormat:
 
 def mc_context(query: str, choices: list[str]) -> str | None:
     """The lm-eval context (with `target_delimiter: ""`) under which the harness scores exactly the tokens
-    `mixsd.scoring.choice_tokens` scores; None when no single context does (some choices of the item start
+    `mixsd.evaluation.scoring.choice_tokens` scores; None when no single context does (some choices of the item start
     with whitespace and others do not: mixsd puts the space before some choices only)."""
     if query[-1:].isspace() or all(c[:1].isspace() for c in choices):
         return query  # no space is added; the harness moves the query's trailing whitespace, as mixsd does

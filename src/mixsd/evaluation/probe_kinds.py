@@ -12,10 +12,10 @@ were so that files written before stay readable: "mc", "text", "gen", "kl"), and
 item, score items, summarize rows, retention ratios and paired comparison against the base, the learning
 curve's columns (KL's on the base's answers to the KL prompts), the line of `mixsd eval`'s table, for
 `mixsd analyze fisher` the labelled sequences, the lm-eval task a file is exported as
-(`mixsd.lmeval_format`), the results table's columns (`mixsd.results`), a row's outcome where cells are
-compared item by item (`mixsd.comparisons`) and its part of forgetting.json's erased knowledge
-(`mixsd.forgetting`).
-`mixsd eval`, the learning curve (`mixsd.curve`), `mixsd analyze`, the lm-eval export and the results side
+(`mixsd.evaluation.lmeval_format`), the results table's columns (`mixsd.experiments.results`), a row's outcome where cells are
+compared item by item (`mixsd.experiments.comparisons`) and its part of forgetting.json's erased knowledge
+(`mixsd.evaluation.forgetting`).
+`mixsd eval`, the learning curve (`mixsd.training.curve`), `mixsd analyze`, the lm-eval export and the results side
 dispatch through here; no other module spells or compares kind names. lm-eval tasks are not probe files (lmeval.py scores them); only
 the tag of their summaries and rows, `LM_EVAL`, is named here.
 """
@@ -28,18 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixsd.capability import (
+from mixsd.core.files import InputError, read_jsonl
+from mixsd.core.metrics import probe_columns
+from mixsd.corpora.probes import spread
+from mixsd.evaluation.capability import (
     compare_generative,
     format_generative,
     generative_rows,
     parse_generative_item,
     summarize_generative,
 )
-from mixsd.corpora.probes import spread
-from mixsd.files import InputError, read_jsonl
-from mixsd.lmeval_format import MULTIPLE_CHOICE_TASK, TEXT_TASK, LmEvalFormat
-from mixsd.metrics import probe_columns
-from mixsd.scoring import (
+from mixsd.evaluation.lmeval_format import MULTIPLE_CHOICE_TASK, TEXT_TASK, LmEvalFormat
+from mixsd.evaluation.scoring import (
     choice_tokens,
     compare_multiple_choice,
     compare_perplexity,
@@ -56,13 +56,13 @@ from mixsd.scoring import (
 Rows = list[dict[str, Any]]
 Sequences = list[tuple[list[int], int]]  # (token ids, index of the first labelled token)
 
-LM_EVAL = "lm_eval"  # the kind of lm-eval task summaries and rows (mixsd.lmeval)
+LM_EVAL = "lm_eval"  # the kind of lm-eval task summaries and rows (mixsd.evaluation.lmeval)
 KL_ANSWER_TAG = "kl_answer"  # the base model's answers to the KL prompts, journaled beside the KL rows
 
 
 @dataclass(frozen=True)
 class ErasedKnowledge:
-    """A kind's part of forgetting.json's `erased_knowledge` (`mixsd.forgetting`): the section it fills,
+    """A kind's part of forgetting.json's `erased_knowledge` (`mixsd.evaluation.forgetting`): the section it fills,
     that section before any probe, and the section with one probe's summary added."""
 
     section: str
@@ -92,11 +92,11 @@ class ProbeKind:
     fisher_sequences: Callable[[Any, list[dict[str, Any]]], Sequences] | None = None
     # `mixsd probes export-lm-eval`: the lm-eval task such a file becomes (None: not exported)
     lm_eval: LmEvalFormat | None = None
-    # `mixsd.results`: the results table's columns of probe `probe` under its chosen metric
+    # `mixsd.experiments.results`: the results table's columns of probe `probe` under its chosen metric
     table_columns: Callable[[str, dict[str, Any], str], dict[str, Any]] = probe_columns
-    # `mixsd.comparisons`: a model row's outcome under the probe's metric (None: not compared item by item)
+    # `mixsd.experiments.comparisons`: a model row's outcome under the probe's metric (None: not compared item by item)
     item_outcome: Callable[[dict[str, Any], str], bool] | None = None
-    # `mixsd.forgetting`: what a probe of this kind says about erased knowledge (None: nothing)
+    # `mixsd.evaluation.forgetting`: what a probe of this kind says about erased knowledge (None: nothing)
     erased: ErasedKnowledge | None = None
 
     def score_items(
@@ -356,7 +356,7 @@ KL = ProbeKind(
     retention=_no_comparison,
     compare=_no_comparison,
     format=_format_kl,
-    curve=_curve_kl,  # on the base's answers to the KL prompts (mixsd.curve), not on a probe file
+    curve=_curve_kl,  # on the base's answers to the KL prompts (mixsd.training.curve), not on a probe file
     table_columns=_kl_columns,
     erased=ErasedKnowledge(
         "kl_per_token", lambda: None, lambda _, probe, summary: summary.get("kl_per_token")

@@ -5,11 +5,11 @@
     text             token perplexity
     kl               KL(base || model) per token, on the base model's own greedy answers
 
-One function per kind and step (score, summarize, retention, compare); `mixsd.probe_kinds` registers them
-with the generative kind's (`mixsd.capability`) and is the one place that dispatches on a kind. The rows
+One function per kind and step (score, summarize, retention, compare); `mixsd.evaluation.probe_kinds` registers them
+with the generative kind's (`mixsd.evaluation.capability`) and is the one place that dispatches on a kind. The rows
 returned here carry no kind tag: the registry adds it. The summaries turn rows into a probe's scores and,
 given the base model's rows on the same items, into retention ratios with intervals and paired statistics
-(`mixsd.metrics`).
+(`mixsd.core.metrics`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from mixsd.generation import greedy_generate, tail_logprobs
-from mixsd.metrics import (
+from mixsd.core.metrics import (
     chance_normalized,
     chance_normalized_interval,
     paired_comparison,
@@ -28,7 +27,8 @@ from mixsd.metrics import (
     ratio_interval,
     well_above_chance,
 )
-from mixsd.prompts import answer_end, encode_prompt, pad_token_id
+from mixsd.method.generation import greedy_generate, tail_logprobs
+from mixsd.method.prompts import answer_end, encode_prompt, pad_token_id
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mixsd.answers import last_boxed, normalize
+from mixsd.core.answers import last_boxed, normalize
 
 ERROR_TYPES = ("format", "leakage", "collapse", "genuine")
 _MARKER = re.compile(r"\\boxed\{|answer\s+is", re.IGNORECASE)

@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixsd.lmeval import item_outcomes
-from mixsd.metrics import paired_comparison, ratio_interval
-from mixsd.probe_kinds import kind_of_row
-from mixsd.results import RETENTION_METRIC
+from mixsd.core.metrics import paired_comparison, ratio_interval
+from mixsd.evaluation.lmeval import item_outcomes
+from mixsd.evaluation.probe_kinds import kind_of_row
+from mixsd.experiments.results import RETENTION_METRIC
 
 # the baselines each method is compared with, besides the base model
 BASELINES = {"mixsd": ("sft", "rewrite"), "opsd": ("sft",), "rewrite": ("sft",)}
@@ -42,7 +42,9 @@ def item_scores(cell_dir: Path) -> dict[str, dict[str, bool]]:
             metric = RETENTION_METRIC.get(row["split"], "acc")
             scores.setdefault(f"{row['split']} ({metric})", {})[row["id"]] = kind.item_outcome(row, metric)
     retention = cell_dir / "retention.json"
-    if retention.is_file():  # lm-evaluation-harness tasks (mixsd.lmeval), under their headline metric
+    if (
+        retention.is_file()
+    ):  # lm-evaluation-harness tasks (mixsd.evaluation.lmeval), under their headline metric
         summaries = json.loads(retention.read_text(encoding="utf-8")).get("lm_eval") or {}
         if summaries:
             rows = _read_rows(cell_dir / "retention.predictions.jsonl")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixsd.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, correlation_with_interval, pearson
+from mixsd.core.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, correlation_with_interval, pearson
 
 # What the paper reports for its Fisher table (Pearson r with capability drop on three model sizes); shown
 # beside ours as the shape of the claim, not as numbers to match.

@@ -2,7 +2,7 @@
 
 A grid is corpus x methods x seeds. The whole file is checked when it is loaded: every section is built
 into its command's config, for every cell, before any work. Each cell runs its stages in order, each
-writing into `OUT/cells/<cell>/` atomically. Every stage is a `mixsd.stages.Stage`: its output is reused
+writing into `OUT/cells/<cell>/` atomically. Every stage is a `mixsd.core.stages.Stage`: its output is reused
 only while the settings it recorded (config, input file hashes, upstream stages, mixsd version) equal the
 current ones, so an interrupted experiment resumes where it stopped, and a changed config redoes exactly
 the stages it affects and everything downstream of them. The records are in `OUT/cells/<cell>/stages/`;
@@ -20,13 +20,13 @@ every decision (ran / reused, and what changed) is appended to `OUT/stage-log.js
 Then `OUT/results.jsonl`, `OUT/results.csv` and the report (`OUT/report.md`, `OUT/report.html`) are
 written from every cell whose stages are all current for this config. The config file format is documented in docs/experiments.md.
 
-The grid is read by `mixsd.grid`, the shared data made by `mixsd.grid_data`, each method's targets and
-training planned by `mixsd.grid_methods`; this module plans and runs each cell's stages, then writes the
+The grid is read by `mixsd.experiments.grid`, the shared data made by `mixsd.experiments.grid_data`, each method's targets and
+training planned by `mixsd.experiments.grid_methods`; this module plans and runs each cell's stages, then writes the
 table and the report.
 
 A method entry may sweep `mixsd train` options (`sft: {lr: [3e-5, 1e-4]}`): each setting is its own cell
 and group; the settings of one method, λ and seed share their targets. The `select` section's rule
-(`mixsd.tuning.SelectionRule`) picks each method's setting in the report, from the learning curves.
+(`mixsd.experiments.tuning.SelectionRule`) picks each method's setting in the report, from the learning curves.
 """
 
 from __future__ import annotations
@@ -48,12 +48,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from mixsd import __version__
-from mixsd.analyze import FisherConfig, NLLConfig, fisher_displacement, target_nll
-from mixsd.curve import CURVE_FILE, read_curve
-from mixsd.edit import EditConfig, edit
-from mixsd.eval_config import EvalConfig
-from mixsd.evaluate import evaluate
-from mixsd.files import (
+from mixsd.core.files import (
     InputError,
     LockHeld,
     atomic_write_json,
@@ -63,7 +58,14 @@ from mixsd.files import (
     read_yaml,
     require_input_file,
 )
-from mixsd.grid import (  # noqa: F401 - Cell and Experiment are imported from here by users
+from mixsd.core.stage_settings import stage_settings, user_files
+from mixsd.core.stages import Stage
+from mixsd.editing.edit import EditConfig, edit
+from mixsd.evaluation.analyze import FisherConfig, NLLConfig, fisher_displacement, target_nll
+from mixsd.evaluation.eval_config import EvalConfig
+from mixsd.evaluation.evaluate import evaluate
+from mixsd.evaluation.lmeval import include_files
+from mixsd.experiments.grid import (  # noqa: F401 - Cell and Experiment are imported from here by users
     CURVE_FIELDS,
     RETENTION_EXTRA,
     Cell,
@@ -72,13 +74,11 @@ from mixsd.grid import (  # noqa: F401 - Cell and Experiment are imported from h
     build_config,
     parse_grid,
 )
-from mixsd.grid_data import GridData, write_curve_base
-from mixsd.grid_methods import METHODS, SFTTargetsConfig, write_sft_targets
-from mixsd.lmeval import include_files
-from mixsd.mix_config import MixConfig
-from mixsd.report import write_report
-from mixsd.report_data import write_report_data
-from mixsd.results import (  # noqa: F401 - cell_row and aggregate are imported from here by users
+from mixsd.experiments.grid_data import GridData, write_curve_base
+from mixsd.experiments.grid_methods import METHODS, SFTTargetsConfig, write_sft_targets
+from mixsd.experiments.report import write_report
+from mixsd.experiments.report_data import write_report_data
+from mixsd.experiments.results import (  # noqa: F401 - cell_row and aggregate are imported from here by users
     MAIN_COLUMNS,
     add_relative_scores,
     aggregate,
@@ -86,11 +86,11 @@ from mixsd.results import (  # noqa: F401 - cell_row and aggregate are imported 
     comparison_text,
     write_table,
 )
-from mixsd.rewrite import RewriteConfig, rewrite
-from mixsd.stage_settings import stage_settings, user_files
-from mixsd.stages import Stage
-from mixsd.targets import mix, summary_path
-from mixsd.train import TrainConfig, train
+from mixsd.method.mix_config import MixConfig
+from mixsd.method.rewrite import RewriteConfig, rewrite
+from mixsd.method.targets import mix, summary_path
+from mixsd.training.curve import CURVE_FILE, read_curve
+from mixsd.training.train import TrainConfig, train
 
 # Bumped when the way a row is built from the cell's files changes, so rows (cheap: no model) are rebuilt
 # while every stage they read from stays current. 2: retention headline only on probes whose base model is

@@ -1,10 +1,10 @@
 """An experiment file read into a grid: its cells (method x target options x settings x seeds) and sections.
 
-The YAML is read strictly (`mixsd.files.read_yaml`: a duplicated key is refused) and every error names the
+The YAML is read strictly (`mixsd.core.files.read_yaml`: a duplicated key is refused) and every error names the
 file, the line and the key as the file writes it (`as_written`). Each section becomes its command's config
 dataclass through one helper, `build_config`: the runner's own fields, then the file's options on top, each
 checked against the field's type here and against the config's own checks when it is built. Planning and
-running the cells' stages is the runner's (`mixsd.experiment`); this module knows no stage.
+running the cells' stages is the runner's (`mixsd.experiments.experiment`); this module knows no stage.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mixsd.files import InputError, YamlDocument, sha256_text
-from mixsd.mix_config import MixConfig
-from mixsd.sft_targets import SFT_TARGETS
-from mixsd.stage_settings import speed_only
-from mixsd.train_config import ALIASES, TrainConfig
-from mixsd.tuning import SelectionRule
+from mixsd.core.files import InputError, YamlDocument, sha256_text
+from mixsd.core.stage_settings import speed_only
+from mixsd.experiments.tuning import SelectionRule
+from mixsd.method.mix_config import MixConfig
+from mixsd.method.sft_targets import SFT_TARGETS
+from mixsd.training.train_config import ALIASES, TrainConfig
 
 T = typing.TypeVar("T")
 
@@ -209,7 +209,7 @@ def as_written(err: InputError, document: YamlDocument) -> InputError:
 
 def parse_grid(path: Path, raw: Any, out: str | None = None) -> Experiment:
     """The grid of a file's parsed YAML: its cells and sections, each section's own options checked. The
-    stages' configs are built, and so checked, when the runner plans the cells (`mixsd.experiment`)."""
+    stages' configs are built, and so checked, when the runner plans the cells (`mixsd.experiments.experiment`)."""
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise InputError("expected a mapping at the top level", path)

@@ -1,6 +1,6 @@
 """What every cell of a grid shares, made once before the cells run: the corpus (generated, or a folder, and
 its cut copy with `train_limit`), the retention probes (with the known facts the base model answers), the
-offline capability probes, and the learning curve's options. `mixsd.experiment.Runner` adds each cell's
+offline capability probes, and the learning curve's options. `mixsd.experiments.experiment.Runner` adds each cell's
 stages on top.
 """
 
@@ -13,14 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mixsd import models
-from mixsd.corpora.capability import CapabilityConfig, build_capability
-from mixsd.corpora.documents import PASSAGES_FILE
-from mixsd.corpora.kgfact import KGFactConfig, build_kgfact
-from mixsd.corpora.kgfunc import KGFuncConfig, build_kgfunc
-from mixsd.corpora.probes import ProbesFetchConfig, fetch_probes
-from mixsd.curve import CurveCallback, CurveEvaluator
-from mixsd.files import (
+from mixsd.core import models
+from mixsd.core.files import (
     InputError,
     JournalWriter,
     atomic_copy,
@@ -29,10 +23,16 @@ from mixsd.files import (
     read_jsonl,
     sha256_file,
 )
-from mixsd.grid import CAPABILITY_PROBES, CURVE_OPTIONS, Cell, Experiment, build_config, typed
-from mixsd.models import cache_dir, load_model, load_tokenizer
-from mixsd.stage_settings import stage_settings
-from mixsd.stages import Stage, file_hash
+from mixsd.core.models import cache_dir, load_model, load_tokenizer
+from mixsd.core.stage_settings import stage_settings
+from mixsd.core.stages import Stage, file_hash
+from mixsd.corpora.capability import CapabilityConfig, build_capability
+from mixsd.corpora.documents import PASSAGES_FILE
+from mixsd.corpora.kgfact import KGFactConfig, build_kgfact
+from mixsd.corpora.kgfunc import KGFuncConfig, build_kgfunc
+from mixsd.corpora.probes import ProbesFetchConfig, fetch_probes
+from mixsd.experiments.grid import CAPABILITY_PROBES, CURVE_OPTIONS, Cell, Experiment, build_config, typed
+from mixsd.training.curve import CurveCallback, CurveEvaluator
 
 # the corpus generators a grid names, each with its config
 GENERATORS: dict[str, tuple[type, Callable[[Any], Any]]] = {

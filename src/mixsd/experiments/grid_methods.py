@@ -1,7 +1,7 @@
 """The grid's methods as a table: for each, how a cell's targets and its training stage are planned.
 
 Each planner returns the stage and the config of the command that makes its outputs; the runner
-(`mixsd.experiment`) runs that command when the stage is not current. A method without targets (base,
+(`mixsd.experiments.experiment`) runs that command when the stage is not current. A method without targets (base,
 opsd, cpt, memit) has none planned; base has no training stage either, and memit's is an edit written in
 train/ like a trained model.
 """
@@ -13,18 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixsd.edit import EditConfig
-from mixsd.files import InputError, atomic_write_jsonl
-from mixsd.grid import CURVE_FIELDS, Cell, build_config, without_options
-from mixsd.grid_data import GridData
-from mixsd.mix_config import MixConfig
-from mixsd.models import load_tokenizer
-from mixsd.rewrite import RewriteConfig
-from mixsd.sft_targets import load_sft_facts, sft_target_rows
-from mixsd.stage_settings import stage_settings, user_files
-from mixsd.stages import Stage
-from mixsd.targets import summary_path
-from mixsd.train_config import TrainConfig, run_settings
+from mixsd.core.files import InputError, atomic_write_jsonl
+from mixsd.core.models import load_tokenizer
+from mixsd.core.stage_settings import stage_settings, user_files
+from mixsd.core.stages import Stage
+from mixsd.editing.edit import EditConfig
+from mixsd.experiments.grid import CURVE_FIELDS, Cell, build_config, without_options
+from mixsd.experiments.grid_data import GridData
+from mixsd.method.mix_config import MixConfig
+from mixsd.method.rewrite import RewriteConfig
+from mixsd.method.sft_targets import load_sft_facts, sft_target_rows
+from mixsd.method.targets import summary_path
+from mixsd.training.train_config import TrainConfig, run_settings
 
 PlannedStage = tuple[Stage, Any]  # the stage and the config of the command that makes it
 

@@ -1,14 +1,14 @@
 """What a grid's result files say, computed without a model: the summary the tables of docs/results.md
 are drawn from (`scripts/results.py`), written as JSON beside the files it reads; the paper's claims are
-decided on it by the rules of `mixsd.verdicts`.
+decided on it by the rules of `mixsd.experiments.verdicts`.
 
 It reads the folder `mixsd experiment` writes, or its committed copy under results/<grid>/ (the same files
 without weights):
 
     experiment.yaml                 the config as run (its `select` rule)
-    results.jsonl                   one row per finished cell (mixsd.results)
+    results.jsonl                   one row per finished cell (mixsd.experiments.results)
     curve-base.json                 the base model's curve row: epoch 0 of every curve
-    cells/<cell>/train/curve.jsonl  the learning curve, with per-item outcomes (`items`, mixsd.curve)
+    cells/<cell>/train/curve.jsonl  the learning curve, with per-item outcomes (`items`, mixsd.training.curve)
     cells/<cell>/train/stage.json   the train stage's record: which target file the cell trained on
     cells/<cell>/retention*.json(l) retention and its per-item answers (forgetting's three measures)
     cells/<cell>/fisher.json        the Fisher displacement and the probe it was measured on
@@ -32,11 +32,11 @@ Declared before the 20-epoch runs of issue 19, and applied to every grid alike:
   paragraphs, data apart from the drop measure) with the drop of the primary retention metric at the last
   epoch (1 − it): raw, and partial with log10(lr) and LoRA-vs-full held fixed; intervals from a cluster
   bootstrap over settings (a setting's seeds are not independent draws).
-- Forgetting, three measures kept apart (`mixsd.forgetting`), pooled over a group's seeds with Wilson
+- Forgetting, three measures kept apart (`mixsd.evaluation.forgetting`), pooled over a group's seeds with Wilson
   intervals: format transfer (retention answers taking the shape of the cell's *own* training targets,
   against the base model's answers judged by the same shapes), leakage (answers naming an invented entity
   of the corpus) and erased knowledge (known facts right→wrong; multiple choice where the grid has it).
-- Target accounting (`mixsd.target_accounting`) per MixSD/self-rewrite cell: verified, faithful, fallback
+- Target accounting (`mixsd.method.target_accounting`) per MixSD/self-rewrite cell: verified, faithful, fallback
   and dropped shares of the records drawn; among verified targets, the share of tokens and of targets
   with a token above 5 nats under the base model.
 - Fisher correlations use only cells whose Fisher was measured on one probe file (the most common one);
@@ -56,18 +56,18 @@ from typing import Any
 
 import yaml
 
-from mixsd.files import InputError, atomic_write_json, read_json_object, read_jsonl
-from mixsd.forgetting import read_forgetting
-from mixsd.metrics import cluster_bootstrap_correlation, hierarchical_bootstrap, rate, wilson_interval
-from mixsd.probe_kinds import ERASED_CHOICES, GENERATIVE, KL
-from mixsd.target_accounting import read_target_accounting
-from mixsd.verdicts import verdicts
+from mixsd.core.files import InputError, atomic_write_json, read_json_object, read_jsonl
+from mixsd.core.metrics import cluster_bootstrap_correlation, hierarchical_bootstrap, rate, wilson_interval
+from mixsd.evaluation.forgetting import read_forgetting
+from mixsd.evaluation.probe_kinds import ERASED_CHOICES, GENERATIVE, KL
+from mixsd.experiments.verdicts import verdicts
+from mixsd.method.target_accounting import read_target_accounting
 
 SUMMARY_FILE = "summary.json"
 LEVELS = (0.9, 0.95)
 PRIMARY = "primary retention"
 RULE_DEFAULTS = {"memorization": 0.95, "within_epochs": None, "seeds": None}
-# the columns of each cell's row (mixsd.results) the per-cell table shows
+# the columns of each cell's row (mixsd.experiments.results) the per-cell table shows
 CELL_COLUMNS = (
     "cell",
     "group",
@@ -376,7 +376,7 @@ def _probe_folder(folder: Path, probes: list[str]) -> Path | None:
 
 
 def cell_forgetting(grid: dict[str, Any], cell: str) -> dict[str, Any] | None:
-    """`mixsd.forgetting` of one cell; None when its retention answers or the corpus are not at hand."""
+    """`mixsd.evaluation.forgetting` of one cell; None when its retention answers or the corpus are not at hand."""
     folder: Path = grid["folder"]
     cell_dir, corpus = folder / "cells" / cell, folder / "corpus" / "train.jsonl"
     predictions = cell_dir / "retention.predictions.jsonl"

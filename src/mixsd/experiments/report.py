@@ -1,12 +1,12 @@
-"""The experiment report: figures (`mixsd.report_figures`) and one Markdown and one self-contained HTML
+"""The experiment report: figures (`mixsd.experiments.report_figures`) and one Markdown and one self-contained HTML
 page, drawn from the results rows and the JSON files the results side writes beside them
-(`mixsd.report_data`: tuning.json, curves.jsonl, correlations.json, comparisons.json, target-nll.json,
+(`mixsd.experiments.report_data`: tuning.json, curves.jsonl, correlations.json, comparisons.json, target-nll.json,
 training-loss.json). The report computes no statistic and opens no cell's file: what it shows is in those
 files.
 
 With learning curves the report also holds retention at matched memorization (90%, 95%, interpolated
 between epochs) and, where a method sweeps settings, the declared selection rule and its choice
-(`mixsd.tuning`); every curve point is in OUT/curves.jsonl, the tables in OUT/tuning.json.
+(`mixsd.experiments.tuning`); every curve point is in OUT/curves.jsonl, the tables in OUT/tuning.json.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from mixsd.files import InputError, atomic_write_text
-from mixsd.report_figures import (
+from mixsd.core.files import InputError, atomic_write_text
+from mixsd.experiments.report_figures import (
     correlation_figure,
     curves_figure,
     fisher_figure,
@@ -30,7 +30,7 @@ from mixsd.report_figures import (
     retention_figure,
     trajectory_figure,
 )
-from mixsd.report_sections import (
+from mixsd.experiments.report_sections import (
     SINGLE_SEED_MARK,
     analyses_markdown,
     comparison_rows,
@@ -41,7 +41,7 @@ from mixsd.report_sections import (
     table_cell,
     tuning_markdown,
 )
-from mixsd.results import (
+from mixsd.experiments.results import (
     COMPARISONS_FILE,
     CORRELATIONS_FILE,
     CURVES_FILE,
@@ -58,7 +58,7 @@ def _read_json(out: Path, name: str) -> Any:
     path = out / name
     if not path.is_file():
         raise InputError(
-            f"no {name}: the report draws what the results step writes (mixsd.report_data.write_report_data)",
+            f"no {name}: the report draws what the results step writes (mixsd.experiments.report_data.write_report_data)",
             path,
         )
     return json.loads(path.read_text(encoding="utf-8"))
@@ -82,7 +82,7 @@ def seed_curves(out: Path) -> dict[str, list[list[dict[str, Any]]]]:
 
 def write_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, str]:
     """The report of a grid folder: `rows` its results rows, `meta` the run's description; the results
-    step has written the files of `mixsd.report_data` in `out`."""
+    step has written the files of `mixsd.experiments.report_data` in `out`."""
     tuning = _read_json(out, TUNING_FILE)
     correlations = _read_json(out, CORRELATIONS_FILE)
     target_nll = _read_json(out, TARGET_NLL_FILE)

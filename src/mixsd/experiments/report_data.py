@@ -1,12 +1,12 @@
 """What a grid's report shows, computed from its rows and its cells' files and written as JSON beside
-results.jsonl; `mixsd.report` then reads these files and draws, and opens no cell's file itself.
+results.jsonl; `mixsd.experiments.report` then reads these files and draws, and opens no cell's file itself.
 
     OUT/tuning.json          matched memorization, the rule's choice per method, each group's mean curve
-                             (mixsd.tuning)
+                             (mixsd.experiments.tuning)
     OUT/curves.jsonl         every point of every learning curve (base first, with `retention`)
-    OUT/correlations.json    displacement vs retention drop over the cells (mixsd.correlations)
-    OUT/comparisons.json     paired comparisons, item by item (mixsd.comparisons)
-    OUT/target-nll.json      target tokens > 5 nats and NLL histograms (mixsd.target_nll)
+    OUT/correlations.json    displacement vs retention drop over the cells (mixsd.experiments.correlations)
+    OUT/comparisons.json     paired comparisons, item by item (mixsd.experiments.comparisons)
+    OUT/target-nll.json      target tokens > 5 nats and NLL histograms (mixsd.experiments.target_nll)
     OUT/training-loss.json   each trained cell's loss by optimizer step (its train/summary.json)
 """
 
@@ -16,10 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixsd.comparisons import paired_comparisons
-from mixsd.correlations import displacement_correlations
-from mixsd.files import atomic_write_jsonl, atomic_write_text
-from mixsd.results import (
+from mixsd.core.files import atomic_write_jsonl, atomic_write_text
+from mixsd.experiments.comparisons import paired_comparisons
+from mixsd.experiments.correlations import displacement_correlations
+from mixsd.experiments.results import (
     COMPARISONS_FILE,
     CORRELATIONS_FILE,
     CURVES_FILE,
@@ -27,8 +27,8 @@ from mixsd.results import (
     TRAINING_LOSS_FILE,
     TUNING_FILE,
 )
-from mixsd.target_nll import target_nll
-from mixsd.tuning import SelectionRule, curve_points, tuning_results
+from mixsd.experiments.target_nll import target_nll
+from mixsd.experiments.tuning import SelectionRule, curve_points, tuning_results
 
 
 def training_losses(cells_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 """The report's figures (matplotlib, PNG), drawn from the results rows and the JSON files the results
-side writes (`mixsd.report_data`); each returns its path, or None when there is nothing to draw.
+side writes (`mixsd.experiments.report_data`); each returns its path, or None when there is nothing to draw.
 
     pareto.png        memorization vs retention, one point per method and lambda, error bars over seeds
     retention.png     retention per probe and method
@@ -17,8 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mixsd.report_sections import RETENTION_LABELS
-from mixsd.results import rows_by_group
+from mixsd.experiments.report_sections import RETENTION_LABELS
+from mixsd.experiments.results import rows_by_group
 
 COLORS = {
     "base": "#444444",

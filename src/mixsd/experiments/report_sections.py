@@ -1,5 +1,5 @@
 """The report's tables and text sections, as Markdown lines (and their HTML), formatted from the results
-rows and the JSON files the results side writes (`mixsd.report_data`): intervals of the results table,
+rows and the JSON files the results side writes (`mixsd.experiments.report_data`): intervals of the results table,
 lm-evaluation-harness retention, paired comparisons, the paper's analyses and the learning-curve sections.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from mixsd.lmeval import table_tasks
-from mixsd.metrics import wilson_interval
-from mixsd.probe_kinds import KL
-from mixsd.results import aggregate, rows_by_group
+from mixsd.core.metrics import wilson_interval
+from mixsd.evaluation.lmeval import table_tasks
+from mixsd.evaluation.probe_kinds import KL
+from mixsd.experiments.results import aggregate, rows_by_group
 
 SINGLE_SEED_MARK = "†"
 COMPARISON_COLUMNS = [

@@ -1,7 +1,7 @@
 """The results table of an experiment: one row per cell, flattened from its result files, and the
 mean and spread over seeds.
 
-`mixsd experiment` writes the rows (`OUT/results.jsonl`, `OUT/results.csv`); `mixsd.report` reads them.
+`mixsd experiment` writes the rows (`OUT/results.jsonl`, `OUT/results.csv`); `mixsd.experiments.report` reads them.
 Both import this module, so the table has one definition and neither command imports the other.
 """
 
@@ -13,10 +13,10 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
-from mixsd.files import atomic_write_jsonl, atomic_write_text
-from mixsd.lmeval import lm_eval_columns
-from mixsd.metrics import analysis_columns, split_columns
-from mixsd.probe_kinds import PROBE_KINDS
+from mixsd.core.files import atomic_write_jsonl, atomic_write_text
+from mixsd.core.metrics import analysis_columns, split_columns
+from mixsd.evaluation.lmeval import lm_eval_columns
+from mixsd.evaluation.probe_kinds import PROBE_KINDS
 
 # Which score of each retention probe counts (the notes: social_iqa is read length-normalized).
 RETENTION_METRIC = {
@@ -27,7 +27,7 @@ RETENTION_METRIC = {
 }
 
 # The columns `mixsd experiment` prints and the report's main table shows.
-# The files the results side writes beside results.jsonl for the report (`mixsd.report_data`); the report
+# The files the results side writes beside results.jsonl for the report (`mixsd.experiments.report_data`); the report
 # reads them and draws.
 TUNING_FILE = "tuning.json"  # matched memorization, the rule's choice, each group's mean curve
 CURVES_FILE = "curves.jsonl"  # every point of every learning curve
@@ -63,7 +63,7 @@ MAIN_COLUMNS = [  # `*_acc`: accuracy under the corpus's own matcher (manifest a
 
 
 class GridCell(Protocol):
-    """What a row needs to know of its cell (`mixsd.experiment.Cell`)."""
+    """What a row needs to know of its cell (`mixsd.experiments.experiment.Cell`)."""
 
     @property
     def name(self) -> str: ...

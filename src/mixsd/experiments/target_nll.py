@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixsd.results import rows_by_group
+from mixsd.experiments.results import rows_by_group
 
 NLL_FILE = "nll.json"
 

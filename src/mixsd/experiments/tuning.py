@@ -3,7 +3,7 @@ no files). `report_data` writes what `tuning_results` computes of a grid (OUT/tu
 and `report` draws and tabulates it; `grid` reads the rule from the config.
 
 A *curve* is a list of points in epoch order, each a dict with at least `epoch` and `memorization`: the
-rows of a run's `train/curve.jsonl` (mixsd.curve), led by the base model's row as epoch 0, with a
+rows of a run's `train/curve.jsonl` (mixsd.training.curve), led by the base model's row as epoch 0, with a
 `retention` score added by `add_retention`:
 
     retention = mean over the curve's probes of  <probe>_acc / <probe>_acc of the base model
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from mixsd.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_interval, wilson_interval
-from mixsd.probe_kinds import KL
+from mixsd.core.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_interval, wilson_interval
+from mixsd.evaluation.probe_kinds import KL
 
 # the 90% and 95%, and two lower levels: small models at a CPU budget often reach only those, and a
 # comparison at a level both methods reach says more than two "not reached"

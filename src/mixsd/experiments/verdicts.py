@@ -1,4 +1,4 @@
-"""The paper's claims, each decided on a grid's summary (`mixsd.grid_summary`) by a rule declared here
+"""The paper's claims, each decided on a grid's summary (`mixsd.experiments.grid_summary`) by a rule declared here
 before the numbers were read; docs/results.md's verdict table shows them (`scripts/results.py`).
 
 Rules (`verdicts`): memorization — every seed of MixSD's chosen setting reaches 95% (holds), none does
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixsd.metrics import wilson_interval
+from mixsd.core.metrics import wilson_interval
 
 MIN_SEEDS = 3  # below this a method's verdict is "cannot tell yet"
 CLAIMS = {

@@ -1,5 +1,5 @@
 """Greedy answers to prompt items and their check: the method's way of asking a model a question, shared by
-the generative probes (`mixsd.capability`), the learning curve and the corpus builders that keep only the
+the generative probes (`mixsd.evaluation.capability`), the learning curve and the corpus builders that keep only the
 facts a base model knows.
 
 An item is {"prompt", "max_new_tokens", optional "system"} and, to be checked, "check" (accepted answers,
@@ -12,8 +12,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from mixsd.answers import matches
-from mixsd.instructions import check_constraint
+from mixsd.core.answers import matches
+from mixsd.core.instructions import check_constraint
 
 ENTITY_MODE = "loose"  # whole-word entity matching (answers.py also calls it "entity")
 
@@ -40,9 +40,9 @@ def generate_answers(
     """
     # here, not at the top: `mixsd probes build-capability` reads ENTITY_MODE and scores answers without
     # a model, and so without torch
-    from mixsd.generation import greedy_generate
-    from mixsd.models import context_length
-    from mixsd.prompts import answer_end, encode_prompt, pad_token_id
+    from mixsd.core.models import context_length
+    from mixsd.method.generation import greedy_generate
+    from mixsd.method.prompts import answer_end, encode_prompt, pad_token_id
 
     context = context_length(model) if getattr(model, "config", None) is not None else None
     prompts = [encode_prompt(tokenizer, item["prompt"], item.get("system")) for item in items]

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from mixsd.generation import RowBatch
-from mixsd.prompts import AnswerEnd
+from mixsd.method.generation import RowBatch
+from mixsd.method.prompts import AnswerEnd
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def validate(rows: Sequence[dict], thresholds: Sequence[float]) -> dict[str, obj
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m mixsd.fidelity LABELS [--threshold X ...]`: the separation table of docs/results.md."""
+    """`python -m mixsd.method.fidelity LABELS [--threshold X ...]`: the separation table of docs/results.md."""
     import argparse
     import json
     from collections import defaultdict

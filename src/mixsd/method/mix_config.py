@@ -1,5 +1,5 @@
 """The options of `mixsd mix` (`MixConfig`; the field help is the command's CLI help), checked before any
-model loads. `mixsd.targets` runs the command; `mixsd rewrite` and an experiment's grid build this config
+model loads. `mixsd.method.targets` runs the command; `mixsd rewrite` and an experiment's grid build this config
 too.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from mixsd.files import InputError
-from mixsd.options import ModelOptions, check_distinct, check_range
+from mixsd.core.files import InputError
+from mixsd.core.options import ModelOptions, check_distinct, check_range
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ class MixConfig(ModelOptions):
         default="float32", kw_only=True, metadata={"help": "Model dtype for decoding."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Discard an existing output or unfinished run."})
-    # fields that change only speed or where the run goes, never the targets (`mixsd.stage_settings`)
+    # fields that change only speed or where the run goes, never the targets (`mixsd.core.stage_settings`)
     SPEED_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "device", "threads", "overwrite")
 
     def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)

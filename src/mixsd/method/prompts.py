@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from mixsd.records import Fact
+from mixsd.core.records import Fact
 
 # Our wording of the expert prompt for chat models: the question, the reference the expert may use, and
 # a request to answer. `{prompt}`, `{context}` and `{answer}` are filled per record.

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mixsd.decoder import Draw, Job, in_top_p, record_seed
+from mixsd.method.decoder import Draw, Job, in_top_p, record_seed
 
 
 def record_uniforms(seed: int, job: Job, max_new_tokens: int) -> tuple[list[float], list[float]]:

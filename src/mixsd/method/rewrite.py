@@ -21,11 +21,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from mixsd.files import InputError
-from mixsd.mix_config import MixConfig
-from mixsd.options import ModelOptions, check_distinct, check_range
-from mixsd.prompts import load_expert_template
-from mixsd.targets import mix
+from mixsd.core.files import InputError
+from mixsd.core.options import ModelOptions, check_distinct, check_range
+from mixsd.method.mix_config import MixConfig
+from mixsd.method.prompts import load_expert_template
+from mixsd.method.targets import mix
 
 # SDFT's filter (sail-sg/sdft, eval/gen_distilled_data.py: a rewrite holding one of these, or starting with
 # "Your turn", is replaced by the reference): the model talked about the task instead of answering.
@@ -81,7 +81,7 @@ class RewriteConfig(ModelOptions):
     )
     batch_size: int = field(default=32, metadata={"help": "Records decoded at once."})
     overwrite: bool = field(default=False, metadata={"help": "Discard an existing output or unfinished run."})
-    # fields that change only speed or where the run goes, never the rewritten answers (`mixsd.stage_settings`)
+    # fields that change only speed or where the run goes, never the rewritten answers (`mixsd.core.stage_settings`)
     SPEED_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "device", "threads", "overwrite")
 
     def __post_init__(self) -> None:  # bad options are refused before any model is loaded

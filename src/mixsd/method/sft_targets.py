@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 # models by attribute (models.load_model): a test patching that module sees every resolution and load
-from mixsd import models
-from mixsd.answers import matches
-from mixsd.files import InputError, atomic_write_jsonl, output_lock, read_jsonl
-from mixsd.options import check_choices, check_distinct
-from mixsd.prompts import answer_end, encode_answer, encode_prompt
-from mixsd.records import Fact, load_corpus
+from mixsd.core import models
+from mixsd.core.answers import matches
+from mixsd.core.files import InputError, atomic_write_jsonl, output_lock, read_jsonl
+from mixsd.core.options import check_choices, check_distinct
+from mixsd.core.records import Fact, load_corpus
+from mixsd.method.prompts import answer_end, encode_answer, encode_prompt
 
 
 # --------------------------------------------------------------------------------------------------

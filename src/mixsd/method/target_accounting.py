@@ -6,7 +6,7 @@ of the file, so nothing counts as dropped):
 
     verified         rows whose own target passed verification (`correct`, source `mixsd`)
     faithful         verified rows whose naive-chosen tokens all get an expert log-prob >= -5
-                     (`low_expert_tokens` == 0, mixsd.fidelity): the fidelity score's faithful targets;
+                     (`low_expert_tokens` == 0, mixsd.method.fidelity): the fidelity score's faithful targets;
                      None when the rows carry no fidelity score (targets written before it)
     fallback         rows written with the ground-truth answer instead (`--on-failure answer`)
     kept_unverified  rows written although they failed (`--on-failure keep`)
@@ -35,9 +35,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from mixsd.fidelity import LOW_EXPERT_LOGPROB
-from mixsd.files import InputError, read_json_object, read_jsonl
-from mixsd.metrics import HIGH_NLL_NATS, rate
+from mixsd.core.files import InputError, read_json_object, read_jsonl
+from mixsd.core.metrics import HIGH_NLL_NATS, rate
+from mixsd.method.fidelity import LOW_EXPERT_LOGPROB
 
 # `source` of a target row: its own mixed target, the ground truth written instead (--on-failure answer)
 OWN_SOURCES = ("mixsd", None)

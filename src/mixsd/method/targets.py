@@ -1,10 +1,10 @@
 """`mixsd mix`: MixSD targets for a corpus file, written by the frozen base model itself.
 
-The method core, the mixed decoder, lives in `mixsd.decoder`; this module is the command around it: the
+The method core, the mixed decoder, lives in `mixsd.method.decoder`; this module is the command around it: the
 expert prompts, verification against the corpus's scorer, retries and the failure policy, the crash-safe
-journal and resume (`mixsd.stages`), multi-process sharding and the summary. Its options are
-`mixsd.mix_config.MixConfig`; the SFT baseline's targets in the same format (`mixsd sft-targets`) are
-`mixsd.sft_targets`. Both are importable from here as well, as the README documents them.
+journal and resume (`mixsd.core.stages`), multi-process sharding and the summary. Its options are
+`mixsd.method.mix_config.MixConfig`; the SFT baseline's targets in the same format (`mixsd sft-targets`) are
+`mixsd.method.sft_targets`. Both are importable from here as well, as the README documents them.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 # models by attribute (models.load_model): a test patching that module sees every resolution and load
-from mixsd import __version__, models
-from mixsd.answers import matches, resolve_match_mode
-from mixsd.decoder import Draw, Job, MixedDecoder
-from mixsd.fidelity import passes, summarize_fidelity, target_fidelity
-from mixsd.files import (
+from mixsd import __version__
+from mixsd.core import models
+from mixsd.core.answers import matches, resolve_match_mode
+from mixsd.core.files import (
     InputError,
     JournalWriter,
     atomic_write_json,
@@ -34,16 +33,18 @@ from mixsd.files import (
     sha256_file,
     sha256_text,
 )
-from mixsd.mix_config import MixConfig, reject_phrase_list
-from mixsd.prompts import (
+from mixsd.core.records import Fact, load_corpus
+from mixsd.core.stages import Stage
+from mixsd.method.decoder import Draw, Job, MixedDecoder
+from mixsd.method.fidelity import passes, summarize_fidelity, target_fidelity
+from mixsd.method.mix_config import MixConfig, reject_phrase_list
+from mixsd.method.prompts import (
     answer_end,
     encode_answer,
     encode_expert_prompt,
     encode_prompt,
     load_expert_template,
 )
-from mixsd.records import Fact, load_corpus
-from mixsd.stages import Stage
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def _draw_record(
         "logprob_expert": [None if x is None else round(x, 5) for x in draw.logprob_expert],
         "logprob_naive": [None if x is None else round(x, 5) for x in draw.logprob_naive],
         "naive_fraction": round(naive_count / len(draw.tokens), 5) if draw.tokens else None,
-        # fidelity (mixsd.fidelity): computed from the unrounded log-probs, as verification saw them
+        # fidelity (mixsd.method.fidelity): computed from the unrounded log-probs, as verification saw them
         "min_expert_logprob": (
             None if fidelity.min_expert_logprob is None else round(fidelity.min_expert_logprob, 5)
         ),

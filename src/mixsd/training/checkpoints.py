@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mixsd.files import atomic_write_json
+from mixsd.core.files import atomic_write_json
 
 CHECKPOINT_MARKER = "mixsd_run.json"  # written last into a checkpoint: the run record + its file sizes
 

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mixsd.files import InputError, read_jsonl
+from mixsd.core.files import InputError, read_jsonl
 
 
 def passage_texts(path: str | os.PathLike) -> list[str]:
@@ -61,7 +61,7 @@ def passage_nll(model, examples: list[dict[str, Any]], pad_id: int, batch_size: 
     """Mean NLL per labelled token of the examples under `model` (for checks and tests)."""
     import torch
 
-    from mixsd.sft import IGNORE, PadCollator, target_nll
+    from mixsd.training.sft import IGNORE, PadCollator, target_nll
 
     collate = PadCollator(pad_id)
     total, count = 0.0, 0

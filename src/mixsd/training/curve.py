@@ -36,15 +36,15 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
-from mixsd.answering import generate_answers
-from mixsd.answers import matches, resolve_match_mode
+from mixsd.core.answers import matches, resolve_match_mode
+from mixsd.core.files import atomic_write_jsonl, read_jsonl
+from mixsd.core.records import load_corpus
 from mixsd.corpora.probes import load_kl_prompts, spread
-from mixsd.files import atomic_write_jsonl, read_jsonl
-from mixsd.generation import autocast
-from mixsd.probe_kinds import KL, ProbeKind, bits, load_probe
-from mixsd.prompts import pad_token_id
-from mixsd.records import load_corpus
-from mixsd.scoring import kl_on_answers, reference_answers
+from mixsd.evaluation.probe_kinds import KL, ProbeKind, bits, load_probe
+from mixsd.evaluation.scoring import kl_on_answers, reference_answers
+from mixsd.method.answering import generate_answers
+from mixsd.method.generation import autocast
+from mixsd.method.prompts import pad_token_id
 
 CURVE_FILE = "curve.jsonl"
 

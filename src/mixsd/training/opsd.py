@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TrainerCallback
 
-from mixsd.answers import matches
-from mixsd.files import atomic_write_jsonl, read_jsonl
-from mixsd.generation import tail_logprobs
-from mixsd.opsd_options import Divergence
-from mixsd.prompts import (
+from mixsd.core.answers import matches
+from mixsd.core.files import atomic_write_jsonl, read_jsonl
+from mixsd.core.records import load_corpus
+from mixsd.method.generation import tail_logprobs
+from mixsd.method.prompts import (
     AnswerEnd,
     answer_end,
     encode_answer,
@@ -46,8 +46,8 @@ from mixsd.prompts import (
     encode_prompt,
     load_expert_template,
 )
-from mixsd.records import load_corpus
-from mixsd.sft import PadCollator, TokenCountingTrainer, target_nll
+from mixsd.training.opsd_options import Divergence
+from mixsd.training.sft import PadCollator, TokenCountingTrainer, target_nll
 
 DIAGNOSTICS_FILE = "opsd-diagnostics.jsonl"
 

@@ -1,20 +1,20 @@
-"""`mixsd train --method opsd`'s options (`OPSDOptions`), beside the OPSD trainer (`mixsd.opsd`) and mixed
-into `mixsd.train_config.TrainConfig`; apart from the trainer so that the config imports no trainer."""
+"""`mixsd train --method opsd`'s options (`OPSDOptions`), beside the OPSD trainer (`mixsd.training.opsd`) and mixed
+into `mixsd.training.train_config.TrainConfig`; apart from the trainer so that the config imports no trainer."""
 
 from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
 
-from mixsd.files import InputError
-from mixsd.options import check_range
+from mixsd.core.files import InputError
+from mixsd.core.options import check_range
 
 Divergence = typing.Literal["forward", "reverse", "jsd"]
 
 
 @dataclass
 class OPSDOptions:
-    """`mixsd train --method opsd`'s own options, mixed into `mixsd.train_config.TrainConfig` (their field
+    """`mixsd train --method opsd`'s own options, mixed into `mixsd.training.train_config.TrainConfig` (their field
     help is the CLI help) and read by `OPSDTrainer`."""
 
     opsd_rollouts: int = field(
@@ -36,7 +36,7 @@ class OPSDOptions:
         default=64,
         metadata={
             "help": "OPSD: length cap of a sampled answer (SmolLM2's expert answers to KGFact-small: median 16 "
-            "tokens, 90% within 27)."
+            "tokens, nine in ten within 27)."
         },
     )
 

@@ -7,7 +7,7 @@ The loss is the sum of target-token NLLs divided by the number of target tokens 
 (`num_items_in_batch`, gathered across processes), so batch 8 x accumulation 1 on one process, 2 x 4, and
 4 x 1 on each of two processes all take the same steps.
 
-`TokenCountingTrainer` is also the base of the OPSD trainer (`mixsd.opsd`); `mixsd train` (`mixsd.train`)
+`TokenCountingTrainer` is also the base of the OPSD trainer (`mixsd.training.opsd`); `mixsd train` (`mixsd.training.train`)
 builds either from its config.
 """
 
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from mixsd.checkpoints import mark_checkpoint_complete
-from mixsd.files import InputError
+from mixsd.core.files import InputError
+from mixsd.training.checkpoints import mark_checkpoint_complete
 
 IGNORE = -100  # label of positions that carry no loss (prompt and padding)
 

@@ -1,9 +1,9 @@
 """`mixsd train`: token-exact fine-tuning on a target file (MixSD and SFT), or the OPSD baseline.
 
-MixSD and SFT differ only in their target files, so one trainer serves both (`mixsd.sft`: plain NLL of
+MixSD and SFT differ only in their target files, so one trainer serves both (`mixsd.training.sft`: plain NLL of
 the stored `target_ids` given the stored `prompt_ids`, never re-tokenized, on target tokens only); OPSD
-has its own (`mixsd.opsd`). This module is the command: which examples and trainer each method gets
-(`METHODS`); its config is `mixsd.train_config.TrainConfig`.
+has its own (`mixsd.training.opsd`). This module is the command: which examples and trainer each method gets
+(`METHODS`); its config is `mixsd.training.train_config.TrainConfig`.
 
 The engine is `transformers.Trainer`, so `accelerate launch` / `torchrun` with DDP, FSDP or DeepSpeed
 work unchanged (docs/training.md); the config *is* a `TrainingArguments` (as TRL's SFTConfig), so every
@@ -17,11 +17,11 @@ Output layout of `--out DIR`:
     DIR/checkpoint-*/        Trainer checkpoints (per epoch by default; the newest two kept), each marked
                              complete by its mixsd_run.json, written last; a rerun resumes from the newest
                              complete one and removes incomplete ones (a kill while writing)
-    DIR/curve.jsonl          with --eval_every_epoch: one row of scores per epoch (mixsd.curve)
-    DIR/opsd-diagnostics.jsonl  --method opsd: one row before training and one per epoch (mixsd.opsd)
+    DIR/curve.jsonl          with --eval_every_epoch: one row of scores per epoch (mixsd.training.curve)
+    DIR/opsd-diagnostics.jsonl  --method opsd: one row before training and one per epoch (mixsd.training.opsd)
     DIR/model/               the selected model: save_pretrained weights + tokenizer + mixsd_run.json
     DIR/summary.json         config, mixsd version, loss history, selected checkpoint
-    DIR/stage.json           the settings fingerprint of the finished run (mixsd.stages): a rerun with
+    DIR/stage.json           the settings fingerprint of the finished run (mixsd.core.stages): a rerun with
                              the same settings reuses it
 """
 
@@ -44,22 +44,28 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from mixsd import __version__, models
-from mixsd.answers import resolve_match_mode
-from mixsd.checkpoints import checkpoint_files, checkpoint_folders, checkpoint_is_complete, resume_checkpoint
-from mixsd.cpt import cpt_examples
-from mixsd.curve import CURVE_FILE, CurveCallback, CurveEvaluator
-from mixsd.files import InputError, atomic_write_json, output_lock
-from mixsd.models import context_length, load_model, load_tokenizer
-from mixsd.opsd import DIAGNOSTICS_FILE, OPSDTrainer, opsd_examples
-from mixsd.prompts import answer_end, pad_token_id
-from mixsd.records import load_targets
-from mixsd.sft import PadCollator, TokenCountingTrainer, target_examples, target_nll
-from mixsd.stages import Stage
+from mixsd import __version__
+from mixsd.core import models
+from mixsd.core.answers import resolve_match_mode
+from mixsd.core.files import InputError, atomic_write_json, output_lock
+from mixsd.core.models import context_length, load_model, load_tokenizer
+from mixsd.core.records import load_targets
+from mixsd.core.stages import Stage
+from mixsd.method.prompts import answer_end, pad_token_id
+from mixsd.training.checkpoints import (
+    checkpoint_files,
+    checkpoint_folders,
+    checkpoint_is_complete,
+    resume_checkpoint,
+)
+from mixsd.training.cpt import cpt_examples
+from mixsd.training.curve import CURVE_FILE, CurveCallback, CurveEvaluator
+from mixsd.training.opsd import DIAGNOSTICS_FILE, OPSDTrainer, opsd_examples
+from mixsd.training.sft import PadCollator, TokenCountingTrainer, target_examples, target_nll
 
-# The config lives in mixsd.train_config (the grid reads it without the trainer); these names are
+# The config lives in mixsd.training.train_config (the grid reads it without the trainer); these names are
 # imported from here by users and the CLI.
-from mixsd.train_config import (  # noqa: F401
+from mixsd.training.train_config import (  # noqa: F401
     ALIASES,
     TrainConfig,
     _has_accelerator,
@@ -261,7 +267,7 @@ def _opsd_examples(config: TrainConfig, tokenizer, model, vocab: int, limit: int
 
 
 def _cpt_examples(config: TrainConfig, tokenizer, model, vocab: int, limit: int) -> list[dict[str, Any]]:
-    """Continued pre-training: the passages' own tokens (mixsd.cpt)."""
+    """Continued pre-training: the passages' own tokens (mixsd.training.cpt)."""
     return cpt_examples(config.corpus, tokenizer, context_limit=limit)
 
 
@@ -285,7 +291,7 @@ def _opsd_trainer(common: dict[str, Any], config: TrainConfig, tokenizer, model,
     )
 
 
-# every value of TrainConfig.method (its inputs are checked by mixsd.train_config.METHOD_INPUTS)
+# every value of TrainConfig.method (its inputs are checked by mixsd.training.train_config.METHOD_INPUTS)
 METHODS: dict[str, TrainingMethod] = {
     "sft": TrainingMethod(_target_file_examples, _nll_trainer),
     "opsd": TrainingMethod(_opsd_examples, _opsd_trainer, teacher=True),

@@ -1,7 +1,7 @@
 """`mixsd train`'s config: `TrainConfig`, every `transformers.TrainingArguments` option plus ours, and the
 settings of a run that decide what it trains (`run_settings`: its stage fingerprint).
 
-Apart from the command (`mixsd.train`) so that the experiment grid can read, check and sweep training
+Apart from the command (`mixsd.training.train`) so that the experiment grid can read, check and sweep training
 options without importing the trainer.
 """
 
@@ -16,10 +16,10 @@ from typing import Any, Literal
 import torch
 from transformers import TrainingArguments
 
-from mixsd.answers import canonical_mode
-from mixsd.files import InputError, sha256_file
-from mixsd.opsd_options import OPSDOptions
-from mixsd.options import check_range
+from mixsd.core.answers import canonical_mode
+from mixsd.core.files import InputError, sha256_file
+from mixsd.core.options import check_range
+from mixsd.training.opsd_options import OPSDOptions
 
 # What each method trains on: the option it needs, and the message when it is missing.
 METHOD_INPUTS: dict[str, tuple[str, str]] = {
@@ -56,7 +56,7 @@ _ALIAS_BOUNDS: dict[str, dict[str, Any]] = {
 @dataclass
 class TrainConfig(OPSDOptions, TrainingArguments):
     """`mixsd train`'s options: every `transformers.TrainingArguments` option plus ours (and OPSD's,
-    `mixsd.opsd_options.OPSDOptions`, kept beside the method they tune).
+    `mixsd.training.opsd_options.OPSDOptions`, kept beside the method they tune).
 
     Like TRL's `SFTConfig`, the config *is* the TrainingArguments Trainer runs with, so optimizers,
     `--report_to`, gradient checkpointing, `--torch_compile`, FSDP and DeepSpeed options work from the
@@ -151,7 +151,7 @@ class TrainConfig(OPSDOptions, TrainingArguments):
             "(checkpoints and the final model, estimated from the parameter count)."
         },
     )
-    # ---- a learning curve: evaluation after every epoch (mixsd.curve) ------------------------------
+    # ---- a learning curve: evaluation after every epoch (mixsd.training.curve) ------------------------------
     eval_every_epoch: bool = field(
         default=False,
         metadata={

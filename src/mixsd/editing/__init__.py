@@ -1,0 +1,1 @@
+"""`mixsd edit`: locate-and-edit (MEMIT), the editing baseline."""
