@@ -242,3 +242,24 @@ def test_the_cell_file_check_sees_each_way_in(tmp_path):
         "line 3: builds a path into 'cells'",
         "imports mixsd.experiments.tuning, which computes from the cells",
     ]
+
+
+def function_level_imports(path: Path) -> list[int]:
+    """Lines of the imports inside a function or class of a module (a TYPE_CHECKING block counts too)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nested = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.If)]
+    return sorted(
+        {
+            node.lineno
+            for scope in nested
+            for node in ast.walk(scope)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+        }
+    )
+
+
+def test_function_level_imports_stay_few():
+    """Imports inside functions protect a heavy or optional dependency (torch, transformers, lm_eval, peft,
+    matplotlib, gguf) from the commands that do not need it; issue 22 allows at most 40 in the package."""
+    found = {p: lines for p in sorted(PACKAGE.rglob("*.py")) if (lines := function_level_imports(p))}
+    assert sum(len(lines) for lines in found.values()) <= 40, {p.name: lines for p, lines in found.items()}

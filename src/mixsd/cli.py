@@ -15,6 +15,9 @@ import os
 import sys
 from dataclasses import dataclass
 
+from mixsd import __version__
+from mixsd.core.files import InputError
+
 
 @dataclass(frozen=True)
 class Command:
@@ -210,7 +213,9 @@ def _renamed_options(name: str, config_cls: type, args: list[str]) -> list[str]:
 
 
 def run_command(name: str, args: list[str]):
-    from transformers import HfArgumentParser
+    from transformers import (
+        HfArgumentParser,  # here: `mixsd --help` and the command list load no transformers
+    )
 
     class Parser(HfArgumentParser):
         def error(self, message: str):
@@ -263,8 +268,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] == "--version":
-        from mixsd import __version__
-
         print(f"mixsd {__version__}")
         return 0
     name, rest = _find_command(argv)
@@ -279,11 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixsd: unknown command '{argv[0]}'\n\n{_usage()}", file=sys.stderr)
         return 2
 
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # here: only a command that runs loads transformers
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from mixsd.core.files import InputError
 
     try:
         run_command(name, rest)

@@ -24,10 +24,13 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections import Counter
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
+
+from mixsd.core.files import InputError
 
 # The aliases keep configs and result files written before the modes were renamed working.
 MatchMode = Literal["entity", "exact", "number", "none", "loose", "strict"]
@@ -211,7 +214,6 @@ def corpus_match_mode(path: str | Path) -> str | None:
     `path` is a corpus folder (its manifest.json) or a corpus file (the manifest beside it, when that
     manifest lists the file: a file of another origin dropped into the folder is not described by it).
     """
-    from mixsd.core.files import InputError
 
     path = Path(path)
     manifest = path / "manifest.json" if path.is_dir() else path.parent / "manifest.json"
@@ -262,7 +264,6 @@ def squad_exact(prediction: str, gold: str) -> bool:
 
 def squad_f1(prediction: str, gold: str) -> float:
     """Harmonic mean of token precision and recall between the normalized texts (bag of tokens)."""
-    from collections import Counter
 
     predicted, wanted = squad_normalize(prediction).split(), squad_normalize(gold).split()
     common = sum((Counter(predicted) & Counter(wanted)).values())

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -187,7 +189,6 @@ def read_yaml(path: str | os.PathLike) -> YamlDocument:
     """Read a YAML file strictly: a key written twice in one mapping is an InputError naming the key as
     written and both lines (PyYAML would keep the last silently), and so is invalid YAML or text that is
     not UTF-8. Only plain data is built (yaml.SafeLoader: no tags that run code)."""
-    import yaml
 
     path = Path(path)
     text = read_text(path)
@@ -231,7 +232,6 @@ def read_yaml(path: str | os.PathLike) -> YamlDocument:
 
 
 def _record_lines(loader: Any, node: Any, key_path: tuple[str | int, ...], lines: dict) -> None:
-    import yaml
 
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
@@ -408,7 +408,7 @@ def _lock_holder(fd: int) -> str:
 def live_lock_holder(output: str | os.PathLike) -> str | None:
     """Who holds the output's lock now (pid, host, start, command), or None when no live run does."""
     try:
-        import fcntl
+        import fcntl  # POSIX only: elsewhere no lock is taken
     except ImportError:
         return None
     try:
@@ -440,7 +440,7 @@ def output_lock(output: str | os.PathLike, *, wait: bool = False) -> Iterator[Pa
     writable.
     """
     try:
-        import fcntl
+        import fcntl  # POSIX only: elsewhere no lock is taken
     except ImportError:  # not POSIX: no advisory locks; run unguarded rather than not at all
         yield lock_path(output)
         return

@@ -161,6 +161,6 @@ class ModelOptions:
     def set_threads(self) -> None:
         """Apply --threads to torch (nothing when it is unset)."""
         if self.threads is not None:
-            import torch
+            import torch  # here: options are checked before any model library loads
 
             torch.set_num_threads(self.threads)

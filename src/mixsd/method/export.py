@@ -34,6 +34,14 @@ from mixsd.core.files import (
     sha256_file,
 )
 from mixsd.core.records import Fact, load_corpus, load_targets
+from mixsd.method.prompts import (
+    answer_end,
+    encode_expert_prompt,
+    encode_prompt,
+    expert_message,
+    has_chat_template,
+    load_expert_template,
+)
 
 # TRL's SFTTrainer reads these two columns as a pre-tokenized dataset (its docs: "pre-tokenized datasets,
 # recognized by a required `input_ids` column ... labels are built from `completion_mask`").
@@ -170,7 +178,6 @@ def _plain_text(tokenizer, ids: list[int]) -> str:
 # --------------------------------------------------------------------------------------------------
 def sft_rows(rows: list[dict[str, Any]], tokenizer) -> list[dict[str, Any]]:
     """Target records as TRL prompt-completion rows: the text view, the exact token view, `text_exact`."""
-    from mixsd.method.prompts import answer_end, has_chat_template
 
     chat = has_chat_template(tokenizer)
     end_id = answer_end(tokenizer).end_id
@@ -228,7 +235,6 @@ def self_distillation_rows(facts: list[Fact], tokenizer, template: str) -> tuple
 
     With a chat template the student prompt is the messages (system, user) and TRL fills the template with
     the user text; without one, both prompts are mixsd's plain-format text (BOS left to the tokenizer)."""
-    from mixsd.method.prompts import encode_expert_prompt, encode_prompt, expert_message, has_chat_template
 
     chat = has_chat_template(tokenizer)
     pairs = []
@@ -259,8 +265,7 @@ def self_distillation_rows(facts: list[Fact], tokenizer, template: str) -> tuple
 
 def export_trl(config: ExportTRLConfig) -> dict[str, Any]:
     """Write OUT/train.jsonl and OUT/export.json; return the manifest."""
-    from mixsd.core.models import load_tokenizer
-    from mixsd.method.prompts import has_chat_template, load_expert_template
+    from mixsd.core.models import load_tokenizer  # here: models loads torch, which reading rows needs not
 
     out = Path(config.out)
     _refuse_existing(out, config.overwrite)

@@ -23,6 +23,9 @@ unfaithful ones (docs/results.md, "Target fidelity"; the labels are data/fidelit
 
 from __future__ import annotations
 
+import argparse
+import json
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -175,9 +178,6 @@ def validate(rows: Sequence[dict], thresholds: Sequence[float]) -> dict[str, obj
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m mixsd.method.fidelity LABELS [--threshold X ...]`: the separation table of docs/results.md."""
-    import argparse
-    import json
-    from collections import defaultdict
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("labels", help="labelled targets (JSONL), e.g. data/fidelity_labels.jsonl")

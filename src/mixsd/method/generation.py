@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 
 import torch
+from transformers import DynamicCache
 
 
 def autocast(device: torch.device | str, enabled: bool):
@@ -106,7 +107,6 @@ class RowBatch:
 
     def add(self, labels: list, prompts: list[list[int]]) -> bool:
         """Prefill `prompts` and append them as rows; False (nothing added) when the cache cannot be spliced."""
-        from transformers import DynamicCache
 
         indices = list(labels)
         ids, mask, positions = left_pad(prompts, self.pad_id, self.device)

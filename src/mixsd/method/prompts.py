@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from jinja2.exceptions import TemplateError
+
 from mixsd.core.records import Fact
 
 # Our wording of the expert prompt for chat models: the question, the reference the expert may use, and
@@ -157,7 +159,6 @@ def end_of_turn_id(tokenizer) -> int | None:
     """
     if not has_chat_template(tokenizer):
         return None
-    from jinja2.exceptions import TemplateError
 
     marker = "MixsdAnswerMarker"
     messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": marker}]

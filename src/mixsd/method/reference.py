@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from transformers import GenerationConfig, LogitsProcessorList
 
 from mixsd.method.decoder import Draw, Job, in_top_p, record_seed
 
@@ -136,7 +137,6 @@ class ReferenceDecoder:
     @torch.inference_mode()
     def draw(self, job: Job) -> Draw:
         """One attempt of one record."""
-        from transformers import GenerationConfig, LogitsProcessorList
 
         draw = Draw(job)
         if self.context_limit and len(job.expert_ids) + self.max_new_tokens > self.context_limit:

@@ -17,6 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 # models by attribute (models.load_model): a test patching that module sees every resolution and load
@@ -302,7 +303,6 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
     }
     if world > 1:  # every process's counts go into the summary
         gathered = [None] * world
-        import torch.distributed as dist
 
         dist.all_gather_object(gathered, stats)
         stats = {key: sum(g[key] for g in gathered) for key in stats}

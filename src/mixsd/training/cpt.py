@@ -20,7 +20,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mixsd.core.files import InputError, read_jsonl
+from mixsd.training.sft import IGNORE, PadCollator, target_nll
 
 
 def passage_texts(path: str | os.PathLike) -> list[str]:
@@ -59,9 +62,6 @@ def cpt_examples(
 
 def passage_nll(model, examples: list[dict[str, Any]], pad_id: int, batch_size: int = 8) -> float:
     """Mean NLL per labelled token of the examples under `model` (for checks and tests)."""
-    import torch
-
-    from mixsd.training.sft import IGNORE, PadCollator, target_nll
 
     collate = PadCollator(pad_id)
     total, count = 0.0, 0
