@@ -21,13 +21,12 @@ Determinism: a record's coins and samples come from its own random stream, seede
 from __future__ import annotations
 
 import hashlib
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from mixsd.method.generation import RowBatch
+from mixsd.method.generation import ContinuousBatcher
 from mixsd.method.prompts import AnswerEnd
 
 
@@ -73,13 +72,41 @@ def record_seed(seed: int, key: str, generation: int, attempt: int) -> int:
 
 
 class _Slot:
-    """A record being decoded: its draw so far and its pre-drawn random numbers."""
+    """A record's attempt: its draw so far and its pre-drawn random numbers.
+
+    The random numbers are drawn when the slot first chooses a token, so a queue of waiting slots holds
+    only their jobs (they are the same numbers whenever they are drawn: the stream is the record's own).
+    """
 
     def __init__(self, job: Job, max_new_tokens: int, seed: int):
         self.draw = Draw(job)
-        generator = torch.Generator().manual_seed(record_seed(seed, job.key, job.generation, job.attempt))
-        coin_u, sample_u = torch.rand(2, max_new_tokens, generator=generator, dtype=torch.float64).tolist()
-        self.coin_u, self.sample_u = coin_u, sample_u
+        self._max_new_tokens, self._seed = max_new_tokens, seed
+        self._uniforms: tuple[list[float], list[float]] | None = None
+
+    def _drawn(self) -> tuple[list[float], list[float]]:
+        if self._uniforms is None:
+            job = self.draw.job
+            generator = torch.Generator().manual_seed(
+                record_seed(self._seed, job.key, job.generation, job.attempt)
+            )
+            coin_u, sample_u = torch.rand(
+                2, self._max_new_tokens, generator=generator, dtype=torch.float64
+            ).tolist()
+            self._uniforms = (coin_u, sample_u)
+        return self._uniforms
+
+    @property
+    def coin_u(self) -> list[float]:
+        return self._drawn()[0]
+
+    @property
+    def sample_u(self) -> list[float]:
+        return self._drawn()[1]
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        """The slot's two rows of the batch: the expert's sequence, then the naive one."""
+        return [self.draw.job.expert_ids, self.draw.job.naive_ids]
 
     @property
     def step(self) -> int:
@@ -134,60 +161,48 @@ class MixedDecoder:
         self, jobs: Iterable[Job], accept: Callable[[Draw], bool], on_done: Callable[[Draw, bool], None]
     ) -> None:
         """Decode every job; call `on_done(draw, verified)` once per job, with its last attempt."""
-        queue: deque[Job] = deque()
+        waiting: list[_Slot] = []
         for job in jobs:
             if self.context_limit and len(job.expert_ids) + self.max_new_tokens > self.context_limit:
                 on_done(Draw(job, finish="prompt_too_long"), False)
             else:
-                queue.append(job)
-        batch = RowBatch(self.model, self.pad_id)  # rows 2k and 2k+1: slot k's expert and naive sequences
-        slots: list[_Slot] = []
-        splice = True
-        while queue or slots:
-            if queue and len(slots) < self.batch_size and (splice or not slots):
-                admitted = [
-                    _Slot(queue.popleft(), self.max_new_tokens, self.seed)
-                    for _ in range(min(self.batch_size - len(slots), len(queue)))
-                ]
-                prompts = [
-                    ids for slot in admitted for ids in (slot.draw.job.expert_ids, slot.draw.job.naive_ids)
-                ]
-                if batch.add([slot for slot in admitted for _ in range(2)], prompts):
-                    slots.extend(admitted)
-                else:  # this model's cache cannot be spliced: refill only when the batch has drained
-                    splice = False
-                    queue.extendleft(reversed([slot.draw.job for slot in admitted]))
-
-            tokens = self._choose(slots, batch.logits)
-            self.generated_tokens += len(slots)
-            keep = []
-            for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
-                cut = None
-                if token not in self.stop_ids and self.answer_end is not None:
-                    cut = self.answer_end.text_stop(slot.draw.tokens)
-                if token not in self.stop_ids and cut is None and slot.step < self.max_new_tokens:
-                    keep.append(i)
-                    continue
-                draw = slot.draw
-                if cut is not None:
-                    _end_at(draw, cut, self.answer_end.end_id)
-                draw.finish = (
-                    "stop" if token in self.stop_ids else "stop_text" if cut is not None else "length"
-                )
-                verified = accept(draw)
-                if not verified and draw.job.attempt + 1 < self.max_attempts:
-                    queue.appendleft(replace(draw.job, attempt=draw.job.attempt + 1))
-                else:
-                    on_done(draw, verified)
-            if len(keep) < len(slots):
-                slots = [slots[i] for i in keep]
-                batch.keep([row for i in keep for row in (2 * i, 2 * i + 1)])
-            if slots:
-                batch.step([tokens[i] for i in keep for _ in range(2)])
+                waiting.append(_Slot(job, self.max_new_tokens, self.seed))
+        batcher = ContinuousBatcher(
+            self.model,
+            self.pad_id,
+            batch_size=self.batch_size,
+            rows_per_job=2,  # rows 2k and 2k+1: slot k's expert and naive sequences
+            prompts=lambda slot: slot.prompts,
+            choose=self._choose,
+            finish=self._finish,
+            admit_at=1,  # a free slot is filled at once
+        )
+        for slot in batcher.run(waiting):
+            draw = slot.draw
+            verified = accept(draw)
+            if not verified and draw.job.attempt + 1 < self.max_attempts:
+                retry = replace(draw.job, attempt=draw.job.attempt + 1)
+                batcher.requeue(_Slot(retry, self.max_new_tokens, self.seed))
+            else:
+                on_done(draw, verified)
 
     # -- pieces -------------------------------------------------------------------------------------
+    def _finish(self, slot: _Slot, token: int) -> bool:
+        """Whether the slot's draw (its token already appended by `_choose`) has ended; if so, how."""
+        cut = None
+        if token not in self.stop_ids and self.answer_end is not None:
+            cut = self.answer_end.text_stop(slot.draw.tokens)
+        if token not in self.stop_ids and cut is None and slot.step < self.max_new_tokens:
+            return False
+        draw = slot.draw
+        if cut is not None:
+            _end_at(draw, cut, self.answer_end.end_id)
+        draw.finish = "stop" if token in self.stop_ids else "stop_text" if cut is not None else "length"
+        return True
+
     def _choose(self, slots: list[_Slot], logits: torch.Tensor) -> list[int]:
         """Pick each slot's next token from the conditional its coin names; record both log-probs."""
+        self.generated_tokens += len(slots)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         expert, naive = logprobs[0::2], logprobs[1::2]
         use_naive = torch.tensor([s.coin_u[s.step] < self.lam for s in slots], device=logits.device)

@@ -15,9 +15,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
+from typing import Generic, TypeVar
 
 import torch
 from transformers import DynamicCache
+
+J = TypeVar("J")  # a caller's job: a prompt index (greedy generation), a record's slot (the MixSD decoder)
 
 
 def autocast(device: torch.device | str, enabled: bool):
@@ -190,6 +193,85 @@ class RowBatch:
         self.logits = out.logits[:, -1, :]
 
 
+class ContinuousBatcher(Generic[J]):
+    """The one continuous-batching loop: jobs join a `RowBatch` while it has room, leave as they finish.
+
+    Each job owns `rows_per_job` rows (its prompts, `prompts(job)`); every step the caller's
+    `choose(jobs, logits)` picks one token per job from the rows' next-token logits (rows of job k are
+    `k * rows_per_job ...`), `finish(job, token)` says whether that job is done, and the token is appended
+    to every row of the jobs that go on. `run` yields each job as it finishes, in row order; while the
+    generator waits at a yield the caller may `requeue` jobs (a retry), which are admitted before the rest.
+
+    Admission: waiting jobs are prefilled and spliced into the running batch when at least `admit_at`
+    of its `batch_size` job places are free (or when it is empty); a model whose cache `RowBatch` cannot
+    splice runs one batch at a time instead (refill only when the batch has drained).
+    """
+
+    def __init__(
+        self,
+        model,
+        pad_id: int,
+        *,
+        batch_size: int,
+        rows_per_job: int,
+        prompts: Callable[[J], list[list[int]]],
+        choose: Callable[[list[J], torch.Tensor], list[int]],
+        finish: Callable[[J, int], bool],
+        admit_at: int = 1,
+    ):
+        if batch_size < 1 or rows_per_job < 1 or admit_at < 1:
+            raise ValueError("batch_size, rows_per_job and admit_at must be >= 1")
+        self.model, self.pad_id = model, pad_id
+        self.batch_size, self.rows_per_job, self.admit_at = batch_size, rows_per_job, admit_at
+        self.prompts, self.choose, self.finish = prompts, choose, finish
+        self.queue: deque[J] = deque()
+
+    def requeue(self, job: J) -> None:
+        """Put `job` at the front of the queue: it is admitted before every job still waiting."""
+        self.queue.appendleft(job)
+
+    def run(self, jobs: Iterable[J]) -> Iterator[J]:
+        """Decode `jobs` (admitted in this order) until every one has finished; yield each as it finishes."""
+        self.queue.extend(jobs)
+        batch = RowBatch(self.model, self.pad_id)
+        running: list[J] = []
+        splice = True
+        while self.queue or running:
+            free = self.batch_size - len(running)
+            if self.queue and free > 0 and (not running or (splice and free >= self.admit_at)):
+                admitted = [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
+                if batch.add(
+                    [job for job in admitted for _ in range(self.rows_per_job)], self._rows(admitted)
+                ):
+                    running.extend(admitted)
+                else:  # this model's cache cannot be spliced: refill only when the batch has drained
+                    splice = False
+                    self.queue.extendleft(reversed(admitted))
+            tokens = self.choose(running, batch.logits)
+            kept = []
+            for position, (job, token) in enumerate(zip(running, tokens, strict=True)):
+                if self.finish(job, token):
+                    yield job
+                else:
+                    kept.append(position)
+            if len(kept) < len(running):
+                running = [running[k] for k in kept]
+                batch.keep([k * self.rows_per_job + r for k in kept for r in range(self.rows_per_job)])
+            if running:
+                batch.step([tokens[k] for k in kept for _ in range(self.rows_per_job)])
+
+    def _rows(self, jobs: list[J]) -> list[list[int]]:
+        rows = []
+        for job in jobs:
+            prompts = self.prompts(job)
+            if len(prompts) != self.rows_per_job:
+                raise ValueError(
+                    f"a job has {len(prompts)} prompts, the batcher runs {self.rows_per_job} per job"
+                )
+            rows.extend(prompts)
+        return rows
+
+
 @torch.inference_mode()
 def greedy_generate(
     model,
@@ -205,10 +287,10 @@ def greedy_generate(
     """Greedy continuations of `prompts`; yields (index, new tokens without the stop token, finish reason).
 
     finish is "stop" (a stop token was emitted) or "length" (max_new_tokens reached). Rows are yielded as
-    they finish, in no particular order. Continuous batching: when rows finish, waiting prompts are
-    prefilled and spliced into the running batch (models whose cache has layers RowBatch cannot splice,
-    e.g. linear-attention or indexer layers, run one batch at a time instead). `on_row(index)` is called after
-    each yield.
+    they finish, in no particular order. Continuous batching (`ContinuousBatcher`): when rows finish,
+    waiting prompts are prefilled and spliced into the running batch (models whose cache has layers
+    RowBatch cannot splice, e.g. linear-attention or indexer layers, run one batch at a time instead).
+    `on_row(index)` is called after each yield.
     `text_stop(tokens)` (e.g. `prompts.AnswerEnd.text_stop`, the plain format's stop rule) returns how many
     of a row's tokens hold its answer once the row has reached a text-level stop, else None; such a row
     ends at once with those tokens and finish "stop_text".
@@ -216,41 +298,38 @@ def greedy_generate(
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
     stops = set(stop_ids)
-    # longest first, so prompts admitted together have similar lengths (little padding)
-    queue = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
-    batch = RowBatch(model, pad_id)
-    tokens: dict[int, list[int]] = {}
-    splice = True
-    while queue or batch.rows:
-        free = batch_size - len(batch.rows)
+    tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    finished: dict[int, str] = {}
+
+    def finish(index: int, token: int) -> bool:
+        if token in stops:
+            finished[index] = "stop"
+            return True
+        tokens[index].append(token)
+        cut = text_stop(tokens[index]) if text_stop is not None else None
+        if cut is not None:
+            del tokens[index][cut:]
+            finished[index] = "stop_text"
+        elif len(tokens[index]) >= max_new_tokens:
+            finished[index] = "length"
+        return index in finished
+
+    batcher = ContinuousBatcher(
+        model,
+        pad_id,
+        batch_size=batch_size,
+        rows_per_job=1,
+        prompts=lambda index: [prompts[index]],
+        choose=lambda _indices, logits: logits.argmax(dim=-1).tolist(),
+        finish=finish,
         # admit newcomers in groups (a prefill per token step would cost more than it saves)
-        if queue and free > 0 and (not batch.rows or (splice and free >= max(1, batch_size // 4))):
-            admitted = [queue.popleft() for _ in range(min(free, len(queue)))]
-            if batch.add(admitted, [prompts[i] for i in admitted]):
-                tokens.update({i: [] for i in admitted})
-            else:
-                splice = False
-                queue.extendleft(reversed(admitted))
-        chosen = batch.logits.argmax(dim=-1).tolist()
-        keep = []
-        for row, (index, token) in enumerate(zip(batch.rows, chosen, strict=True)):
-            if token in stops:
-                yield index, tokens.pop(index), "stop"
-            else:
-                tokens[index].append(token)
-                cut = text_stop(tokens[index]) if text_stop is not None else None
-                if cut is not None:
-                    yield index, tokens.pop(index)[:cut], "stop_text"
-                elif len(tokens[index]) < max_new_tokens:
-                    keep.append(row)
-                    continue
-                else:
-                    yield index, tokens.pop(index), "length"
-            if on_row is not None:
-                on_row(index)
-        batch.keep(keep)
-        if batch.rows:
-            batch.step([chosen[r] for r in keep])
+        admit_at=max(1, batch_size // 4),
+    )
+    # longest first, so prompts admitted together have similar lengths (little padding)
+    for index in batcher.run(sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))):
+        yield index, tokens.pop(index), finished.pop(index)
+        if on_row is not None:
+            on_row(index)
 
 
 @torch.inference_mode()

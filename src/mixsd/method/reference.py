@@ -27,6 +27,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 from mixsd.method.decoder import Draw, Job, in_top_p, record_seed
+from mixsd.method.generation import left_pad
 
 
 def record_uniforms(seed: int, job: Job, max_new_tokens: int) -> tuple[list[float], list[float]]:
@@ -143,10 +144,9 @@ class ReferenceDecoder:
             draw.finish = "prompt_too_long"
             return draw
         device = next(self.model.parameters()).device
-        rows = [job.expert_ids, job.naive_ids]
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        # generate derives the positions from the mask itself
+        input_ids, attention_mask, _ = left_pad([job.expert_ids, job.naive_ids], self.pad_id, device)
+        width = input_ids.shape[1]
         processor = MixingProcessor(
             draw,
             lam=self.lam,

@@ -37,7 +37,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from mixsd.core.answers import matches
 from mixsd.core.files import atomic_write_jsonl, read_jsonl
 from mixsd.core.records import load_corpus
-from mixsd.method.generation import tail_logprobs
+from mixsd.method.generation import left_pad, tail_logprobs
 from mixsd.method.prompts import (
     AnswerEnd,
     answer_end,
@@ -182,9 +182,8 @@ def sample_answers(
     if not stop_ids:
         raise ValueError("sample_answers needs answer_end or stop_ids")
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids, mask, _ = left_pad(prompts, pad_id, device)  # generate derives the positions from the mask
+    width = ids.shape[1]
     generation = rollout_generation_config(max_new_tokens, list(stop_ids), pad_id)
     text_stop = answer_end is not None and bool(answer_end.stop_strings)
     criteria = StoppingCriteriaList([_TextStop(answer_end, width)]) if text_stop else None
