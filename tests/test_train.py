@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_word_model, make_word_tokenizer
 from mixsd.core.files import InputError
-from mixsd.training.checkpoints import checkpoint_is_complete, resume_checkpoint
+from mixsd.training.checkpoints import checkpoint_is_complete, disk_plan, resume_checkpoint
 from mixsd.training.sft import IGNORE, PadCollator, target_examples, target_nll
-from mixsd.training.train import TrainConfig, disk_plan, train
+from mixsd.training.train import TrainConfig, train
 
 VOCAB = 96
 
@@ -556,9 +556,9 @@ def test_disk_plan_estimates_what_the_run_writes(tmp_path):
 
 
 def test_a_run_that_cannot_fit_refuses_to_start_with_the_figures(tmp_path, monkeypatch, capsys):
-    from mixsd.training import train as train_module
+    from mixsd.training import checkpoints
 
-    monkeypatch.setattr(train_module, "free_bytes", lambda folder: 50_000)
+    monkeypatch.setattr(checkpoints, "free_bytes", lambda folder: 50_000)
     config = config_for(tmp_path, "full", epochs=3)
     with pytest.raises(
         InputError, match=r"not enough free disk space: one checkpoint is about .* kB.*50\.0 kB free"

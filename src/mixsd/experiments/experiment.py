@@ -74,7 +74,7 @@ from mixsd.experiments.grid import (  # noqa: F401 - Cell and Experiment are imp
     build_config,
     parse_grid,
 )
-from mixsd.experiments.grid_data import GridData, write_curve_base
+from mixsd.experiments.grid_data import GridData
 from mixsd.experiments.grid_methods import METHODS, SFTTargetsConfig, write_sft_targets
 from mixsd.experiments.report import write_report
 from mixsd.experiments.report_data import write_report_data
@@ -89,7 +89,7 @@ from mixsd.experiments.results import (  # noqa: F401 - cell_row and aggregate a
 from mixsd.method.mix_config import MixConfig
 from mixsd.method.rewrite import RewriteConfig, rewrite
 from mixsd.method.targets import mix, summary_path
-from mixsd.training.curve import CURVE_FILE, read_curve
+from mixsd.training.curve import CURVE_FILE, read_curve, write_curve_base
 from mixsd.training.train import TrainConfig, train
 
 # Bumped when the way a row is built from the cell's files changes, so rows (cheap: no model) are rebuilt

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mixsd.core import models
 from mixsd.core.files import (
     InputError,
     JournalWriter,
@@ -23,7 +22,7 @@ from mixsd.core.files import (
     read_jsonl,
     sha256_file,
 )
-from mixsd.core.models import cache_dir, load_model, load_tokenizer
+from mixsd.core.models import cache_dir
 from mixsd.core.stage_settings import stage_settings
 from mixsd.core.stages import Stage, file_hash
 from mixsd.corpora.capability import CapabilityConfig, build_capability
@@ -32,7 +31,6 @@ from mixsd.corpora.kgfact import KGFactConfig, build_kgfact
 from mixsd.corpora.kgfunc import KGFuncConfig, build_kgfunc
 from mixsd.corpora.probes import ProbesFetchConfig, fetch_probes
 from mixsd.experiments.grid import CAPABILITY_PROBES, CURVE_OPTIONS, Cell, Experiment, build_config, typed
-from mixsd.training.curve import CurveCallback, CurveEvaluator
 
 # the corpus generators a grid names, each with its config
 GENERATORS: dict[str, tuple[type, Callable[[Any], Any]]] = {
@@ -273,15 +271,3 @@ class GridData:
         """What a cpt cell trains on: a documents corpus's passages, else the training records' contexts."""
         passages = self.source_dir / PASSAGES_FILE
         return passages if passages.is_file() else train_file
-
-
-def write_curve_base(config: Any, path: Path) -> None:
-    """The learning curve's row of the base model (epoch 0), scored as `config`'s curve scores every epoch."""
-    handle = models.resolve_model(config.model)  # once for the tokenizer and the weights
-    tokenizer = load_tokenizer(handle, trust_remote_code=config.trust_remote_code)
-    model = load_model(handle, dtype="float32", trust_remote_code=config.trust_remote_code)
-    model.to(config.device)
-    evaluator = CurveEvaluator(config, tokenizer)
-    # the base against itself: KL 0 by definition, measured the same way as every epoch's
-    row = CurveCallback(evaluator, path, base=model).evaluate(model, epoch=0.0, step=0)
-    atomic_write_json(path, row)

@@ -37,7 +37,8 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback
 
 from mixsd.core.answers import matches, resolve_match_mode
-from mixsd.core.files import atomic_write_jsonl, read_jsonl
+from mixsd.core.files import atomic_write_json, atomic_write_jsonl, read_jsonl
+from mixsd.core.models import load_model, load_tokenizer, resolve_model
 from mixsd.core.records import load_corpus
 from mixsd.corpora.probes import load_kl_prompts, spread
 from mixsd.evaluation.probe_kinds import KL, ProbeKind, bits, load_probe
@@ -205,3 +206,16 @@ class CurveCallback(TrainerCallback):
             **scores,
             "seconds": round(time.perf_counter() - started, 3),
         }
+
+
+def write_curve_base(config: Any, path: Path) -> None:
+    """The learning curve's row of the base model (epoch 0), scored as `config`'s curve scores every epoch
+    (the grid writes it once for all its trained cells: `mixsd train` scores only the epochs it trains)."""
+    handle = resolve_model(config.model)  # once for the tokenizer and the weights
+    tokenizer = load_tokenizer(handle, trust_remote_code=config.trust_remote_code)
+    model = load_model(handle, dtype="float32", trust_remote_code=config.trust_remote_code)
+    model.to(config.device)
+    evaluator = CurveEvaluator(config, tokenizer)
+    # the base against itself: KL 0 by definition, measured the same way as every epoch's
+    row = CurveCallback(evaluator, path, base=model).evaluate(model, epoch=0.0, step=0)
+    atomic_write_json(path, row)
