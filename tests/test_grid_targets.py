@@ -132,6 +132,10 @@ def test_target_options_name_cells_and_families(tmp_path, tiny_model_dir):
         ([{"opsd": {"target": "statement"}}], r"field 'methods\[0\].target': unknown method option"),
         ([{"sft": {"retries": 3}}], r"field 'methods\[0\].retries': unknown method option"),
         ([{"mixsd": {"lam": 0.3, "seed": 3}}], r"field 'methods\[0\].seed'"),
+        # the files and the model a stage names are the runner's (each config's IO_FIELDS)
+        ([{"mixsd": {"model": "other"}}], r"field 'methods\[0\].model': unknown method option"),
+        ([{"sft": {"targets": "mine.jsonl"}}], r"field 'methods\[0\].targets': unknown method option"),
+        ([{"opsd": {"corpus": "mine.jsonl"}}], r"field 'methods\[0\].corpus': unknown method option"),
         (["sft", {"sft": {"target": "answer"}}], r"cell sft-s0 is declared twice"),
     ],
 )

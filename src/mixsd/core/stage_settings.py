@@ -2,7 +2,8 @@
 where a run goes, never what the stage writes (a change to them redoes nothing).
 
 Each config class declares those fields itself in a `SPEED_ONLY` class attribute (a class attribute, not field
-metadata: HfArgumentParser passes metadata to argparse). `dtype` of eval and nll is in their settings as
+metadata: HfArgumentParser passes metadata to argparse); the same way, `IO_FIELDS` names the fields of its
+model and files, which the grid's runner sets itself. `dtype` of eval and nll is in their settings as
 `bf16`, which those configs keep equal to `dtype == "bfloat16"` (`options.ModelOptions`), so records
 written before `dtype` existed stay current; mix and rewrite keep `dtype`. Training's settings are its own
 (`mixsd.training.train_config.run_settings`).
@@ -21,6 +22,12 @@ def speed_only(cls: type) -> set[str]:
     """The fields of config class `cls` that change only speed, logging or output location (none for a
     class that declares no `SPEED_ONLY`: the corpus generators' options all shape what they write)."""
     return set(getattr(cls, "SPEED_ONLY", ()))
+
+
+def io_fields(cls: type) -> set[str]:
+    """The fields of config class `cls` that name the model it loads and the files it reads and writes
+    (its `IO_FIELDS`): whoever runs the command for someone else (the grid) sets them itself."""
+    return set(getattr(cls, "IO_FIELDS", ()))
 
 
 def stage_settings(config: Any, also: Iterable[str] = ()) -> dict[str, Any]:

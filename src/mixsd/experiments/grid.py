@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mixsd.core.files import InputError, YamlDocument, sha256_text
-from mixsd.core.stage_settings import speed_only
+from mixsd.core.stage_settings import io_fields, speed_only
 from mixsd.experiments.tuning import SelectionRule
 from mixsd.method.mix_config import MixConfig
 from mixsd.method.sft_targets import SFT_TARGETS
@@ -338,9 +338,11 @@ def _select_section(value: Any, path: Path) -> SelectionRule:
     return rule
 
 
-# What the runner sets itself in the configs of targets and training; the file may set every other field.
-MIX_RUNNER_FIELDS = {"model", "input", "output", "lam", "seed"}
-TRAIN_RUNNER_FIELDS = {"model", "out", "output_dir", "targets", "corpus", "method", "seed"}
+# What the runner sets itself in the configs of targets and training: the model and files each command names
+# (its IO_FIELDS) and the cell's coordinates where the config has them; the file may set every other field.
+CELL_FIELDS = {"method", "lam", "seed"}
+MIX_RUNNER_FIELDS = io_fields(MixConfig) | CELL_FIELDS & {f.name for f in fields(MixConfig)}
+TRAIN_RUNNER_FIELDS = io_fields(TrainConfig) | CELL_FIELDS & {f.name for f in fields(TrainConfig)}
 
 
 def _cells(methods: list[Any], seeds: list[int], path: Path, mix_section: Any = None) -> list[Cell]:

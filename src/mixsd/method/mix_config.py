@@ -106,6 +106,8 @@ class MixConfig(ModelOptions):
     overwrite: bool = field(default=False, metadata={"help": "Discard an existing output or unfinished run."})
     # fields that change only speed or where the run goes, never the targets (`mixsd.core.stage_settings`)
     SPEED_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "device", "threads", "overwrite")
+    # the model and the files it reads and writes: the grid's runner sets them (`stage_settings.io_fields`)
+    IO_FIELDS: ClassVar[tuple[str, ...]] = ("model", "input", "output")
 
     def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)
         self.check_model_options()

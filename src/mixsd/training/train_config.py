@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from transformers import TrainingArguments
@@ -63,6 +63,10 @@ class TrainConfig(OPSDOptions, TrainingArguments):
     command line and the experiment file. Defaults that differ from TrainingArguments: learning rate 1e-4,
     constant schedule, seed 0, logging every step, a checkpoint per epoch keeping the newest two.
     """
+
+    # the model and the files it reads and writes (--output_dir is --out): the grid's runner sets them
+    # (`stage_settings.io_fields`)
+    IO_FIELDS: ClassVar[tuple[str, ...]] = ("model", "out", "output_dir", "targets", "corpus")
 
     # ---- what to train ---------------------------------------------------------------------------
     model: str = field(
