@@ -16,7 +16,7 @@ from mixsd.evaluation.evaluate import EvalConfig, evaluate, predictions_path
 from mixsd.evaluation.probe_kinds import MULTIPLE_CHOICE, PERPLEXITY, load_probe
 from mixsd.evaluation.scoring import choice_tokens, kl_per_token, score_multiple_choice
 from mixsd.evaluation.taxonomy import Taxonomy
-from mixsd.method.generation import greedy_generate, tail_logprobs
+from mixsd.method.generation import ContinuousBatcher, greedy_generate, tail_logprobs
 from mixsd.method.prompts import encode_prompt
 
 
@@ -124,6 +124,64 @@ def test_greedy_generate_matches_uncached_single_sequence_decoding():
         }
         assert [got[i] for i in range(len(prompts))] == expected
     assert {f for _, f in expected} == {"stop", "length"}  # both paths exercised
+
+
+def _batcher_trace(admit_at: int) -> tuple[list[int], list[int], list[int]]:
+    """Run jobs 0..3 (job j ends after `1 + j` tokens; job 0 is retried once as job 10, which ends after 1)
+    through a ContinuousBatcher of 2 places; return (admission order, jobs per step, finish order)."""
+    admitted: list[int] = []
+    running: list[int] = []
+    tokens: dict[int, int] = {}
+
+    def prompts(job: int) -> list[list[int]]:
+        admitted.append(job)
+        return [[3 + job % 7, 4, 5]]
+
+    def choose(jobs: list[int], logits: torch.Tensor) -> list[int]:
+        running.append(len(jobs))
+        return logits.argmax(dim=-1).tolist()
+
+    def finish(job: int, token: int) -> bool:
+        tokens[job] = tokens.get(job, 0) + 1
+        return tokens[job] > job % 10
+
+    batcher = ContinuousBatcher(
+        make_tiny_model(40, seed=1),
+        0,
+        batch_size=2,
+        rows_per_job=1,
+        prompts=prompts,
+        choose=choose,
+        finish=finish,
+        admit_at=admit_at,
+    )
+    finished = []
+    for job in batcher.run(range(4)):
+        finished.append(job)
+        if job == 0:
+            batcher.requeue(10)  # a retry: admitted before the jobs still waiting
+    return admitted, running, finished
+
+
+def test_the_continuous_batcher_admits_a_retry_first_and_by_each_callers_rule():
+    # job 0 ends after 1 token, job 1 after 2, the retry 10 after 1, job 2 after 3, job 3 after 4
+    admitted, running, finished = _batcher_trace(admit_at=1)  # the decoder's rule: fill a free place at once
+    assert (admitted, finished) == ([0, 1, 10, 2, 3], [0, 1, 10, 2, 3])  # the retry before jobs 2 and 3
+    assert running == [2, 2, 2, 2, 2, 1]
+    admitted, running, finished = _batcher_trace(admit_at=2)  # greedy's: wait for a group of free places
+    assert (admitted, finished) == ([0, 1, 10, 2, 3], [0, 1, 10, 2, 3])
+    assert running == [2, 1, 2, 1, 1, 1, 1, 1, 1]  # one free place of two is not enough to admit
+    with pytest.raises(ValueError, match="a job has 1 prompts, the batcher runs 2 per job"):
+        batcher = ContinuousBatcher(
+            make_tiny_model(40),
+            0,
+            batch_size=2,
+            rows_per_job=2,
+            prompts=lambda job: [[3]],
+            choose=lambda jobs, logits: [0] * len(jobs),
+            finish=lambda job, token: True,
+        )
+        list(batcher.run([0]))
 
 
 def test_tail_logprobs_match_a_full_forward_pass():
