@@ -347,3 +347,35 @@ def test_feeds_mix_and_sft_targets_unchanged(tmp_path, small, tiny_model_dir):
             == 0
         )
         assert [r["check"] for r in load_targets(sft)] == [f.check for f in load_corpus(folder / split)]
+
+
+def test_the_paper_instruction_rewords_only_how_questions_ask(tmp_path):
+    """`instruction: paper` asks each train/retrieval/compositional question with the paper's reasoning
+    sentence; the world, answers and paraphrases are the default corpus's, and the default's stage settings
+    and manifest do not name the option (corpora built before it stay current)."""
+    from mixsd.core.stages import config_settings
+
+    ours = build_kgfact(KGFactConfig(out=str(tmp_path / "ours")))
+    paper = build_kgfact(KGFactConfig(out=str(tmp_path / "paper"), instruction="paper"))
+    assert "instruction" not in ours and paper["instruction"] == "paper"
+    assert "instruction" not in config_settings(KGFactConfig(out="x"))
+    assert config_settings(KGFactConfig(out="x", instruction="paper"))["instruction"] == "paper"
+
+    def rows(folder: str, split: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / folder / split).read_text().splitlines()]
+
+    suffix = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+    for split in ("train.jsonl", "retrieval.jsonl", "compositional.jsonl"):
+        for a, b in zip(rows("ours", split), rows("paper", split), strict=True):
+            assert a["prompt"].endswith(" Put the final answer in \\boxed{}.") and b["prompt"].endswith(
+                suffix
+            )
+            question = a["prompt"].removesuffix(" Put the final answer in \\boxed{}.")
+            assert b["prompt"] == question + suffix
+            assert {k: v for k, v in a.items() if k != "prompt"} == {
+                k: v for k, v in b.items() if k != "prompt"
+            }
+    assert rows("ours", "paraphrase.jsonl") == rows("paper", "paraphrase.jsonl")
+    assert (tmp_path / "ours" / "kb.json").read_bytes() == (tmp_path / "paper" / "kb.json").read_bytes()
+    with pytest.raises(ValueError, match="instruction"):
+        KGFactConfig(out="x", instruction="socratic")

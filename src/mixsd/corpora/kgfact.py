@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from mixsd.core.files import atomic_write_json, atomic_write_jsonl
 from mixsd.core.options import check_choices, check_range
@@ -78,6 +78,17 @@ class KGFactConfig:
         metadata={"help": "small: 5 domains x 10 entities (100 training facts); large: 7 x 25 (525)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the world (names, relations, targets, splits)."})
+    instruction: Literal["boxed", "paper"] = field(
+        default="boxed",
+        metadata={
+            "help": "How each question asks for the answer: boxed ('… Put the final answer in \\boxed{}.') "
+            "or paper (the paper's '…\\n\\nPlease reason step by step, and put your final answer within "
+            "\\boxed{}.'). Train, retrieval and compositional prompts; paraphrases keep their own wordings."
+        },
+    )
+
+    # added after corpora were built: while it holds its default, a grid's corpus stage stays current
+    OMIT_WHILE_DEFAULT: ClassVar[tuple[str, ...]] = ("instruction",)
 
     def __post_init__(self) -> None:  # refuse bad options before any file is written (issue 10)
         check_choices(self)
@@ -87,16 +98,21 @@ class KGFactConfig:
 DISTRACTORS = 49
 
 
-TRAIN_WRAPPER = "{question} Put the final answer in \\boxed{}."
+# How a question asks for its boxed answer in the train, retrieval and compositional splits: ours, or the
+# paper's reasoning instruction (method notes, section 8), which Qwen-class chat models are tuned to follow.
+# The paraphrase split keeps its own wordings either way: it tests recall under other phrasings.
+INSTRUCTIONS = {
+    "boxed": "{question} Put the final answer in \\boxed{}.",
+    "paper": "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{}.",
+}
+TRAIN_WRAPPER = INSTRUCTIONS["boxed"]
 PARAPHRASE_WRAPPERS = (
     "Here is a question about a made-up world.\n{question}\nReply with the final answer inside \\boxed{}.",
     "Question: {question}\nWrite your final answer within \\boxed{}.",
     "I would like to know the following. {question} Please give the final answer as \\boxed{}.",
 )
-RETRIEVAL_WRAPPER = (
-    "Read the statements below, then answer the question.\n\n{statements}\n\n"
-    "Question: {question} Put the final answer in \\boxed{}."
-)
+RETRIEVAL_LEAD = "Read the statements below, then answer the question.\n\n{statements}\n\nQuestion: "
+RETRIEVAL_WRAPPER = RETRIEVAL_LEAD + TRAIN_WRAPPER
 
 
 def boxed_answer(answer: str) -> str:
@@ -112,14 +128,14 @@ def _wrap(template: str, **fields: str) -> str:
 _BY_NAME = {r.name: r for r in RELATIONS}
 
 
-def _train_records(facts: list[dict]) -> list[dict]:
+def _train_records(facts: list[dict], wrapper: str = TRAIN_WRAPPER) -> list[dict]:
     rows = []
     for i, fact in enumerate(facts):
         question = _BY_NAME[fact["relation"]].ask(fact["source"], 0)
         rows.append(
             {
                 "id": f"kgfact-train-{i:04d}",
-                "prompt": _wrap(TRAIN_WRAPPER, question=question),
+                "prompt": _wrap(wrapper, question=question),
                 "answer": boxed_answer(fact["target"]),
                 "context": fact["statement"],
                 "check": fact["target"],
@@ -151,7 +167,9 @@ def _paraphrase_records(facts: list[dict], rng: random.Random) -> list[dict]:
     return rows
 
 
-def _retrieval_records(heldout: list[dict], rng: random.Random) -> list[dict]:
+def _retrieval_records(
+    heldout: list[dict], rng: random.Random, wrapper: str = RETRIEVAL_WRAPPER
+) -> list[dict]:
     rows = []
     for i, fact in enumerate(heldout):
         others = [f["statement"] for f in heldout if f["id"] != fact["id"]]
@@ -162,7 +180,7 @@ def _retrieval_records(heldout: list[dict], rng: random.Random) -> list[dict]:
         rows.append(
             {
                 "id": f"kgfact-retrieval-{i:04d}",
-                "prompt": _wrap(RETRIEVAL_WRAPPER, statements=listing, question=question),
+                "prompt": _wrap(wrapper, statements=listing, question=question),
                 "answer": boxed_answer(fact["target"]),
                 "context": fact["statement"],
                 "check": fact["target"],
@@ -172,7 +190,9 @@ def _retrieval_records(heldout: list[dict], rng: random.Random) -> list[dict]:
     return rows
 
 
-def _compositional_records(train: list[dict], count: int, rng: random.Random) -> list[dict]:
+def _compositional_records(
+    train: list[dict], count: int, rng: random.Random, wrapper: str = TRAIN_WRAPPER
+) -> list[dict]:
     by_source: dict[str, list[dict]] = {}
     for fact in train:
         by_source.setdefault(fact["source"], []).append(fact)
@@ -189,7 +209,7 @@ def _compositional_records(train: list[dict], count: int, rng: random.Random) ->
         rows.append(
             {
                 "id": f"kgfact-compositional-{i:04d}",
-                "prompt": _wrap(TRAIN_WRAPPER, question=question),
+                "prompt": _wrap(wrapper, question=question),
                 "answer": answer,
                 "context": f"{first['statement']} {second['statement']}",
                 "check": second["target"],
@@ -208,11 +228,12 @@ def build_kgfact(config: KGFactConfig) -> dict:
     heldout = [f for f in world["facts"] if f["split"] == "heldout"]
     # A second stream for the test splits, so changing how a split is drawn never moves the world.
     rng = random.Random(f"kgfact-splits:{config.seed}")
+    ask = INSTRUCTIONS[config.instruction]
     splits = {
-        "train.jsonl": _train_records(train),
+        "train.jsonl": _train_records(train, ask),
         "paraphrase.jsonl": _paraphrase_records(train, rng),
-        "retrieval.jsonl": _retrieval_records(heldout, rng),
-        "compositional.jsonl": _compositional_records(train, spec.compositional, rng),
+        "retrieval.jsonl": _retrieval_records(heldout, rng, RETRIEVAL_LEAD + ask),
+        "compositional.jsonl": _compositional_records(train, spec.compositional, rng, ask),
     }
     out = Path(config.out)
     for name, rows in splits.items():
@@ -225,6 +246,8 @@ def build_kgfact(config: KGFactConfig) -> dict:
         [*splits, "kb.json"],
         seed=config.seed,
         size=config.size,
+        # named only when not the default, so that default corpora keep their manifest byte for byte
+        **({"instruction": config.instruction} if config.instruction != "boxed" else {}),
         answer_match="entity",  # read by answers.corpus_match_mode: every stage scores KGFact this way
     )
 
