@@ -47,6 +47,15 @@ def test_shipped_configs_keep_their_cell_names():
             "sft-statement-lr3e-05-s1",
             "sft-statement-lr3e-05-s2",
             "mixsd-lam1-verifynone-lr3e-05-ep12-s0",  # the no-injection floor
+            "mixsd-lam0.3-guardtopp0.9-lr3e-05-s0",  # our guarded mixing, 3 seeds
+            "mixsd-lam0.3-guardtopp0.9-lr3e-05-s1",
+            "mixsd-lam0.3-guardtopp0.9-lr3e-05-s2",
+            "mixsd-lam0.3-paper-lr3e-05-s0",  # the paper's expert template
+            *(  # the λ accounting: retries 30, both failure policies
+                f"mixsd-lam{lam}-retries30{policy}-lr3e-05-ep12-s0"
+                for lam in ("0", "0.3", "0.5", "0.7")
+                for policy in ("", "-drop")
+            ),
         }
     }
     for path in REPO_CONFIGS.glob("*.yaml"):
