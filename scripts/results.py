@@ -19,7 +19,7 @@ docs/results.md between
     ...
     <!-- /results -->
 
-with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare, fisher, forgetting, targets, verdicts.
+with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare, fisher, forgetting, targets, opsd, verdicts.
 """
 
 from __future__ import annotations
@@ -445,6 +445,44 @@ def targets_table(summary: dict[str, Any]) -> str:
     return table(header, rows)
 
 
+def opsd_table(summary: dict[str, Any]) -> str:
+    """Per OPSD cell and epoch, its diagnostics beside the curve's memorization (docs/training.md says what
+    each column measures)."""
+    rows = [
+        [
+            cell,
+            num(d["epoch"], 0),
+            num(d["memorization"], 2),
+            num(d["rollout_tokens"], 1),
+            num(d["rollouts_ended"], 2),
+            num(d["answer_in_rollouts"], 3),
+            num(d["facts_with_answer_rollout"], 0),
+            num(d["kl_per_token"], 3),
+            num(d["teacher_answer_start_p"], 3),
+            num(d["student_answer_start_p"], 3),
+            num(d["student_gold_logprob"], 1),
+        ]
+        for cell, epochs in summary.get("opsd", {}).items()
+        for d in epochs
+    ]
+    if not rows:
+        return "No OPSD cell with its diagnostics committed.\n"
+    header = [
+        "cell",
+        "epoch",
+        "memorization",
+        "rollout tokens",
+        "ended before cap",
+        "answer in rollouts",
+        "facts with one",
+        "KL / token",
+        "teacher start p",
+        "student start p",
+        "student log p(gold | x)",
+    ]
+    return table(header, rows)
+
+
 def verdicts_table(summary: dict[str, Any]) -> str:
     rows = [
         [
@@ -470,6 +508,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "fisher": fisher_table,
     "forgetting": forgetting_table,
     "targets": targets_table,
+    "opsd": opsd_table,
     "verdicts": verdicts_table,
 }
 

@@ -14,7 +14,6 @@ from conftest import make_word_model, make_word_tokenizer
 from mixsd.core.records import make_fact
 from mixsd.method.prompts import encode_prompt
 from mixsd.training.opsd import (
-    DIAGNOSTICS_FILE,
     answer_start_probability,
     opsd_examples,
     opsd_loss_sum,
@@ -22,6 +21,7 @@ from mixsd.training.opsd import (
     sample_answers,
     token_divergence,
 )
+from mixsd.training.opsd_options import DIAGNOSTICS_FILE
 from mixsd.training.train import TrainConfig, train
 
 VOCAB = 64

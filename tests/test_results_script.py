@@ -354,3 +354,39 @@ def test_mixsd_is_compared_with_the_self_rewrite_baseline_under_the_retention_ru
     assert verdicts["retention_rewrite"]["seeds"] == "3 vs 3"
     assert verdicts["retention"]["verdict"] == "holds"
     assert "than the self-rewrite baseline (SDFT" in load_script().verdicts_table(summary)
+
+
+def test_an_opsd_baseline_that_never_learns_is_named_and_its_diagnostics_tabled(tmp_path):
+    """OPSD enters the verdicts by the retention rule; when it reaches no memorization level the verdict
+    names it with its best final memorization, and the opsd table shows each epoch's diagnostics beside
+    the curve's memorization (– at an epoch the curve did not score)."""
+
+    def opsd(seed: int) -> tuple[dict, list[dict]]:
+        row = {"group": "OPSD", "family": "OPSD", "method": "opsd", "seed": seed}
+        return {**row, "fisher_ratio": 0.2, "delta_norm_sq": 1.0 + seed}, [point(2, "0000", "1110", "11")]
+
+    keeps_all = [point(2, "1100", "1111", "11"), point(4, "1111", "1111", "11")]
+    cells = {f"mixsd-s{s}": mixsd(s, keeps_all) for s in range(3)} | {f"opsd-s{s}": opsd(s) for s in range(3)}
+    folder = write_grid(tmp_path / "toy", cells)
+    diagnostics = [
+        {"epoch": 0.0, "step": 0, "student_gold_logprob": -64.7, "teacher_gold_logprob": -31.2},
+        {"epoch": 1.0, "step": 5, "rollout_tokens": 51.0, "answer_in_rollouts": 0.0, "kl_per_token": 0.27},
+        {"epoch": 2.0, "step": 10, "rollout_tokens": 50.1, "answer_in_rollouts": 0.0, "kl_per_token": 0.21},
+    ]
+    for seed in range(3):
+        path = folder / "cells" / f"opsd-s{seed}" / "train" / "opsd-diagnostics.jsonl"
+        path.write_text("".join(json.dumps(d) + "\n" for d in diagnostics))
+    summary = summarize(read_grid(folder))
+    verdicts = {v["claim"]: v for v in summary["verdicts"]}
+    assert (
+        verdicts["retention_opsd"]["verdict"]
+        == "cannot tell: OPSD reaches no level (best final memorization 0.00)"
+    )
+    rows = summary["opsd"]["opsd-s0"]
+    assert [r["epoch"] for r in rows] == [0.0, 1.0, 2.0]
+    assert [r["memorization"] for r in rows] == [None, None, 0.0]  # the curve scored epoch 2 only
+    assert rows[2]["kl_per_token"] == 0.21 and rows[0]["student_gold_logprob"] == -64.7
+    table = load_script().opsd_table(summary).splitlines()
+    assert len(table) == 2 + 9 and table[2].startswith("| opsd-s0 | 0 | – |")
+    assert "| opsd-s0 | 2 | 0.00 | 50.1 |" in table[4]
+    assert "than on-policy self-distillation (OPSD)" in load_script().verdicts_table(summary)

@@ -12,6 +12,7 @@ without weights):
     cells/<cell>/train/stage.json   the train stage's record: which target file the cell trained on
     cells/<cell>/retention*.json(l) retention and its per-item answers (forgetting's three measures)
     cells/<cell>/fisher.json        the Fisher displacement and the probe it was measured on
+    cells/<cell>/train/opsd-diagnostics.jsonl  an OPSD cell's per-epoch diagnostics
     corpus/train.jsonl              the training corpus (the invented names leakage looks for)
     known-facts/, retention-probes/ the generative probe items (their prompts and accepted answers)
 
@@ -39,6 +40,8 @@ Declared before the 20-epoch runs of issue 19, and applied to every grid alike:
 - Target accounting (`mixsd.method.target_accounting`) per MixSD/self-rewrite cell: verified, faithful, fallback
   and dropped shares of the records drawn; among verified targets, the share of tokens and of targets
   with a token above 5 nats under the base model.
+- OPSD diagnostics (`mixsd.training.opsd`) per OPSD cell and epoch, beside the curve's memorization at that
+  epoch where it was scored: where the on-policy signal is lost when OPSD does not learn.
 - Fisher correlations use only cells whose Fisher was measured on one probe file (the most common one);
   the others are listed as left out.
 - The rule that picks each method's setting: on the rule's seeds (`select.seeds`), among the settings
@@ -60,8 +63,9 @@ from mixsd.core.files import InputError, atomic_write_json, read_json_object, re
 from mixsd.core.metrics import cluster_bootstrap_correlation, hierarchical_bootstrap, rate, wilson_interval
 from mixsd.evaluation.forgetting import read_forgetting
 from mixsd.evaluation.probe_kinds import ERASED_CHOICES, GENERATIVE, KL
-from mixsd.experiments.verdicts import verdicts
+from mixsd.experiments.verdicts import BASELINES, verdicts
 from mixsd.method.target_accounting import read_target_accounting
+from mixsd.training.opsd_options import DIAGNOSTICS_FILE
 
 SUMMARY_FILE = "summary.json"
 LEVELS = (0.9, 0.95)
@@ -86,6 +90,21 @@ CELL_COLUMNS = (
     "target_nll_above_5_n",
     "verified_rate",
     "train_seconds",
+)
+
+# an OPSD cell's diagnostics the summary keeps per epoch (mixsd.training.opsd.OPSDDiagnostics)
+OPSD_COLUMNS = (
+    "epoch",
+    "rollouts",
+    "rollout_tokens",
+    "rollouts_ended",
+    "answer_in_rollouts",
+    "facts_with_answer_rollout",
+    "kl_per_token",
+    "teacher_answer_start_p",
+    "student_answer_start_p",
+    "student_gold_logprob",
+    "teacher_gold_logprob",
 )
 
 Point = dict[str, Any]
@@ -467,11 +486,12 @@ def summarize(grid: dict[str, Any]) -> dict[str, Any]:
     comparisons = {}
     # the comparator is plain SFT on the ground truth (not the format control `SFT statement`)
     sft = [n for n, g in summaries.items() if g["method"] == "sft" and g["family"] == "SFT"]
-    rewrite = [n for n, g in summaries.items() if g["method"] == "rewrite"]  # the SDFT baseline (issue 20)
+    # MixSD against the other baselines too (issue 20): the self-rewrite (SDFT) and OPSD
+    baselines = [n for n, g in summaries.items() if g["method"] in BASELINES]
     for name, group in summaries.items():
         if group["method"] == "sft":
             continue
-        for other in sft + (rewrite if group["method"] == "mixsd" else []):
+        for other in sft + (baselines if group["method"] == "mixsd" else []):
             for level in LEVELS:
                 key = f"{level:g}"
                 a, b = group["matched"][key], summaries[other]["matched"][key]
@@ -503,9 +523,29 @@ def summarize(grid: dict[str, Any]) -> dict[str, Any]:
             for name, g in summaries.items()
             if g["method"] in ("mixsd", "rewrite")
         },
+        "opsd": opsd_diagnostics(grid),
         "cells": [{k: row.get(k) for k in CELL_COLUMNS} for row in grid["rows"]],
     }
     out["verdicts"] = verdicts(out)
+    return out
+
+
+def opsd_diagnostics(grid: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per OPSD cell, its diagnostics rows (epoch 0 first), each with the curve's memorization at that
+    epoch where the curve scored it (None at epochs it skipped)."""
+    out = {}
+    for row in grid["rows"]:
+        path = grid["folder"] / "cells" / row["cell"] / "train" / DIAGNOSTICS_FILE
+        if row["method"] != "opsd" or not path.is_file():
+            continue
+        scored = {
+            round(float(p.get("epoch") or 0), 4): p["memorization"]
+            for p in grid["curves"].get(row["cell"], [])
+        }
+        out[row["cell"]] = [
+            {**{k: d.get(k) for k in OPSD_COLUMNS}, "memorization": scored.get(round(float(d["epoch"]), 4))}
+            for _, d in read_jsonl(path)
+        ]
     return out
 
 

@@ -5,8 +5,8 @@ Rules (`verdicts`): memorization — every seed of MixSD's chosen setting reache
 (does not hold), some do (partly); retention — the paired difference MixSD − SFT in the primary retention
 metric at the highest matched level both reach with every seed: interval above 0 holds, below 0 does not
 hold, else cannot tell; NLL — pooled Wilson intervals of the > 5 nats share disjoint; Fisher — the partial
-r of the Fisher ratio against that of raw ‖Δθ‖²; retention against the self-rewrite baseline (SDFT, not in
-the paper) by the retention rule. Fewer than MIN_SEEDS seeds per method: "cannot tell yet".
+r of the Fisher ratio against that of raw ‖Δθ‖²; retention against the self-rewrite (SDFT, not in the paper)
+and OPSD baselines by the retention rule. Fewer than MIN_SEEDS seeds per method: "cannot tell yet".
 """
 
 from __future__ import annotations
@@ -24,11 +24,15 @@ CLAIMS = {
     # not the paper's claim: its closest ancestor as the baseline (issue 20), under the retention rule
     "retention_rewrite": "MixSD keeps more of what the model knew than the self-rewrite baseline (SDFT, not in "
     "the paper), at matched memorization",
+    "retention_opsd": "MixSD keeps more of what the model knew than on-policy self-distillation (OPSD), at "
+    "matched memorization",
 }
 
 
 # the families whose chosen settings the verdicts compare (the paper's SFT and its recommended λ)
-VERDICT_FAMILIES = {"sft": "SFT", "mixsd": "MixSD λ=0.3", "rewrite": "Self-rewrite"}
+VERDICT_FAMILIES = {"sft": "SFT", "mixsd": "MixSD λ=0.3", "rewrite": "Self-rewrite", "opsd": "OPSD"}
+# the baselines MixSD is compared with besides SFT, by the retention rule: method -> claim
+BASELINES = {"rewrite": "retention_rewrite", "opsd": "retention_opsd"}
 
 
 def _chosen(summary: dict[str, Any], method: str) -> tuple[str, dict[str, Any]] | None:
@@ -49,8 +53,9 @@ def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
     does not hold, else cannot tell; NLL — pooled Wilson intervals of the > 5 nats share disjoint (lower:
     holds, higher: does not hold), else cannot tell; Fisher — the partial r of the Fisher ratio has an
     interval above 0 while raw ‖Δθ‖²'s includes 0 (holds), the ratio's includes or is below 0 (does not
-    hold when raw's is above 0, else cannot tell); retention vs self-rewrite (when the grid has the SDFT
-    baseline) — the retention rule with the self-rewrite's chosen setting in SFT's place. Fewer than 3 seeds
+    hold when raw's is above 0, else cannot tell); retention vs each baseline of BASELINES the grid has
+    (self-rewrite, OPSD) — the retention rule with the baseline's chosen setting in SFT's place; a baseline
+    that reaches no level is named in the verdict. Fewer than 3 seeds
     per method: "cannot tell yet"."""
     rows = []
     mixsd, sft = _chosen(summary, "mixsd"), _chosen(summary, "sft")
@@ -85,9 +90,10 @@ def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
                     "seeds": f"{len(mixsd[1]['seeds'])} vs {len(sft[1]['seeds'])} (pooled tokens, Wilson)",
                 }
             )
-    rewrite = _chosen(summary, "rewrite")
-    if mixsd and rewrite:  # the same rule as MixSD vs SFT, against the self-rewrite baseline
-        rows.append(_retention_verdict(summary, "retention_rewrite", mixsd, rewrite))
+    for method, claim in BASELINES.items():  # the same rule as MixSD vs SFT, against each baseline
+        baseline = _chosen(summary, method)
+        if mixsd and baseline:
+            rows.append(_retention_verdict(summary, claim, mixsd, baseline))
     measures = summary["fisher"]["measures"]
     ratio, raw = measures["fisher_ratio"]["partial"], measures["delta_norm_sq"]["partial"]
     if ratio["ci95"] and raw["ci95"]:
@@ -120,7 +126,11 @@ def _retention_verdict(
     level = max(pair, key=float) if pair else None
     boot = pair.get(level) if level else None
     if boot is None:
+        unreached = [n for n, g in (mixsd, other) if not any(m.get("primary") for m in g["matched"].values())]
         verdict, figure = "cannot tell: no level reached by every seed of both", "–"
+        if unreached == [other[0]]:  # the baseline never learns: nothing to match MixSD's retention with
+            best = max(other[1]["final_memorization"])
+            verdict = f"cannot tell: {other[0]} reaches no level (best final memorization {best:.2f})"
     else:
         low, high = boot["ci95"]
         verdict = "holds" if low > 0 else "does not hold" if high < 0 else "cannot tell"

@@ -16,7 +16,7 @@ Sampling happens in `get_batch_samples`, before the accumulation window's forwar
 count that normalizes the loss is known up front and gathered across processes exactly like Trainer's
 `num_items_in_batch`. With LoRA the teacher is the student with its adapters switched off (no second copy).
 
-Every run also writes OUT/opsd-diagnostics.jsonl (`DIAGNOSTICS_FILE`): one row before training and one per
+Every run also writes OUT/opsd-diagnostics.jsonl (`opsd_options.DIAGNOSTICS_FILE`): one row before training and one per
 epoch, with what tells whether the teacher's signal can teach the fact (`RolloutStats`, `gold_logprobs`).
 """
 
@@ -48,8 +48,6 @@ from mixsd.method.prompts import (
 )
 from mixsd.training.opsd_options import Divergence
 from mixsd.training.sft import PadCollator, TokenCountingTrainer, target_nll
-
-DIAGNOSTICS_FILE = "opsd-diagnostics.jsonl"
 
 
 def answer_start_ids(tokenizer, check: str) -> list[int]:

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from mixsd.core.files import InputError
 from mixsd.core.options import check_range
 
+# the per-epoch diagnostics every OPSD run writes into its output folder (opsd.OPSDDiagnostics)
+DIAGNOSTICS_FILE = "opsd-diagnostics.jsonl"
+
 Divergence = typing.Literal["forward", "reverse", "jsd"]
 
 

@@ -58,7 +58,8 @@ from mixsd.training.checkpoints import (
 )
 from mixsd.training.cpt import cpt_examples
 from mixsd.training.curve import CURVE_FILE, CurveCallback, CurveEvaluator
-from mixsd.training.opsd import DIAGNOSTICS_FILE, OPSDTrainer, opsd_examples
+from mixsd.training.opsd import OPSDTrainer, opsd_examples
+from mixsd.training.opsd_options import DIAGNOSTICS_FILE
 from mixsd.training.sft import PadCollator, TokenCountingTrainer, target_examples, target_nll
 
 # The config lives in mixsd.training.train_config (the grid reads it without the trainer); these names are
