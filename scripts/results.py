@@ -19,7 +19,8 @@ docs/results.md between
     ...
     <!-- /results -->
 
-with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare, fisher, forgetting, targets, opsd, verdicts.
+with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare, fisher, forgetting, targets, opsd, closed_book,
+verdicts.
 """
 
 from __future__ import annotations
@@ -483,6 +484,30 @@ def opsd_table(summary: dict[str, Any]) -> str:
     return table(header, rows)
 
 
+def closed_book_table(summary: dict[str, Any]) -> str:
+    """A documents grid: per group and split, SQuAD's EM and F1 and the answer-contained rate (mean over
+    seeds and items [95% CI]), and F1 minus the base model's, paired over items."""
+    rows = []
+    for group, entry in summary.get("closed_book", {}).items():
+        for split, scores in entry["splits"].items():
+            rows.append(
+                [
+                    group,
+                    split,
+                    str(scores["items"]),
+                    str(len(entry["seeds"])),
+                    estimate(scores["squad_em"]),
+                    estimate(scores["squad_f1"]),
+                    estimate(scores["contained"]),
+                    estimate(scores.get("squad_f1_vs_base")),
+                ]
+            )
+    if not rows:
+        return "No cell with SQuAD-scored predictions committed.\n"
+    header = ["group", "split", "items", "seeds", "EM", "F1", "answer contained", "F1 − base (paired)"]
+    return table(header, rows)
+
+
 def verdicts_table(summary: dict[str, Any]) -> str:
     rows = [
         [
@@ -509,6 +534,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "forgetting": forgetting_table,
     "targets": targets_table,
     "opsd": opsd_table,
+    "closed_book": closed_book_table,
     "verdicts": verdicts_table,
 }
 

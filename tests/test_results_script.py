@@ -390,3 +390,50 @@ def test_an_opsd_baseline_that_never_learns_is_named_and_its_diagnostics_tabled(
     assert len(table) == 2 + 9 and table[2].startswith("| opsd-s0 | 0 | – |")
     assert "| opsd-s0 | 2 | 0.00 | 50.1 |" in table[4]
     assert "than on-policy self-distillation (OPSD)" in load_script().verdicts_table(summary)
+
+
+def test_a_documents_grid_reports_squad_scores_per_group_split_and_against_the_base(tmp_path):
+    """The closed-book summary: per group and split, SQuAD's EM, F1 and answer-contained rate over seeds
+    and items, and F1 minus the base model's paired over the same gold questions; item order is by id, so
+    cells that wrote their predictions in another order are still paired item by item."""
+
+    def predictions(f1s: list[float], split: str = "gold") -> list[dict]:
+        return [
+            {
+                "who": "model",
+                "split": split,
+                "id": f"q{i}",
+                "squad_em": float(f == 1.0),
+                "squad_f1": f,
+                "contained": float(f > 0),
+            }
+            for i, f in enumerate(f1s)
+        ]
+
+    curve = [point(2, "1111", "1110", "11")]
+    cells = {f"sft-lr1e-4-s{s}": sft(s, "1e-4", curve) for s in range(2)}
+    folder = write_grid(tmp_path / "docs", cells)
+    files = {
+        "base": predictions([0.0, 0.5, 0.0, 0.0]) + predictions([1.0, 1.0, 0.0, 1.0], "gold_open"),
+        "sft-lr1e-4-s0": predictions([1.0, 0.5, 0.0, 0.0])[::-1] + predictions([1.0], "heldout"),
+        "sft-lr1e-4-s1": predictions([1.0, 1.0, 0.0, 0.0]) + predictions([0.0], "heldout"),
+    }
+    for cell, rows in files.items():
+        (folder / "cells" / cell).mkdir(parents=True, exist_ok=True)
+        (folder / "cells" / cell / "eval.predictions.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+    book = summarize(read_grid(folder))["closed_book"]
+    assert set(book) == {"base", "SFT lr=1e-4"}
+    assert set(book["base"]["splits"]) == {"gold", "gold_open"}
+    gold = book["SFT lr=1e-4"]["splits"]["gold"]
+    assert gold["items"] == 4 and book["SFT lr=1e-4"]["seeds"] == [0, 1]
+    assert gold["squad_f1"]["value"] == pytest.approx((1.5 + 2.0) / 8)
+    assert gold["squad_em"]["value"] == pytest.approx(3 / 8)
+    # paired over items: seed means 0.375 and 0.5 against the base's 0.125
+    assert gold["squad_f1_vs_base"]["value"] == pytest.approx((1.5 + 2.0) / 8 - 0.5 / 4)
+    assert "squad_f1_vs_base" not in book["SFT lr=1e-4"]["splits"]["heldout"]  # the base has no such split
+    table = load_script().closed_book_table(summarize(read_grid(folder)))
+    assert "| SFT lr=1e-4 | gold | 4 | 2 | 0.375 [" in table
+    assert "| base | gold_open | 4 | 1 | 0.750 [0.250, 1.000] |" in table
+    assert "No cell with SQuAD-scored predictions" in load_script().closed_book_table({"closed_book": {}})

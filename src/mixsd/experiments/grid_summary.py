@@ -13,6 +13,7 @@ without weights):
     cells/<cell>/retention*.json(l) retention and its per-item answers (forgetting's three measures)
     cells/<cell>/fisher.json        the Fisher displacement and the probe it was measured on
     cells/<cell>/train/opsd-diagnostics.jsonl  an OPSD cell's per-epoch diagnostics
+    cells/<cell>/eval.predictions.jsonl        a documents grid's SQuAD scores per item (closed_book.py)
     corpus/train.jsonl              the training corpus (the invented names leakage looks for)
     known-facts/, retention-probes/ the generative probe items (their prompts and accepted answers)
 
@@ -63,6 +64,7 @@ from mixsd.core.files import InputError, atomic_write_json, read_json_object, re
 from mixsd.core.metrics import cluster_bootstrap_correlation, hierarchical_bootstrap, rate, wilson_interval
 from mixsd.evaluation.forgetting import read_forgetting
 from mixsd.evaluation.probe_kinds import ERASED_CHOICES, GENERATIVE, KL
+from mixsd.experiments.closed_book import closed_book
 from mixsd.experiments.verdicts import BASELINES, verdicts
 from mixsd.method.target_accounting import read_target_accounting
 from mixsd.training.opsd_options import DIAGNOSTICS_FILE
@@ -524,6 +526,7 @@ def summarize(grid: dict[str, Any]) -> dict[str, Any]:
             if g["method"] in ("mixsd", "rewrite")
         },
         "opsd": opsd_diagnostics(grid),
+        "closed_book": closed_book(grid),  # documents grids: SQuAD scores on questions nobody here wrote
         "cells": [{k: row.get(k) for k in CELL_COLUMNS} for row in grid["rows"]],
     }
     out["verdicts"] = verdicts(out)
