@@ -9,6 +9,8 @@ import re
 from collections import Counter
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from mixsd.core.answers import entity_match, squad_normalize
 from mixsd.core.files import sha256_text
 from mixsd.corpora.documents_passages import Passage
@@ -159,7 +161,7 @@ class QAWriter:
     def _line_stop(self, tokens: list[int]) -> int | None:
         return len(tokens) if "\n" in self.tokenizer.decode(tokens) else None
 
-    def _complete(self, prompts: list[list[int]]) -> list[tuple[str, bool]]:
+    def _complete(self, prompts: list[list[int]], what: str) -> list[tuple[str, bool]]:
         """Each prompt's greedy continuation up to its first line break: (text, whether it ended there)."""
         # torch and generation (which loads it) only when a model writes questions
         import torch
@@ -170,7 +172,7 @@ class QAWriter:
         fits = [
             i for i, p in enumerate(prompts) if not self.limit or len(p) + self.max_new_tokens <= self.limit
         ]
-        with torch.inference_mode():
+        with torch.inference_mode(), tqdm(total=len(fits), desc=what, unit=what[:-1], leave=False) as bar:
             for k, tokens, finish in greedy_generate(
                 self.model,
                 [prompts[i] for i in fits],
@@ -178,6 +180,7 @@ class QAWriter:
                 pad_id=self.pad_id,
                 max_new_tokens=self.max_new_tokens,
                 batch_size=self.batch_size,
+                on_row=lambda _: bar.update(),
                 text_stop=self._line_stop,
             ):
                 text, ended = _first_line(self.tokenizer.decode(tokens, skip_special_tokens=True))
@@ -197,7 +200,7 @@ class QAWriter:
                 bases[passage.id] = encode_prompt(self.tokenizer, QA_INSTRUCTION.format(passage=passage.text))
             prompts.append(bases[passage.id] + self.encode(f"Question: {start}"))
         done = []
-        for (passage, start), (text, ended) in zip(jobs, self._complete(prompts), strict=True):
+        for (passage, start), (text, ended) in zip(jobs, self._complete(prompts, "questions"), strict=True):
             question = " ".join(f"{start}{text}".split()) if ended else None
             done.append((bases[passage.id], question))
         return done
@@ -205,7 +208,7 @@ class QAWriter:
     def answers(self, jobs: list[tuple[list[int], str]]) -> list[str | None]:
         """The answer the model writes after its question, in the same conversation."""
         prompts = [base + self.encode(f"Question: {question}\nAnswer:") for base, question in jobs]
-        return [clean_answer(text) for text, _ in self._complete(prompts)]
+        return [clean_answer(text) for text, _ in self._complete(prompts, "answers")]
 
 
 def write_pairs(
