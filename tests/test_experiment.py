@@ -411,6 +411,55 @@ def test_memit_is_a_method_of_the_grid(tmp_path, tiny_model_dir, monkeypatch):
         tiny_grid(tmp_path, tiny_model_dir, methods=["base", {"memit": {"lr": 1.0}}])
 
 
+def test_a_memit_cell_gets_a_one_point_curve_scored_as_the_base_row(tmp_path, tiny_model_dir, monkeypatch):
+    """With curves, memit's edited model is scored by the grid's curve config (the base row's and the
+    trained cells' epochs'), KL against the unedited base: one row with the base row's keys and items plus
+    the edit's mark, made by a stage of its own that a rerun reuses and a redone edit redoes."""
+    from mixsd.experiments.grid_summary import read_grid, summarize
+
+    monkeypatch.setenv("MIXSD_CACHE", str(tmp_path / "cache"))
+    stats = tmp_path / "stats.txt"
+    stats.write_text("\n\n".join(f"Ordinary text {i} about places and people." for i in range(30)))
+    memit = {"layers": "0", "steps": 2, "stats": str(stats), "stats_tokens": 300}
+    grid = {
+        "methods": ["base", "sft", "memit"],
+        "memit": memit,
+        "curves": {"limit": 4, "kl_limit": 2, "max_new_tokens": 4, "capability": True, "probe_limit": 2},
+        "analyses": {"nll": False, "fisher": False},
+    }
+    run_experiment(tiny_grid(tmp_path, tiny_model_dir, **grid), show_progress=False)
+    out = tmp_path / "run"
+    base = json.loads((out / "curve-base.json").read_text())
+    curve_file = out / "cells" / "memit-s0" / "train" / "curve.jsonl"
+    (row,) = [json.loads(line) for line in curve_file.read_text().splitlines()]
+    assert (row["epoch"], row["step"], row["edit"]) == (1.0, 0, "memit")
+    assert set(row) == set(base) | {"edit"} and "in_context_acc" in row
+    assert {k: len(v) for k, v in row["items"].items()} == {k: len(v) for k, v in base["items"].items()}
+    assert base["kl"] == pytest.approx(0.0, abs=1e-6) and row["kl"] > 0  # the edited model, not the base
+    # the report draws the edit as its one point: no line from the base row to interpolate along
+    points = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
+    assert [p["epoch"] for p in points if p["cell"] == "memit-s0"] == [1.0]
+    assert [p["epoch"] for p in points if p["cell"] == "sft-s0"][0] == 0.0  # a trained curve: base first
+    # the summary of the committed results takes the edit in as a group of its own, matched by its point
+    groups = summarize(read_grid(out))["groups"]
+    assert groups["MEMIT"]["final_epoch"] == [1.0] and groups["MEMIT"]["cells"] == ["memit-s0"]
+
+    def curve_actions() -> list[str]:
+        log = [json.loads(line) for line in (out / "stage-log.jsonl").read_text().splitlines()]
+        return [e["action"] for e in log if e["cell"] == "memit-s0" and e["stage"] == "curve"]
+
+    written = curve_file.read_text()
+    run_experiment(tiny_grid(tmp_path, tiny_model_dir, **grid), show_progress=False)
+    assert curve_actions() == ["ran", "reused"] and curve_file.read_text() == written
+    grid["memit"] = {**memit, "steps": 3}  # another edit: its curve point is scored again
+    run_experiment(tiny_grid(tmp_path, tiny_model_dir, **grid), only="memit", show_progress=False)
+    assert curve_actions() == ["ran", "reused", "ran"]
+
+    # an edit alone has no trained epochs whose scoring its point could share
+    with pytest.raises(InputError, match=r"field 'curves'.*trained by `mixsd train`"):
+        tiny_grid(tmp_path, tiny_model_dir, methods=["base", "memit"], memit=memit, curves={"limit": 4})
+
+
 HOLD_LOCKS = """
 import sys, time
 from contextlib import ExitStack

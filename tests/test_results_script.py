@@ -392,6 +392,41 @@ def test_an_opsd_baseline_that_never_learns_is_named_and_its_diagnostics_tabled(
     assert "than on-policy self-distillation (OPSD)" in load_script().verdicts_table(summary)
 
 
+def test_mixsd_is_compared_with_memit_editing_by_its_one_point_curve(tmp_path):
+    """A MEMIT cell's curve is one point, the edited model (`edit`): MixSD is compared with it by the
+    retention rule at the levels both reach, a MEMIT that reaches none is named in the verdict, and the
+    edit stays out of the Fisher correlations (no training, no learning rate)."""
+
+    def memit(seed: int, memo: str, facts: str) -> tuple[dict, list[dict]]:
+        row = {"group": "MEMIT", "family": "MEMIT", "method": "memit", "seed": seed}
+        edit = {**point(1, memo, facts, "10"), "step": 0, "edit": "memit"}
+        return {**row, "fisher_ratio": 0.3, "delta_norm_sq": 5.0 + seed}, [edit]
+
+    keeps_all = [point(2, "1100", "1111", "11"), point(4, "1111", "1111", "11")]
+    cells = {f"mixsd-s{s}": mixsd(s, keeps_all) for s in range(3)}
+    cells |= {f"sft-lr1e-4-s{s}": sft(s, "1e-4", keeps_all) for s in range(3)}
+    summary = summarize(
+        read_grid(
+            write_grid(tmp_path / "toy", cells | {f"memit-s{s}": memit(s, "1111", "0000") for s in range(3)})
+        )
+    )
+    assert {"MixSD λ=0.3 lr=1e-4 vs MEMIT", "MEMIT vs SFT lr=1e-4"} <= set(summary["comparisons"])
+    assert summary["groups"]["MEMIT"]["first_epoch"]["0.95"] == [1.0, 1.0, 1.0]
+    verdicts = {v["claim"]: v for v in summary["verdicts"]}
+    assert verdicts["retention_memit"]["verdict"] == "holds"
+    assert verdicts["retention_memit"]["figure"] == "MixSD λ=0.3 lr=1e-4 − MEMIT at 95%"
+    assert not [c for c in summary["fisher"]["cells"] if c["cell"].startswith("memit")]
+    assert "than MEMIT editing, at matched memorization" in load_script().verdicts_table(summary)
+
+    unlearned = {f"memit-s{s}": memit(s, "1100", "1110") for s in range(3)}
+    summary = summarize(read_grid(write_grid(tmp_path / "toy2", cells | unlearned)))
+    verdicts = {v["claim"]: v for v in summary["verdicts"]}
+    assert (
+        verdicts["retention_memit"]["verdict"]
+        == "cannot tell: MEMIT reaches no level (best final memorization 0.50)"
+    )
+
+
 def test_a_documents_grid_reports_squad_scores_per_group_split_and_against_the_base(tmp_path):
     """The closed-book summary: per group and split, SQuAD's EM, F1 and answer-contained rate over seeds
     and items, and F1 minus the base model's paired over the same gold questions; item order is by id, so

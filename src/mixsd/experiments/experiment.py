@@ -10,7 +10,8 @@ every decision (ran / reused, and what changed) is appended to `OUT/stage-log.js
 
     targets.jsonl   ground truth (sft), `mixsd mix` (mixsd) or `mixsd rewrite` (rewrite) — not for base / opsd / cpt
     train/          `mixsd train` output; train/model is the tuned model  — not for base
-                    (with `curves:`, train/curve.jsonl: the scores after every epoch)
+                    (with `curves:`, train/curve.jsonl: the scores after every epoch; memit's edit: one
+                    row, the edited model scored by the same curve config, its own stage `curve`)
     eval.json       `mixsd eval` on the corpus suite (memorization, generalization)
     retention.json  `mixsd eval --suite retention` against the base model
     nll.json        `mixsd analyze nll`: the targets' NLL under the base model
@@ -66,7 +67,6 @@ from mixsd.evaluation.eval_config import EvalConfig
 from mixsd.evaluation.evaluate import evaluate
 from mixsd.evaluation.lmeval import include_files
 from mixsd.experiments.grid import (  # noqa: F401 - Cell and Experiment are imported from here by users
-    CURVE_FIELDS,
     RETENTION_EXTRA,
     Cell,
     Experiment,
@@ -75,7 +75,14 @@ from mixsd.experiments.grid import (  # noqa: F401 - Cell and Experiment are imp
     parse_grid,
 )
 from mixsd.experiments.grid_data import GridData
-from mixsd.experiments.grid_methods import METHODS, SFTTargetsConfig, write_sft_targets
+from mixsd.experiments.grid_methods import (
+    METHODS,
+    EditCurveConfig,
+    SFTTargetsConfig,
+    curve_scoring,
+    write_edit_curve,
+    write_sft_targets,
+)
 from mixsd.experiments.report import write_report
 from mixsd.experiments.report_data import write_report_data
 from mixsd.experiments.results import (  # noqa: F401 - cell_row and aggregate are imported from here by users
@@ -118,6 +125,7 @@ COMMANDS: dict[type, Callable[[Any, bool], Any]] = {
     RewriteConfig: _discarding(rewrite),
     TrainConfig: _discarding(train),
     EditConfig: _whole(edit),  # the runner sets overwrite: an edit is always made whole
+    EditCurveConfig: _whole(write_edit_curve),
     EvalConfig: _discarding(evaluate),
     NLLConfig: _whole(target_nll),
     FisherConfig: _whole(fisher_displacement),
@@ -217,6 +225,9 @@ class Runner(GridData):
             plan["train"] = (stage, _producer(config))
             model = str(folder / "train" / "model")
             trained = [stage]
+            if method.curve is not None and x.curves is not None:  # an edit's curve: its one point
+                curve, curve_config = method.curve(self, cell, stage, self.curve_config())
+                plan["curve"] = (curve, _producer(curve_config))
 
         suite = {"kgfunc": "kgfunc", "folder": "qa"}.get(x.corpus.get("generator", "kgfact"), "kgfact")
         eval_base = {
@@ -323,24 +334,28 @@ class Runner(GridData):
         plan["row"] = (row, lambda discard: self._write_row(cell, plan))
         return plan
 
-    def curve_base_stage(self) -> tuple[Stage, Callable[[bool], Any]] | None:
-        """OUT/curve-base.json: the curve's scores of the base model, epoch 0 of every trained cell's
-        curve (with the first trained cell's curve settings); None without curves or trained cells."""
-        trained = [cell for cell in self.x.cells if cell.method != "base"]
-        if self.x.curves is None or not trained:
-            return None
+    def curve_config(self) -> TrainConfig:
+        """The config every curve row is scored with: the first cell trained by `mixsd train` (its epochs),
+        for the base row and an edit's point alike."""
+        trained = [c for c in self.x.cells if METHODS[c.method].training and not METHODS[c.method].curve]
+        if not trained:
+            raise InputError(
+                "needs a cell trained by `mixsd train`: every curve row is scored as its epochs are",
+                self.x.path,
+                field="curves",
+            )
         if trained[0].name not in self.train_configs:
             self.plan(trained[0])
-        config = self.train_configs[trained[0].name]
+        return self.train_configs[trained[0].name]
+
+    def curve_base_stage(self) -> tuple[Stage, Callable[[bool], Any]] | None:
+        """OUT/curve-base.json: the curve's scores of the base model, epoch 0 of every trained (or edited)
+        cell's curve, scored with `curve_config`; None without curves or such cells."""
+        if self.x.curves is None or all(cell.method == "base" for cell in self.x.cells):
+            return None
+        config = self.curve_config()
         path = self.out / "curve-base.json"
-        settings = {
-            name: getattr(config, name)
-            for name in ("model", "bf16", *sorted(CURVE_FIELDS - {"eval_every_epoch"}))
-        }
-        files = [Path(config.eval_corpus)]
-        files += [Path(p) for p in (config.eval_probes or "").split(",") if p.strip()]
-        if config.eval_kl_prompts:
-            files.append(Path(config.eval_kl_prompts))
+        settings, files = curve_scoring(config)
         stage = Stage(
             "curve-base",
             path,

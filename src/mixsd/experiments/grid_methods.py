@@ -3,7 +3,8 @@
 Each planner returns the stage and the config of the command that makes its outputs; the runner
 (`mixsd.experiments.experiment`) runs that command when the stage is not current. A method without targets (base,
 opsd, cpt, memit) has none planned; base has no training stage either, and memit's is an edit written in
-train/ like a trained model.
+train/ like a trained model. A method whose training scores no learning curve (memit) plans its curve
+apart: one point, the edited model scored as the base row and the trained cells' epochs are.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mixsd.method.mix_config import MixConfig
 from mixsd.method.rewrite import RewriteConfig
 from mixsd.method.sft_targets import load_sft_facts, sft_target_rows
 from mixsd.method.targets import summary_path
+from mixsd.training.curve import CURVE_FILE, curve_row
 from mixsd.training.train_config import TrainConfig, run_settings
 
 PlannedStage = tuple[Stage, Any]  # the stage and the config of the command that makes it
@@ -115,6 +117,53 @@ def plan_edit(data: GridData, cell: Cell, targets: Stage | None) -> PlannedStage
     return stage, config
 
 
+@dataclass(frozen=True)
+class EditCurveConfig:
+    """An edit's learning curve: the edited model (`model`) scored by the grid's curve config (`curve`,
+    KL against its base model) as one row at epoch 1, step 0, marked with the edit's method."""
+
+    curve: TrainConfig
+    model: str
+    out: str
+    edit: str = "memit"
+
+
+def write_edit_curve(config: EditCurveConfig) -> None:
+    row = curve_row(config.curve, config.model, epoch=1.0, step=0)
+    atomic_write_jsonl(config.out, [{**row, "edit": config.edit}])
+
+
+def curve_scoring(config: TrainConfig) -> tuple[dict[str, Any], list[Path]]:
+    """What a curve row scored outside training (the base row, an edit's point) depends on: the settings
+    (the base model, bf16 and the curve's options) and the files the curve reads."""
+    settings = {
+        name: getattr(config, name)
+        for name in ("model", "bf16", *sorted(CURVE_FIELDS - {"eval_every_epoch"}))
+    }
+    files = [Path(config.eval_corpus)]
+    files += [Path(p) for p in (config.eval_probes or "").split(",") if p.strip()]
+    if config.eval_kl_prompts:
+        files.append(Path(config.eval_kl_prompts))
+    return settings, files
+
+
+def plan_edit_curve(data: GridData, cell: Cell, edit: Stage, curve: TrainConfig) -> PlannedStage:
+    """memit's curve (train/curve.jsonl): one point, the edited model scored by `curve`, the config of the
+    base row and of every trained epoch, so the edit enters the comparisons at matched memorization."""
+    out = data.cell_dir(cell) / "train"
+    config = EditCurveConfig(curve, str(out / "model"), str(out / CURVE_FILE))
+    settings, files = curve_scoring(curve)
+    stage = Stage(
+        "curve",
+        out / CURVE_FILE,
+        {**settings, "scored": config.model, "edit": config.edit},
+        inputs=files,
+        upstream=[edit, *([data.capability_stage] if data.capability_stage else [])],
+        record=data.cell_dir(cell) / "stages" / "curve.json",
+    )
+    return stage, config
+
+
 def plan_training(
     data: GridData, cell: Cell, targets: Stage | None, fields: dict[str, Any], sections: tuple[str, ...] = ()
 ) -> PlannedStage:
@@ -173,10 +222,12 @@ def train_cpt(data: GridData, cell: Cell, targets: Stage | None) -> PlannedStage
 
 @dataclass(frozen=True)
 class GridMethod:
-    """What a method's cell makes before it is evaluated: its targets, then its trained (or edited) model."""
+    """What a method's cell makes before it is evaluated: its targets, then its trained (or edited) model,
+    and with `curves:` the curve of a model whose training scores none (given the grid's curve config)."""
 
     targets: Callable[[GridData, Cell], PlannedStage] | None
     training: Callable[[GridData, Cell, Stage | None], PlannedStage] | None
+    curve: Callable[[GridData, Cell, Stage, TrainConfig], PlannedStage] | None = None
 
 
 METHODS: dict[str, GridMethod] = {
@@ -186,5 +237,5 @@ METHODS: dict[str, GridMethod] = {
     "rewrite": GridMethod(targets=plan_rewrite_targets, training=train_on_targets),
     "opsd": GridMethod(targets=None, training=train_opsd),
     "cpt": GridMethod(targets=None, training=train_cpt),
-    "memit": GridMethod(targets=None, training=plan_edit),
+    "memit": GridMethod(targets=None, training=plan_edit, curve=plan_edit_curve),
 }

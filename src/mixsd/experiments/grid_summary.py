@@ -44,7 +44,8 @@ Declared before the 20-epoch runs of issue 19, and applied to every grid alike:
 - OPSD diagnostics (`mixsd.training.opsd`) per OPSD cell and epoch, beside the curve's memorization at that
   epoch where it was scored: where the on-policy signal is lost when OPSD does not learn.
 - Fisher correlations use only cells whose Fisher was measured on one probe file (the most common one);
-  the others are listed as left out.
+  the others are listed as left out. A MEMIT cell is no trained cell (no learning rate to hold fixed) and
+  is left out of them; its curve is one point, the edited model (`edit`), matched like any first point.
 - The rule that picks each method's setting: on the rule's seeds (`select.seeds`), among the settings
   whose curve reaches `select.memorization` within `select.within_epochs`, the one with the highest
   primary retention at that epoch; if none reaches it, the highest final memorization ("not reached"
@@ -317,7 +318,7 @@ def fisher_correlations(grid: dict[str, Any], probes: list[str]) -> dict[str, An
     cells = []
     for row in grid["rows"]:
         curve = grid["curves"].get(row["cell"])
-        if not curve:
+        if not curve or any(point.get("edit") for point in curve):  # an edit: no training, no lr
             continue
         settings = row.get("settings") or {}
         lr = settings.get("lr", settings.get("learning_rate", train.get("lr", train.get("learning_rate"))))

@@ -345,6 +345,8 @@ def curve_groups(
             if not curves.get(row["cell"]):
                 continue
             points = add_retention(curves[row["cell"]], base)
+            if base and any(point.get("edit") for point in curves[row["cell"]]):
+                points = points[1:]  # an edit is one state, not a path from the base: nothing to interpolate
         else:
             epoch = row.get("train_epochs")
             points = [

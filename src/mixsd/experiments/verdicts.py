@@ -5,8 +5,8 @@ Rules (`verdicts`): memorization — every seed of MixSD's chosen setting reache
 (does not hold), some do (partly); retention — the paired difference MixSD − SFT in the primary retention
 metric at the highest matched level both reach with every seed: interval above 0 holds, below 0 does not
 hold, else cannot tell; NLL — pooled Wilson intervals of the > 5 nats share disjoint; Fisher — the partial
-r of the Fisher ratio against that of raw ‖Δθ‖²; retention against the self-rewrite (SDFT, not in the paper)
-and OPSD baselines by the retention rule. Fewer than MIN_SEEDS seeds per method: "cannot tell yet".
+r of the Fisher ratio against that of raw ‖Δθ‖²; retention against the self-rewrite (SDFT, not in the paper),
+OPSD and MEMIT (an edit: its curve's one point) baselines by the retention rule. Fewer than MIN_SEEDS seeds per method: "cannot tell yet".
 """
 
 from __future__ import annotations
@@ -26,13 +26,20 @@ CLAIMS = {
     "the paper), at matched memorization",
     "retention_opsd": "MixSD keeps more of what the model knew than on-policy self-distillation (OPSD), at "
     "matched memorization",
+    "retention_memit": "MixSD keeps more of what the model knew than MEMIT editing, at matched memorization",
 }
 
 
 # the families whose chosen settings the verdicts compare (the paper's SFT and its recommended λ)
-VERDICT_FAMILIES = {"sft": "SFT", "mixsd": "MixSD λ=0.3", "rewrite": "Self-rewrite", "opsd": "OPSD"}
+VERDICT_FAMILIES = {
+    "sft": "SFT",
+    "mixsd": "MixSD λ=0.3",
+    "rewrite": "Self-rewrite",
+    "opsd": "OPSD",
+    "memit": "MEMIT",
+}
 # the baselines MixSD is compared with besides SFT, by the retention rule: method -> claim
-BASELINES = {"rewrite": "retention_rewrite", "opsd": "retention_opsd"}
+BASELINES = {"rewrite": "retention_rewrite", "opsd": "retention_opsd", "memit": "retention_memit"}
 
 
 def _chosen(summary: dict[str, Any], method: str) -> tuple[str, dict[str, Any]] | None:
@@ -54,7 +61,7 @@ def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
     holds, higher: does not hold), else cannot tell; Fisher — the partial r of the Fisher ratio has an
     interval above 0 while raw ‖Δθ‖²'s includes 0 (holds), the ratio's includes or is below 0 (does not
     hold when raw's is above 0, else cannot tell); retention vs each baseline of BASELINES the grid has
-    (self-rewrite, OPSD) — the retention rule with the baseline's chosen setting in SFT's place; a baseline
+    (self-rewrite, OPSD, MEMIT) — the retention rule with the baseline's chosen setting in SFT's place; a baseline
     that reaches no level is named in the verdict. Fewer than 3 seeds
     per method: "cannot tell yet"."""
     rows = []

@@ -186,36 +186,53 @@ class CurveCallback(TrainerCallback):
 
     def evaluate(self, model, *, epoch: float | None, step: int) -> dict[str, Any]:
         """One curve row for `model` as it is now; training state (mode, RNG) is left as it was."""
-        device = next(model.parameters()).device
         base = self.base if self.base is not None else AdaptersOff(model)
-        if self.base is not None:
-            self.base.to(device).eval()
-        started = time.perf_counter()
-        was_training = model.training
-        devices = [device] if device.type == "cuda" else []
-        model.eval()
-        try:
-            with torch.random.fork_rng(devices=devices), autocast(device, self.evaluator.bf16):
-                scores = self.evaluator.scores(model, base)
-        finally:
-            model.train(was_training)
-        epoch_value = None if epoch is None else round(float(epoch), 4)
-        return {
-            "epoch": epoch_value,
-            "step": int(step),
-            **scores,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
+        return evaluate_state(self.evaluator, model, base, epoch=epoch, step=step)
+
+
+def evaluate_state(
+    evaluator: CurveEvaluator, model, base, *, epoch: float | None, step: int
+) -> dict[str, Any]:
+    """One curve row for `model` against `base`, on `model`'s device; its mode and the RNG are left as
+    they were (every row of every curve is scored here: epochs, the base row, an edit's point)."""
+    device = next(model.parameters()).device
+    if not isinstance(base, AdaptersOff):
+        base.to(device).eval()
+    started = time.perf_counter()
+    was_training = model.training
+    devices = [device] if device.type == "cuda" else []
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=devices), autocast(device, evaluator.bf16):
+            scores = evaluator.scores(model, base)
+    finally:
+        model.train(was_training)
+    epoch_value = None if epoch is None else round(float(epoch), 4)
+    return {
+        "epoch": epoch_value,
+        "step": int(step),
+        **scores,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def curve_row(config: Any, model: str | None = None, *, epoch: float, step: int = 0) -> dict[str, Any]:
+    """One learning-curve row of the model at `model` (None: `config.model` itself), scored as `config`'s
+    curve scores every epoch, KL against `config.model` (the base): the base row and an edit's one point."""
+    handle = resolve_model(config.model)  # once for the tokenizer and the weights
+    tokenizer = load_tokenizer(handle, trust_remote_code=config.trust_remote_code)
+    base = load_model(handle, dtype="float32", trust_remote_code=config.trust_remote_code)
+    base.to(config.device)
+    scored = base
+    if model is not None:
+        scored = load_model(model, dtype="float32", trust_remote_code=config.trust_remote_code)
+        scored.to(config.device)
+    evaluator = CurveEvaluator(config, tokenizer)
+    # the base row is the base against itself: KL 0 by definition, measured the same way as every epoch's
+    return evaluate_state(evaluator, scored, base, epoch=epoch, step=step)
 
 
 def write_curve_base(config: Any, path: Path) -> None:
     """The learning curve's row of the base model (epoch 0), scored as `config`'s curve scores every epoch
     (the grid writes it once for all its trained cells: `mixsd train` scores only the epochs it trains)."""
-    handle = resolve_model(config.model)  # once for the tokenizer and the weights
-    tokenizer = load_tokenizer(handle, trust_remote_code=config.trust_remote_code)
-    model = load_model(handle, dtype="float32", trust_remote_code=config.trust_remote_code)
-    model.to(config.device)
-    evaluator = CurveEvaluator(config, tokenizer)
-    # the base against itself: KL 0 by definition, measured the same way as every epoch's
-    row = CurveCallback(evaluator, path, base=model).evaluate(model, epoch=0.0, step=0)
-    atomic_write_json(path, row)
+    atomic_write_json(path, curve_row(config, epoch=0.0))
