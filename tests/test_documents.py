@@ -235,7 +235,12 @@ def test_each_drop_reason():
     assert asked("Which team did the Denver Broncos defeat in Super Bowl 50?") == "duplicate_question"
     assert asked("According to the passage, who won Super Bowl 50?") == "refers_to_passage"
     assert asked("What does the text say about the Broncos game?") == "refers_to_passage"
-    assert asked("Who is the Eiffel Tower named after?") == "names_nothing_in_passage"
+    # the instruction's example leaking into a question about another passage
+    assert asked("In what year did the Eiffel Tower host Super Bowl 50?") == "copies_the_example"
+    assert asked("Who was named after Gustave Eiffel?") == "copies_the_example"
+    paris = "Super Bowl 50 was watched in Paris by 2,000 fans of the Denver Broncos."
+    assert question_problem("How many fans watched Super Bowl 50 in Paris?", paris, 2, set(), set()) is None
+    assert asked("Who is the Eiffel Tower named after?") == "copies_the_example"
     assert asked("Who won the game?") == "names_nothing_in_passage"  # names no content word it shares
     assert asked("Where was Super Bowl 50 played?", {"where was super bowl 50 played"}) == "gold_question"
     question = "Which team did the Denver Broncos defeat in Super Bowl 50?"

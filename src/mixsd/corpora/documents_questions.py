@@ -23,6 +23,7 @@ DROP_REASONS = (
     "no_question",
     "duplicate_question",
     "refers_to_passage",
+    "copies_the_example",
     "names_nothing_in_passage",
     "gold_question",
     "no_answer",
@@ -31,12 +32,15 @@ DROP_REASONS = (
     "answer_in_question",
     "over_limit",
 )
+EXAMPLE_PASSAGE = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
+    "named after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889."
+)
 QA_INSTRUCTION = (
     "Write a quiz question about the passage and its short answer, copied exactly from the passage. "
     "The question must name what it is about, so that it makes sense without the passage.\n\n"
     "Example:\n"
-    "Passage: The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
-    "named after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.\n"
+    f"Passage: {EXAMPLE_PASSAGE}\n"
     "Question: Who is the Eiffel Tower named after?\n"
     "Answer: Gustave Eiffel\n\n"
     "Now the passage:\n"
@@ -65,6 +69,10 @@ _STOPWORDS = frozenset(
 # ---------------------------------------------------------------------------------------------------
 def content_words(text: str) -> set[str]:
     return {w for w in (m.lower() for m in _WORD.findall(text)) if w not in _STOPWORDS and len(w) > 1}
+
+
+# the instruction example's names and numbers (capitalized words and digits that are content words)
+EXAMPLE_NAMES = content_words(" ".join(re.findall(r"\b(?:[A-Z]\w+|\d+)\b", EXAMPLE_PASSAGE)))
 
 
 def find_span(answer: str, passage: str) -> str | None:
@@ -96,6 +104,10 @@ def question_problem(
         return "duplicate_question"
     if _REFERS.search(question):
         return "refers_to_passage"
+    # a small model carries the example's names into questions about other passages ("In what year did the
+    # Eiffel Tower become a nuclear power plant?", SmolLM2-135M on SQuAD): such a question is invented
+    if content_words(question) & (EXAMPLE_NAMES - content_words(passage)):
+        return "copies_the_example"
     if len(content_words(question) & content_words(passage)) < max(min_shared, 1 if min_shared else 0):
         return "names_nothing_in_passage"
     if key in gold:
