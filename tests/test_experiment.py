@@ -61,6 +61,8 @@ def test_grid_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, monkeypatch
         ):
             assert (cell / stage).exists(), (name, stage)
         assert rows[name]["target_nll_mean"] > 0 and rows[name]["fisher_displacement"] >= 0
+        # training checkpointed (the default) to resume a kill; the finished cell keeps only its model
+        assert (cell / "train" / "model").is_dir() and not list((cell / "train").glob("checkpoint-*"))
         assert rows[name]["train_acc"] is not None and rows[name]["kl_per_token"] is not None
         assert rows[name]["train_match"] == "entity"  # KGFact's manifest names its matcher
     assert rows["mixsd-lam0.5-s0"]["verified_rate"] == 1.0

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import platform
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -113,6 +114,15 @@ def _discarding(command: Callable[[Any], Any]) -> Callable[[Any, bool], Any]:
     return lambda config, discard: command(replace(config, overwrite=discard))
 
 
+def _train_keeping_only_the_model(config: TrainConfig, discard: bool) -> None:
+    """`mixsd train`, then its checkpoints removed: a cell's later stages read only train/model, and a
+    checkpoint (`train: {save_every: 0, keep_checkpoints: 1}`) exists only so that a killed training
+    resumes from its last epoch; kept, it would cost three times the model's size in every cell."""
+    train(replace(config, overwrite=discard))
+    for checkpoint in Path(config.out).glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+
+
 def _whole(command: Callable[[Any], Any]) -> Callable[[Any, bool], Any]:
     """A command that always makes its outputs whole (nothing of an earlier run is resumed)."""
     return lambda config, discard: command(config)
@@ -123,7 +133,7 @@ COMMANDS: dict[type, Callable[[Any, bool], Any]] = {
     SFTTargetsConfig: _whole(write_sft_targets),
     MixConfig: _discarding(mix),
     RewriteConfig: _discarding(rewrite),
-    TrainConfig: _discarding(train),
+    TrainConfig: _train_keeping_only_the_model,
     EditConfig: _whole(edit),  # the runner sets overwrite: an edit is always made whole
     EditCurveConfig: _whole(write_edit_curve),
     EvalConfig: _discarding(evaluate),
