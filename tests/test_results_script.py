@@ -468,6 +468,20 @@ def test_a_documents_grid_reports_squad_scores_per_group_split_and_against_the_b
     # paired over items: seed means 0.375 and 0.5 against the base's 0.125
     assert gold["squad_f1_vs_base"]["value"] == pytest.approx((1.5 + 2.0) / 8 - 0.5 / 4)
     assert "squad_f1_vs_base" not in book["SFT lr=1e-4"]["splits"]["heldout"]  # the base has no such split
+    assert "gold_trained" not in book["base"]["splits"]  # no corpus folder at hand: that split is left out
+    # with the corpus folder: the gold questions about passages that have a training pair (q0, q2)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text(json.dumps({"id": "t0", "passage": "p-a"}) + "\n")
+    (corpus / "gold.jsonl").write_text(
+        "".join(json.dumps({"id": f"q{i}", "passage": p}) + "\n" for i, p in enumerate("abab"))
+        .replace('"a"', '"p-a"')
+        .replace('"b"', '"p-b"')
+    )
+    grid = read_grid(folder)
+    grid["config"]["corpus"] = {"generator": "folder", "path": str(corpus)}
+    trained = summarize(grid)["closed_book"]["SFT lr=1e-4"]["splits"]["gold_trained"]
+    assert trained["items"] == 2 and trained["squad_f1"]["value"] == pytest.approx((1.0 + 1.0) / 4)
     table = load_script().closed_book_table(summarize(read_grid(folder)))
     assert "| SFT lr=1e-4 | gold | 4 | 2 | 0.375 [" in table
     assert "| base | gold_open | 4 | 1 | 0.750 [0.250, 1.000] |" in table
