@@ -478,6 +478,26 @@ with ExitStack() as held:
 """
 
 
+def test_a_worker_that_dies_mid_grid_leaves_the_table_of_finished_cells(tmp_path, tiny_model_dir, monkeypatch):
+    """The table is rewritten after every cell: a session that ends in a kill still has rows to collect."""
+    import mixsd.experiments.experiment as module
+
+    experiment = tiny_grid(tmp_path, tiny_model_dir)
+    run_cell = module.Runner.run_cell
+
+    def killed_at_the_third_cell(self, cell, progress):
+        if cell.name == "mixsd-lam0.5-s0":
+            raise KeyboardInterrupt  # no report is written: the loop never ends
+        return run_cell(self, cell, progress)
+
+    monkeypatch.setattr(module.Runner, "run_cell", killed_at_the_third_cell)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(experiment, show_progress=False)
+    out = tmp_path / "run"
+    rows = [json.loads(line)["cell"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rows == ["base", "sft-s0"] and not (out / "report.md").exists()
+
+
 def test_two_workers_share_one_folder(tmp_path, tiny_model_dir):
     """Another worker (a process holding a cell's lock, and for a moment a sweep's shared targets) makes
     this one skip that cell and wait for the targets; the report leaves the unfinished cell out, and the

@@ -463,8 +463,9 @@ def run_experiment(
 
     Several workers may share one folder (the same command started twice, on other cores or machines
     with a shared disk): the shared data is made under the folder's lock, which the others wait for;
-    each cell runs under its own lock, and a worker skips the cells another one holds. Whichever worker
-    finishes last writes the report with every finished cell.
+    each cell runs under its own lock, and a worker skips the cells another one holds. After each cell
+    the table (results.jsonl, results.csv) is rewritten with every finished cell, so a worker killed later
+    leaves it up to date; whichever worker finishes last writes the report with every finished cell.
     """
     runner = Runner(experiment)
     cells = selected_cells(experiment, only)
@@ -488,6 +489,8 @@ def run_experiment(
             try:
                 with output_lock(runner.cell_dir(cell)):
                     runner.run_cell(cell, progress)
+                with output_lock(experiment.out, wait=True):  # a worker killed later leaves a table
+                    write_table(experiment.out, _current_rows(experiment, runner, quiet=True))
             except LockHeld as held:
                 print(
                     f"\n{cell.name}: skipped, another worker is running it ({held.holder})", file=sys.stderr
@@ -506,8 +509,8 @@ def run_experiment(
         return _write_results(experiment, runner)
 
 
-def _write_results(experiment: Experiment, runner: Runner) -> dict[str, Any]:
-    """The table and report from the cells whose every stage is current for this config."""
+def _current_rows(experiment: Experiment, runner: Runner, quiet: bool = False) -> list[dict[str, Any]]:
+    """The rows of the cells whose every stage is current for this config, with their relative scores."""
     # Only rows whose every stage is current for this config: a cell not rerun (--only, --report-only)
     # after its settings changed is left out, never shown with old numbers.
     rows, out_of_date = [], []
@@ -517,12 +520,18 @@ def _write_results(experiment: Experiment, runner: Runner) -> dict[str, Any]:
             rows.append(row)
         elif (runner.cell_dir(cell) / "cell.json").is_file():
             out_of_date.append(cell.name)
-    if out_of_date:
+    if out_of_date and not quiet:
         print(
             f"left out of the table, out of date for this config (rerun them): {', '.join(out_of_date)}",
             file=sys.stderr,
         )
     add_relative_scores(rows)
+    return rows
+
+
+def _write_results(experiment: Experiment, runner: Runner) -> dict[str, Any]:
+    """The table and report from the cells whose every stage is current for this config."""
+    rows = _current_rows(experiment, runner)
     write_table(experiment.out, rows)
     meta = run_metadata(experiment)
     # the learning curves of the current trained cells (current rows: their train stage is current)
