@@ -478,7 +478,9 @@ with ExitStack() as held:
 """
 
 
-def test_a_worker_that_dies_mid_grid_leaves_the_table_of_finished_cells(tmp_path, tiny_model_dir, monkeypatch):
+def test_a_worker_that_dies_mid_grid_leaves_the_table_of_finished_cells(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     """The table is rewritten after every cell: a session that ends in a kill still has rows to collect."""
     import mixsd.experiments.experiment as module
 
