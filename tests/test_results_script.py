@@ -407,13 +407,15 @@ def test_mixsd_is_compared_with_memit_editing_by_its_one_point_curve(tmp_path):
     cells |= {f"sft-lr1e-4-s{s}": sft(s, "1e-4", keeps_all) for s in range(3)}
     summary = summarize(
         read_grid(
-            write_grid(tmp_path / "toy", cells | {f"memit-s{s}": memit(s, "1111", "0000") for s in range(3)})
+            write_grid(tmp_path / "toy", cells | {"memit-s0": memit(0, "1111", "0000")})
         )
     )
     assert {"MixSD λ=0.3 lr=1e-4 vs MEMIT", "MEMIT vs SFT lr=1e-4"} <= set(summary["comparisons"])
-    assert summary["groups"]["MEMIT"]["first_epoch"]["0.95"] == [1.0, 1.0, 1.0]
+    assert summary["groups"]["MEMIT"]["first_epoch"]["0.95"] == [1.0]
     verdicts = {v["claim"]: v for v in summary["verdicts"]}
+    # MEMIT is deterministic: its one seed is enough; MixSD's three make the verdict final
     assert verdicts["retention_memit"]["verdict"] == "holds"
+    assert verdicts["retention_memit"]["seeds"] == "3 vs 1"
     assert verdicts["retention_memit"]["figure"] == "MixSD λ=0.3 lr=1e-4 − MEMIT at 95%"
     assert not [c for c in summary["fisher"]["cells"] if c["cell"].startswith("memit")]
     assert "than MEMIT editing, at matched memorization" in load_script().verdicts_table(summary)

@@ -6,7 +6,8 @@ Rules (`verdicts`): memorization — every seed of MixSD's chosen setting reache
 metric at the highest matched level both reach with every seed: interval above 0 holds, below 0 does not
 hold, else cannot tell; NLL — pooled Wilson intervals of the > 5 nats share disjoint; Fisher — the partial
 r of the Fisher ratio against that of raw ‖Δθ‖²; retention against the self-rewrite (SDFT, not in the paper),
-OPSD and MEMIT (an edit: its curve's one point) baselines by the retention rule. Fewer than MIN_SEEDS seeds per method: "cannot tell yet".
+OPSD and MEMIT (an edit: its curve's one point) baselines by the retention rule. Fewer than MIN_SEEDS seeds per method: "cannot tell yet"
+(a deterministic method, MEMIT, needs one).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ VERDICT_FAMILIES = {
 }
 # the baselines MixSD is compared with besides SFT, by the retention rule: method -> claim
 BASELINES = {"rewrite": "retention_rewrite", "opsd": "retention_opsd", "memit": "retention_memit"}
+# methods whose every seed gives the same model (MEMIT's edit draws nothing at random): one seed is all
+# there is to know of them, so the seed count of a comparison is the other side's alone
+DETERMINISTIC = {"memit"}
 
 
 def _chosen(summary: dict[str, Any], method: str) -> tuple[str, dict[str, Any]] | None:
@@ -142,7 +146,9 @@ def _retention_verdict(
         low, high = boot["ci95"]
         verdict = "holds" if low > 0 else "does not hold" if high < 0 else "cannot tell"
         figure = f"{mixsd[0]} − {other[0]} at {float(level):.0%}"
-    seeds = min(len(mixsd[1]["seeds"]), len(other[1]["seeds"]))
+    seeds = len(mixsd[1]["seeds"])
+    if other[1]["method"] not in DETERMINISTIC:
+        seeds = min(seeds, len(other[1]["seeds"]))
     return {
         "claim": claim,
         "verdict": _enough(verdict, seeds),
