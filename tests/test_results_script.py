@@ -406,9 +406,7 @@ def test_mixsd_is_compared_with_memit_editing_by_its_one_point_curve(tmp_path):
     cells = {f"mixsd-s{s}": mixsd(s, keeps_all) for s in range(3)}
     cells |= {f"sft-lr1e-4-s{s}": sft(s, "1e-4", keeps_all) for s in range(3)}
     summary = summarize(
-        read_grid(
-            write_grid(tmp_path / "toy", cells | {"memit-s0": memit(0, "1111", "0000")})
-        )
+        read_grid(write_grid(tmp_path / "toy", cells | {"memit-s0": memit(0, "1111", "0000")}))
     )
     assert {"MixSD λ=0.3 lr=1e-4 vs MEMIT", "MEMIT vs SFT lr=1e-4"} <= set(summary["comparisons"])
     assert summary["groups"]["MEMIT"]["first_epoch"]["0.95"] == [1.0]
