@@ -392,6 +392,42 @@ def test_an_opsd_baseline_that_never_learns_is_named_and_its_diagnostics_tabled(
     assert "than on-policy self-distillation (OPSD)" in load_script().verdicts_table(summary)
 
 
+def test_an_opsd_sweep_alone_says_whether_opsd_learns_from_the_items_interval(tmp_path):
+    """A grid of OPSD alone (its lr sweep, one seed per rate): "does not hold" only when even the best
+    scored epoch of every setting is below 95% by its Wilson interval over the questions; a setting whose
+    seeds all reach 95% holds (with 3 seeds); anything between cannot be told."""
+
+    def opsd(lr: str, seed: int, curve: list[dict]) -> tuple[dict, list[dict]]:
+        row = {"group": f"OPSD lr={lr}", "family": "OPSD", "setting": f"lr={lr}", "method": "opsd"}
+        return {**row, "settings": {"lr": float(lr)}, "seed": seed}, curve
+
+    def verdict(name: str, cells: dict) -> dict:
+        summary = summarize(read_grid(write_grid(tmp_path / name, cells, {"memorization": 0.95})))
+        return {v["claim"]: v for v in summary["verdicts"]}
+
+    never = [point(2, "0" * 20, "1110", "11"), point(4, "1" + "0" * 19, "1110", "11")]
+    verdicts = verdict(
+        "never", {"opsd-lr1e-3-s0": opsd("1e-3", 0, never), "opsd-lr3e-4-s0": opsd("3e-4", 0, never)}
+    )
+    assert set(verdicts) == {"opsd_learns"}  # no MixSD, no Fisher measured: nothing else to judge
+    learns = verdicts["opsd_learns"]
+    assert learns["verdict"] == "does not hold at this scale"
+    assert learns["boot"]["value"] == 0.05 and learns["boot"]["ci95"][1] < 0.95
+    assert learns["figure"].startswith("best scored epoch of any setting: 1/20 (opsd-lr1e-3-s0, epoch 4")
+    # 4 questions, 3 of 4 right at best: the interval reaches past 95%, so one seed cannot tell
+    close = [point(2, "1110", "1110", "11")]
+    assert (
+        verdict("close", {"opsd-lr1e-3-s0": opsd("1e-3", 0, close)})["opsd_learns"]["verdict"]
+        == "cannot tell"
+    )
+    learned = [point(2, "1111", "1110", "11")]
+    cells = {f"opsd-lr1e-3-s{s}": opsd("1e-3", s, learned) for s in range(3)}
+    assert verdict("learned", cells)["opsd_learns"]["verdict"] == "holds"
+    assert "OPSD at the paper's settings learns the facts" in load_script().verdicts_table(
+        summarize(read_grid(tmp_path / "never"))
+    )
+
+
 def test_mixsd_is_compared_with_memit_editing_by_its_one_point_curve(tmp_path):
     """A MEMIT cell's curve is one point, the edited model (`edit`): MixSD is compared with it by the
     retention rule at the levels both reach, a MEMIT that reaches none is named in the verdict, and the

@@ -219,6 +219,26 @@ def _memorization_items(point: Point) -> dict[str, list[int]]:
     return {"memorization": _flags(point["items"]["memorization"])}
 
 
+def _best_memorization(cells: list[str], curves: list[list[Point]]) -> dict[str, Any] | None:
+    """The highest memorization at any scored epoch of any seed, with its Wilson interval over the
+    questions: for a method that never learns, how far from a level even its best point is."""
+    scored = [
+        (p, cell) for cell, curve in zip(cells, curves, strict=True) for p in curve if p.get("questions")
+    ]
+    if not scored:
+        return None
+    point, cell = max(scored, key=lambda pc: pc[0]["memorized"] / pc[0]["questions"])
+    memorized, questions = point["memorized"], point["questions"]
+    return {
+        "cell": cell,
+        "epoch": point.get("epoch"),
+        "memorized": memorized,
+        "questions": questions,
+        "value": memorized / questions,
+        "ci95": list(wilson_interval(memorized, questions)),
+    }
+
+
 def summarize_group(grid: dict[str, Any], entry: dict[str, Any], probes: list[str]) -> dict[str, Any]:
     """One group's memorization, epochs to each level and matched retention, over its seeds."""
     base = grid["base"]
@@ -235,6 +255,7 @@ def summarize_group(grid: dict[str, Any], entry: dict[str, Any], probes: list[st
             "wilson95": list(wilson_interval(memorized, questions)) if questions else None,
         },
         "final_memorization_ci": hierarchical_bootstrap([_memorization_items(p) for p in finals]),
+        "best_memorization": _best_memorization(entry["cells"], curves),
         "final_kl": [p.get(KL.name) for p in finals],  # the curve's KL column
         "final_primary": [primary(p, base, probes) for p in finals],
         "first_epoch": {

@@ -6,7 +6,8 @@ Rules (`verdicts`): memorization — every seed of MixSD's chosen setting reache
 metric at the highest matched level both reach with every seed: interval above 0 holds, below 0 does not
 hold, else cannot tell; NLL — pooled Wilson intervals of the > 5 nats share disjoint; Fisher — the partial
 r of the Fisher ratio against that of raw ‖Δθ‖²; retention against the self-rewrite (SDFT, not in the paper),
-OPSD and MEMIT (an edit: its curve's one point) baselines by the retention rule. Fewer than MIN_SEEDS seeds per method: "cannot tell yet"
+OPSD and MEMIT (an edit: its curve's one point) baselines by the retention rule; in a grid of OPSD alone (its
+sweep), whether OPSD learns at all (`_opsd_learns`). Fewer than MIN_SEEDS seeds per method: "cannot tell yet"
 (a deterministic method, MEMIT, needs one).
 """
 
@@ -28,6 +29,9 @@ CLAIMS = {
     "retention_opsd": "MixSD keeps more of what the model knew than on-policy self-distillation (OPSD), at "
     "matched memorization",
     "retention_memit": "MixSD keeps more of what the model knew than MEMIT editing, at matched memorization",
+    # the paper's tables (low-confidence extraction, method notes §5d): its OPSD reaches about 92-99%
+    "opsd_learns": "OPSD at the paper's settings learns the facts (≥ 95% memorization; the paper's tables "
+    "report about 92–99% training accuracy)",
 }
 
 
@@ -105,8 +109,13 @@ def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
         baseline = _chosen(summary, method)
         if mixsd and baseline:
             rows.append(_retention_verdict(summary, claim, mixsd, baseline))
+    opsd = [(n, g) for n, g in summary["groups"].items() if g["method"] == "opsd"]
+    if opsd and not mixsd:  # a grid of OPSD alone (the sweep): does it learn at all?
+        rows.append(_opsd_learns(summary, opsd))
     measures = summary["fisher"]["measures"]
     ratio, raw = measures["fisher_ratio"]["partial"], measures["delta_norm_sq"]["partial"]
+    if not ratio["n"]:  # no cell of the grid measured Fisher (`analyses: {fisher: false}`): no claim to judge
+        return rows
     if ratio["ci95"] and raw["ci95"]:
         if ratio["ci95"][0] > 0 and raw["ci95"][0] <= 0 <= raw["ci95"][1]:
             verdict = "holds"
@@ -156,6 +165,33 @@ def _retention_verdict(
         "boot": boot,
         "seeds": f"{len(mixsd[1]['seeds'])} vs {len(other[1]['seeds'])}",
     }
+
+
+def _opsd_learns(summary: dict[str, Any], groups: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """OPSD learns: holds when every seed of the rule's chosen setting reaches 95%; does not hold when
+    even the best scored epoch of every setting and seed has a Wilson upper bound below 95% (no more seeds
+    could lift it there: the items themselves rule it out); else cannot tell."""
+    chosen = _chosen(summary, "opsd")
+    best = [g["best_memorization"] for _, g in groups if g.get("best_memorization")]
+    top = max(best, key=lambda b: b["value"]) if best else None
+    seeds = (
+        f"{len(groups)} setting{'s' if len(groups) > 1 else ''}, "
+        + ", ".join(str(len(g["seeds"])) for _, g in groups)
+        + " seed(s) each"
+    )
+    if chosen and all(e is not None for e in chosen[1]["first_epoch"]["0.95"]):
+        verdict = _enough("holds", len(chosen[1]["seeds"]))
+        figure, boot = f"{chosen[0]}: last-epoch memorization", chosen[1]["final_memorization_ci"]
+    elif best and all(b["ci95"][1] < 0.95 for b in best):
+        verdict = "does not hold at this scale"
+        figure = (
+            f"best scored epoch of any setting: {top['memorized']}/{top['questions']} "
+            f"({top['cell']}, epoch {top['epoch']:g}; Wilson)"
+        )
+        boot = {"value": top["value"], "ci95": top["ci95"]}
+    else:
+        verdict, figure, boot = "cannot tell", "–", None
+    return {"claim": "opsd_learns", "verdict": verdict, "figure": figure, "boot": boot, "seeds": seeds}
 
 
 def _enough(verdict: str, seeds: int) -> str:
