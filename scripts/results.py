@@ -66,9 +66,16 @@ RUN_DERIVED = {"report.md", *REPORT_DATA_FILES, "results.csv", SUMMARY_FILE}
 
 
 def _commit_of(source: Path) -> str | None:
+    """The commit of the checkout the grid ran from. Its folder is found on the path as given, not as
+    resolved: a worktree's `runs` is often a link to a disk outside it, where git would find no repository."""
+    checkout = next(
+        (p for p in (source.absolute(), *source.absolute().parents) if (p / ".git").exists()), None
+    )
+    if checkout is None:
+        return None
     return (
         subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+            ["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
         ).stdout.strip()
         or None
     )

@@ -190,6 +190,20 @@ def test_collect_render_and_check(grid, tmp_path):
         script.render(True, doc, results)
 
 
+def test_collect_records_the_commit_of_a_worktree_whose_runs_folder_is_a_link(grid, tmp_path):
+    """A grid run from a worktree whose `runs` links to another disk: the provenance names the worktree's
+    commit (git run in the resolved folder would find no repository)."""
+    worktree = tmp_path / "worktree"
+    worktree.mkdir()
+    git = ["git", "-C", str(worktree), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "grid"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+    (worktree / "runs").symlink_to(grid.parent, target_is_directory=True)
+    target = load_script().collect(worktree / "runs" / grid.name, results=tmp_path / "results")
+    assert json.loads((target / "PROVENANCE.json").read_text())["commit"] == head.strip()
+
+
 def test_merge_adds_a_later_runs_cells_and_refuses_another_base(grid, tmp_path):
     script = load_script()
     results = tmp_path / "results"
