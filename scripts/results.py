@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mixsd.core.files import InputError, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
-from mixsd.experiments.grid_summary import LEVELS, PRIMARY, SUMMARY_FILE, read_grid, summarize
+from mixsd.experiments.grid_summary import LEVELS, PRIMARY, RETENTION_DATA, SUMMARY_FILE, read_grid, summarize
 from mixsd.experiments.results import REPORT_DATA_FILES, write_table
 from mixsd.experiments.verdicts import CLAIMS
 
@@ -65,12 +65,14 @@ def kept(relative: Path) -> bool:
 RUN_DERIVED = {"report.md", *REPORT_DATA_FILES, "results.csv", SUMMARY_FILE}
 
 
+def _checkout_of(source: Path) -> Path | None:
+    """The checkout the grid ran from, found on the path as given, not as resolved: a worktree's `runs` is
+    often a link to a disk outside it, where git would find no repository."""
+    return next((p for p in (source.absolute(), *source.absolute().parents) if (p / ".git").exists()), None)
+
+
 def _commit_of(source: Path) -> str | None:
-    """The commit of the checkout the grid ran from. Its folder is found on the path as given, not as
-    resolved: a worktree's `runs` is often a link to a disk outside it, where git would find no repository."""
-    checkout = next(
-        (p for p in (source.absolute(), *source.absolute().parents) if (p / ".git").exists()), None
-    )
+    checkout = _checkout_of(source)
     if checkout is None:
         return None
     return (
@@ -170,6 +172,19 @@ def merge(source: Path, name: str | None = None, results: Path = RESULTS) -> Pat
     return target
 
 
+def _copy_retention_data(source: Path, config: dict[str, Any], staging: Path) -> None:
+    """A grid whose retention probes are a committed folder of the checkout (`retention: {data: DIR}`,
+    relative to the checkout the grid ran from) gets a copy of its item files as retention-data/, so that
+    the summary reads the probes' accepted answers from results/ alone."""
+    data, checkout = (config.get("retention") or {}).get("data"), _checkout_of(source)
+    if not data or checkout is None or not (checkout / data).is_dir():
+        return
+    for path in sorted((checkout / data).glob("*.json*")):
+        if path.stat().st_size <= MAX_FILE_BYTES:
+            (staging / RETENTION_DATA).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, staging / RETENTION_DATA / path.name)
+
+
 def collect(source: Path, name: str | None = None, results: Path = RESULTS) -> Path:
     """Copy the small result files of the grid folder `source` to results/<name>/ (replacing it)."""
     config = source / "experiment.yaml"
@@ -192,6 +207,7 @@ def collect(source: Path, name: str | None = None, results: Path = RESULTS) -> P
         (staging / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, staging / relative)
         copied.append(str(relative))
+    _copy_retention_data(source, yaml.safe_load(config.read_text(encoding="utf-8")) or {}, staging)
     commit = _commit_of(source)
     atomic_write_json(
         staging / "PROVENANCE.json",
@@ -486,7 +502,7 @@ def opsd_table(summary: dict[str, Any]) -> str:
         "KL / token",
         "teacher start p",
         "student start p",
-        "student log p(gold | x)",
+        "student log p(gold \\| x)",  # the bar escaped: a table cell
     ]
     return table(header, rows)
 
@@ -527,7 +543,14 @@ def verdicts_table(summary: dict[str, Any]) -> str:
         for v in summary["verdicts"]
     ]
     return table(
-        ["claim (paper's abstract)", "verdict (declared rule)", "figure", "value [95% CI]", "seeds"], rows
+        [
+            "claim (the paper's, unless marked)",
+            "verdict (declared rule)",
+            "figure",
+            "value [95% CI]",
+            "seeds",
+        ],
+        rows,
     )
 
 

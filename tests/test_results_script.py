@@ -190,9 +190,10 @@ def test_collect_render_and_check(grid, tmp_path):
         script.render(True, doc, results)
 
 
-def test_collect_records_the_commit_of_a_worktree_whose_runs_folder_is_a_link(grid, tmp_path):
+def test_collect_records_the_commit_and_probes_of_a_worktree_whose_runs_folder_is_a_link(grid, tmp_path):
     """A grid run from a worktree whose `runs` links to another disk: the provenance names the worktree's
-    commit (git run in the resolved folder would find no repository)."""
+    commit (git run in the resolved folder would find no repository), and a committed probe folder the
+    retention read is copied beside the results."""
     worktree = tmp_path / "worktree"
     worktree.mkdir()
     git = ["git", "-C", str(worktree), "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -200,8 +201,14 @@ def test_collect_records_the_commit_of_a_worktree_whose_runs_folder_is_a_link(gr
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "grid"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
     (worktree / "runs").symlink_to(grid.parent, target_is_directory=True)
+    # its retention probes are a folder of the checkout: collect copies their items beside the results
+    (worktree / "probes").mkdir()
+    (worktree / "probes" / "known_facts.jsonl").write_text('{"id": 0, "answers": ["Paris"]}\n')
+    config = yaml.safe_load((grid / "experiment.yaml").read_text())
+    (grid / "experiment.yaml").write_text(yaml.safe_dump({**config, "retention": {"data": "probes"}}))
     target = load_script().collect(worktree / "runs" / grid.name, results=tmp_path / "results")
     assert json.loads((target / "PROVENANCE.json").read_text())["commit"] == head.strip()
+    assert (target / "retention-data" / "known_facts.jsonl").read_text().startswith('{"id": 0')
 
 
 def test_merge_adds_a_later_runs_cells_and_refuses_another_base(grid, tmp_path):
@@ -425,7 +432,7 @@ def test_an_opsd_sweep_alone_says_whether_opsd_learns_from_the_items_interval(tm
     )
     assert set(verdicts) == {"opsd_learns"}  # no MixSD, no Fisher measured: nothing else to judge
     learns = verdicts["opsd_learns"]
-    assert learns["verdict"] == "does not hold at this scale"
+    assert learns["verdict"] == "does not hold at this scale" and learns["seeds"] == "2 settings × 1 seed"
     assert learns["boot"]["value"] == 0.05 and learns["boot"]["ci95"][1] < 0.95
     assert learns["figure"].startswith("best scored epoch of any setting: 1/20 (opsd-lr1e-3-s0, epoch 4")
     # 4 questions, 3 of 4 right at best: the interval reaches past 95%, so one seed cannot tell

@@ -15,7 +15,8 @@ without weights):
     cells/<cell>/train/opsd-diagnostics.jsonl  an OPSD cell's per-epoch diagnostics
     cells/<cell>/eval.predictions.jsonl        a documents grid's SQuAD scores per item (closed_book.py)
     corpus/train.jsonl              the training corpus (the invented names leakage looks for)
-    known-facts/, retention-probes/ the generative probe items (their prompts and accepted answers)
+    known-facts/, retention-probes/ the generative probe items (their prompts and accepted answers);
+    retention-data/                 or the copy `collect` made of a committed probe folder (`retention: {data:}`)
 
 Declared before the 20-epoch runs of issue 19, and applied to every grid alike:
 - Memorization: the share of the training questions answered right (the corpus's own matcher), from the
@@ -95,6 +96,8 @@ CELL_COLUMNS = (
     "train_seconds",
 )
 
+# where `scripts/results.py collect` copies the probe items of a grid whose retention reads a committed folder
+RETENTION_DATA = "retention-data"
 # an OPSD cell's diagnostics the summary keeps per epoch (mixsd.training.opsd.OPSDDiagnostics)
 OPSD_COLUMNS = (
     "epoch",
@@ -411,7 +414,7 @@ def targets_of(folder: Path, cell: str) -> Path | None:
 
 def _probe_folder(folder: Path, probes: list[str]) -> Path | None:
     """The folder holding the generative retention probes' items (the run's, or the committed copy)."""
-    for name in ("retention-probes", "known-facts"):
+    for name in ("retention-probes", "known-facts", RETENTION_DATA):
         candidate = folder / name
         if probes and all((candidate / f"{p}.jsonl").is_file() for p in probes):
             return candidate

@@ -30,8 +30,8 @@ CLAIMS = {
     "matched memorization",
     "retention_memit": "MixSD keeps more of what the model knew than MEMIT editing, at matched memorization",
     # the paper's tables (low-confidence extraction, method notes §5d): its OPSD reaches about 92-99%
-    "opsd_learns": "OPSD at the paper's settings learns the facts (≥ 95% memorization; the paper's tables "
-    "report about 92–99% training accuracy)",
+    "opsd_learns": "OPSD at the paper's settings learns the facts (≥ 95% memorization; the paper's tables, "
+    "low-confidence extraction: about 92–99% training accuracy)",
 }
 
 
@@ -174,10 +174,11 @@ def _opsd_learns(summary: dict[str, Any], groups: list[tuple[str, dict[str, Any]
     chosen = _chosen(summary, "opsd")
     best = [g["best_memorization"] for _, g in groups if g.get("best_memorization")]
     top = max(best, key=lambda b: b["value"]) if best else None
-    seeds = (
-        f"{len(groups)} setting{'s' if len(groups) > 1 else ''}, "
-        + ", ".join(str(len(g["seeds"])) for _, g in groups)
-        + " seed(s) each"
+    per_setting = [len(g["seeds"]) for _, g in groups]
+    seeds = f"{len(groups)} setting{'s' if len(groups) > 1 else ''} × " + (
+        f"{per_setting[0]} seed{'s' if per_setting[0] > 1 else ''}"
+        if len(set(per_setting)) == 1
+        else f"{', '.join(map(str, per_setting))} seeds"
     )
     if chosen and all(e is not None for e in chosen[1]["first_epoch"]["0.95"]):
         verdict = _enough("holds", len(chosen[1]["seeds"]))
