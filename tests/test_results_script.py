@@ -259,9 +259,24 @@ def test_merge_adds_a_later_runs_cells_and_refuses_another_base(grid, tmp_path):
     write_grid(other, {"sft-lr3e-5-s3": sft(3, "3e-5", [point(2, "1000", "1110", "11")])})
     moved = {**BASE, "items": {**BASE["items"], "facts": "1111"}}  # another base: other items scored
     (other / "curve-base.json").write_text(json.dumps(moved))
-    with pytest.raises(Exception, match="per-item curve outcomes differ"):
+    with pytest.raises(Exception, match=r"differ from the committed ones on \{'facts': 1\} items"):
         script.merge(other, "toy", results=results)
     assert "sft-lr3e-5-s3" not in (target / "results.jsonl").read_text()  # nothing merged
+    # one greedy outcome flipped (another machine's arithmetic): accepted within a tolerance, and recorded
+    script.merge(other, "toy", results=results, base_tolerance=1)
+    assert "sft-lr3e-5-s3" in (target / "results.jsonl").read_text()
+    provenance = json.loads((target / "PROVENANCE.json").read_text())["runs"]
+    assert (
+        provenance[-1]["base_items_differing"] == {"facts": 1} and provenance[1]["base_items_differing"] == {}
+    )
+    assert json.loads((target / "curve-base.json").read_text())["items"]["facts"] == BASE["items"]["facts"]
+    other_items = tmp_path / "other-items"
+    write_grid(other_items, {"sft-lr3e-5-s4": sft(4, "3e-5", [point(2, "1000", "1110", "11")])})
+    (other_items / "curve-base.json").write_text(
+        json.dumps({**BASE, "items": {**BASE["items"], "facts": "11"}})
+    )
+    with pytest.raises(Exception, match="did not score the same items"):  # never, whatever the tolerance
+        script.merge(other_items, "toy", results=results, base_tolerance=100)
 
 
 def test_forgetting_and_target_accounting_come_from_each_cells_own_files(grid, tmp_path):
