@@ -210,7 +210,8 @@ def collect(source: Path, name: str | None = None, results: Path = RESULTS) -> P
         raise InputError("no experiment.yaml: not a grid folder written by `mixsd experiment`", source)
     import yaml
 
-    name = name or (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("name") or source.name
+    settings = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    name = name or settings.get("name") or source.name
     target = results / name
     staging = target.with_name(f".{name}.collecting")
     shutil.rmtree(staging, ignore_errors=True)
@@ -225,7 +226,7 @@ def collect(source: Path, name: str | None = None, results: Path = RESULTS) -> P
         (staging / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, staging / relative)
         copied.append(str(relative))
-    _copy_retention_data(source, yaml.safe_load(config.read_text(encoding="utf-8")) or {}, staging)
+    _copy_retention_data(source, settings, staging)
     commit = _commit_of(source)
     atomic_write_json(
         staging / "PROVENANCE.json",

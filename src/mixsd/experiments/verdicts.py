@@ -169,8 +169,8 @@ def _retention_verdict(
 
 def _opsd_learns(summary: dict[str, Any], groups: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """OPSD learns: holds when every seed of the rule's chosen setting reaches 95%; does not hold when
-    even the best scored epoch of every setting and seed has a Wilson upper bound below 95% (no more seeds
-    could lift it there: the items themselves rule it out); else cannot tell."""
+    even the best scored epoch of every setting and seed has a Wilson upper bound below 95% (the interval over
+    its questions excludes the level: not a near miss that item noise could explain); else cannot tell."""
     chosen = _chosen(summary, "opsd")
     best = [g["best_memorization"] for _, g in groups if g.get("best_memorization")]
     top = max(best, key=lambda b: b["value"]) if best else None
