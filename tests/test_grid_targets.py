@@ -11,6 +11,7 @@ import pytest
 from mixsd.core.files import InputError
 from mixsd.evaluation.forgetting import read_forgetting
 from mixsd.experiments.experiment import PACKAGED_CONFIGS, Runner, load_experiment, run_experiment
+from mixsd.experiments.grid_methods import plan_mix_targets
 from mixsd.method.target_accounting import read_target_accounting
 from test_experiment import tiny_grid
 
@@ -112,6 +113,14 @@ def test_target_options_name_cells_and_families(tmp_path, tiny_model_dir):
     assert drop_file == out / "mixsd-lam0.3-drop-s0" / "targets.jsonl"
     assert plain["on_failure"] == "answer" and drop["on_failure"] == "drop"
     assert {k for k in plain if plain[k] != drop[k]} == {"on_failure", "output"}
+
+    # cells that differ only in the failure policy draw the same targets: the later takes the first's draws
+    def draws_from(name):
+        return plan_mix_targets(runner, cells[name])[1].draws_from
+
+    assert draws_from("mixsd-lam0.3-drop-lr0.0001-s0") == str(out / "mixsd-lam0.3-s0" / "targets.draws.jsonl")
+    assert draws_from("mixsd-lam0.3-lr0.0001-s0") is None
+    assert draws_from("mixsd-lam0.5-retries30-s1") is None  # another seed draws its own
     assert targets("mixsd-lam0.3-paper-s0")[1]["expert_template"] == "paper"
     assert targets("mixsd-lam0.5-retries30-s1")[1]["retries"] == 30
     assert targets("mixsd-lam1-verifynone-s0")[1]["verify"] == "none"

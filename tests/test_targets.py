@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from mixsd.core import files
+from mixsd.core import files, models
 from mixsd.core.files import InputError
 from mixsd.core.records import load_corpus
 from mixsd.method.decoder import Job, MixedDecoder
 from mixsd.method.mix_config import MixConfig
 from mixsd.method.prompts import encode_prompt, expert_message
-from mixsd.method.targets import journal_path, mix, summary_path
+from mixsd.method.targets import draws_path, journal_path, mix, summary_path
 
 STOP = 5  # eos id of the tiny model (<|im_end|> in the tiny tokenizer)
 
@@ -154,15 +154,8 @@ def test_retries_draw_fresh_coins_until_accepted(tiny_model):
 # mix(): files in, files out
 # ---------------------------------------------------------------------------------------------------
 def run_mix(tiny_model_dir, corpus, out, **overrides):
-    config = MixConfig(
-        model=str(tiny_model_dir),
-        input=str(corpus),
-        output=str(out),
-        lam=0.5,
-        max_new_tokens=12,
-        verify="none",
-        **overrides,
-    )
+    options = {"lam": 0.5, "max_new_tokens": 12, "verify": "none", **overrides}
+    config = MixConfig(model=str(tiny_model_dir), input=str(corpus), output=str(out), **options)
     return mix(config, progress=False)
 
 
@@ -276,6 +269,39 @@ def test_failure_policies(tiny_model_dir, tiny_corpus, tmp_path, policy, tiny_to
     else:
         assert len(rows) == 12 and all(r["source"] == "answer_fallback" for r in rows)
         assert tiny_tokenizer.decode(rows[0]["target_ids"], skip_special_tokens=True) == rows[0]["answer"]
+
+
+def test_another_policy_from_earlier_draws_decodes_nothing_and_writes_the_same(
+    tiny_model_dir, tiny_corpus, tmp_path, monkeypatch, capsys
+):
+    """`--draws-from`: the `keep` file made from an `answer` run's draws is the one a `keep` run decodes; draws
+    made with other settings are not used (a note), and the run decodes."""
+    common = {"lam": 0.3, "max_new_tokens": 6, "verify": "strict", "retries": 2}  # every record fails
+    run_mix(tiny_model_dir, tiny_corpus, tmp_path / "answer.jsonl", on_failure="answer", **common)
+    reference = run_mix(tiny_model_dir, tiny_corpus, tmp_path / "keep.jsonl", on_failure="keep", **common)
+    draws = draws_path(tmp_path / "answer.jsonl")
+    assert len(read_rows(draws)) == 1 + 12 and read_rows(draws)[1]["source"] == "mixsd"
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("should load no model"))
+    out = tmp_path / "keep-from-draws.jsonl"
+    summary = run_mix(tiny_model_dir, tiny_corpus, out, on_failure="keep", draws_from=str(draws), **common)
+    assert_same_targets(read_rows(out), read_rows(tmp_path / "keep.jsonl"))
+    assert not any(r["correct"] for r in read_rows(out))
+    for key in ("records", "written", "verified", "mean_attempts", "fallback", "finish", "settings"):
+        assert summary[key] == reference[key], key
+    assert summary["generated_tokens_this_run"] == 0
+    monkeypatch.undo()
+
+    other = tmp_path / "other-lam.jsonl"
+    run_mix(
+        tiny_model_dir, tiny_corpus, other, on_failure="keep", draws_from=str(draws), **{**common, "lam": 0.6}
+    )
+    assert "drawn with other settings" in capsys.readouterr().err
+    assert_same_targets(
+        read_rows(other),
+        read_rows(draws_path(other))[1:],  # decoded anew: its own draws, every one kept
+    )
+    assert read_rows(draws_path(other))[0]["settings"]["lam"] == 0.6
 
 
 def test_prompt_longer_than_the_context_goes_to_the_failure_policy(tmp_path, tiny_tokenizer):

@@ -10,7 +10,7 @@ apart: one point, the edited model scored as the base row and the trained cells'
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from mixsd.experiments.grid_data import GridData
 from mixsd.method.mix_config import MixConfig
 from mixsd.method.rewrite import RewriteConfig
 from mixsd.method.sft_targets import load_sft_facts, sft_target_rows
-from mixsd.method.targets import summary_path
+from mixsd.method.targets import draws_path, summary_path
 from mixsd.training.curve import CURVE_FILE, curve_row
 from mixsd.training.train_config import TrainConfig, run_settings
 
@@ -75,12 +75,30 @@ def plan_mix_targets(data: GridData, cell: Cell) -> PlannedStage:
         "output": str(targets_file),
         "lam": cell.lam,
         "seed": cell.seed,
+        "draws_from": _draws_from(data, cell),
     }
     sections = [("mix", data.x.sections["mix"])]
     if cell.target_options:  # the entry's own mix options win over the section's
         sections.append((f"methods.{cell.method}", dict(cell.target_options)))
     config = build_config(MixConfig, base, sections, data.x.path)
     return _mixed_targets_stage(data, cell, config, train_file, targets_file), config
+
+
+def _draws_from(data: GridData, cell: Cell) -> str | None:
+    """Cells that differ only in the failure policy (`on_failure: [answer, drop]`) draw the same targets: the
+    first of them in the grid decodes, the others take its draws (`mix --draws-from`) once it has finished,
+    and decode the same draws themselves when it has not."""
+
+    def without_policy(c: Cell) -> Cell:
+        return replace(
+            c.targets_cell, target_options=tuple(o for o in c.target_options if o[0] != "on_failure")
+        )
+
+    key = without_policy(cell)
+    first = next(c for c in data.x.cells if c.method == cell.method and without_policy(c) == key)
+    if first.targets_cell == cell.targets_cell:
+        return None
+    return str(draws_path(_targets_file(data, first)))
 
 
 def _mixed_targets_stage(data: GridData, cell: Cell, config, train_file: Path, targets_file: Path) -> Stage:

@@ -104,10 +104,18 @@ class MixConfig(ModelOptions):
         default="float32", kw_only=True, metadata={"help": "Model dtype for decoding."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Discard an existing output or unfinished run."})
+    draws_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "The draws an earlier run left beside its targets (TARGETS.draws.jsonl), taken instead of "
+            "decoding again where that run's settings are these; the failure policy may differ (`drop` "
+            "targets from an `answer` run's draws). Otherwise every record is decoded. Default: none."
+        },
+    )
     # fields that change only speed or where the run goes, never the targets (`mixsd.core.stage_settings`)
-    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "device", "threads", "overwrite")
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("batch_size", "device", "threads", "overwrite", "draws_from")
     # the model and the files it reads and writes: the grid's runner sets them (`stage_settings.io_fields`)
-    IO_FIELDS: ClassVar[tuple[str, ...]] = ("model", "input", "output")
+    IO_FIELDS: ClassVar[tuple[str, ...]] = ("model", "input", "output", "draws_from")
 
     def __post_init__(self) -> None:  # refuse bad options before any model is loaded (issue 10)
         self.check_model_options()

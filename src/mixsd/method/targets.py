@@ -93,6 +93,26 @@ def summary_path(output: str | os.PathLike) -> Path:
     return output.with_name(output.stem + ".summary.json")
 
 
+def draws_path(output: str | os.PathLike) -> Path:
+    """Every record's last draw, verified or not, left beside a finished target file (the journals, joined):
+    another run with the same settings but another failure policy takes them with --draws-from."""
+    output = Path(output)
+    return output.with_name(output.stem + ".draws.jsonl")
+
+
+def _earlier_draws(path: Path, header: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """The draws of `path` (a `draws_path` file) when its run had this run's settings; none otherwise, with
+    a notice (the run then decodes them itself: the same draws, only slower)."""
+    if not path.is_file():
+        print(f"note: {path} does not exist (yet); decoding every record", file=sys.stderr)
+        return {}
+    rows = _read_rows(path)
+    if not rows or rows[0] != header:
+        print(f"note: {path} was drawn with other settings; decoding every record", file=sys.stderr)
+        return {}
+    return {(row["id"], row["generation"]): row for row in rows[1:]}
+
+
 def _draw_record(
     fact: Fact, draw: Draw, verified: bool, text: str, settings: dict[str, Any]
 ) -> dict[str, Any]:
@@ -217,19 +237,68 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
                 old,
             )
         done.update(((row["id"], row["generation"]), row) for row in rows[1:])
+    if config.draws_from:
+        done.update(_earlier_draws(Path(config.draws_from), header))
 
-    if model is None:
-        model = models.load_model(
-            handle or config.model,
-            dtype=config.dtype,
-            trust_remote_code=config.trust_remote_code,
-            device=config.device or state.device,
-        )
     all_jobs = build_jobs(facts, tokenizer, template, config.num_generations)
     fact_by_id = {fact.id: fact for fact in facts}
     mine = [job for i, (_, job) in enumerate(all_jobs) if i % world == rank]
     todo = [job for job in mine if (job.key, job.generation) not in done]
+    stats = dict.fromkeys(("generated_tokens", "naive_tokens", "fidelity_rejections", "phrase_rejections"), 0)
+    started = time.perf_counter()
+    if todo:  # a run whose every draw is journaled or reused (--draws-from) loads no model
+        if model is None:
+            model = models.load_model(
+                handle or config.model,
+                dtype=config.dtype,
+                trust_remote_code=config.trust_remote_code,
+                device=config.device or state.device,
+            )
+        stats = _decode(
+            config, model, tokenizer, todo, len(mine), fact_by_id, settings, output, header, state, progress
+        )
+    elapsed = time.perf_counter() - started
+    if world > 1:  # every process's counts go into the summary
+        gathered = [None] * world
 
+        dist.all_gather_object(gathered, stats)
+        stats = {key: sum(g[key] for g in gathered) for key in stats}
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+
+    for journal in _all_journals(output):
+        done.update(((row["id"], row["generation"]), row) for row in _read_rows(journal)[1:])
+    rows = [done[(job.key, job.generation)] for _, job in all_jobs]
+    final = [
+        r for r in (_apply_failure_policy(row, config.on_failure, tokenizer) for row in rows) if r is not None
+    ]
+    atomic_write_jsonl(output, final)
+    summary = summarize(rows, config, settings, stats, elapsed, len(final), world)
+    atomic_write_json(summary_file, summary)
+    atomic_write_jsonl(draws_path(output), [header, *rows])
+    for journal in _all_journals(output):
+        journal.unlink()
+    stage.finish()  # last: a crash before it leaves the run unfinished, never an old record on new files
+    return summary
+
+
+def _decode(
+    config: MixConfig,
+    model,
+    tokenizer,
+    todo: list[Job],
+    mine: int,
+    fact_by_id: dict[str, Fact],
+    settings: dict[str, Any],
+    output: Path,
+    header: dict[str, Any],
+    state,
+    progress: bool,
+) -> dict[str, int]:
+    """Draw, verify and journal the targets of `todo` (this process's records not yet done, of `mine`) on
+    `state`'s process; return the counts the summary reports for this run."""
+    rank, world = state.process_index, state.num_processes
     end = answer_end(tokenizer, model)
     decoder = MixedDecoder(
         model,
@@ -271,8 +340,8 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
 
     started = time.perf_counter()
     bar = tqdm(
-        total=len(mine),
-        initial=len(mine) - len(todo),
+        total=mine,
+        initial=mine - len(todo),
         desc="mix",
         unit="rec",
         disable=not progress or not state.is_local_main_process,
@@ -294,35 +363,12 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
 
         decoder.run(todo, accept, on_done)
     bar.close()
-    elapsed = time.perf_counter() - started
-    stats = {
+    return {
         "generated_tokens": decoder.generated_tokens,
         "naive_tokens": decoder.naive_tokens,
         "fidelity_rejections": fidelity_rejections[0],
         "phrase_rejections": phrase_rejections[0],
     }
-    if world > 1:  # every process's counts go into the summary
-        gathered = [None] * world
-
-        dist.all_gather_object(gathered, stats)
-        stats = {key: sum(g[key] for g in gathered) for key in stats}
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return {}
-
-    for journal in _all_journals(output):
-        done.update(((row["id"], row["generation"]), row) for row in _read_rows(journal)[1:])
-    rows = [done[(job.key, job.generation)] for _, job in all_jobs]
-    final = [
-        r for r in (_apply_failure_policy(row, config.on_failure, tokenizer) for row in rows) if r is not None
-    ]
-    atomic_write_jsonl(output, final)
-    summary = summarize(rows, config, settings, stats, elapsed, len(final), world)
-    atomic_write_json(summary_file, summary)
-    for journal in _all_journals(output):
-        journal.unlink()
-    stage.finish()  # last: a crash before it leaves the run unfinished, never an old record on new files
-    return summary
 
 
 def _read_rows(journal: Path) -> list[dict[str, Any]]:
