@@ -111,6 +111,15 @@ class EditConfig(ModelOptions):
     clamp_norm: float = field(
         default=4.0, metadata={"help": "Largest target shift, as a multiple of the hidden state's norm."}
     )
+    joint_subjects: bool = field(
+        default=True,
+        metadata={
+            "help": "Edits that name the same subject share one target vector, fitted to all their answers: "
+            "MEMIT stores a fact under its subject's last token, so two facts of one subject arrive with nearly "
+            "the same key, which can hold one value, not two. False: one target vector per edit (the MEMIT "
+            "paper's procedure)."
+        },
+    )
     refine_passes: int = field(
         default=1,
         metadata={
@@ -218,6 +227,7 @@ def edit_requests(tokenizer, records: list[EditRecord]) -> list[EditRequest]:
                 target_ids=encode_answer(tokenizer, record.answer),
                 essence_ids=essence,
                 essence_subject_position=subject_position(tokenizer, essence, record.subject),
+                subject=record.subject,
             )
         )
     return requests
@@ -348,6 +358,7 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         requests,
         covariances,
         refine_passes=config.refine_passes,
+        joint_subjects=config.joint_subjects,
         covariance_weight=config.covariance_weight,
         stop_nll=config.stop_nll,
         pad_id=pad,

@@ -150,6 +150,19 @@ class EditRequest:
     target_ids: list[int]
     essence_ids: list[int]
     essence_subject_position: int
+    # Edits that name the same subject share one target shift when fitted jointly (`target_vectors`);
+    # None: the edit is its own group.
+    subject: str | None = None
+
+
+def subject_groups(requests: list[EditRequest], joint: bool = True) -> list[int]:
+    """Each request's group index: requests naming the same subject share one (when `joint`), every other
+    request has its own. Groups are numbered in order of first appearance."""
+    index: dict[object, int] = {}
+    return [
+        index.setdefault(r.subject if joint and r.subject is not None else ("row", i), len(index))
+        for i, r in enumerate(requests)
+    ]
 
 
 def _padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,8 +237,16 @@ def target_vectors(
     clamp_norm: float = 4.0,
     pad_id: int = 0,
     batch_size: int = 16,
+    joint_subjects: bool = True,
 ) -> TargetFit:
     """For each request, the target output z of layer `last_layer` at the subject's last token.
+
+    With `joint_subjects`, requests that name the same subject get one shared shift, fitted to all their
+    answers at once (the sum of their losses) and converged only when every one of them meets the criterion.
+    Why: MEMIT's key is the subject's last token, which the rest of the question hardly moves, so two facts of
+    one subject arrive with nearly the same key; asked for two different values there, the least-squares update
+    can only pay for the small difference between the keys with a large change of the weights. One value
+    per subject that carries all its facts is what the key can hold.
 
     Each edit's shift is optimized until every token of its answer has NLL <= `stop_nll` under teacher forcing
     (then each answer token is the model's likeliest next token, so greedy generation writes the whole answer),
@@ -235,20 +256,33 @@ def target_vectors(
     its own loss terms and its own Adam moments, so a batch gives the shifts one-at-a-time optimization would."""
     for p in model.parameters():
         p.requires_grad_(False)
-    parts = []
+    groups = subject_groups(requests, joint_subjects)
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    # Batches of whole groups, about `batch_size` requests each (a group larger than that is one batch).
+    batches: list[list[int]] = [[]]
+    for rows in members.values():
+        if batches[-1] and len(batches[-1]) + len(rows) > batch_size:
+            batches.append([])
+        batches[-1].extend(rows)
+    settings = (steps, lr, stop_nll, kl_weight, weight_decay, clamp_norm, pad_id)
+    fits: dict[int, tuple[TargetFit, int]] = {}  # request index -> (its batch's fit, its row there)
     with tqdm(total=len(requests), desc="target vectors", unit="edit", leave=False) as bar:
-        for first in range(0, len(requests), batch_size):
-            chunk = requests[first : first + batch_size]
-            settings = (steps, lr, stop_nll, kl_weight, weight_decay, clamp_norm, pad_id)
-            parts.append(_target_batch(model, template, last_layer, chunk, *settings))
+        for rows in batches:
+            chunk = [requests[i] for i in rows]
+            local = subject_groups(chunk, joint_subjects)
+            fit = _target_batch(model, template, last_layer, chunk, local, *settings)
+            fits.update({i: (fit, row) for row, i in enumerate(rows)})
             bar.update(len(chunk))
+    order = [fits[i] for i in range(len(requests))]  # back to the requests' order
     return TargetFit(
-        z=torch.cat([p.z for p in parts]),
-        h=torch.cat([p.h for p in parts]),
-        nll=[v for p in parts for v in p.nll],
-        max_token_nll=[v for p in parts for v in p.max_token_nll],
-        steps=[v for p in parts for v in p.steps],
-        converged=[v for p in parts for v in p.converged],
+        z=torch.stack([fit.z[row] for fit, row in order]),
+        h=torch.stack([fit.h[row] for fit, row in order]),
+        nll=[fit.nll[row] for fit, row in order],
+        max_token_nll=[fit.max_token_nll[row] for fit, row in order],
+        steps=[fit.steps[row] for fit, row in order],
+        converged=[fit.converged[row] for fit, row in order],
     )
 
 
@@ -256,11 +290,27 @@ _ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
 
 
 def _target_batch(
-    model, template, last_layer, requests, steps, lr, stop_nll, kl_weight, weight_decay, clamp_norm, pad_id
+    model,
+    template,
+    last_layer,
+    requests,
+    group,
+    steps,
+    lr,
+    stop_nll,
+    kl_weight,
+    weight_decay,
+    clamp_norm,
+    pad_id,
 ) -> TargetFit:
+    """The target vectors of one batch. `group[i]` is request i's group (0 .. G-1): a group's requests share
+    one shift, its loss is the sum of theirs, and it stops once all of them meet `stop_nll`. Every group has its
+    own shift, loss terms and Adam moments, so a batch gives the shifts one group at a time would."""
     device = next(model.parameters()).device
     projection = model.get_submodule(template.format(last_layer))
     n = len(requests)
+    group = torch.tensor(group, device=device)
+    n_groups = int(group.max()) + 1
     # The prompt followed by the new answer (teacher forcing); the loss is on the answer tokens only.
     ids, mask = _padded([r.prompt_ids + r.target_ids[:-1] for r in requests], pad_id, device)
     labels = torch.full_like(ids, -100)
@@ -286,44 +336,63 @@ def _target_batch(
         model(input_ids=ids, attention_mask=mask)
         h = seen[0][every, positions].float()
         base_essence = essence_logprobs(every)
-    h_norm = h.norm(dim=-1, keepdim=True)
+    # A group's scale: the mean norm of its members' hidden states (a lone request: its own).
+    sizes = torch.zeros(n_groups, device=device).index_add_(0, group, torch.ones(n, device=device))
+    h_norm = (torch.zeros(n_groups, device=device).index_add_(0, group, h.norm(dim=-1)) / sizes)[:, None]
     step_size = lr * h_norm / h.shape[-1] ** 0.5  # lr in units of the hidden state's RMS element
     max_norm = clamp_norm * h_norm
-    delta = torch.zeros_like(h)
-    moment1, moment2 = torch.zeros_like(h), torch.zeros_like(h)
+    delta = torch.zeros(n_groups, h.shape[-1], device=device)
+    moment1, moment2 = torch.zeros_like(delta), torch.zeros_like(delta)
     answer_tokens = (labels != -100).sum(dim=1)
-    # The best shift each edit has seen (lowest worst-token NLL): an Adam run that overshoots late, after
-    # nearly meeting the criterion, returns what it had reached rather than where it ended.
+    # The best shift each group has seen (lowest worst-token NLL over its requests): an Adam run that
+    # overshoots late, after nearly meeting the criterion, returns what it had reached rather than where it
+    # ended. Per request, its NLLs under that shift.
     best_delta = delta.clone()
-    best_worst = torch.full((n,), float("inf"), device=device)
-    best_nll = torch.full((n,), float("nan"), device=device)
-    best_step = torch.zeros(n, dtype=torch.long, device=device)
-    active = every
+    best_worst = torch.full((n_groups,), float("inf"), device=device)
+    best_step = torch.zeros(n_groups, dtype=torch.long, device=device)
+    row_nll = torch.full((n,), float("nan"), device=device)
+    row_worst = torch.full((n,), float("inf"), device=device)
+    slot = torch.zeros(n_groups, dtype=torch.long, device=device)  # a group's index among the active ones
+    active = torch.arange(n_groups, device=device)
     for step in range(steps + 1):  # `steps` updates; the last pass only scores the final shifts
+        rows = every[torch.isin(group, active)]
+        slot[active] = torch.arange(len(active), device=device)
+        of_row = slot[group[rows]]  # each active request's group, as an index into `active`
         shift = delta[active].clone().requires_grad_(True)
-        rows = torch.arange(len(active), device=device)
-        with add_to_output(projection, rows, positions[active], shift):
-            logits = model(input_ids=ids[active], attention_mask=mask[active]).logits.float()
+        local = torch.arange(len(rows), device=device)
+        with add_to_output(projection, local, positions[rows], shift[of_row]):
+            logits = model(input_ids=ids[rows], attention_mask=mask[rows]).logits.float()
         token_nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels[active], ignore_index=-100, reduction="none"
+            logits.transpose(1, 2), labels[rows], ignore_index=-100, reduction="none"
         )
-        nll = token_nll.sum(dim=1) / answer_tokens[active]  # per request: mean over its answer tokens
-        worst = token_nll.max(dim=1).values.detach()
+        nll = token_nll.sum(dim=1) / answer_tokens[rows]  # per request: mean over its answer tokens
+        worst_row = token_nll.max(dim=1).values.detach()
+        worst = torch.zeros(len(active), device=device).scatter_reduce(
+            0, of_row, worst_row, "amax", include_self=False
+        )
         with torch.no_grad():
             better = worst < best_worst[active]
             improved = active[better]
-            best_delta[improved], best_worst[improved] = delta[improved], worst[better]
-            best_nll[improved], best_step[improved] = nll.detach()[better], step
+            best_delta[improved], best_worst[improved], best_step[improved] = (
+                delta[improved],
+                worst[better],
+                step,
+            )
+            row_better = better[of_row]
+            row_nll[rows[row_better]] = nll.detach()[row_better]
+            row_worst[rows[row_better]] = worst_row[row_better]
         done = (worst <= stop_nll) | (step == steps)
         if bool(done.all()):
             break
-        edited = essence_logprobs(active, shift)
-        kl = torch.nn.functional.kl_div(edited, base_essence[active], log_target=True, reduction="none").sum(
+        edited = essence_logprobs(rows, shift[of_row])
+        kl = torch.nn.functional.kl_div(edited, base_essence[rows], log_target=True, reduction="none").sum(
             dim=-1
         )
         decay = shift.norm(dim=-1) ** 2 / h_norm[active, 0] ** 2
-        (nll + kl_weight * kl + weight_decay * decay)[~done].sum().backward()
-        with torch.no_grad():  # Adam, row by row: a row's moments see only its own gradients
+        moving_rows = ~done[of_row]
+        loss = (nll + kl_weight * kl)[moving_rows].sum() + (weight_decay * decay)[~done].sum()
+        loss.backward()
+        with torch.no_grad():  # Adam, group by group: a group's moments see only its own gradients
             keep = ~done
             moving, grad = active[keep], shift.grad[keep]
             moment1[moving] = _ADAM_BETAS[0] * moment1[moving] + (1 - _ADAM_BETAS[0]) * grad
@@ -337,12 +406,12 @@ def _target_batch(
             delta[moving] = moved * torch.where(norms > max_norm[moving], max_norm[moving] / norms, 1.0)
         active = active[keep]
     return TargetFit(
-        z=h + best_delta,
+        z=h + best_delta[group],
         h=h,
-        nll=best_nll.tolist(),
-        max_token_nll=best_worst.tolist(),
-        steps=best_step.tolist(),
-        converged=(best_worst <= stop_nll).tolist(),
+        nll=row_nll.tolist(),
+        max_token_nll=row_worst.tolist(),
+        steps=best_step[group].tolist(),
+        converged=(row_worst <= stop_nll).tolist(),
     )
 
 
@@ -464,6 +533,7 @@ def memit_edit(
     covariance_weight: float = 15000.0,
     stop_nll: float = 0.1,
     pad_id: int = 0,
+    joint_subjects: bool = True,
     **target_options,
 ) -> MemitResult:
     """MEMIT with refinement (in place): target vectors and the update, then up to `refine_passes` times:
@@ -471,11 +541,14 @@ def memit_edit(
     new target vectors on the edited model and solve another update for them, the other edits pinned where
     they are (their target is their current output, so the update keeps their keys' values).
 
+    With `joint_subjects` the edits of one subject are refit together (they share one target shift).
+
     A refinement pass moves every edit a little, so it can unwrite one while writing others: the model keeps
     the weights of the first pass that wrote the most edits (scored teacher forced, which here is exact for
     greedy generation: every answer token the likeliest one)."""
     last = max(layers)
     edited = {layer: _weight_out_in(model.get_submodule(template.format(layer))) for layer in layers}
+    groups = subject_groups(requests, joint_subjects)
     refit = list(range(len(requests)))
     passes: list[MemitPass] = []
     best: dict[int, torch.Tensor] = {}
@@ -483,8 +556,9 @@ def memit_edit(
     while True:
         chosen = [requests[i] for i in refit]
         fit = target_vectors(
-            model, template, last, chosen, stop_nll=stop_nll, pad_id=pad_id, **target_options
-        )
+            model, template, last, chosen, stop_nll=stop_nll, pad_id=pad_id, joint_subjects=joint_subjects,
+            **target_options,
+        )  # fmt: skip
         if len(refit) == len(requests):
             z = fit.z
         else:  # the edits already written keep their current output at the last edited layer
@@ -505,7 +579,8 @@ def memit_edit(
         if len(passes) == 1 or passes[-1].written > passes[kept].written:
             kept = len(passes) - 1
             best = {layer: weight.detach().clone() for layer, weight in edited.items()}
-        refit = [i for i, score in enumerate(passes[-1].scores) if max(score.token_nll) > stop_nll]
+        missed = {groups[i] for i, score in enumerate(passes[-1].scores) if max(score.token_nll) > stop_nll}
+        refit = [i for i, g in enumerate(groups) if g in missed]
         if not refit or len(passes) > refine_passes:
             break
     if kept != len(passes) - 1:
