@@ -21,6 +21,7 @@ from mixsd.editing.memit import (
     least_squares_update,
     memit_edit,
     projection_template,
+    subject_groups,
     target_vectors,
 )
 from mixsd.method.prompts import encode_prompt
@@ -365,3 +366,48 @@ def test_refinement_keeps_the_first_pass_that_wrote_the_most_edits():
     for now, kept in zip(rescored, result.passes[0].scores, strict=True):
         assert now == pytest.approx(kept.token_nll, abs=1e-5)
     assert result.passes[-1].scores[0].token_nll != pytest.approx(rescored[0], abs=1e-4)
+
+
+def test_subject_groups_number_shared_subjects_once_and_lone_edits_apart():
+    requests = [EditRequest([1], 0, [2], [1], 0, subject=s) for s in ("a", "b", "a", None, None, "b")]
+    assert subject_groups(requests) == [0, 1, 0, 2, 3, 1]
+    assert subject_groups(requests, joint=False) == [0, 1, 2, 3, 4, 5]
+
+
+def test_edits_of_one_subject_share_one_shift_and_a_batch_gives_what_each_group_gets_alone():
+    """Two edits naming subject "a" get one shift (z - h equal), stop together and report their own NLLs under
+    it; the lone edit's shift is what it gets alone; a batch cut at one request still keeps the group whole;
+    without joint fitting the named subjects change nothing (the shifts of unnamed edits)."""
+    model = _sharp_model()
+    template = projection_template(model)
+    plain = _requests(3)
+    named = [
+        EditRequest(*_request_fields(r), subject=s) for r, s in zip(plain, ("a", None, "a"), strict=True)
+    ]
+    together = target_vectors(model, template, 2, named, steps=6)
+    shift = together.z - together.h
+    torch.testing.assert_close(shift[0], shift[2])
+    assert not torch.allclose(shift[0], shift[1])
+    assert together.steps[0] == together.steps[2]
+    for i in (0, 2):
+        scored = _answer_nll(model, template, 2, named[i], shift[i])
+        assert together.max_token_nll[i] == pytest.approx(max(scored), abs=1e-4)
+        assert together.nll[i] == pytest.approx(sum(scored) / len(scored), abs=1e-4)
+    pair = target_vectors(model, template, 2, [named[0], named[2]], steps=6)
+    torch.testing.assert_close(together.z[[0, 2]], pair.z, rtol=1e-4, atol=1e-4)
+    lone = target_vectors(model, template, 2, [named[1]], steps=6)
+    torch.testing.assert_close(together.z[1], lone.z[0], rtol=1e-4, atol=1e-4)
+    cut = target_vectors(model, template, 2, named, steps=6, batch_size=1)
+    torch.testing.assert_close(cut.z, together.z, rtol=1e-4, atol=1e-4)
+    apart = target_vectors(model, template, 2, named, steps=6, joint_subjects=False)
+    torch.testing.assert_close(apart.z, target_vectors(model, template, 2, plain, steps=6).z)
+
+
+def _request_fields(request: EditRequest) -> tuple:
+    return (
+        request.prompt_ids,
+        request.subject_position,
+        request.target_ids,
+        request.essence_ids,
+        request.essence_subject_position,
+    )

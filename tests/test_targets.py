@@ -271,6 +271,25 @@ def test_failure_policies(tiny_model_dir, tiny_corpus, tmp_path, policy, tiny_to
         assert tiny_tokenizer.decode(rows[0]["target_ids"], skip_special_tokens=True) == rows[0]["answer"]
 
 
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_greedy_draws_that_cannot_change_are_not_retried(tiny_model_dir, tiny_corpus, tmp_path, lam):
+    """At temperature 0 with λ 0 or 1 every attempt draws the same target, so retries are skipped: the records
+    are those of a run with no retries, each with one attempt; at λ 0.3 the same settings do retry."""
+    common = {"lam": lam, "max_new_tokens": 6, "verify": "strict", "on_failure": "keep"}  # every record fails
+    summary = run_mix(tiny_model_dir, tiny_corpus, tmp_path / "r5.jsonl", retries=5, **common)
+    run_mix(tiny_model_dir, tiny_corpus, tmp_path / "r0.jsonl", retries=0, **common)
+    assert summary["attempts_allowed"] == 1 and summary["mean_attempts"] == 1
+    without_settings = [
+        [{k: v for k, v in row.items() if k != "settings"} for row in read_rows(tmp_path / name)]
+        for name in ("r5.jsonl", "r0.jsonl")
+    ]
+    assert_same_targets(*without_settings)  # the settings differ only in `retries`
+    mixed = run_mix(
+        tiny_model_dir, tiny_corpus, tmp_path / "mixed.jsonl", retries=5, **{**common, "lam": 0.3}
+    )
+    assert mixed["attempts_allowed"] == 6 and mixed["mean_attempts"] == 6
+
+
 def test_another_policy_from_earlier_draws_decodes_nothing_and_writes_the_same(
     tiny_model_dir, tiny_corpus, tmp_path, monkeypatch, capsys
 ):

@@ -37,7 +37,10 @@ class MixConfig(ModelOptions):
     seed: int = field(default=0, metadata={"help": "Seed of every record's own random stream."})
     retries: int = field(
         default=10,
-        metadata={"help": "How many times a target that fails verification is drawn again with fresh coins."},
+        metadata={
+            "help": "How many times a target that fails verification is drawn again with fresh coins (none at "
+            "temperature 0 with lam 0 or 1, where a new draw would repeat the last)."
+        },
     )
     on_failure: Literal["drop", "keep", "answer"] = field(
         default="drop",

@@ -171,6 +171,15 @@ def _apply_failure_policy(row: dict[str, Any], policy: str, tokenizer) -> dict[s
     }
 
 
+def attempts_allowed(config: MixConfig) -> int:
+    """Attempts per record: --retries + 1, or 1 where every attempt would draw the same target. Greedy decoding
+    (temperature 0) with a coin that always names the same conditional (λ 0 or 1) uses no random number, so a
+    retry repeats the failed draw token for token: at λ = 0, retries 30 spent most of a mix on records that
+    could never verify."""
+    repeats_itself = config.temperature == 0 and config.lam in (0.0, 1.0)
+    return 1 if repeats_itself else config.retries + 1
+
+
 def build_jobs(
     facts: list[Fact], tokenizer, template: str, num_generations: int = 1
 ) -> list[tuple[Fact, Job]]:
@@ -309,7 +318,7 @@ def _decode(
         seed=config.seed,
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
-        max_attempts=config.retries + 1,
+        max_attempts=attempts_allowed(config),
         pad_id=tokenizer.pad_token_id or 0,
         context_limit=models.context_length(model),
         guard_top_p=config.guard_top_p,
@@ -406,6 +415,7 @@ def summarize(
         "written": written,
         "verified": len(verified),
         "verified_rate": verified_rate,
+        "attempts_allowed": attempts_allowed(config),  # 1 where retries would repeat the same draw
         "mean_attempts": sum(r["attempts"] for r in rows) / len(rows) if rows else 0.0,
         "first_try_rate": sum(r["correct"] and r["attempts"] == 1 for r in rows) / len(rows) if rows else 0.0,
         # over the kept targets (verification favours expert tokens) and over every token drawn this run
