@@ -172,12 +172,19 @@ def test_edit_command_writes_a_model_folder_plain_transformers_loads(tmp_path, m
     original = {k: v.clone() for k, v in model.state_dict().items()}
     stats = tmp_path / "stats.txt"
     stats.write_text("\n\n".join(f"Ordinary text {i} about places and people." for i in range(40)))
+    rows = [
+        {"id": f"e{i}", "prompt": f"{question} Zor{c}ak?", "answer": f"Qu{c}x.", "subject": f"Zor{c}ak"}
+        for i, (question, c) in enumerate(
+            [("Who is", "a"), ("Who is", "b"), ("Who is", "c"), ("Who leads", "a")]
+        )
+    ]  # two facts of Zorak: one shift for the two
     config = EditConfig(
-        model="unused-when-passed-in", input=str(_tiny_corpus(tmp_path)), out=str(tmp_path / "out"),
+        model="unused-when-passed-in", input=str(_tiny_corpus(tmp_path, rows)), out=str(tmp_path / "out"),
         layers="1,2", stats=str(stats), steps=5,
     )  # fmt: skip
     summary = edit(config, model=model, tokenizer=tokenizer)
-    assert summary["edits"] == 3 and summary["layers"] == [1, 2] and not summary["covariance_cached"]
+    assert summary["edits"] == 4 and summary["layers"] == [1, 2] and not summary["covariance_cached"]
+    assert summary["target_vectors"]["shifts"] == 3
     run_config = json.loads((tmp_path / "out" / "run_config.json").read_text())
     assert (
         run_config["method"] == "memit" and run_config["module_template"] == "model.layers.{}.mlp.down_proj"

@@ -43,6 +43,7 @@ from mixsd.editing.memit import (
     memit_edit,
     num_layers,
     projection_template,
+    subject_groups,
 )
 from mixsd.method.prompts import encode_answer, encode_prompt, pad_token_id
 
@@ -381,6 +382,8 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         "update_norm": {str(k): v for k, v in result.passes[0].update_norm.items()},
         "target_vectors": {
             "criterion": f"every answer token's NLL <= {config.stop_nll} within {config.steps} steps",
+            # how many shifts were fitted (one per subject with --joint_subjects, else one per edit)
+            "shifts": len(set(subject_groups(requests, config.joint_subjects))),
             "converged": sum(fit.converged),
             "mean_nll": sum(fit.nll) / len(fit.nll),
             "steps": sum(fit.steps),
