@@ -199,6 +199,63 @@ def test_edit_command_writes_a_model_folder_plain_transformers_loads(tmp_path, m
     assert edit(config, model=_model(vocab_size=len(tokenizer)), tokenizer=tokenizer)["covariance_cached"]
 
 
+class Killed(Exception):
+    """Stands for the process being killed (pytest treats a real KeyboardInterrupt as the user's)."""
+
+
+def test_an_interrupted_edit_resumes_from_its_stored_fits_and_ends_as_an_uninterrupted_one(
+    tmp_path, monkeypatch
+):
+    """The fits are stored as they are found; a run killed while fitting its refinement pass reloads pass 0's
+    fits, replays its update and fits only the rest, and writes the very weights and summary of a run that was
+    never stopped. The store is removed once the output is written, and fits of other settings are not used."""
+    from safetensors.torch import load_file
+
+    from mixsd.editing import edit as edit_module
+
+    monkeypatch.setenv("MIXSD_CACHE", str(tmp_path / "cache"))
+    tokenizer = make_tiny_tokenizer()
+    original = edit_module.FitDirectory.save
+
+    def run(out: str, fail_at_save: int | None = None, **options):
+        config = EditConfig(
+            model="unused-when-passed-in", input=str(_tiny_corpus(tmp_path)), out=str(tmp_path / out),
+            layers="1,2", steps=5, stats_tokens=500, refine_passes=1, covariance_weight=1e6, **options,
+        )  # fmt: skip
+        saves = []
+
+        def counting_save(store, name, tensors):
+            if fail_at_save is not None and len(saves) + 1 == fail_at_save:
+                raise Killed  # the run is killed while it fits
+            saves.append(name)
+            original(store, name, tensors)
+
+        monkeypatch.setattr(edit_module.FitDirectory, "save", counting_save)
+        return edit(config, model=_model(vocab_size=len(tokenizer)), tokenizer=tokenizer), saves
+
+    whole, saves = run("whole")
+    assert saves == ["pass0-batch0", "pass1-batch0"]  # the update wrote nothing: every edit is refit
+    assert whole["target_vectors"]["resumed_batches"] == 0
+    with pytest.raises(Killed):
+        run("resumed", fail_at_save=2)
+    stored = edit_module.fits_path(tmp_path / "resumed")
+    assert sorted(p.name for p in stored.glob("*.safetensors")) == ["pass0-batch0.safetensors"]
+    resumed, saves = run("resumed")
+    assert saves == ["pass1-batch0"] and resumed["target_vectors"]["resumed_batches"] == 1
+    assert not stored.exists()
+    volatile = ("seconds", "covariance_cached", "target_vectors")
+    assert {k: v for k, v in resumed.items() if k not in volatile} == {
+        k: v for k, v in whole.items() if k not in volatile
+    }
+    weights = [load_file(tmp_path / out / "model" / "model.safetensors") for out in ("whole", "resumed")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    with pytest.raises(Killed):
+        run("other", fail_at_save=2)
+    changed, saves = run("other", kl_weight=0.5)  # other settings: the stored fit is not theirs
+    assert changed["target_vectors"]["resumed_batches"] == 0 and saves == ["pass0-batch0", "pass1-batch0"]
+
+
 def test_the_default_covariance_text_is_python_documentation_prose(tmp_path, monkeypatch):
     """Without --stats the edit needs no file: the prose of pydoc_data.topics, without its code samples."""
     paragraphs = default_stats_texts()

@@ -11,6 +11,10 @@ the edited model like any tuned one:
     DIR/run_config.json the settings of the edit
     DIR/summary.json    per-layer update norms, target NLLs, timings
 
+An interrupted edit resumes: each batch of target vectors is kept, as it is fitted, in `.DIR.fits/` beside
+the output (with the settings it belongs to); a rerun with the same settings and model loads those fits,
+replays the finished passes' updates and fits only what is left. The folder goes once the output is written.
+
 The key covariance of each edited layer comes from ordinary English text and is cached per model, layer
 set and text in `$MIXSD_CACHE/memit-stats`. By default that text ships with Python itself: the prose
 paragraphs of its documentation topics (`pydoc_data.topics`), so editing needs no download; `--stats`
@@ -20,6 +24,7 @@ takes any .txt/.jsonl file instead (MEMIT's authors used Wikipedia).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -287,14 +292,16 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def cached_covariances(model, tokenizer, config: EditConfig, template: str, layers: list[int]):
+def cached_covariances(model, tokenizer, config: EditConfig, template: str, layers: list[int], weights: str):
+    """Each edited layer's key covariance, from the cache when this model (`weights`: its digest), layer set
+    and text made it before."""
     if config.stats:
         texts, text_digest = None, sha256_file(config.stats)  # read only when the cache misses
     else:
         texts = default_stats_texts()
         text_digest = hashlib.sha256("\n\n".join(texts).encode()).hexdigest()
     key_text = "|".join(
-        [weights_digest(model), template, ",".join(map(str, layers)), text_digest, str(config.stats_tokens)]
+        [weights, template, ",".join(map(str, layers)), text_digest, str(config.stats_tokens)]
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     path = cache_dir() / "memit-stats" / f"{key}.safetensors"
@@ -311,6 +318,48 @@ def cached_covariances(model, tokenizer, config: EditConfig, template: str, laye
     save_file({f"layer{layer}": c.contiguous() for layer, c in covariances.items()}, staging)
     os.replace(staging, path)
     return covariances, str(path), False
+
+
+class FitDirectory:
+    """The `FitStore` of `mixsd edit`: one safetensors file per fitted batch in a folder beside the output,
+    headed by the settings they were fitted under (the run's settings and the model's weights digest). A
+    folder of other settings is cleared when opened, so fits are reused only by the run that made them."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]):
+        self.path, self.loaded = path, 0
+        header = path / "settings.json"
+        settings = json.loads(json.dumps(settings))  # as read back from disk
+        if path.is_dir():
+            try:
+                same = json.loads(header.read_text(encoding="utf-8")) == settings
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(header, settings)
+
+    def load(self, name: str) -> dict[str, torch.Tensor] | None:
+        file = self.path / f"{name}.safetensors"
+        if not file.is_file():
+            return None
+        self.loaded += 1
+        return load_file(file)
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        handle, staging = tempfile.mkstemp(dir=self.path, prefix=".fit-", suffix=".safetensors")
+        os.close(handle)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging)
+        os.replace(staging, self.path / f"{name}.safetensors")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def fits_path(out: str | os.PathLike) -> Path:
+    """Where an edit into `out` keeps its fits until it finishes: `.{name}.fits` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.fits"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +400,10 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
     pad = pad_token_id(tokenizer)
     requests = edit_requests(tokenizer, records)
 
-    covariances, stats_path, cached = cached_covariances(model, tokenizer, config, template, layers)
+    weights = weights_digest(model)
+    covariances, stats_path, cached = cached_covariances(model, tokenizer, config, template, layers, weights)
+    settings = _settings(config, layers, template)
+    store = FitDirectory(fits_path(out), {**settings, "weights_sha256": weights})
     result = memit_edit(
         model,
         template,
@@ -368,11 +420,11 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         kl_weight=config.kl_weight,
         weight_decay=config.weight_decay,
         clamp_norm=config.clamp_norm,
+        store=store,
     )
     fit = result.passes[0].fit
     final_nll = [score.token_nll for score in result.scores]
 
-    settings = _settings(config, layers, template)
     summary = {
         "edits": len(records),
         "layers": layers,
@@ -387,6 +439,8 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
             "converged": sum(fit.converged),
             "mean_nll": sum(fit.nll) / len(fit.nll),
             "steps": sum(fit.steps),
+            # batches of target vectors an interrupted run had fitted, loaded instead of fitted again
+            "resumed_batches": store.loaded,
         },
         "passes": [
             {
@@ -420,6 +474,7 @@ def edit(config: EditConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
         "seconds": round(time.time() - started, 2),
     }
     _save(model, tokenizer, out, settings, summary, config.overwrite)
+    store.remove()
     return summary
 
 

@@ -27,10 +27,12 @@ The projection is any nn.Linear (Llama, Qwen2, Gemma: `mlp.down_proj`) or transf
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -222,6 +224,39 @@ class TargetFit:
     steps: list[int]
     converged: list[bool]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fit as named tensors (what a `FitStore` keeps)."""
+        return {
+            "z": self.z.contiguous(),
+            "h": self.h.contiguous(),
+            "nll": torch.tensor(self.nll, dtype=torch.float64),
+            "max_token_nll": torch.tensor(self.max_token_nll, dtype=torch.float64),
+            "steps": torch.tensor(self.steps, dtype=torch.int64),
+            "converged": torch.tensor(self.converged, dtype=torch.bool),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> TargetFit:
+        return cls(
+            z=tensors["z"],
+            h=tensors["h"],
+            nll=tensors["nll"].tolist(),
+            max_token_nll=tensors["max_token_nll"].tolist(),
+            steps=tensors["steps"].tolist(),
+            converged=tensors["converged"].tolist(),
+        )
+
+
+class FitStore(Protocol):
+    """Where the fits of finished batches are kept, so that an interrupted edit resumes instead of refitting
+    them (fitting is most of an edit's time: about 45 s an edit for SmolLM2 on one CPU core). The files and
+    when they are valid are the caller's concern (`mixsd.editing.edit.FitDirectory`); names are unique
+    within one edit."""
+
+    def load(self, name: str) -> dict[str, torch.Tensor] | None: ...
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None: ...
+
 
 def target_vectors(
     model,
@@ -238,6 +273,8 @@ def target_vectors(
     pad_id: int = 0,
     batch_size: int = 16,
     joint_subjects: bool = True,
+    store: FitStore | None = None,
+    store_prefix: str = "",
 ) -> TargetFit:
     """For each request, the target output z of layer `last_layer` at the subject's last token.
 
@@ -253,7 +290,11 @@ def target_vectors(
     or until `steps` gradient steps; an edit that meets the criterion stops and leaves the batch. `lr` is
     Adam's step relative to the hidden state's root-mean-square element, so one setting fits models whose
     hidden states differ in scale. Requests are optimized `batch_size` at a time: each row has its own shift,
-    its own loss terms and its own Adam moments, so a batch gives the shifts one-at-a-time optimization would."""
+    its own loss terms and its own Adam moments, so a batch gives the shifts one-at-a-time optimization would.
+
+    With a `store`, each batch's fit is saved under `{store_prefix}batch{i}` once found, and a batch the store
+    already holds (for the same requests) is loaded instead of fitted: the fit is a function of the model's
+    weights and the batch, so a rerun on the same weights would find it again."""
     for p in model.parameters():
         p.requires_grad_(False)
     groups = subject_groups(requests, joint_subjects)
@@ -267,12 +308,21 @@ def target_vectors(
             batches.append([])
         batches[-1].extend(rows)
     settings = (steps, lr, stop_nll, kl_weight, weight_decay, clamp_norm, pad_id)
+    device = next(model.parameters()).device
     fits: dict[int, tuple[TargetFit, int]] = {}  # request index -> (its batch's fit, its row there)
     with tqdm(total=len(requests), desc="target vectors", unit="edit", leave=False) as bar:
-        for rows in batches:
+        for number, rows in enumerate(batches):
             chunk = [requests[i] for i in rows]
-            local = subject_groups(chunk, joint_subjects)
-            fit = _target_batch(model, template, last_layer, chunk, local, *settings)
+            name = f"{store_prefix}batch{number}"
+            identity = torch.tensor(rows + [_requests_digest(chunk)], dtype=torch.int64)
+            stored = store.load(name) if store is not None else None
+            if stored is not None and torch.equal(stored["requests"], identity):
+                fit = TargetFit.from_tensors({k: v.to(device) for k, v in stored.items()})
+            else:
+                local = subject_groups(chunk, joint_subjects)
+                fit = _target_batch(model, template, last_layer, chunk, local, *settings)
+                if store is not None:
+                    store.save(name, {**fit.tensors(), "requests": identity})
             fits.update({i: (fit, row) for row, i in enumerate(rows)})
             bar.update(len(chunk))
     order = [fits[i] for i in range(len(requests))]  # back to the requests' order
@@ -284,6 +334,14 @@ def target_vectors(
         steps=[fit.steps[row] for fit, row in order],
         converged=[fit.converged[row] for fit, row in order],
     )
+
+
+def _requests_digest(requests: list[EditRequest]) -> int:
+    """A 63-bit digest of what the requests ask (a stored fit is reused only for the very same batch)."""
+    text = repr(
+        [(r.prompt_ids, r.subject_position, r.target_ids, r.essence_ids, r.subject) for r in requests]
+    )
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
 _ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
@@ -534,6 +592,7 @@ def memit_edit(
     stop_nll: float = 0.1,
     pad_id: int = 0,
     joint_subjects: bool = True,
+    store: FitStore | None = None,
     **target_options,
 ) -> MemitResult:
     """MEMIT with refinement (in place): target vectors and the update, then up to `refine_passes` times:
@@ -542,6 +601,10 @@ def memit_edit(
     they are (their target is their current output, so the update keeps their keys' values).
 
     With `joint_subjects` the edits of one subject are refit together (they share one target shift).
+
+    With a `store` (see `FitStore`) every pass's fits are kept as they are found, so a rerun after an
+    interruption replays the finished passes' updates from stored fits and fits only what is left; each pass
+    starts from the weights the passes before it left, which the replay reproduces.
 
     A refinement pass moves every edit a little, so it can unwrite one while writing others: the model keeps
     the weights of the first pass that wrote the most edits (scored teacher forced, which here is exact for
@@ -557,7 +620,7 @@ def memit_edit(
         chosen = [requests[i] for i in refit]
         fit = target_vectors(
             model, template, last, chosen, stop_nll=stop_nll, pad_id=pad_id, joint_subjects=joint_subjects,
-            **target_options,
+            store=store, store_prefix=f"pass{len(passes)}-", **target_options,
         )  # fmt: skip
         if len(refit) == len(requests):
             z = fit.z
