@@ -65,6 +65,19 @@ def kept(relative: Path) -> bool:
 RUN_DERIVED = {"report.md", *REPORT_DATA_FILES, "results.csv", SUMMARY_FILE}
 
 
+STAGE_LOG = "stage-log.jsonl"  # what each run of the grid ran or reused, a line a stage
+
+
+def _append_log(committed: Path, run: Path) -> None:
+    """Add the run's stage-log lines the committed log lacks, the whole kept in time order."""
+    lines = committed.read_text(encoding="utf-8").splitlines()
+    seen = set(lines)
+    lines += [line for line in run.read_text(encoding="utf-8").splitlines() if line not in seen]
+    lines = [line for line in lines if line.strip()]
+    lines.sort(key=lambda line: json.loads(line).get("time") or "")
+    atomic_write_text(committed, "".join(f"{line}\n" for line in lines))
+
+
 def _checkout_of(source: Path) -> Path | None:
     """The checkout the grid ran from, found on the path as given, not as resolved: a worktree's `runs` is
     often a link to a disk outside it, where git would find no repository."""
@@ -158,7 +171,10 @@ def merge(source: Path, name: str | None = None, results: Path = RESULTS, base_t
         ):  # the committed base curve stays the reference every merged run was checked against
             continue
         (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, staging / relative)
+        if relative == Path(STAGE_LOG) and (staging / relative).is_file():
+            _append_log(staging / relative, path)  # every run's log lines stay, not only the last run's
+        else:
+            shutil.copy2(path, staging / relative)
         copied.append(str(relative))
     for cell in new_cells:  # a cell's folder is the new run's, whole: no file of an older run stays beside it
         for old in (staging / "cells" / cell).rglob("*"):

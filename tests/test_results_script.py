@@ -233,7 +233,12 @@ def test_merge_adds_a_later_runs_cells_and_refuses_another_base(grid, tmp_path):
     (mixing / "targets.jsonl").write_text("")
     (mixing / "targets.jsonl.stage.json").write_text(json.dumps({"state": "running"}))
     (later / "report.md").write_text("a report of the later run's cells only")
+    first_log = ['{"stage":"train","cell":"mixsd-s1","time":"2026-12-01 10:00:00"}']
+    later_log = ['{"stage":"train","cell":"sft-lr3e-5-s2","time":"2026-12-02 09:00:00"}']
+    (target / "stage-log.jsonl").write_text(first_log[0] + "\n")
+    (later / "stage-log.jsonl").write_text(later_log[0] + "\n" + first_log[0] + "\n")
     script.merge(later, "toy", results=results)
+    assert (target / "stage-log.jsonl").read_text().splitlines() == first_log + later_log  # both runs', once
     rows = {json.loads(line)["cell"] for line in (target / "results.jsonl").read_text().splitlines()}
     assert rows == {
         "base",
