@@ -9,8 +9,8 @@
 table, per cell the curve, eval, retention, NLL and Fisher files, targets and per-item predictions) and
 writes PROVENANCE.json (source folder, the commit it ran from, when). `collect --merge` adds a later run
 of the same study (more seeds, controls: a superset config run with `--only`) to what is committed: its
-cells replace or join the committed ones, the rows are merged by cell, and it is refused unless the base
-model's curve (epoch 0 of every curve) is item for item the committed one, so that every cell is scored
+cells replace or join the committed ones (the committed base cell stays), the rows are merged by cell, and it
+is refused unless the base model's curve (epoch 0 of every curve) is item for item the committed one, so that every cell is scored
 on the same items; the grid-level files derived from one run's cells (the report and the data it draws) are left out. `render` computes each committed
 grid's summary (`mixsd.experiments.grid_summary`, written as results/<name>/summary.json) and rewrites every block of
 docs/results.md between
@@ -152,6 +152,11 @@ def merge(source: Path, name: str | None = None, results: Path = RESULTS, base_t
         if (source / "results.jsonl").is_file()
         else []
     )
+    old_rows = [row for _, row in read_jsonl(target / "results.jsonl")]
+    # the committed base cell stays, as the committed base curve does: it is the reference every merged cell
+    # is read against, and a later run's base (another probe suite, another machine's bf16) would move it
+    committed_base = {row["cell"] for row in old_rows if row.get("method") == "base"}
+    new_rows = [row for row in new_rows if row["cell"] not in committed_base]
     new_cells = {row["cell"] for row in new_rows}
     staging = target.with_name(f".{name}.merging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -180,7 +185,6 @@ def merge(source: Path, name: str | None = None, results: Path = RESULTS, base_t
         for old in (staging / "cells" / cell).rglob("*"):
             if old.is_file() and not (source / old.relative_to(staging)).is_file():
                 old.unlink()
-    old_rows = [row for _, row in read_jsonl(target / "results.jsonl")]
     rows = [row for row in old_rows if row["cell"] not in new_cells] + new_rows
     write_table(staging, rows)
     for derived in RUN_DERIVED - {"results.csv", SUMMARY_FILE}:

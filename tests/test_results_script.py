@@ -233,6 +233,15 @@ def test_merge_adds_a_later_runs_cells_and_refuses_another_base(grid, tmp_path):
     (mixing / "targets.jsonl").write_text("")
     (mixing / "targets.jsonl.stage.json").write_text(json.dumps({"state": "running"}))
     (later / "report.md").write_text("a report of the later run's cells only")
+    # the later run scored its own base (another probe suite, another machine): the committed base stays
+    (target / "cells" / "base").mkdir(parents=True, exist_ok=True)
+    (target / "cells" / "base" / "retention.json").write_text('{"probes": ["known", "general"]}')
+    (later / "cells" / "base").mkdir(parents=True, exist_ok=True)
+    (later / "cells" / "base" / "retention.json").write_text('{"probes": ["known"]}')
+    later_rows = [json.loads(line) for line in (later / "results.jsonl").read_text().splitlines()]
+    (later / "results.jsonl").write_text(
+        "".join(json.dumps({**r, "later": True} if r["cell"] == "base" else r) + "\n" for r in later_rows)
+    )
     first_log = ['{"stage":"train","cell":"mixsd-s1","time":"2026-12-01 10:00:00"}']
     later_log = ['{"stage":"train","cell":"sft-lr3e-5-s2","time":"2026-12-02 09:00:00"}']
     (target / "stage-log.jsonl").write_text(first_log[0] + "\n")
@@ -257,7 +266,15 @@ def test_merge_adds_a_later_runs_cells_and_refuses_another_base(grid, tmp_path):
     assert not (target / "report.md").exists()  # derived from one run's cells: left out
     assert "sft-lr3e-5-s2" in (target / "results.csv").read_text()
     runs = json.loads((target / "PROVENANCE.json").read_text())["runs"]
-    assert len(runs) == 2 and runs[1]["cells"] == ["base", "mixsd-s1", "sft-lr3e-5-s2"]
+    assert len(runs) == 2 and runs[1]["cells"] == ["mixsd-s1", "sft-lr3e-5-s2"]
+    assert json.loads((target / "cells" / "base" / "retention.json").read_text())["probes"] == [
+        "known",
+        "general",
+    ]
+    base_rows = [
+        r for r in map(json.loads, (target / "results.jsonl").read_text().splitlines()) if r["cell"] == "base"
+    ]
+    assert len(base_rows) == 1 and "later" not in base_rows[0]
     grid_read = read_grid(target)
     assert grid_read["curves"]["mixsd-s1"][-1]["items"]["facts"] == "1111"  # the later run's curve
     other = tmp_path / "other"
@@ -395,6 +412,34 @@ def test_mixsd_is_compared_with_the_self_rewrite_baseline_under_the_retention_ru
     assert verdicts["retention_rewrite"]["seeds"] == "3 vs 3"
     assert verdicts["retention"]["verdict"] == "holds"
     assert "than the self-rewrite baseline (SDFT" in load_script().verdicts_table(summary)
+
+
+def test_guarded_mixing_is_judged_against_plain_mixsd_and_against_its_aim_of_no_loss(tmp_path):
+    """Our extension (guarded mixing) is compared with the paper's MixSD λ=0.3 by the retention rule, and
+    judged against its aim: at 95% memorization, a primary retention whose interval reaches 1."""
+
+    def guard(seed: int, curve: list[dict]) -> tuple[dict, list[dict]]:
+        row, curve = mixsd(seed, curve)
+        family = "MixSD λ=0.3 guard_top_p=0.9"
+        return {**row, "group": f"{family} lr=1e-4", "family": family, "guard_top_p": 0.9}, curve
+
+    keeps_all = [point(2, "1100", "1111", "11"), point(4, "1111", "1111", "11")]
+    keeps_some = [point(2, "1100", "1111", "11"), point(4, "1111", "1000", "10")]
+    cells = {f"mixsd-s{s}": mixsd(s, keeps_some) for s in range(3)}
+    cells |= {f"guard-s{s}": guard(s, keeps_all) for s in range(3)}
+    summary = summarize(read_grid(write_grid(tmp_path / "toy", cells)))
+    assert set(summary["comparisons"]) == {"MixSD λ=0.3 guard_top_p=0.9 lr=1e-4 vs MixSD λ=0.3 lr=1e-4"}
+    verdicts = {v["claim"]: v for v in summary["verdicts"]}
+    assert verdicts["retention_guard"]["verdict"] == "holds"  # keeps every item where plain MixSD loses some
+    assert verdicts["retention_guard"]["seeds"] == "3 vs 3"
+    assert verdicts["guard_no_loss"]["verdict"] == "holds"  # nothing lost: the interval reaches 1
+    # the same extension losing items at 95% does not meet its aim, whatever plain MixSD does
+    cells |= {f"guard-s{s}": guard(s, keeps_some) for s in range(3)}
+    summary = summarize(read_grid(write_grid(tmp_path / "toy2", cells)))
+    verdicts = {v["claim"]: v for v in summary["verdicts"]}
+    assert verdicts["guard_no_loss"]["verdict"] == "does not hold"
+    assert verdicts["retention_guard"]["verdict"] == "cannot tell"  # the same items kept by both
+    assert "Guarded mixing (ours" in load_script().verdicts_table(summary)
 
 
 def test_an_opsd_baseline_that_never_learns_is_named_and_its_diagnostics_tabled(tmp_path):

@@ -67,7 +67,7 @@ from mixsd.core.metrics import cluster_bootstrap_correlation, hierarchical_boots
 from mixsd.evaluation.forgetting import read_forgetting
 from mixsd.evaluation.probe_kinds import ERASED_CHOICES, GENERATIVE, KL
 from mixsd.experiments.closed_book import closed_book
-from mixsd.experiments.verdicts import BASELINES, verdicts
+from mixsd.experiments.verdicts import BASELINES, EXTENSIONS, VERDICT_FAMILIES, verdicts
 from mixsd.method.target_accounting import read_target_accounting
 from mixsd.training.opsd_options import DIAGNOSTICS_FILE
 
@@ -515,10 +515,14 @@ def summarize(grid: dict[str, Any]) -> dict[str, Any]:
     sft = [n for n, g in summaries.items() if g["method"] == "sft" and g["family"] == "SFT"]
     # MixSD against the other baselines too (issue 20): the self-rewrite (SDFT) and OPSD
     baselines = [n for n, g in summaries.items() if g["method"] in BASELINES]
+    # our extensions of MixSD against the paper's MixSD λ=0.3 (issue 19 §4)
+    plain = [n for n, g in summaries.items() if g["family"] == VERDICT_FAMILIES["mixsd"]]
+    extensions = {VERDICT_FAMILIES[key] for key in EXTENSIONS}
     for name, group in summaries.items():
         if group["method"] == "sft":
             continue
-        for other in sft + (baselines if group["method"] == "mixsd" else []):
+        others = sft + (baselines if group["method"] == "mixsd" else [])
+        for other in others + (plain if group["family"] in extensions else []):
             for level in LEVELS:
                 key = f"{level:g}"
                 a, b = group["matched"][key], summaries[other]["matched"][key]

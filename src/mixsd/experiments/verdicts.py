@@ -7,7 +7,8 @@ metric at the highest matched level both reach with every seed: interval above 0
 hold, else cannot tell; NLL — pooled Wilson intervals of the > 5 nats share disjoint; Fisher — the partial
 r of the Fisher ratio against that of raw ‖Δθ‖²; retention against the self-rewrite (SDFT, not in the paper),
 OPSD and MEMIT (an edit: its curve's one point) baselines by the retention rule; in a grid of OPSD alone (its
-sweep), whether OPSD learns at all (`_opsd_learns`). Fewer than MIN_SEEDS seeds per method: "cannot tell yet"
+sweep), whether OPSD learns at all (`_opsd_learns`); our extensions (EXTENSIONS: guarded mixing) against the
+paper's MixSD by the retention rule, and against their aim, no loss at 95% (`_no_loss`). Fewer than MIN_SEEDS seeds per method: "cannot tell yet"
 (a deterministic method, MEMIT, needs one).
 """
 
@@ -29,6 +30,11 @@ CLAIMS = {
     "retention_opsd": "MixSD keeps more of what the model knew than on-policy self-distillation (OPSD), at "
     "matched memorization",
     "retention_memit": "MixSD keeps more of what the model knew than MEMIT editing, at matched memorization",
+    # ours, not the paper's (issue 19 §4): guarded mixing against the paper's MixSD, and against its own aim
+    "retention_guard": "Guarded mixing (ours, not in the paper: a naive token only inside the expert's top-p) "
+    "keeps more of what the model knew than plain MixSD λ=0.3, at matched memorization",
+    "guard_no_loss": "Guarded mixing (ours) reaches 95% memorization with a loss of what the model knew "
+    "indistinguishable from zero (primary retention's interval reaches 1)",
     # the paper's tables (low-confidence extraction, method notes §5d): its OPSD reaches about 92-99%
     "opsd_learns": "OPSD at the paper's settings learns the facts (≥ 95% memorization; the paper's tables, "
     "low-confidence extraction: about 92–99% training accuracy)",
@@ -42,9 +48,12 @@ VERDICT_FAMILIES = {
     "rewrite": "Self-rewrite",
     "opsd": "OPSD",
     "memit": "MEMIT",
+    "guard": "MixSD λ=0.3 guard_top_p=0.9",
 }
 # the baselines MixSD is compared with besides SFT, by the retention rule: method -> claim
 BASELINES = {"rewrite": "retention_rewrite", "opsd": "retention_opsd", "memit": "retention_memit"}
+# our extensions of MixSD, each against the paper's MixSD λ=0.3 by the retention rule: family -> claim
+EXTENSIONS = {"guard": "retention_guard"}
 # methods whose every seed gives the same model (MEMIT's edit draws nothing at random): one seed is all
 # there is to know of them, so the seed count of a comparison is the other side's alone
 DETERMINISTIC = {"memit"}
@@ -109,6 +118,11 @@ def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
         baseline = _chosen(summary, method)
         if mixsd and baseline:
             rows.append(_retention_verdict(summary, claim, mixsd, baseline))
+    for family, claim in EXTENSIONS.items():  # ours against the paper's MixSD, then against the aim
+        extension = _chosen(summary, family)
+        if mixsd and extension:
+            rows.append(_retention_verdict(summary, claim, extension, mixsd))
+            rows.append(_no_loss(extension))
     opsd = [(n, g) for n, g in summary["groups"].items() if g["method"] == "opsd"]
     if opsd and not mixsd:  # a grid of OPSD alone (the sweep): does it learn at all?
         rows.append(_opsd_learns(summary, opsd))
@@ -164,6 +178,27 @@ def _retention_verdict(
         "figure": figure,
         "boot": boot,
         "seeds": f"{len(mixsd[1]['seeds'])} vs {len(other[1]['seeds'])}",
+    }
+
+
+def _no_loss(chosen: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """No loss at 95%: every seed reaches 95% and the primary retention's interval there reaches 1 (holds) or
+    stays below it (does not hold); a seed that never reaches 95% makes it not hold either."""
+    name, group = chosen
+    matched = group["matched"].get("0.95", {}).get("primary")
+    reached = [e is not None for e in group["first_epoch"]["0.95"]]
+    if matched is None:
+        verdict = "does not hold" if not all(reached) else "cannot tell"
+        figure, boot = f"{name}: {sum(reached)}/{len(reached)} seeds reach 95%", None
+    else:
+        verdict = "holds" if matched["ci95"][1] >= 1.0 else "does not hold"
+        figure, boot = f"{name}: primary retention at 95%", matched
+    return {
+        "claim": "guard_no_loss",
+        "verdict": _enough(verdict, len(group["seeds"])),
+        "figure": figure,
+        "boot": boot,
+        "seeds": f"{len(group['seeds'])} seeds",
     }
 
 
