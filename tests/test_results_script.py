@@ -440,6 +440,11 @@ def test_guarded_mixing_is_judged_against_plain_mixsd_and_against_its_aim_of_no_
     assert verdicts["guard_no_loss"]["verdict"] == "does not hold"
     assert verdicts["retention_guard"]["verdict"] == "cannot tell"  # the same items kept by both
     assert "Guarded mixing (ours" in load_script().verdicts_table(summary)
+    # a seed that never reaches 95% fails the aim too: no matched point to read a retention at
+    cells["guard-s2"] = guard(2, [point(2, "1100", "1111", "11"), point(4, "1110", "1111", "11")])
+    summary = summarize(read_grid(write_grid(tmp_path / "toy3", cells)))
+    verdict = {v["claim"]: v for v in summary["verdicts"]}["guard_no_loss"]
+    assert verdict["verdict"] == "does not hold" and verdict["figure"].endswith("2/3 seeds reach 95%")
 
 
 def test_an_opsd_baseline_that_never_learns_is_named_and_its_diagnostics_tabled(tmp_path):

@@ -52,7 +52,8 @@ VERDICT_FAMILIES = {
 }
 # the baselines MixSD is compared with besides SFT, by the retention rule: method -> claim
 BASELINES = {"rewrite": "retention_rewrite", "opsd": "retention_opsd", "memit": "retention_memit"}
-# our extensions of MixSD, each against the paper's MixSD λ=0.3 by the retention rule: family -> claim
+# our extensions of MixSD, each against the paper's MixSD λ=0.3 by the retention rule: family -> claim (and
+# against its aim, no loss at 95%: the claim "{family}_no_loss")
 EXTENSIONS = {"guard": "retention_guard"}
 # methods whose every seed gives the same model (MEMIT's edit draws nothing at random): one seed is all
 # there is to know of them, so the seed count of a comparison is the other side's alone
@@ -122,7 +123,7 @@ def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
         extension = _chosen(summary, family)
         if mixsd and extension:
             rows.append(_retention_verdict(summary, claim, extension, mixsd))
-            rows.append(_no_loss(extension))
+            rows.append(_no_loss(extension, f"{family}_no_loss"))
     opsd = [(n, g) for n, g in summary["groups"].items() if g["method"] == "opsd"]
     if opsd and not mixsd:  # a grid of OPSD alone (the sweep): does it learn at all?
         rows.append(_opsd_learns(summary, opsd))
@@ -181,7 +182,7 @@ def _retention_verdict(
     }
 
 
-def _no_loss(chosen: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+def _no_loss(chosen: tuple[str, dict[str, Any]], claim: str) -> dict[str, Any]:
     """No loss at 95%: every seed reaches 95% and the primary retention's interval there reaches 1 (holds) or
     stays below it (does not hold); a seed that never reaches 95% makes it not hold either."""
     name, group = chosen
@@ -194,7 +195,7 @@ def _no_loss(chosen: tuple[str, dict[str, Any]]) -> dict[str, Any]:
         verdict = "holds" if matched["ci95"][1] >= 1.0 else "does not hold"
         figure, boot = f"{name}: primary retention at 95%", matched
     return {
-        "claim": "guard_no_loss",
+        "claim": claim,
         "verdict": _enough(verdict, len(group["seeds"])),
         "figure": figure,
         "boot": boot,
