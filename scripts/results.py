@@ -9,7 +9,8 @@
 table, per cell the curve, eval, retention, NLL and Fisher files, targets and per-item predictions) and
 writes PROVENANCE.json (source folder, the commit it ran from, when). `collect --merge` adds a later run
 of the same study (more seeds, controls: a superset config run with `--only`) to what is committed: its
-cells replace or join the committed ones (the committed base cell stays), the rows are merged by cell, and it
+cells replace or join the committed ones (the committed base cell stays, and so do committed shared targets
+that the later run mixed again: refused if it mixed other tokens), the rows are merged by cell, and it
 is refused unless the base model's curve (epoch 0 of every curve) is item for item the committed one, so that every cell is scored
 on the same items; the grid-level files derived from one run's cells (the report and the data it draws) are left out. `render` computes each committed
 grid's summary (`mixsd.experiments.grid_summary`, written as results/<name>/summary.json) and rewrites every block of
@@ -107,6 +108,30 @@ def _done_targets(cell: Path) -> bool:
         return False
 
 
+def _training_text(targets: Path) -> dict[str, Any]:
+    """What a targets file trains on: each record's prompt and target token ids (not the log-probabilities
+    beside them, whose last digits move with the machine's arithmetic)."""
+    return {row.get("id"): (row.get("prompt_ids"), row.get("target_ids")) for _, row in read_jsonl(targets)}
+
+
+def _kept_targets(source: Path, target: Path) -> set[str]:
+    """Shared target folders the committed results already hold: they stay, as the base cell does. A later
+    run that mixed them again must have trained on the same tokens; if not, its cells are not comparable."""
+    kept_folders = set()
+    for folder in sorted((source / "cells").glob("*")):
+        committed = target / "cells" / folder.name
+        if not (_done_targets(folder) and _done_targets(committed)):
+            continue
+        if _training_text(folder / "targets.jsonl") != _training_text(committed / "targets.jsonl"):
+            raise InputError(
+                f"the shared targets {folder.name} differ from the committed ones ({committed}): the later "
+                "run's cells trained on other targets",
+                folder / "targets.jsonl",
+            )
+        kept_folders.add(folder.name)
+    return kept_folders
+
+
 def merge(source: Path, name: str | None = None, results: Path = RESULTS, base_tolerance: int = 0) -> Path:
     """Add the cells of the grid folder `source` to the committed results/<name>/ (see the module doc)."""
     import yaml
@@ -158,6 +183,7 @@ def merge(source: Path, name: str | None = None, results: Path = RESULTS, base_t
     committed_base = {row["cell"] for row in old_rows if row.get("method") == "base"}
     new_rows = [row for row in new_rows if row["cell"] not in committed_base]
     new_cells = {row["cell"] for row in new_rows}
+    kept_targets = _kept_targets(source, target)
     staging = target.with_name(f".{name}.merging")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(target, staging)
@@ -169,8 +195,9 @@ def merge(source: Path, name: str | None = None, results: Path = RESULTS, base_t
         if relative.parts[0] == "cells" and not (
             len(relative.parts) > 2
             and (relative.parts[1] in new_cells or _done_targets(source / "cells" / relative.parts[1]))
+            and relative.parts[1] not in kept_targets
         ):
-            continue  # only finished cells (their rows are current in the source) and finished shared targets
+            continue  # only finished cells (their rows are current in the source) and new finished shared targets
         if relative.parts[0] != "cells" and (
             relative.name in RUN_DERIVED or relative.name in ("results.jsonl", "curve-base.json")
         ):  # the committed base curve stays the reference every merged run was checked against
@@ -201,6 +228,7 @@ def merge(source: Path, name: str | None = None, results: Path = RESULTS, base_t
             "cells": sorted(new_cells),
             "files": len(copied),
             "base_items_differing": differing,  # the summaries keep the committed base curve
+            "shared_targets_kept": sorted(kept_targets),  # mixed again to the same tokens; the committed stay
         }
     )
     atomic_write_json(staging / "PROVENANCE.json", {"runs": runs})

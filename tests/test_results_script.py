@@ -263,10 +263,27 @@ def test_merge_adds_a_later_runs_cells_and_refuses_another_base(grid, tmp_path):
     assert not (target / "cells" / "mixsd-s1" / "stale.json").exists()  # the cell is the later run's, whole
     assert (target / "cells" / "mixsd-lam0.3-s0" / "targets.jsonl").is_file()
     assert not (target / "cells" / "mixsd-lam0.5-s0").exists()
+    # mixed again by a later run (another machine: the same tokens, log-probabilities off in the last digit):
+    # the committed targets stay; other tokens are refused, since that run's cells trained on other targets
+    committed_targets = target / "cells" / "mixsd-lam0.3-s0" / "targets.jsonl"
+    committed_targets.write_text(
+        json.dumps({"id": "a", "target_ids": [1, 2], "logprob_expert": [-0.12345]}) + "\n"
+    )
+    (shared / "targets.jsonl").write_text(
+        json.dumps({"id": "a", "target_ids": [1, 2], "logprob_expert": [-0.12346]}) + "\n"
+    )
+    script.merge(later, "toy", results=results)
+    assert "-0.12345" in committed_targets.read_text()
+    assert json.loads((target / "PROVENANCE.json").read_text())["runs"][-1]["shared_targets_kept"] == [
+        "mixsd-lam0.3-s0"
+    ]
+    (shared / "targets.jsonl").write_text(json.dumps({"id": "a", "target_ids": [1, 3]}) + "\n")
+    with pytest.raises(Exception, match="the shared targets mixsd-lam0.3-s0 differ from the committed ones"):
+        script.merge(later, "toy", results=results)
     assert not (target / "report.md").exists()  # derived from one run's cells: left out
     assert "sft-lr3e-5-s2" in (target / "results.csv").read_text()
     runs = json.loads((target / "PROVENANCE.json").read_text())["runs"]
-    assert len(runs) == 2 and runs[1]["cells"] == ["mixsd-s1", "sft-lr3e-5-s2"]
+    assert len(runs) == 3 and runs[1]["cells"] == runs[2]["cells"] == ["mixsd-s1", "sft-lr3e-5-s2"]
     assert json.loads((target / "cells" / "base" / "retention.json").read_text())["probes"] == [
         "known",
         "general",
