@@ -12,6 +12,7 @@ from mixsd.core.files import InputError
 from mixsd.editing.edit import EditConfig, default_stats_texts, edit, load_edits, subject_position
 from mixsd.editing.memit import (
     EditRequest,
+    _context_keys,
     add_to_output,
     answer_scores,
     apply_memit,
@@ -55,6 +56,25 @@ def test_update_equals_a_slow_least_squares_solution():
     stacked_targets = torch.cat([residual, torch.zeros(d_out, d_in, dtype=torch.float64)], dim=1)
     slow = torch.linalg.lstsq(stacked_keys.T, stacked_targets.T).solution.T
     torch.testing.assert_close(fast, slow, rtol=1e-8, atol=1e-10)
+
+
+def test_preserved_keys_enter_the_same_slow_least_squares_problem():
+    """With preserved keys P: minimize ||dW K - R||^2 + ||dW P||^2 + w ||dW C^1/2||^2, solved directly."""
+    torch.manual_seed(1)
+    d_in, d_out, n, m, weight = 12, 7, 4, 6, 2.0
+    keys, residual = torch.randn(d_in, n, dtype=torch.float64), torch.randn(d_out, n, dtype=torch.float64)
+    preserved = torch.randn(d_in, m, dtype=torch.float64)
+    a = torch.randn(d_in, 40, dtype=torch.float64)
+    covariance = a @ a.T / 40
+    fast = least_squares_update(keys, residual, covariance, weight, preserved)
+    root = torch.linalg.cholesky(weight * covariance)
+    stacked_keys = torch.cat([keys, preserved, root], dim=1)
+    zeros = torch.zeros(d_out, m + d_in, dtype=torch.float64)
+    slow = torch.linalg.lstsq(stacked_keys.T, torch.cat([residual, zeros], dim=1).T).solution.T
+    torch.testing.assert_close(fast, slow, rtol=1e-8, atol=1e-10)
+    assert (fast @ preserved).norm() < (
+        least_squares_update(keys, residual, covariance, weight) @ preserved
+    ).norm()
 
 
 def test_projection_template_and_default_layers():
@@ -124,6 +144,38 @@ def test_edit_makes_the_model_write_the_new_answers_and_barely_moves_unrelated_k
     edited_shift = (last_keys([r.prompt_ids for r in requests]) @ update.T).norm(dim=-1).mean()
     unrelated_shift = (last_keys(unrelated) @ update.T).norm(dim=-1).mean()
     assert unrelated_shift < 0.5 * edited_shift, (float(unrelated_shift), float(edited_shift))
+
+
+def test_preserving_the_context_keeps_the_update_off_the_edits_other_positions():
+    """`preserve_context`: the update still writes every edit, and moves the outputs at the other positions of
+    the edits' own text (prompt and answer) less than the plain update does."""
+    template, layers = "model.layers.{}.mlp.down_proj", [1, 2]
+    requests = _requests(3)
+    generator = torch.Generator().manual_seed(7)
+    texts = [torch.randint(3, 64, (32,), generator=generator).tolist() for _ in range(30)]
+    shifts = {}
+    for preserve in (False, True):
+        model = _sharp_model()
+        lowest = model.get_submodule(template.format(layers[0]))
+        covariances = key_covariance(model, template, layers, texts, max_tokens=10_000)
+        fit = target_vectors(model, template, max(layers), requests)
+        context = _context_keys(model, template, layers[0], requests, 0)  # no edit changes the lowest keys
+        before = lowest.weight.detach().clone()
+        apply_memit(
+            model,
+            template,
+            layers,
+            requests,
+            fit.z,
+            covariances,
+            covariance_weight=1.0,
+            preserve_context=preserve,
+        )
+        assert all(score.written for score in answer_scores(model, requests))
+        update = (lowest.weight.detach() - before).double()
+        shifts[preserve] = float((context @ update.T).norm(dim=-1).mean())
+    assert context.shape[0] == sum(len(r.prompt_ids) + len(r.target_ids) - 2 for r in requests)
+    assert shifts[True] < 0.5 * shifts[False], shifts
 
 
 def _tiny_corpus(tmp_path, rows=None):
@@ -389,7 +441,7 @@ def _greedy_next(model, prompts: list[list[int]]) -> list[int]:
 
 @pytest.mark.parametrize("refine_passes", [0, 1])
 def test_refinement_writes_the_edits_a_single_update_leaves_unwritten(refine_passes):
-    """With a covariance weight that holds the update back (w = 100 on the tiny model), one MEMIT update
+    """With a covariance weight that holds the update back (w = 100 on the tiny model), one plain MEMIT update
     writes none of 3 edits although every target vector converged; one refinement pass (new target vectors on
     the edited model, a second update) writes all 3, checked by greedy generation."""
     model = _sharp_model()
@@ -397,7 +449,7 @@ def test_refinement_writes_the_edits_a_single_update_leaves_unwritten(refine_pas
     requests = _requests(3)
     result = memit_edit(
         model, template, layers, requests, _covariances(model, template, layers),
-        refine_passes=refine_passes, covariance_weight=100.0,
+        refine_passes=refine_passes, covariance_weight=100.0, preserve_context=False,
     )  # fmt: skip
     assert all(result.passes[0].fit.converged)
     written = sum(
@@ -421,7 +473,7 @@ def test_refinement_keeps_the_first_pass_that_wrote_the_most_edits():
     requests = _requests(3)
     result = memit_edit(
         model, template, layers, requests, _covariances(model, template, layers),
-        refine_passes=2, covariance_weight=30.0,
+        refine_passes=2, covariance_weight=30.0, preserve_context=False,
     )  # fmt: skip
     assert [p.written for p in result.passes] == [3, 3] and result.kept == 0
     assert result.passes[1].refit == [0, 1, 2]
