@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixsd.core import models
-from mixsd.core.files import atomic_write_json, read_jsonl
+from mixsd.core.files import InputError, atomic_write_json, read_jsonl
 from mixsd.editing.edit import FitDirectory, default_stats_texts, edit_requests, load_edits, weights_digest
 from mixsd.editing.memit import (
     _keys_and_outputs,
@@ -98,6 +98,20 @@ def key_only_scores(model, template, layers, requests, original, pad_id) -> list
     return scores
 
 
+def read_probe(path: str) -> list[dict]:
+    """The known-facts probe's rows, each checked (a question `prompt` and a non-empty `check` list) before
+    any model is loaded."""
+    rows = []
+    for line, obj in read_jsonl(path):
+        if not isinstance(obj.get("prompt"), str):
+            raise InputError("a string is required", path, line, "prompt")
+        check = obj.get("check")
+        if not isinstance(check, list) or not check or not isinstance(check[0], str):
+            raise InputError("a non-empty list of answer strings is required", path, line, "check")
+        rows.append(obj)
+    return rows
+
+
 def frame_length(requests) -> int:
     """Tokens every target starts with ("The answer is"): the answer's frame."""
     first = requests[0].target_ids
@@ -131,7 +145,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     records = load_edits(args.corpus)
-    probe = [obj for _, obj in read_jsonl(args.probe)] if args.probe else []
+    probe = read_probe(args.probe) if args.probe else []
+    try:
+        weights_list = [float(x) for x in args.weights.split(",")]
+        scales_list = [float(x) for x in args.overshoot.split(",")]
+        preserves = [bool(int(x)) for x in args.preserve.split(",")]
+    except ValueError as err:
+        parser.error(f"--weights, --overshoot and --preserve take comma-separated numbers ({err})")
     handle = models.resolve_model(args.model)
     tokenizer = models.load_tokenizer(handle)
     model = models.load_model(handle, dtype="float32", device="cpu")
@@ -195,9 +215,7 @@ def main() -> None:
     print(
         f"{len(requests)} edits, {sum(fit.converged)} target vectors converged; frame {frame} tokens; base {base}"
     )
-    weights, scales = map(float, args.weights.split(",")), map(float, args.overshoot.split(","))
-    preserves = [bool(int(x)) for x in args.preserve.split(",")]
-    settings = itertools.product(covariances.items(), weights, list(scales), preserves)
+    settings = itertools.product(covariances.items(), weights_list, scales_list, preserves)
     for (name, covariance), weight, scale, preserve in settings:
         for layer, w in edited.items():
             w.copy_(original[layer])
@@ -232,4 +250,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (
+        InputError
+    ) as err:  # bad input: one line naming the file, line and field, before any model is loaded
+        raise SystemExit(f"error: {err}") from None
