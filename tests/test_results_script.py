@@ -488,7 +488,7 @@ def test_an_opsd_baseline_that_never_learns_is_named_and_its_diagnostics_tabled(
     verdicts = {v["claim"]: v for v in summary["verdicts"]}
     assert (
         verdicts["retention_opsd"]["verdict"]
-        == "cannot tell: OPSD reaches no level (best final memorization 0.00)"
+        == "cannot tell: OPSD reaches no level (best final memorization 0.00; compared at its own level only from 50%)"
     )
     rows = summary["opsd"]["opsd-s0"]
     assert [r["epoch"] for r in rows] == [0.0, 1.0, 2.0]
@@ -538,8 +538,9 @@ def test_an_opsd_sweep_alone_says_whether_opsd_learns_from_the_items_interval(tm
 
 def test_mixsd_is_compared_with_memit_editing_by_its_one_point_curve(tmp_path):
     """A MEMIT cell's curve is one point, the edited model (`edit`): MixSD is compared with it by the
-    retention rule at the levels both reach, a MEMIT that reaches none is named in the verdict, and the
-    edit stays out of the Fisher correlations (no training, no learning rate)."""
+    retention rule at the levels both reach; a MEMIT that reaches none is compared at its own level when
+    every seed memorizes at least half of the facts, else named in the verdict; and the edit stays out of the
+    Fisher correlations (no training, no learning rate)."""
 
     def memit(seed: int, memo: str, facts: str) -> tuple[dict, list[dict]]:
         row = {"group": "MEMIT", "family": "MEMIT", "method": "memit", "seed": seed}
@@ -562,12 +563,31 @@ def test_mixsd_is_compared_with_memit_editing_by_its_one_point_curve(tmp_path):
     assert not [c for c in summary["fisher"]["cells"] if c["cell"].startswith("memit")]
     assert "than MEMIT editing, at matched memorization" in load_script().verdicts_table(summary)
 
-    unlearned = {f"memit-s{s}": memit(s, "1100", "1110") for s in range(3)}
-    summary = summarize(read_grid(write_grid(tmp_path / "toy2", cells | unlearned)))
+    assert summary["own_level_comparisons"] == {}  # MEMIT reaches 95%: the declared levels decide
+
+    # MEMIT at 50%, under every declared level but at the floor: MixSD is compared at MEMIT's own level,
+    # each seed at the first point reaching it (epoch 2), paired items: facts kept 3/3 by both, known facts
+    # 2/2 by MixSD and 1/2 by MEMIT, so the difference is (0 + 0.5) / 2 = 0.25, and two known items leave
+    # its interval touching 0
+    half = {f"memit-s{s}": memit(s, "1100", "1110") for s in range(3)}
+    summary = summarize(read_grid(write_grid(tmp_path / "toy2", cells | half)))
+    own = summary["own_level_comparisons"]["MixSD λ=0.3 lr=1e-4 vs MEMIT"]
+    assert own["level"] == 0.5 and own["epochs"] == [2.0, 2.0, 2.0] and own["baseline_epochs"] == [1.0] * 3
+    assert own["value"] == pytest.approx(0.25) and own["ci95"][0] == 0.0
     verdicts = {v["claim"]: v for v in summary["verdicts"]}
-    assert (
-        verdicts["retention_memit"]["verdict"]
-        == "cannot tell: MEMIT reaches no level (best final memorization 0.50)"
+    assert verdicts["retention_memit"]["verdict"] == "cannot tell"
+    assert verdicts["retention_memit"]["boot"] == own
+    assert verdicts["retention_memit"]["figure"] == (
+        "MixSD λ=0.3 lr=1e-4 − MEMIT at 50% (MEMIT's own level: it reaches no declared level)"
+    )
+    # the own level is the highest every seed reaches: one seed at 25% puts it under the floor
+    low = half | {"memit-s2": memit(2, "1000", "1110")}
+    summary = summarize(read_grid(write_grid(tmp_path / "toy3", cells | low)))
+    assert summary["own_level_comparisons"] == {}
+    verdicts = {v["claim"]: v for v in summary["verdicts"]}
+    assert verdicts["retention_memit"]["verdict"] == (
+        "cannot tell: MEMIT reaches no level (best final memorization 0.50; compared at its own level only "
+        "from 50%)"
     )
 
 

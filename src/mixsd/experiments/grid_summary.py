@@ -67,7 +67,7 @@ from mixsd.core.metrics import cluster_bootstrap_correlation, hierarchical_boots
 from mixsd.evaluation.forgetting import read_forgetting
 from mixsd.evaluation.probe_kinds import ERASED_CHOICES, GENERATIVE, KL
 from mixsd.experiments.closed_book import closed_book
-from mixsd.experiments.verdicts import BASELINES, EXTENSIONS, VERDICT_FAMILIES, verdicts
+from mixsd.experiments.verdicts import BASELINES, EXTENSIONS, OWN_LEVEL_FLOOR, VERDICT_FAMILIES, verdicts
 from mixsd.method.target_accounting import read_target_accounting
 from mixsd.training.opsd_options import DIAGNOSTICS_FILE
 
@@ -533,6 +533,14 @@ def summarize(grid: dict[str, Any]) -> dict[str, Any]:
                     kept_items(p, grid["base"], probes) for p in _reached(grid, summaries[other], level)
                 ]
                 comparisons.setdefault(f"{name} vs {other}", {})[key] = hierarchical_bootstrap(kept_a, kept_b)
+    own_level = {
+        f"{name} vs {other}": comparison
+        for name, group in summaries.items()
+        if group["method"] == "mixsd"
+        for other in baselines
+        if f"{name} vs {other}" not in comparisons
+        and (comparison := compare_at_own_level(grid, group, summaries[other], probes)) is not None
+    }
     out = {
         "grid": grid["name"],
         "probes": {p: {"items": len(v), "base_right": sum(v)} for p, v in base_items.items()},
@@ -540,6 +548,7 @@ def summarize(grid: dict[str, Any]) -> dict[str, Any]:
         "groups": summaries,
         "choices": choose_settings(grid, groups, probes),
         "comparisons": comparisons,
+        "own_level_comparisons": own_level,
         "fisher": fisher_correlations(grid, probes),
         "forgetting": {
             name: f
@@ -583,6 +592,34 @@ def opsd_diagnostics(grid: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 def _reached(grid: dict[str, Any], group: dict[str, Any], level: float) -> list[Point]:
     return [first_at(grid["curves"][cell], level) for cell in group["cells"]]
+
+
+def own_level(grid: dict[str, Any], group: dict[str, Any]) -> float:
+    """The highest memorization every seed of a group reaches at some scored point of its curve."""
+    return min(max(p.get("memorization") or 0 for p in grid["curves"][cell]) for cell in group["cells"])
+
+
+def compare_at_own_level(
+    grid: dict[str, Any], group: dict[str, Any], baseline: dict[str, Any], probes: list[str]
+) -> dict[str, Any] | None:
+    """`group` (MixSD) minus `baseline` in primary retention at the baseline's own level (`own_level`),
+    each seed at the first point of its curve reaching it, paired items: for a baseline that reaches no
+    level of LEVELS. None when it reaches one, when its own level is under OWN_LEVEL_FLOOR, or when a seed
+    of `group` never reaches it."""
+    if any(baseline["matched"][f"{level:g}"].get("primary") for level in LEVELS):
+        return None
+    level = own_level(grid, baseline)
+    if level < OWN_LEVEL_FLOOR - 1e-9:
+        return None
+    mine, theirs = _reached(grid, group, level), _reached(grid, baseline, level)
+    if any(p is None for p in mine + theirs):
+        return None
+    kept = [[kept_items(p, grid["base"], probes) for p in points] for points in (mine, theirs)]
+    boot = hierarchical_bootstrap(*kept)
+    if boot is None:
+        return None
+    epochs = {"epochs": [p.get("epoch") for p in mine], "baseline_epochs": [p.get("epoch") for p in theirs]}
+    return {"level": level, **epochs, **boot}
 
 
 def write_summary(folder: str | Path) -> Path:

@@ -6,7 +6,8 @@ Rules (`verdicts`): memorization — every seed of MixSD's chosen setting reache
 metric at the highest matched level both reach with every seed: interval above 0 holds, below 0 does not
 hold, else cannot tell; NLL — pooled Wilson intervals of the > 5 nats share disjoint; Fisher — the partial
 r of the Fisher ratio against that of raw ‖Δθ‖²; retention against the self-rewrite (SDFT, not in the paper),
-OPSD and MEMIT (an edit: its curve's one point) baselines by the retention rule; in a grid of OPSD alone (its
+OPSD and MEMIT (an edit: its curve's one point) baselines by the retention rule, at the baseline's own
+level when it reaches no declared level but at least OWN_LEVEL_FLOOR of the facts; in a grid of OPSD alone (its
 sweep), whether OPSD learns at all (`_opsd_learns`); our extensions (EXTENSIONS: guarded mixing) against the
 paper's MixSD by the retention rule, and against their aim, no loss at 95% (`_no_loss`). Fewer than MIN_SEEDS seeds per method: "cannot tell yet"
 (a deterministic method, MEMIT, needs one).
@@ -19,6 +20,11 @@ from typing import Any
 from mixsd.core.metrics import wilson_interval
 
 MIN_SEEDS = 3  # below this a method's verdict is "cannot tell yet"
+# A baseline that reaches no declared level with every seed is compared with MixSD at its own level (the
+# highest memorization every one of its seeds reaches; `grid_summary.compare_at_own_level`), but only from
+# this floor up: below it the baseline has learnt under half of the facts, and "matched" retention would
+# compare MixSD with a model barely changed (at 0% memorization any method keeps everything).
+OWN_LEVEL_FLOOR = 0.5
 CLAIMS = {
     "memorization": "MixSD reaches near-perfect training accuracy (≥ 95%)",
     "retention": "MixSD keeps more of what the model knew than SFT, at matched memorization",
@@ -80,8 +86,9 @@ def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
     interval above 0 while raw ‖Δθ‖²'s includes 0 (holds), the ratio's includes or is below 0 (does not
     hold when raw's is above 0, else cannot tell); retention vs each baseline of BASELINES the grid has
     (self-rewrite, OPSD, MEMIT) — the retention rule with the baseline's chosen setting in SFT's place; a baseline
-    that reaches no level is named in the verdict. Fewer than 3 seeds
-    per method: "cannot tell yet"."""
+    that reaches no declared level is compared at its own level (the highest memorization every one of its
+    seeds reaches, each method at the first point of its curve reaching it) when that level is at least
+    OWN_LEVEL_FLOOR, else named in the verdict. Fewer than 3 seeds per method: "cannot tell yet"."""
     rows = []
     mixsd, sft = _chosen(summary, "mixsd"), _chosen(summary, "sft")
     if mixsd:
@@ -160,12 +167,21 @@ def _retention_verdict(
     pair = summary["comparisons"].get(f"{mixsd[0]} vs {other[0]}", {})
     level = max(pair, key=float) if pair else None
     boot = pair.get(level) if level else None
-    if boot is None:
+    own = summary.get("own_level_comparisons", {}).get(f"{mixsd[0]} vs {other[0]}")
+    if boot is None and own is not None:  # the baseline reaches no declared level but learns half or more
+        boot = own
+        low, high = own["ci95"]
+        verdict = "holds" if low > 0 else "does not hold" if high < 0 else "cannot tell"
+        figure = f"{mixsd[0]} − {other[0]} at {own['level']:.0%} ({other[0]}'s own level: it reaches no declared level)"
+    elif boot is None:
         unreached = [n for n, g in (mixsd, other) if not any(m.get("primary") for m in g["matched"].values())]
         verdict, figure = "cannot tell: no level reached by every seed of both", "–"
-        if unreached == [other[0]]:  # the baseline never learns: nothing to match MixSD's retention with
+        if unreached == [other[0]]:  # the baseline barely learns: nothing to match MixSD's retention with
             best = max(other[1]["final_memorization"])
-            verdict = f"cannot tell: {other[0]} reaches no level (best final memorization {best:.2f})"
+            verdict = (
+                f"cannot tell: {other[0]} reaches no level (best final memorization {best:.2f}; "
+                f"compared at its own level only from {OWN_LEVEL_FLOOR:.0%})"
+            )
     else:
         low, high = boot["ci95"]
         verdict = "holds" if low > 0 else "does not hold" if high < 0 else "cannot tell"
