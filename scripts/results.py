@@ -9,7 +9,8 @@
 table, per cell the curve, eval, retention, NLL and Fisher files, targets and per-item predictions) and
 writes PROVENANCE.json (source folder, the commit it ran from, when). `collect --merge` adds a later run
 of the same study (more seeds, controls: a superset config run with `--only`) to what is committed: its
-cells replace or join the committed ones (the committed base cell stays, and so do committed shared targets
+cells replace or join the committed ones (PROVENANCE.json names the ones it brought, apart from those already
+committed byte for byte) (the committed base cell stays, and so do committed shared targets
 that the later run mixed again: refused if it mixed other tokens), the rows are merged by cell, and it
 is refused unless the base model's curve (epoch 0 of every curve) is item for item the committed one, so that every cell is scored
 on the same items; the grid-level files derived from one run's cells (the report and the data it draws) are left out. `render` computes each committed
@@ -132,6 +133,24 @@ def _kept_targets(source: Path, target: Path) -> set[str]:
     return kept_folders
 
 
+def _collected_files(cell: Path) -> dict[Path, Path]:
+    """The files of a cell folder that `collect` keeps, by their path inside it."""
+    return {
+        path.relative_to(cell): path
+        for path in cell.rglob("*")
+        if path.is_file()
+        and kept(Path("cells", cell.name, path.relative_to(cell)))
+        and path.stat().st_size <= MAX_FILE_BYTES
+    }
+
+
+def _same_cell(source: Path, committed: Path) -> bool:
+    """Whether a cell of the run is already committed byte for byte (a runs folder keeps every cell it
+    finished, so a later merge sees the cells an earlier one brought in)."""
+    mine, theirs = _collected_files(source), _collected_files(committed)
+    return mine.keys() == theirs.keys() and all(mine[k].read_bytes() == theirs[k].read_bytes() for k in mine)
+
+
 def merge(source: Path, name: str | None = None, results: Path = RESULTS, base_tolerance: int = 0) -> Path:
     """Add the cells of the grid folder `source` to the committed results/<name>/ (see the module doc)."""
     import yaml
@@ -184,6 +203,7 @@ def merge(source: Path, name: str | None = None, results: Path = RESULTS, base_t
     new_rows = [row for row in new_rows if row["cell"] not in committed_base]
     new_cells = {row["cell"] for row in new_rows}
     kept_targets = _kept_targets(source, target)
+    unchanged = {c for c in new_cells if _same_cell(source / "cells" / c, target / "cells" / c)}
     staging = target.with_name(f".{name}.merging")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(target, staging)
@@ -225,7 +245,8 @@ def merge(source: Path, name: str | None = None, results: Path = RESULTS, base_t
             "source": str(source.resolve()),
             "commit": _commit_of(source),
             "collected": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "cells": sorted(new_cells),
+            "cells": sorted(new_cells - unchanged),  # the cells this run brought: new or changed
+            "cells_unchanged": sorted(unchanged),  # in the runs folder too, committed already as they are
             "files": len(copied),
             "base_items_differing": differing,  # the summaries keep the committed base curve
             "shared_targets_kept": sorted(kept_targets),  # mixed again to the same tokens; the committed stay
@@ -234,7 +255,11 @@ def merge(source: Path, name: str | None = None, results: Path = RESULTS, base_t
     atomic_write_json(staging / "PROVENANCE.json", {"runs": runs})
     shutil.rmtree(target)
     staging.rename(target)
-    print(f"merged {len(new_cells)} cells ({len(copied)} files) into {target}", file=sys.stderr)
+    print(
+        f"merged {len(new_cells - unchanged)} new or changed cells ({len(unchanged)} unchanged; {len(copied)} "
+        f"files) into {target}",
+        file=sys.stderr,
+    )
     return target
 
 

@@ -283,7 +283,9 @@ def test_merge_adds_a_later_runs_cells_and_refuses_another_base(grid, tmp_path):
     assert not (target / "report.md").exists()  # derived from one run's cells: left out
     assert "sft-lr3e-5-s2" in (target / "results.csv").read_text()
     runs = json.loads((target / "PROVENANCE.json").read_text())["runs"]
-    assert len(runs) == 3 and runs[1]["cells"] == runs[2]["cells"] == ["mixsd-s1", "sft-lr3e-5-s2"]
+    assert len(runs) == 3 and runs[1]["cells"] == ["mixsd-s1", "sft-lr3e-5-s2"]
+    # the same runs folder merged again: its cells are committed byte for byte, so the entry claims none
+    assert runs[2]["cells"] == [] and runs[2]["cells_unchanged"] == ["mixsd-s1", "sft-lr3e-5-s2"]
     assert json.loads((target / "cells" / "base" / "retention.json").read_text())["probes"] == [
         "known",
         "general",
