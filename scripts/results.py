@@ -22,7 +22,8 @@ docs/results.md between
     <!-- /results -->
 
 with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare, fisher, forgetting, targets, opsd, closed_book,
-verdicts.
+verdicts; and the figure `trajectories` (docs/figures/GRID-trajectories.png, drawn from the summary, whose
+plotted points `render --check` compares with the rest of it).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from typing import Any
 
 from mixsd.core.files import InputError, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
 from mixsd.experiments.grid_summary import LEVELS, PRIMARY, RETENTION_DATA, SUMMARY_FILE, read_grid, summarize
+from mixsd.experiments.report_figures import summary_trajectory_figure
 from mixsd.experiments.results import REPORT_DATA_FILES, write_table
-from mixsd.experiments.verdicts import CLAIMS
+from mixsd.experiments.verdicts import CLAIMS, DETERMINISTIC
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -661,6 +663,35 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+def trajectory_groups(summary: dict[str, Any]) -> list[str]:
+    """The groups a grid's trajectory figure draws: those run with several seeds (the study's arms) and the
+    edits (one deterministic point); a grid with none of either (a one-seed sweep) draws every group."""
+    groups = summary["groups"]
+    chosen = [n for n, g in groups.items() if len(g["seeds"]) > 1 or g["method"] in DETERMINISTIC]
+    return chosen or list(groups)
+
+
+def trajectories_figure(summary: dict[str, Any], doc: Path, draw: bool) -> str:
+    """The figure block: docs/figures/GRID-trajectories.png, drawn from the summary (with `draw`; a check
+    only looks that the file is there, since the summary holding the plotted points is compared itself)."""
+    relative = Path("figures") / f"{summary['grid']}-trajectories.png"
+    path, groups = doc.parent / relative, trajectory_groups(summary)
+    if draw:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if summary_trajectory_figure(summary, groups, path) is None:
+            return "No group with a learning curve.\n"
+    elif not path.is_file():
+        return "(figure missing: run `make results`)\n"
+    return (
+        f"![{summary['grid']}: primary retention against memorization, epoch by epoch]({relative.as_posix()})\n\n"
+        f"Drawn by `make results` from results/{summary['grid']}/summary.json (`trajectory` of each group): "
+        f"{', '.join(groups)}; mean over seeds, bars ± sd over seeds (not intervals).\n"
+    )
+
+
+FIGURES: dict[str, Callable[[dict[str, Any], Path, bool], str]] = {"trajectories": trajectories_figure}
+
+
 # --------------------------------------------------------------------------------------------------
 # render / check
 # --------------------------------------------------------------------------------------------------
@@ -680,14 +711,19 @@ def summaries(results: Path, write: bool) -> dict[str, dict[str, Any]]:
     return out
 
 
-def rendered(text: str, grids: dict[str, dict[str, Any]], doc: Path) -> str:
+def rendered(text: str, grids: dict[str, dict[str, Any]], doc: Path, draw: bool = False) -> str:
+    """`text` with every generated block recomputed (figures drawn too with `draw`)."""
+
     def block(match: re.Match) -> str:
         grid, name = match.group(2), match.group(3)
         line = text.count("\n", 0, match.start()) + 1
         if grid not in grids:
             raise InputError(f"no committed grid results/{grid}", doc, line)
+        if name in FIGURES:
+            return match.group(1) + FIGURES[name](grids[grid], doc, draw) + match.group(5)
         if name not in TABLES:
-            raise InputError(f"unknown table {name!r}; expected one of {', '.join(TABLES)}", doc, line)
+            known = ", ".join([*TABLES, *FIGURES])
+            raise InputError(f"unknown table {name!r}; expected one of {known}", doc, line)
         return match.group(1) + TABLES[name](grids[grid]) + match.group(5)
 
     return BLOCK.sub(block, text)
@@ -697,7 +733,7 @@ def render(check: bool, doc: Path = DOC, results: Path = RESULTS) -> int:
     """Rewrite the generated tables of `doc` from `results` (check: change nothing, 1 if out of date)."""
     text = doc.read_text(encoding="utf-8")
     grids = summaries(results, write=not check)
-    new = rendered(text, grids, doc)
+    new = rendered(text, grids, doc, draw=not check)
     if check:
         stale = [
             f"{m.group(2)} {m.group(3)}"

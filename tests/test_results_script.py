@@ -190,6 +190,38 @@ def test_collect_render_and_check(grid, tmp_path):
         script.render(True, doc, results)
 
 
+def test_the_trajectory_figure_is_drawn_from_the_summary_and_its_points_checked(grid, tmp_path):
+    """`trajectories` blocks: each group's per-seed memorization and primary retention at every epoch all
+    its seeds scored (in summary.json, so `render --check` compares the plotted points), drawn into
+    docs/figures/GRID-trajectories.png for the groups with several seeds; a check with the PNG gone fails."""
+    script = load_script()
+    results = tmp_path / "results"
+    script.collect(grid, results=results)
+    summary = summarize(read_grid(results / "toy"))
+    # MixSD seed 0 at epoch 2: facts 1111 keeps the base's 3 right ones; seed 1 (1100) keeps 2 of 3
+    assert summary["groups"]["MixSD λ=0.3 lr=1e-4"]["trajectory"][0] == {
+        "epoch": 2.0,
+        "memorization": [0.5, 0.75],
+        "primary": [1.0, pytest.approx((2 / 3 + 1) / 2)],
+    }
+    assert [p["epoch"] for p in summary["groups"]["SFT lr=3e-5"]["trajectory"]] == [2.0, 4.0]
+    # the groups with several seeds (SFT lr=3e-5 has one)
+    assert script.trajectory_groups(summary) == ["MixSD λ=0.3 lr=1e-4", "SFT lr=1e-4"]
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("<!-- results toy trajectories -->\n<!-- /results -->\n")
+    assert script.render(False, doc, results) == 0
+    figure = tmp_path / "docs" / "figures" / "toy-trajectories.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        "](figures/toy-trajectories.png)" in doc.read_text()
+        and "SFT lr=1e-4; mean over seeds" in doc.read_text()
+    )
+    assert script.render(True, doc, results) == 0
+    figure.unlink()
+    assert script.render(True, doc, results) == 1  # the block now says the figure is missing
+
+
 def test_collect_records_the_commit_and_probes_of_a_worktree_whose_runs_folder_is_a_link(grid, tmp_path):
     """A grid run from a worktree whose `runs` links to another disk: the provenance names the worktree's
     commit (git run in the resolved folder would find no repository), and a committed probe folder the

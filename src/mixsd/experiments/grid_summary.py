@@ -242,6 +242,21 @@ def _best_memorization(cells: list[str], curves: list[list[Point]]) -> dict[str,
     }
 
 
+def trajectory(curves: list[list[Point]], base: Point, probes: list[str]) -> list[dict[str, Any]]:
+    """Per scored epoch every seed's curve has: each seed's memorization and primary retention (the
+    memorization–retention plane of docs/results.md's figures; the base model is epoch 0)."""
+    by_epoch = [{round(float(p.get("epoch") or 0), 4): p for p in curve} for curve in curves]
+    shared = sorted(set.intersection(*(set(points) for points in by_epoch))) if by_epoch else []
+    return [
+        {
+            "epoch": epoch,
+            "memorization": [points[epoch].get("memorization") for points in by_epoch],
+            "primary": [primary(points[epoch], base, probes) for points in by_epoch],
+        }
+        for epoch in shared
+    ]
+
+
 def summarize_group(grid: dict[str, Any], entry: dict[str, Any], probes: list[str]) -> dict[str, Any]:
     """One group's memorization, epochs to each level and matched retention, over its seeds."""
     base = grid["base"]
@@ -261,6 +276,7 @@ def summarize_group(grid: dict[str, Any], entry: dict[str, Any], probes: list[st
         "best_memorization": _best_memorization(entry["cells"], curves),
         "final_kl": [p.get(KL.name) for p in finals],  # the curve's KL column
         "final_primary": [primary(p, base, probes) for p in finals],
+        "trajectory": trajectory(curves, base, probes),
         "first_epoch": {
             f"{level:g}": [(p or {}).get("epoch") for p in (first_at(c, level) for c in curves)]
             for level in LEVELS

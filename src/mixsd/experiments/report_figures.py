@@ -10,6 +10,9 @@ side writes (`mixsd.experiments.report_data`); each returns its path, or None wh
     trajectories.png  with learning curves: each method (and setting) epoch by epoch in the
                       memorization–retention plane, from the base model (epoch 0)
     frontier.png      with a sweep: every setting's epochs and each method's frontier across its settings
+
+and, for docs/results.md (`scripts/results.py render`), `summary_trajectory_figure`: a committed grid's
+trajectories in the plane of its tables (primary retention against memorization), from its summary.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ COLORS = {
     "opsd": "#2ca02c",
     "rewrite": "#9467bd",
     "cpt": "#ff7f0e",
+    "memit": "#8c564b",
 }
 SETTING_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -255,14 +259,14 @@ def _plane(mean_curve: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     ]
 
 
-def _curve_styles(groups: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per group: the method's colour, darker for each further setting of the method, a marker of its
-    own, and dashes for LoRA settings."""
+def _curve_styles(groups: dict[str, dict[str, Any]], by: str = "family") -> dict[str, dict[str, Any]]:
+    """Per group: the method's colour, darker for each further group of its `by` (family: the settings of
+    one method and λ; method: every group of a method), a marker of its own, and dashes for LoRA settings."""
     from matplotlib.colors import to_rgb  # matplotlib loads only when a figure is drawn
 
     by_family: dict[str, list[str]] = {}
     for group, entry in groups.items():
-        by_family.setdefault(entry["family"], []).append(group)
+        by_family.setdefault(entry[by], []).append(group)
     styles = {}
     for members in by_family.values():
         for k, group in enumerate(members):
@@ -399,4 +403,60 @@ def frontier_figure(tuning: dict[str, Any], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.set_title("Every setting's epochs (o full, □ LoRA) and each method's frontier")
     ax.legend(fontsize=6, loc="best")
+    return _save(fig, path)
+
+
+def summary_trajectory_figure(summary: dict[str, Any], groups: list[str], path: Path) -> Path | None:
+    """The `groups` of a grid summary (`mixsd.experiments.grid_summary`) in the plane of docs/results.md's
+    tables: primary retention (x) against memorization (y), epoch by epoch from the base model (retention
+    1 at the base's memorization), mean over seeds with sd bars where a group has several; an edit (MEMIT)
+    is its one point. Lines of a method share its colour, darker for each further group."""
+    entries = {g: summary["groups"][g] for g in groups if summary["groups"][g]["trajectory"]}
+    if not entries:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10.0, 5.2))
+    styles = _curve_styles(entries, by="method")
+    start = summary.get("base_memorization")
+    for group, entry in entries.items():
+        points = [
+            p
+            for p in entry["trajectory"]
+            if all(isinstance(v, int | float) for v in p["primary"] + p["memorization"])
+        ]
+        x = [_mean_sd(p["primary"]) for p in points]
+        y = [_mean_sd(p["memorization"]) for p in points]
+        if isinstance(start, int | float) and len(points) > 1:  # a training run starts at the base model
+            x, y = [(1.0, 0.0), *x], [(start, 0.0), *y]
+        several = len(entry["seeds"]) > 1
+        ax.errorbar(
+            [m for m, _ in x],
+            [m for m, _ in y],
+            xerr=[sd for _, sd in x] if several else None,
+            yerr=[sd for _, sd in y] if several else None,
+            ms=4 if len(points) > 1 else 9,
+            lw=1.4,
+            capsize=2,
+            elinewidth=0.7,
+            label=f"{group} (n={len(entry['seeds'])})",
+            **styles[group],
+        )
+        ax.annotate(
+            f"{points[-1]['epoch']:g}",
+            (x[-1][0], y[-1][0]),
+            textcoords="offset points",
+            xytext=(4, 2),
+            fontsize=6,
+        )
+    if isinstance(start, int | float):
+        ax.scatter([1.0], [start], marker="*", s=140, color="black", zorder=5, label="base (epoch 0)")
+    for level in (0.9, 0.95):
+        ax.axhline(level, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("primary retention (base-right probe items kept, mean over probes)")
+    ax.set_ylabel("memorization (training questions)")
+    ax.set_xlim(-0.03, 1.05)
+    ax.set_ylim(-0.03, 1.05)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{summary['grid']}: epoch by epoch (mean ± sd over seeds; last epoch labelled)", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot: it covers no curve
     return _save(fig, path)
