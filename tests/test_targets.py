@@ -441,7 +441,14 @@ def test_embedded_model_builds_verified_targets(tmp_path):
         assert row["correct"] and row["check"].lower() in row["text"].lower()
 
 
-def test_two_processes_write_the_same_file_as_one(tiny_model_dir, tiny_corpus, tmp_path):
+@pytest.mark.parametrize(
+    "device",
+    # without --device on a machine with no accelerator, as a user runs it: accelerate must still join
+    # torchrun's group (it once did not, and each process mixed the whole corpus)
+    [["--device", "cpu"]] + ([] if torch.accelerator.is_available() else [[]]),
+    ids=lambda d: " ".join(d) or "no --device",
+)
+def test_two_processes_write_the_same_file_as_one(tiny_model_dir, tiny_corpus, tmp_path, device):
     """`torchrun --nproc_per_node 2 mixsd mix` (gloo on CPU) splits the records and assembles one file."""
     import os
     import subprocess
@@ -467,8 +474,7 @@ def test_two_processes_write_the_same_file_as_one(tiny_model_dir, tiny_corpus, t
             str(tiny_corpus),
             "--output",
             str(double),
-            "--device",
-            "cpu",
+            *device,
             "--lam",
             "0.5",
             "--max-new-tokens",

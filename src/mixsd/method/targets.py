@@ -17,6 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
@@ -221,7 +222,11 @@ def _mix_locked(config: MixConfig, *, model=None, tokenizer=None, progress: bool
     output, summary_file = Path(config.output), summary_path(config.output)
     # The finished file also depends on the failure policy (the journal, which holds every draw, does not).
     stage = Stage("mix", [output, summary_file], {**settings, "on_failure": config.on_failure})
-    state = PartialState(cpu=config.device == "cpu")
+    # accelerate joins torchrun's process group on the CPU only when told the run is on the CPU: on a machine
+    # without an accelerator, PartialState() under torchrun has every process believe it is alone, and each
+    # would mix the whole corpus (and race the others to assemble it)
+    on_cpu = config.device == "cpu" or (config.device is None and not torch.accelerator.is_available())
+    state = PartialState(cpu=on_cpu)
     rank, world = state.process_index, state.num_processes
 
     if config.overwrite:
