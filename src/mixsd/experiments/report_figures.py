@@ -281,6 +281,17 @@ def _curve_styles(groups: dict[str, dict[str, Any]], by: str = "family") -> dict
     return styles
 
 
+def _mark_base_and_levels(ax, base_x: float, base_memorization: Any) -> None:
+    """The memorization–retention plane's landmarks: the base model (a star, where it has a memorization)
+    and the declared levels 90% and 95% (dotted)."""
+    if isinstance(base_memorization, int | float):
+        ax.scatter(
+            [base_x], [base_memorization], marker="*", s=140, color="black", zorder=5, label="base (epoch 0)"
+        )
+    for level in (0.9, 0.95):
+        ax.axhline(level, color="grey", lw=0.6, ls=":")
+
+
 def trajectory_figure(
     tuning: dict[str, Any], curves: dict[str, list[list[dict[str, Any]]]], path: Path
 ) -> Path | None:
@@ -328,19 +339,7 @@ def trajectory_figure(
         )
     base = tuning.get("base") or {}
     # the base model itself: retention 1, or KL 0 on the other axis
-    base_x = (1.0 if key == "retention" else 0.0) if base else None
-    if base_x is not None and isinstance(base.get("memorization"), int | float):
-        ax.scatter(
-            [base_x],
-            [base["memorization"]],
-            marker="*",
-            s=140,
-            color="black",
-            zorder=5,
-            label="base (epoch 0)",
-        )
-    for level in (0.9, 0.95):
-        ax.axhline(level, color="grey", lw=0.6, ls=":")
+    _mark_base_and_levels(ax, 1.0 if key == "retention" else 0.0, base.get("memorization"))
     ax.set_xlabel(RETENTION_LABELS[key])
     ax.set_ylabel("memorization (training questions, the corpus's scorer)")
     ax.set_ylim(-0.03, 1.05)
@@ -448,10 +447,7 @@ def summary_trajectory_figure(summary: dict[str, Any], groups: list[str], path: 
             xytext=(4, 2),
             fontsize=6,
         )
-    if isinstance(start, int | float):
-        ax.scatter([1.0], [start], marker="*", s=140, color="black", zorder=5, label="base (epoch 0)")
-    for level in (0.9, 0.95):
-        ax.axhline(level, color="grey", lw=0.6, ls=":")
+    _mark_base_and_levels(ax, 1.0, start)
     ax.set_xlabel("primary retention (base-right probe items kept, mean over probes)")
     ax.set_ylabel("memorization (training questions)")
     ax.set_xlim(-0.03, 1.05)
