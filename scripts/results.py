@@ -631,7 +631,7 @@ def verdicts_table(summary: dict[str, Any]) -> str:
             CLAIMS[v["claim"]],
             f"**{v['verdict']}**",
             v["figure"],
-            estimate(v["boot"]) if v["boot"] else "",
+            v.get("value") or (estimate(v["boot"]) if v["boot"] else ""),  # a value not from one bootstrap
             v["seeds"],
         ]
         for v in summary["verdicts"]

@@ -437,6 +437,16 @@ def test_verdicts_follow_the_declared_rules(grid):
     assert "nll" not in verdicts  # no NLL counts in the toy rows
 
 
+def test_verdicts_table_keeps_what_is_measured_apart_from_its_value(grid):
+    """A claim judged on several numbers (Fisher's two partial correlations) names them in the figure column
+    and gives them in the value column, as the bootstrapped claims do."""
+    summary = summarize(read_grid(grid))
+    fisher_row = next(line for line in load_script().verdicts_table(summary).splitlines() if "Fisher" in line)
+    cells = [c.strip() for c in fisher_row.strip("|").split("|")]
+    assert cells[2] == "partial r with the retention drop: Fisher ratio, raw displacement"
+    assert cells[3].startswith(("ratio ", "–"))
+
+
 def test_mixsd_is_compared_with_the_self_rewrite_baseline_under_the_retention_rule(tmp_path):
     """With the self-rewrite baseline (SDFT) in the grid, MixSD's chosen setting is compared with it on the
     same matched-memorization footing as with SFT, and the verdicts table gets its row."""

@@ -78,7 +78,7 @@ def _chosen(summary: dict[str, Any], method: str) -> tuple[str, dict[str, Any]] 
 
 def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per claim: verdict (holds / does not hold / partly / cannot tell), the figure behind it,
-    its interval and the seeds. Rules: memorization — every seed of MixSD's chosen setting reaches 95%
+    its interval (`boot`, or `value` where the figure is not one bootstrap) and the seeds. Rules: memorization — every seed of MixSD's chosen setting reaches 95%
     (holds), none does (does not hold), some do (partly); retention — the paired difference MixSD − SFT in
     the primary metric at the highest level both reach with every seed: interval above 0 holds, below 0
     does not hold, else cannot tell; NLL — pooled Wilson intervals of the > 5 nats share disjoint (lower:
@@ -117,7 +117,8 @@ def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 {
                     "claim": "nll",
                     "verdict": _enough(verdict, seeds),
-                    "figure": f"{m:.3f} [{m_ci[0]:.3f}, {m_ci[1]:.3f}] vs SFT {s:.3f} [{s_ci[0]:.3f}, {s_ci[1]:.3f}]",
+                    "figure": f"share of target tokens > 5 nats: {mixsd[0]} vs {sft[0]}",
+                    "value": f"{m:.3f} [{m_ci[0]:.3f}, {m_ci[1]:.3f}] vs {s:.3f} [{s_ci[0]:.3f}, {s_ci[1]:.3f}]",
                     "boot": None,
                     "seeds": f"{len(mixsd[1]['seeds'])} vs {len(sft[1]['seeds'])} (pooled tokens, Wilson)",
                 }
@@ -145,14 +146,15 @@ def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
             verdict = "does not hold"
         else:
             verdict = "cannot tell"
-        figure = f"partial r: ratio {ratio['r']:+.2f} [{ratio['ci95'][0]:+.2f}, {ratio['ci95'][1]:+.2f}], raw {raw['r']:+.2f} [{raw['ci95'][0]:+.2f}, {raw['ci95'][1]:+.2f}]"
+        value = f"ratio {ratio['r']:+.2f} [{ratio['ci95'][0]:+.2f}, {ratio['ci95'][1]:+.2f}], raw {raw['r']:+.2f} [{raw['ci95'][0]:+.2f}, {raw['ci95'][1]:+.2f}]"
     else:
-        verdict, figure = "cannot tell: " + (ratio["note"] or raw["note"] or "no interval"), "–"
+        verdict, value = "cannot tell: " + (ratio["note"] or raw["note"] or "no interval"), "–"
     rows.append(
         {
             "claim": "fisher",
             "verdict": verdict,
-            "figure": figure,
+            "figure": "partial r with the retention drop: Fisher ratio, raw displacement",
+            "value": value,
             "boot": None,
             "seeds": f"{ratio['n']} cells",
         }
