@@ -23,7 +23,9 @@ docs/results.md between
 
 with the table TABLE of grid GRID drawn from it. Tables: cells, groups, matched, choice, compare, fisher, forgetting, targets, opsd, closed_book,
 verdicts; and the figure `trajectories` (docs/figures/GRID-trajectories.png, drawn from the summary, whose
-plotted points `render --check` compares with the rest of it).
+plotted points `render --check` compares with the rest of it). `render --check` also fails on a decimal
+figure in the doc's prose that no generated table holds (`untraced_figures`), unless the doc's
+`<!-- prose figures not from a table: ... -->` comment names it with its source.
 """
 
 from __future__ import annotations
@@ -729,6 +731,42 @@ def rendered(text: str, grids: dict[str, dict[str, Any]], doc: Path, draw: bool 
     return BLOCK.sub(block, text)
 
 
+FIGURE = re.compile(r"(?<![\w.])[−-]?\d*\.\d+(?![\w.])")  # a decimal figure: 0.573, −0.087, .5
+# a doc names the figures its prose takes from elsewhere (a paper, a replaced cell), each with its source:
+#   <!-- prose figures not from a table: 2605.16865 (arXiv id); −0.249 (verdict table at 03f33e9) -->
+ELSEWHERE = re.compile(r"<!-- prose figures not from a table: (.*?) -->", re.S)
+
+
+def _decimals(figure: str) -> tuple[float, int]:
+    figure = figure.replace("−", "-")
+    return float(figure), len(figure.split(".")[1])
+
+
+def untraced_figures(text: str) -> list[tuple[int, str]]:
+    """The decimal figures of `text`'s prose (outside generated blocks, code and the ELSEWHERE list) that no
+    generated table of `text` holds: (line, figure). A figure is traced when a table holds it to at least
+    as many decimals (0.94 quotes 0.940; signs are ignored, as prose says "less by 0.087")."""
+    tables = "\n".join(m.group(4) for m in BLOCK.finditer(text))
+    held = {
+        (round(abs(v), d), d)
+        for v, places in map(_decimals, FIGURE.findall(tables))
+        for d in range(places + 1)
+    }
+    allowed = {f.replace("−", "-") for m in ELSEWHERE.finditer(text) for f in FIGURE.findall(m.group(1))}
+
+    def blank(match: re.Match) -> str:  # keep the line count, drop what is not prose
+        return "\n" * match.group().count("\n")
+
+    prose = ELSEWHERE.sub(blank, BLOCK.sub(blank, text))
+    prose = re.sub(r"```.*?```|`[^`\n]*`", blank, prose, flags=re.S)
+    untraced = []
+    for m in FIGURE.finditer(prose):
+        value, places = _decimals(m.group())
+        if (round(abs(value), places), places) not in held and m.group().replace("−", "-") not in allowed:
+            untraced.append((prose.count("\n", 0, m.start()) + 1, m.group()))
+    return untraced
+
+
 def render(check: bool, doc: Path = DOC, results: Path = RESULTS) -> int:
     """Rewrite the generated tables of `doc` from `results` (check: change nothing, 1 if out of date)."""
     text = doc.read_text(encoding="utf-8")
@@ -749,6 +787,14 @@ def render(check: bool, doc: Path = DOC, results: Path = RESULTS) -> int:
                 f"{doc.name} is out of date with results/: {', '.join(stale)}; run `make results`",
                 file=sys.stderr,
             )
+            return 1
+        for line, figure in untraced_figures(text):  # the prose quotes the tables, never types a figure
+            print(
+                f"{doc}:{line}: figure {figure} is in no generated table (quote one, or name its source in "
+                "the doc's `prose figures not from a table` comment)",
+                file=sys.stderr,
+            )
+        if untraced_figures(text):
             return 1
         print(f"{doc.name}: {len(BLOCK.findall(text))} generated tables match results/", file=sys.stderr)
         return 0

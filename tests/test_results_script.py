@@ -694,3 +694,18 @@ def test_a_documents_grid_reports_squad_scores_per_group_split_and_against_the_b
     assert "| SFT lr=1e-4 | gold | 4 | 2 | 0.375 [" in table
     assert "| base | gold_open | 4 | 1 | 0.750 [0.250, 1.000] |" in table
     assert "No cell with SQuAD-scored predictions" in load_script().closed_book_table({"closed_book": {}})
+
+
+def test_prose_figures_must_come_from_a_generated_table_or_name_their_source():
+    """`render --check` fails on a figure typed by hand: each decimal figure of the prose must be held by a
+    generated table (to at least its decimals, sign aside) or listed, with its source, in the doc's comment."""
+    untraced = load_script().untraced_figures
+    doc = (
+        "MixSD keeps 0.51 (.5) of it, 0.087 less than SFT, and 0.6 of nothing.\n"
+        "<!-- results g groups -->\n| a | 0.513 | −0.087 |\n<!-- /results -->\n"
+        "Typed by hand: 0.52 and −0.249; in code `0.777` it is not prose.\n"
+        "```\n0.999\n```\n"
+        "<!-- prose figures not from a table: −0.249 (an old verdict table) -->\n"
+    )
+    assert untraced(doc) == [(1, "0.6"), (5, "0.52")]
+    assert untraced(doc.replace("0.52 and ", "")) == [(1, "0.6")]
