@@ -103,9 +103,11 @@ def _commit_of(source: Path) -> str | None:
 
 
 def _done_targets(cell: Path) -> bool:
-    """A folder of targets shared by the settings of a sweep (no row of its own) whose mixing finished."""
-    record = cell / "targets.jsonl.stage.json"
-    if (cell / "cell.json").is_file() or not record.is_file():
+    """A folder of targets shared by the settings of a sweep (no row of its own) whose making finished: its
+    stage record says so (MixSD's mix writes one beside the file; SFT's targets have only the stage's own)."""
+    records = [cell / "targets.jsonl.stage.json", cell / "stages" / "targets.json"]
+    record = next((r for r in records if r.is_file()), None)
+    if (cell / "cell.json").is_file() or record is None:
         return False
     try:
         return read_json_object(record).get("state") == "done"

@@ -260,6 +260,10 @@ def test_merge_adds_a_later_runs_cells_and_refuses_another_base(grid, tmp_path):
     shared.mkdir()
     (shared / "targets.jsonl").write_text("{}\n")
     (shared / "targets.jsonl.stage.json").write_text(json.dumps({"state": "done"}))
+    sft_targets = later / "cells" / "sft-s2"  # SFT's shared targets: only the stage's own record
+    (sft_targets / "stages").mkdir(parents=True)
+    (sft_targets / "targets.jsonl").write_text("{}\n")
+    (sft_targets / "stages" / "targets.json").write_text(json.dumps({"state": "done"}))
     mixing = later / "cells" / "mixsd-lam0.5-s0"  # targets still being made: not merged
     mixing.mkdir()
     (mixing / "targets.jsonl").write_text("")
@@ -295,6 +299,8 @@ def test_merge_adds_a_later_runs_cells_and_refuses_another_base(grid, tmp_path):
     assert not (target / "cells" / "mixsd-s1" / "stale.json").exists()  # the cell is the later run's, whole
     assert (target / "cells" / "mixsd-lam0.3-s0" / "targets.jsonl").is_file()
     assert not (target / "cells" / "mixsd-lam0.5-s0").exists()
+    assert (target / "cells" / "sft-s2" / "targets.jsonl").is_file()
+    assert not (target / "cells" / "sft-s2" / "stages").exists()  # stage records are not results
     # mixed again by a later run (another machine: the same tokens, log-probabilities off in the last digit):
     # the committed targets stay; other tokens are refused, since that run's cells trained on other targets
     committed_targets = target / "cells" / "mixsd-lam0.3-s0" / "targets.jsonl"
