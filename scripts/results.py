@@ -790,13 +790,14 @@ def render(check: bool, doc: Path = DOC, results: Path = RESULTS) -> int:
                 file=sys.stderr,
             )
             return 1
-        for line, figure in untraced_figures(text):  # the prose quotes the tables, never types a figure
+        untraced = untraced_figures(text)  # the prose quotes the tables, never types a figure
+        for line, figure in untraced:
             print(
                 f"{doc}:{line}: figure {figure} is in no generated table (quote one, or name its source in "
                 "the doc's `prose figures not from a table` comment)",
                 file=sys.stderr,
             )
-        if untraced_figures(text):
+        if untraced:
             return 1
         print(f"{doc.name}: {len(BLOCK.findall(text))} generated tables match results/", file=sys.stderr)
         return 0

@@ -78,8 +78,9 @@ def _chosen(summary: dict[str, Any], method: str) -> tuple[str, dict[str, Any]] 
 
 def verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per claim: verdict (holds / does not hold / partly / cannot tell), the figure behind it,
-    its interval (`boot`, or `value` where the figure is not one bootstrap) and the seeds. Rules: memorization — every seed of MixSD's chosen setting reaches 95%
-    (holds), none does (does not hold), some do (partly); retention — the paired difference MixSD − SFT in
+    its interval (`boot`, or `value` where the figure is not one bootstrap) and the seeds. Rules:
+    memorization — every seed of MixSD's chosen setting reaches 95% (holds), none does (does not hold),
+    some do (partly); retention — the paired difference MixSD − SFT in
     the primary metric at the highest level both reach with every seed: interval above 0 holds, below 0
     does not hold, else cannot tell; NLL — pooled Wilson intervals of the > 5 nats share disjoint (lower:
     holds, higher: does not hold), else cannot tell; Fisher — the partial r of the Fisher ratio has an
